@@ -1,0 +1,31 @@
+# Stamp lives inside .venv so deleting .venv also forces a reinstall.
+VENV := .venv
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[torch,onnx,dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/starflow sample --config tiny-t2i --seed 0 --out starflow-sample.npy
+
+test: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache artifacts
+	rm -f starflow-sample.npy starflow-demo.png
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

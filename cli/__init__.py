@@ -1,0 +1,1 @@
+"""The `starflow` command-line interface (typer app in `starflow.cli.main`)."""

@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export of the STARFlow reference model (not built yet)."""

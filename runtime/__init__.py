@@ -1,0 +1,1 @@
+"""numpy + onnxruntime sampling orchestrator, never imports torch (not built yet)."""

@@ -1,0 +1,140 @@
+"""Loading official `.pth` state dicts and our `.safetensors` (config embedded), strictly.
+
+The official loader uses `strict=False`, which hides mistakes. Here every missing or unexpected
+key is an error, except the deprecated buffers official checkpoints still carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from starflow.config import StarFlowConfig, config_from_dict, load_config
+from starflow.errors import StarflowError
+from starflow.model import StarFlow
+
+# Zero/one buffers of the official code that no computation reads.
+DEPRECATED_KEYS = re.compile(r"^(var|feat_rope\.freqs_(cos|sin)|blocks\.\d+\.attn_mask)$")
+CONFIG_METADATA_KEY = "starflow_config"
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], StarFlowConfig | None]:
+    """Tensors of a checkpoint, plus the embedded config of our `.safetensors` files."""
+    path = Path(path)
+    if not path.is_file():
+        raise StarflowError(f"checkpoint {path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise StarflowError(f"checkpoint {path}: corrupt or truncated safetensors file ({err})") from None
+        config = None
+        if CONFIG_METADATA_KEY in metadata:
+            try:
+                config = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY]), f"checkpoint {path}")
+            except json.JSONDecodeError as err:
+                raise StarflowError(f"checkpoint {path}: embedded config is not valid JSON ({err})") from None
+        return tensors, config
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise StarflowError(
+            f"checkpoint {path}: corrupt or truncated ({type(err).__name__}: {err})"
+        ) from None
+    except Exception as err:  # the unpickler rejects non-tensor objects with its own error type
+        raise StarflowError(
+            f"checkpoint {path}: not a plain state_dict ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise StarflowError(
+            f"checkpoint {path}: expected a flat module state_dict of tensors (as the official "
+            f"release saves), got {keys}; unwrap it first (for example state['model'])"
+        )
+    return dict(state), None
+
+
+def infer_txt_dim(config: StarFlowConfig, state: dict[str, torch.Tensor]) -> StarFlowConfig:
+    """Official YAMLs omit txt_dim (the text encoder's width): read it from proj_txt."""
+    if config.txt_dim > 0:
+        return config
+    deep = config.num_blocks - 1
+    weight = state.get(f"blocks.{deep}.proj_txt.weight")
+    if weight is None:
+        return config
+    options = {k: v for k, v in config.to_dict().items() if k != "extra"}
+    options.update(config.extra)
+    options["txt_dim"] = weight.shape[1]
+    return config_from_dict(options)
+
+
+def load_into(model: StarFlow, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that lists every missing/unexpected key and names shape mismatches."""
+    state = {k: v for k, v in state.items() if not DEPRECATED_KEYS.match(k)}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise StarflowError(
+            f"checkpoint {source} does not match the config: "
+            f"{len(missing)} missing key(s) {missing[:20]}, {len(unexpected)} unexpected key(s) "
+            f"{unexpected[:20]}"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise StarflowError(
+                f"checkpoint {source}: key '{key}' has shape {tuple(tensor.shape)}, the config "
+                f"expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    config_path: str | Path | StarFlowConfig | None,
+    checkpoint_path: str | Path,
+    device: str | torch.device = "cpu",
+) -> StarFlow:
+    """A model in eval mode from an official `.pth` + YAML, or our `.safetensors` alone."""
+    state, embedded = read_state_dict(checkpoint_path)
+    if isinstance(config_path, StarFlowConfig):
+        config = config_path
+    elif config_path is not None:
+        config = load_config(config_path)
+    elif embedded is not None:
+        config = embedded
+    else:
+        raise StarflowError(
+            f"checkpoint {checkpoint_path}: carries no config; pass the YAML config it was trained with"
+        )
+    config = infer_txt_dim(config, state)
+    model = StarFlow(config)
+    load_into(model, state, str(checkpoint_path))
+    return model.to(device).eval()
+
+
+def save_model(model: StarFlow, path: str | Path) -> None:
+    """Write weights + embedded config as `.safetensors`, atomically (temp name, then rename)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise StarflowError(f"checkpoint {path}: our checkpoints are written as .safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
+    metadata = {CONFIG_METADATA_KEY: json.dumps(config)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
