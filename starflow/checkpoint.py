@@ -6,6 +6,7 @@ key is an error, except the deprecated buffers official checkpoints still carry.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -72,10 +73,7 @@ def infer_txt_dim(config: StarFlowConfig, state: dict[str, torch.Tensor]) -> Sta
     weight = state.get(f"blocks.{deep}.proj_txt.weight")
     if weight is None:
         return config
-    options = {k: v for k, v in config.to_dict().items() if k != "extra"}
-    options.update(config.extra)
-    options["txt_dim"] = weight.shape[1]
-    return config_from_dict(options)
+    return dataclasses.replace(config, txt_dim=weight.shape[1])
 
 
 def load_into(model: StarFlow, state: dict[str, torch.Tensor], source: str) -> None:
