@@ -80,10 +80,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin tables (N, head_dim) for positions (N, 2 or 3)."""
-        pos = pos.to(self.spatial_freqs)
-        angles = [pos[:, 0, None] * self.spatial_freqs, pos[:, 1, None] * self.spatial_freqs]
+        pos = pos.to(self.spatial_freqs.device, torch.float32)
+        spatial, text = self.spatial_freqs.float(), self.text_freqs.float()  # fp32 even in a bf16 model
+        angles = [pos[:, 0, None] * spatial, pos[:, 1, None] * spatial]
         if self.with_text:
-            angles.append(pos[:, 2, None] * self.text_freqs)
+            angles.append(pos[:, 2, None] * text)
         angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
         return angles.cos(), angles.sin()
 
