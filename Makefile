@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/starflow sample --config tiny-t2i --seed 0 --out starflow-sample.npy
+	$(BIN)/starflow sample --prompt 7 --num-images 16 --seed 0 --out starflow-demo.png
 
 test: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/pytest -q

@@ -5,6 +5,8 @@ Keep module-level imports light (no torch, no starflow model code) so that
 """
 
 from importlib.metadata import version
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -33,3 +35,265 @@ def main(
     ),
 ) -> None:
     """STARFlow reference model, export and runtime tools."""
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"error: {err}", fg="red", err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Our .safetensors (+ .labels.safetensors beside it); default: the embedded digits model."
+        ),
+    ] = None,
+    prompt: Annotated[str, typer.Option(help='Class to draw; for the digits model "0" to "9".')] = "7",
+    num_images: Annotated[int, typer.Option(min=1, help="How many images to sample.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, help="CFG weight; default: the checkpoint config's cfg.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="jacobi or sequential.")] = "jacobi",
+    jacobi_block_size: Annotated[int, typer.Option(min=1)] = 16,
+    jacobi_max_iter: Annotated[int, typer.Option(min=1)] = 32,
+    jacobi_threshold: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    denoise: Annotated[bool, typer.Option(help="One self-denoising (Tweedie) step after the flow.")] = True,
+    config: Annotated[
+        str | None, typer.Option(help="Preset or YAML overriding the checkpoint's embedded config.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help=".png grid, or .npy float32 (N, H, W, C) in [0, 1].")] = Path(
+        "starflow-demo.png"
+    ),
+) -> None:
+    """Sample images of one class with the PyTorch reference model."""
+    from starflow.errors import StarflowError
+    from starflow.sampling import sample_report
+
+    try:
+        report = sample_report(
+            checkpoint=checkpoint,
+            config=config,
+            prompt=prompt,
+            num_images=num_images,
+            seed=seed,
+            guidance=guidance,
+            method=method,
+            jacobi_block_size=jacobi_block_size,
+            jacobi_max_iter=jacobi_max_iter,
+            jacobi_threshold=jacobi_threshold,
+            denoise=denoise,
+            out=out,
+        )
+    except StarflowError as err:
+        raise _fail(err) from None
+    for line in report:
+        typer.echo(line)
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Option(help="Preset name or YAML config path.")],
+    data: Annotated[
+        str, typer.Option(help="'digits' (embedded), a folder of class sub-folders, or of latent shards.")
+    ] = "digits",
+    out: Annotated[
+        str, typer.Option(help="Run folder: checkpoints/, samples/, metrics.jsonl.")
+    ] = "runs/digits",
+    steps: Annotated[int, typer.Option(min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch, split over processes.")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    min_lr: Annotated[float, typer.Option(min=0.0, help="Cosine floor.")] = 1e-6,
+    warmup: Annotated[int, typer.Option(min=0)] = 100,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    grad_clip: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    drop_label: Annotated[float, typer.Option(help="Condition dropout for CFG.")] = 0.1,
+    latent_reg: Annotated[float, typer.Option(min=0.0, help="Weight of the latent-norm regulariser.")] = 1e-4,
+    ema_decay: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.999,
+    seed: int = 0,
+    nproc: Annotated[int, typer.Option(help="Worker processes to spawn (1 under torchrun).")] = 1,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = "auto",
+    activation_checkpointing: bool = False,
+    checkpoint_every: Annotated[int, typer.Option(min=1)] = 500,
+    sample_every: Annotated[int, typer.Option(min=0, help="Sample grid PNG every N steps (0: never).")] = 500,
+    log_every: Annotated[int, typer.Option(min=1)] = 10,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+    threads: Annotated[int, typer.Option(min=0, help="Torch threads per process (0: default).")] = 0,
+    progress: bool = True,
+    export_ema: Annotated[bool, typer.Option(help="Export EMA weights (else the raw weights).")] = True,
+) -> None:
+    """Train with FSDP2 (single process, --nproc N, or under torchrun); exports OUT/model.safetensors."""
+    from starflow.errors import StarflowError
+    from starflow.train import TrainOptions
+    from starflow.train import train as run_training
+
+    options = TrainOptions(**{k: v for k, v in locals().items() if k in TrainOptions.__dataclass_fields__})
+    try:
+        path = run_training(options)
+    except StarflowError as err:
+        raise _fail(err) from None
+    typer.echo(f"exported {path}")
+
+
+checkpoint_app = typer.Typer(help="Training checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command()
+def consolidate(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A sharded checkpoint folder (runs/x/checkpoints/step_N).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output .safetensors (labels go to .labels.safetensors).")],
+    ema: Annotated[bool, typer.Option(help="EMA weights (default) or the raw training weights.")] = True,
+) -> None:
+    """Merge a sharded training checkpoint into one .safetensors with the config embedded."""
+    from starflow.errors import StarflowError
+    from starflow.train import consolidate as run_consolidate
+
+    try:
+        path = run_consolidate(checkpoint, out, ema=ema)
+    except StarflowError as err:
+        raise _fail(err) from None
+    typer.echo(f"wrote {path}")
+
+
+# ---- export / validate / inspect (bodies live in starflow.export) ---------------------------------
+export_app = typer.Typer(help="Export a checkpoint to deployable artifacts.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    checkpoint: Annotated[Path, typer.Option(help="Official .pth (with --config) or our .safetensors.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the graphs and manifest.json into.")],
+    config: Annotated[
+        str | None, typer.Option(help="YAML config or preset name; default: the one in the .safetensors.")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or both (one directory).")] = "both",
+    opset: Annotated[int | None, typer.Option(help="ONNX opset, 18..23 (default 20).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most images per call; graphs allow twice that (CFG).")] = 8,
+    min_latent: Annotated[
+        str | None, typer.Option(help="Smallest latent HxW (latent pixels); default half the training side.")
+    ] = None,
+    max_latent: Annotated[
+        str | None, typer.Option(help="Largest latent HxW (latent pixels); default twice the training side.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace a non-empty --out that holds no starflow export.")
+    ] = False,
+    validate: Annotated[bool, typer.Option(help="Compare every graph with PyTorch; a miss fails.")] = True,
+) -> None:
+    """Export every flow block to ONNX (step, prefill, forward graphs) with a validated manifest."""
+    from rich.progress import Progress
+
+    from starflow.errors import StarflowError
+    from starflow.export.onnx_export import export_command
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("export", total=None)
+
+        def report(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        try:
+            summary = export_command(
+                checkpoint=checkpoint,
+                out=out,
+                config=config,
+                precision=precision,
+                opset=opset,
+                max_batch=max_batch,
+                min_latent=min_latent,
+                max_latent=max_latent,
+                force=force,
+                validate=validate,
+                progress=report,
+            )
+        except StarflowError as err:
+            raise _fail(err) from None
+    typer.echo(summary)
+
+
+@app.command("validate")
+def validate(
+    directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
+    checkpoint: Annotated[Path, typer.Option(help="The checkpoint the directory was exported from.")],
+    config: Annotated[str | None, typer.Option(help="YAML config; default: the manifest's model.")] = None,
+) -> None:
+    """Rerun the export's validation: every graph against PyTorch through ONNX Runtime."""
+    from starflow.errors import StarflowError
+    from starflow.export.validate import validate_command
+
+    try:
+        typer.echo(validate_command(directory, checkpoint, config))
+    except StarflowError as err:
+        raise _fail(err) from None
+
+
+@app.command("inspect")
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
+) -> None:
+    """Print a summary of an export: blocks, graphs, dims, precisions, validation."""
+    from starflow.errors import StarflowError
+    from starflow.export.manifest import summarize
+
+    try:
+        typer.echo(summarize(directory))
+    except StarflowError as err:
+        raise _fail(err) from None
+
+
+@app.command("bench")
+def bench(
+    preset: Annotated[
+        str, typer.Option(help="Model preset with seeded, perturbed random weights.")
+    ] = "bench-256",
+    artifacts: Annotated[
+        Path | None, typer.Option(help="Bench this export instead (needs --checkpoint).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="The checkpoint --artifacts was exported from.")
+    ] = None,
+    guidance: Annotated[float, typer.Option(min=0.0)] = 2.0,
+    batch: Annotated[int, typer.Option(min=1)] = 1,
+    jacobi_block_size: Annotated[int, typer.Option(min=1)] = 64,
+    jacobi_threshold: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    jacobi_max_iter: Annotated[int, typer.Option(min=1)] = 32,
+    throughput_batch: Annotated[
+        int, typer.Option(min=0, help="Batch of the throughput row; 0 skips it.")
+    ] = 8,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per Jacobi/forward row (median).")] = 3,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """PyTorch reference vs runtime, side by side: forward pass, sequential and Jacobi sampling."""
+    import json
+
+    from starflow.bench import format_table, run_bench
+    from starflow.errors import StarflowError
+
+    try:
+        result = run_bench(
+            preset=preset,
+            artifacts=artifacts,
+            checkpoint=checkpoint,
+            guidance=guidance,
+            batch=batch,
+            jacobi_block_size=jacobi_block_size,
+            jacobi_threshold=jacobi_threshold,
+            jacobi_max_iter=jacobi_max_iter,
+            throughput_batch=throughput_batch,
+            repeats=repeats,
+            threads=threads,
+            log=lambda line: typer.echo(line, err=True),
+        )
+    except StarflowError as err:
+        raise _fail(err) from None
+    typer.echo(format_table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from starflow.config import StarFlowConfig
 from starflow.errors import StarflowError
+from starflow.stats import BlockStats
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(a + this) == 1 at a == 0
 TEXT_ROPE_DIMS = 8  # frequency dims reserved for the text/time axis when the model has text
@@ -242,21 +243,6 @@ def guide(mu: Tensor, sigma: Tensor, weight: float) -> tuple[Tensor, Tensor]:
     sigma_g = sigma_c / (1 + weight - weight * s).sqrt()
     mu_g = ((1 + weight) * mu_c - (weight * s) * mu_u) / (1 + weight - weight * s)
     return torch.cat([mu_g, mu_g]), torch.cat([sigma_g, sigma_g])
-
-
-@dataclass
-class BlockStats:
-    """What sampling one flow block cost: chunks, Jacobi iterations per chunk, network calls."""
-
-    block: int  # index in forward order (the deep block is the last)
-    method: str
-    iterations: list[int] = field(default_factory=list)  # per chunk; all 1 for sequential
-    evaluations: int = 0  # transformer calls over image tokens (the text prefill not counted)
-    seconds: float = 0.0
-
-    @property
-    def chunks(self) -> int:
-        return len(self.iterations)
 
 
 class FlowBlock(nn.Module):

@@ -1,0 +1,119 @@
+"""Measure a class-conditional digits checkpoint (default: the embedded demo model).
+
+Rerunnable acceptance check for the demo model:
+- a classifier trained on the real training digits (its held-out accuracy is printed first)
+  labels the samples of each prompt; the per-digit and mean accuracy should be >= 90%;
+- diversity: within-digit mean pairwise distance of samples / of real digits (>= 0.6);
+- test bits/dim: the official NLL on the held-out digits, noise-augmented as in training.
+
+    python scripts/eval_demo.py [--checkpoint X.safetensors] [--per-digit 100] [--guidance G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
+from starflow.sampling import DEMO_CHECKPOINT, generate, load_conditional
+
+
+def train_classifier(seed: int = 0) -> tuple[nn.Module, float]:
+    """An MLP on the real training digits (pixels in [0, 1]); returns it and its test accuracy."""
+    torch.manual_seed(seed)
+    (x_train, y_train), (x_test, y_test) = digits_split("train"), digits_split("test")
+    x_train = torch.from_numpy(x_train.reshape(-1, 64) / DIGITS_LEVELS).float()
+    x_test = torch.from_numpy(x_test.reshape(-1, 64) / DIGITS_LEVELS).float()
+    y_train, y_test = torch.from_numpy(y_train).long(), torch.from_numpy(y_test).long()
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
+    for _ in range(400):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x_train), y_train).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(x_test).argmax(1) == y_test).float().mean().item()
+    return net, accuracy
+
+
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean L2 distance over all pairs of the flattened images."""
+    flat = torch.from_numpy(x.reshape(len(x), -1)).double()
+    d = torch.cdist(flat, flat)
+    n = len(x)
+    return (d.sum() / (n * (n - 1))).item()
+
+
+@torch.no_grad()
+def test_bits_per_dim(model, encoder, noise_std: float, seed: int = 0) -> float:
+    images, labels = digits_split("test")
+    x = to_model_range(images, DIGITS_LEVELS)
+    x = x + noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    y = encoder(torch.from_numpy(labels).long().to(device))
+    return model.nll(x.to(device), y).bits_per_dim.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT)
+    parser.add_argument("--per-digit", type=int, default=100)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's cfg")
+    parser.add_argument("--method", default="jacobi")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG")
+    parser.add_argument("--device", default="cpu", help="where to sample (the noise is drawn on the CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)  # the check runs beside other work; sampling is small
+
+    classifier, held_out = train_classifier()
+    print(f"classifier held-out accuracy on real test digits: {held_out:.4f}")
+    model, encoder = load_conditional(args.checkpoint)
+    model, encoder = model.to(args.device), encoder.to(args.device)
+    guidance = model.config.cfg if args.guidance is None else args.guidance
+    bpd = test_bits_per_dim(model, encoder, model.config.noise_std)
+    print(f"test bits/dim (noise_std {model.config.noise_std}): {bpd:.4f}")
+
+    real_images, real_labels = digits_split("all")
+    real = real_images.astype(np.float32) / DIGITS_LEVELS
+    accuracies, ratios = [], []
+    began = time.perf_counter()
+    stats = []
+    per_digit_samples = []
+    for digit in range(10):
+        labels = torch.full((args.per_digit,), digit, dtype=torch.int64)
+        images = generate(
+            model, encoder, labels, seed=args.seed + digit, guidance=guidance, method=args.method, stats=stats
+        )[..., 0]
+        per_digit_samples.append(images)
+        with torch.no_grad():
+            predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
+        accuracies.append((predicted == digit).float().mean().item())
+        ratios.append(mean_pairwise_distance(images) / mean_pairwise_distance(real[real_labels == digit]))
+        print(f"digit {digit}: accuracy {accuracies[-1]:.3f}, diversity ratio {ratios[-1]:.3f}")
+    seconds = time.perf_counter() - began
+    iters = [i for s in stats for i in s.iterations]
+    print(
+        f"sampled {10 * args.per_digit} images ({args.method}, guidance {guidance:g}) in {seconds:.1f} s; "
+        f"mean iterations per 16-token chunk {np.mean(iters):.2f} (sequential needs 16)"
+    )
+    print(f"mean accuracy {np.mean(accuracies):.4f} (>= 0.90), min {min(accuracies):.3f}")
+    print(f"mean diversity ratio {np.mean(ratios):.4f} (>= 0.60), min {min(ratios):.3f}")
+    if args.grid is not None:
+        from starflow.sampling import save_png
+
+        rows = np.stack([s[:10] for s in per_digit_samples], axis=1).reshape(-1, 8, 8, 1)  # column = digit
+        save_png(args.grid, rows, columns=10, scale=6)
+        print(f"wrote {args.grid}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""FSDP2 training, as the official release trains: one code path for 1 or N processes.
+
+A single process is an FSDP run of world size 1, so `--nproc N`, `torchrun` and a plain run
+differ only in how the process group starts. Every random draw (batch order, noise
+augmentation, label dropout) is made for the whole global batch from a generator seeded by
+(seed, step), and each rank takes its slice: N processes equal one process within float
+rounding, and a resumed run replays the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+
+from starflow.config import StarFlowConfig, load_config
+from starflow.data import Dataset, LatentShards, open_dataset
+from starflow.errors import StarflowError
+from starflow.label_encoder import LabelEncoder
+from starflow.model import FlowBlock, StarFlow
+
+PRECISIONS = ("auto", "fp32", "bf16")
+KEEP_CHECKPOINTS = 2  # older sharded checkpoints are deleted once a newer one is complete
+STATE_FILE = "starflow.json"  # config, classes and step, inside each checkpoint directory
+CKPT_PREFIX = "_checkpoint_wrapped_module."
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run depends on; written into each checkpoint so resume can check it."""
+
+    config: str
+    data: str = "digits"
+    out: str = "runs/digits"
+    steps: int = 1000
+    batch_size: int = 64  # global, split evenly over the processes
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    drop_label: float = 0.1
+    latent_reg: float = 1e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    nproc: int = 1
+    device: str = "auto"  # cuda when available, else cpu
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
+    progress: bool = True
+    export_ema: bool = True
+
+
+class Trainee(nn.Module):
+    """The flow plus its label encoder: the FSDP root, so one forward unshards both."""
+
+    def __init__(self, flow: StarFlow, labels: LabelEncoder | None):
+        super().__init__()
+        self.flow = flow
+        self.labels = labels
+
+    def forward(self, x: Tensor, cond: Tensor, latent_reg: float) -> tuple[Tensor, Tensor]:
+        """(training loss, official NLL): the official loss + latent-norm regulariser on block outputs."""
+        y = self.labels(cond) if self.labels is not None else cond
+        out = self.flow(x, y)
+        nll = StarFlow.loss(out)
+        reg = sum(o.float().pow(2).mean() for o in out.outputs[1:-1])
+        return nll + latent_reg * reg, nll
+
+
+# ---- checks made before any process starts ----------------------------------------------
+def check_setup(options: TrainOptions) -> tuple[StarFlowConfig, Dataset]:
+    """Validate options, config and data together; the errors name what was asked and what exists."""
+    if options.device not in ("auto", "cpu", "cuda"):
+        raise StarflowError(f"--device: expected auto, cpu or cuda, got {options.device!r}")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise StarflowError("--device cuda: torch sees no CUDA device here")
+    if options.precision not in PRECISIONS:
+        raise StarflowError(f"--precision: expected one of {list(PRECISIONS)}, got {options.precision!r}")
+    limit, unit = (
+        (torch.cuda.device_count(), "CUDA devices")
+        if _use_cuda(options)
+        else (os.cpu_count() or 1, "CPU cores")
+    )
+    if not 1 <= options.nproc <= limit:
+        raise StarflowError(f"--nproc {options.nproc}: must be between 1 and {limit} (the {unit} here)")
+    if options.batch_size % options.nproc:
+        raise StarflowError(
+            f"--batch-size {options.batch_size} does not split evenly over --nproc {options.nproc}"
+        )
+    if options.steps < 1 or options.checkpoint_every < 1 or options.log_every < 1:
+        raise StarflowError("--steps, --checkpoint-every and --log-every must be >= 1")
+    if not 0 <= options.drop_label < 1:
+        raise StarflowError(f"--drop-label: must be in [0, 1), got {options.drop_label}")
+    config = load_config(options.config)
+    data = open_dataset(options.data)
+    want = (config.channel_size, config.latent_size, config.latent_size)
+    if tuple(data.image_shape) != want:
+        raise StarflowError(
+            f"dataset {options.data!r} holds {tuple(data.image_shape)} (C, H, W) images but config "
+            f"{options.config!r} expects {want} (channel_size, latent size, latent size)"
+        )
+    if config.txt_size <= 0 or config.txt_dim <= 0:
+        raise StarflowError(
+            f"config {options.config!r}: training conditions through the text pathway; set txt_size "
+            f"and txt_dim > 0 (got {config.txt_size} and {config.txt_dim})"
+        )
+    if isinstance(data, LatentShards) and data.text_shape[1] != config.txt_dim:
+        raise StarflowError(
+            f"dataset {options.data!r}: text embeddings are {data.text_shape[1]} wide, the config's "
+            f"txt_dim is {config.txt_dim}"
+        )
+    if len(data) < options.batch_size:
+        raise StarflowError(f"dataset {options.data!r}: {len(data)} items, fewer than --batch-size")
+    return config, data
+
+
+# ---- launching ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(options: TrainOptions) -> Path:
+    """Run training (spawning `nproc` workers, or joining a torchrun job); returns the exported model."""
+    check_setup(options)
+    if options.resume and not checkpoints(Path(options.out)):
+        raise StarflowError(f"--resume: no complete checkpoint under {Path(options.out) / 'checkpoints'}")
+    Path(options.out).mkdir(parents=True, exist_ok=True)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
+        if options.nproc != 1:
+            raise StarflowError("--nproc: leave it at 1 under torchrun (torchrun's --nproc-per-node decides)")
+        dist.init_process_group(_backend(options))
+        _run_worker(options)
+    elif options.nproc == 1:
+        dist.init_process_group(_backend(options), store=dist.HashStore(), rank=0, world_size=1)
+        _run_worker(options)
+    else:
+        import torch.multiprocessing as mp
+
+        mp.spawn(_spawned, args=(options, _free_port()), nprocs=options.nproc, join=True)
+    return Path(options.out) / "model.safetensors"
+
+
+def _use_cuda(options: TrainOptions) -> bool:
+    return options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+
+
+def _backend(options: TrainOptions) -> str:
+    return "nccl" if _use_cuda(options) else "gloo"
+
+
+def _spawned(rank: int, options: TrainOptions, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    dist.init_process_group(_backend(options), rank=rank, world_size=options.nproc)
+    _run_worker(options)
+
+
+def _run_worker(options: TrainOptions) -> None:
+    try:
+        Trainer(options).run()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- schedule -----------------------------------------------------------------------------
+def lr_at(step: int, options: TrainOptions) -> float:
+    """Linear warmup, then cosine from lr to min_lr at the last step (the official schedule)."""
+    if step < options.warmup:
+        return options.lr * (step + 1) / options.warmup
+    progress = (step - options.warmup) / max(options.steps - options.warmup, 1)
+    return options.min_lr + 0.5 * (options.lr - options.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _clean(name: str) -> str:
+    return name.replace(CKPT_PREFIX, "")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete sharded checkpoints, oldest first (temp directories are never listed)."""
+    return sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
+
+
+# ---- the worker ---------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, options: TrainOptions):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.options = o = options
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if _use_cuda(o) else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.out = Path(o.out)
+        self.config, self.data = check_setup(o)
+        self.classes = list(self.data.classes)
+
+        torch.manual_seed(o.seed)  # same init on every rank; fully_shard keeps each rank's shard
+        labels = (
+            LabelEncoder(self.classes, self.config.txt_size, self.config.txt_dim) if self.classes else None
+        )
+        self.model = Trainee(StarFlow(self.config), labels).to(self.device)
+        if o.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for block in self.model.flow.blocks:
+                if isinstance(block, FlowBlock):
+                    for j, layer in enumerate(block.attn_blocks):
+                        block.attn_blocks[j] = checkpoint_wrapper(layer)
+        bf16 = o.precision == "bf16" or (o.precision == "auto" and self.device.type == "cuda")
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32
+        )
+        # An explicit mesh: FSDP's default would pick CUDA whenever it exists, even for --device cpu.
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in self.model.flow.blocks:
+            if isinstance(block, FlowBlock):
+                for layer in block.attn_blocks:
+                    fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        self.params = dict((_clean(n), p) for n, p in self.model.named_parameters())
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=o.lr, betas=(0.9, 0.95), weight_decay=o.weight_decay
+        )
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()}
+        self.step = 0
+
+    # -- data: one global batch per step, each rank takes its slice --
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        o, n = self.options, len(self.data)
+        per_epoch = n // o.batch_size
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(o.seed * 1_000_003 + epoch))
+        indices = order[k * o.batch_size : (k + 1) * o.batch_size]
+        x, cond = self.data.batch(indices)
+        g = torch.Generator().manual_seed(o.seed * 1_000_003 + 500_009 + step)
+        x = x + self.config.noise_std * torch.randn(x.shape, generator=g)
+        drop = torch.rand(o.batch_size, generator=g) < o.drop_label
+        if self.classes:
+            cond = torch.where(drop, self.model.labels.null_label, cond)
+        else:  # text: the zero embedding is the empty prompt
+            cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
+        part = o.batch_size // self.world
+        mine = slice(self.rank * part, (self.rank + 1) * part)
+        return x[mine].to(self.device), cond[mine].to(self.device)
+
+    def train_step(self) -> dict[str, float]:
+        o = self.options
+        lr = lr_at(self.step, o)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, cond = self.batch(self.step)
+        loss, nll = self.model(x, cond, o.latent_reg)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], o.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        finite = bool(torch.isfinite(norm))  # the norm is global, so every rank agrees
+        if finite:
+            self.optimizer.step()
+            # Warm the EMA up: a fixed 0.999 would still hold 37% of the random init at step 1000.
+            decay = min(o.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    self.ema[name].lerp_(p.detach(), 1 - decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.stack([nll.detach().float(), loss.detach().float()])
+        dist.all_reduce(stats)  # a sum: gloo has no AVG
+        nll_mean, loss_mean = (stats / self.world).tolist()
+        self.step += 1
+        bpd = (nll_mean + 0.5 * math.log(2 * math.pi)) / math.log(2)
+        return dict(
+            step=self.step, loss=loss_mean, nll=nll_mean, bits_per_dim=bpd, lr=lr,
+            grad_norm=float(norm), skipped=not finite,
+        )  # fmt: skip
+
+    # -- checkpoints --
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "ema": self.ema}
+
+    def save(self) -> None:
+        """Sharded save into a temp directory, renamed only once complete."""
+        final = self.out / "checkpoints" / f"step_{self.step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(self._state(), checkpoint_id=str(tmp))
+        if self.rank == 0:
+            meta = {
+                "step": self.step,
+                "config": {k: v for k, v in self.config.to_dict().items() if k != "extra"},
+                "classes": self.classes,
+                "options": dataclasses.asdict(self.options),
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in checkpoints(self.out)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old)
+        dist.barrier()
+
+    def load_latest(self) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        found = checkpoints(self.out)
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(found[-1]))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        self.step = json.loads((found[-1] / STATE_FILE).read_text())["step"]
+
+    # -- records --
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        """A PNG of EMA samples, one column per class; every rank samples (the layers are sharded)."""
+        from starflow.sampling import generate, save_png
+
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        for name, p in self.params.items():
+            p.detach().copy_(self.ema[name])
+        self.model.unshard()
+        try:
+            labels = torch.arange(len(self.classes)).repeat(2)
+            images = generate(
+                self.model.flow, self.model.labels, labels, seed=0, guidance=self.config.cfg, denoise=False
+            )
+        finally:
+            self.model.reshard()
+            for name, p in self.params.items():
+                p.detach().copy_(backup[name])
+        if self.rank == 0:
+            path = self.out / "samples" / f"step_{self.step:07d}.png"
+            path.parent.mkdir(exist_ok=True)
+            save_png(path, images, columns=len(self.classes))
+
+    def run(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        o = self.options
+        if o.resume:
+            self.load_latest()
+        metrics_path = self.out / "metrics.jsonl"
+        if self.rank == 0:  # a resumed run rewrites the steps after its checkpoint
+            kept = metrics_path.read_text().splitlines() if o.resume and metrics_path.exists() else []
+            kept = [line for line in kept if json.loads(line)["step"] <= self.step]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            disable=not (o.progress and self.rank == 0),
+        )
+        task = progress.add_task("train", total=o.steps, completed=self.step, status="")
+        began, mark = time.perf_counter(), (self.step, time.perf_counter())
+        with progress, metrics_path.open("a") if self.rank == 0 else _nothing() as log:
+            while self.step < o.steps:
+                record = self.train_step()
+                if self.step % o.log_every == 0 or self.step == o.steps:
+                    now = time.perf_counter()
+                    its = (self.step - mark[0]) / (now - mark[1])
+                    mark = (self.step, now)
+                    record.update(it_per_s=its, images_per_s=its * o.batch_size, seconds=now - began)
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    progress.update(
+                        task,
+                        status=f"loss {record['loss']:.4f} bpd {record['bits_per_dim']:.3f} "
+                        f"lr {record['lr']:.2e} {its:.1f} it/s",
+                    )
+                progress.update(task, completed=self.step)
+                if o.sample_every and self.classes and self.step % o.sample_every == 0:
+                    self.sample_grid()
+                if self.step % o.checkpoint_every == 0 or self.step == o.steps:
+                    self.save()
+        if self.rank == 0:
+            consolidate(checkpoints(self.out)[-1], self.out / "model.safetensors", ema=o.export_ema)
+        dist.barrier()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---- consolidation ------------------------------------------------------------------------
+def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
+    """One sharded checkpoint -> `out` (.safetensors, config embedded) + `<out>.labels.safetensors`.
+
+    Runs in one process without a process group: DCP reshards the saved shards into full tensors.
+    """
+    from starflow.checkpoint import save_model
+    from starflow.config import config_from_dict
+    from starflow.label_encoder import labels_path, save_label_encoder
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / ".metadata").is_file():
+        raise StarflowError(
+            f"checkpoint {checkpoint}: not a complete training checkpoint (expected {STATE_FILE} and "
+            f".metadata; temp *.tmp directories are unfinished saves)"
+        )
+    if out.suffix != ".safetensors":
+        raise StarflowError(f"--out {out}: expected a .safetensors path")
+    meta = json.loads((checkpoint / STATE_FILE).read_text())
+    config = config_from_dict(meta["config"], f"checkpoint {checkpoint}")
+    classes = meta["classes"]
+    labels = LabelEncoder(classes, config.txt_size, config.txt_dim) if classes else None
+    model = Trainee(StarFlow(config), labels)
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    key = "ema" if ema else "model"
+    with warnings.catch_warnings():  # "assuming ... a single process": exactly what is meant here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({key: state}, checkpoint_id=str(checkpoint), no_dist=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if labels is not None:
+        save_label_encoder(labels, labels_path(out))
+    save_model(model.flow.eval(), out)
+    return out
