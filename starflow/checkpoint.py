@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from starflow.atomic import atomic_path
 from starflow.config import StarFlowConfig, config_from_dict, load_config
 from starflow.errors import StarflowError
 from starflow.model import StarFlow
@@ -128,11 +127,5 @@ def save_model(model: StarFlow, path: str | Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
     metadata = {CONFIG_METADATA_KEY: json.dumps(config)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

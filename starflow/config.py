@@ -14,14 +14,13 @@ accepted and kept in `StarFlowConfig.extra`, because official configs mix them i
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
 
 NORM_TYPES = ("layer_norm", "rms_norm")
@@ -302,8 +301,5 @@ def save_config(config: StarFlowConfig, path: str | Path) -> None:
     """Write our YAML form (`model:` mapping); `extra` keys are kept."""
     options = {k: v for k, v in config.to_dict().items() if k != "extra"}
     options.update(config.extra)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({"model": options}, f, sort_keys=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump({"model": options}, sort_keys=False))

@@ -10,14 +10,13 @@ loading the flow file alone.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
 
 CLASSES_METADATA_KEY = "starflow_classes"
@@ -56,14 +55,8 @@ def save_label_encoder(encoder: LabelEncoder, path: Path) -> None:
     """Atomically write the table with the class names in the metadata."""
     metadata = {CLASSES_METADATA_KEY: json.dumps(encoder.classes)}
     state = {"embedding.weight": encoder.embedding.weight.detach().contiguous().cpu()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_label_encoder(path: Path, txt_size: int, txt_dim: int) -> LabelEncoder:

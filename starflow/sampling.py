@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from starflow.atomic import atomic_path
 from starflow.checkpoint import load_model
 from starflow.errors import StarflowError
 from starflow.label_encoder import LabelEncoder, labels_path, load_label_encoder
@@ -95,14 +94,8 @@ def _atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename: never a half-written output."""
     if not path.parent.is_dir():
         raise StarflowError(f"--out {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_png(path: Path, images: np.ndarray, columns: int, scale: int = 4) -> None:
