@@ -218,6 +218,73 @@ def export_onnx(
     typer.echo(summary)
 
 
+@export_app.command("trt")
+def export_trt(
+    directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
+    builder: Annotated[
+        str,
+        typer.Option(help="auto (tensorrt when importable, else tensorrt-rtx), tensorrt or tensorrt-rtx."),
+    ] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or all (every precision exported).")] = "all",
+    profile: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="default, sequential (chunk 1) or jacobi (chunk up to --jacobi-chunk); repeatable."
+        ),
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(help="A resolution bucket as a token grid HxW (latent / patch); repeatable."),
+    ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(help="Rows per call, N or MIN:OPT:MAX (CFG doubles images); default: export's."),
+    ] = None,
+    jacobi_chunk: Annotated[
+        int | None, typer.Option(help="Chunk of the jacobi profile; default the manifest's block size.")
+    ] = None,
+    optimization_level: Annotated[int, typer.Option(help="TensorRT builder optimization level, 0..5.")] = 3,
+    workspace: Annotated[int | None, typer.Option(help="Workspace memory limit in MiB.")] = None,
+    compute_capability: Annotated[
+        list[str] | None,
+        typer.Option(help="TensorRT-RTX target, e.g. SM86; repeatable; default: all it knows."),
+    ] = None,
+) -> None:
+    """Build a TensorRT engine per graph; engines whose cache key is unchanged are kept, not rebuilt."""
+    from rich.progress import Progress
+
+    from starflow.errors import StarflowError
+    from starflow.export.trt import trt_command
+
+    with Progress(transient=True) as bar:
+        engines, phase = bar.add_task("engines", total=None), bar.add_task("", total=None, visible=False)
+
+        def report(what: str, done: int, total: int) -> None:
+            bar.update(engines, description=what, completed=done, total=total)
+
+        def report_phase(what: str, done: int, total: int) -> None:
+            bar.update(phase, description=f"  {what}", completed=done, total=total or None, visible=True)
+
+        try:
+            summary = trt_command(
+                directory=directory,
+                builder=builder,
+                precision=precision,
+                profiles=profile or [],
+                grids=grid or [],
+                batch=batch,
+                jacobi_chunk=jacobi_chunk,
+                optimization_level=optimization_level,
+                workspace_mib=workspace,
+                compute_capabilities=compute_capability or [],
+                progress=report,
+                phases=report_phase,
+            )
+        except StarflowError as err:
+            raise _fail(err) from None
+    typer.echo(summary)
+
+
 @app.command("validate")
 def validate(
     directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],

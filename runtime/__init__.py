@@ -1,1 +1,6 @@
-"""numpy + onnxruntime sampling orchestrator, never imports torch (not built yet)."""
+"""The standalone runtime: numpy + ONNX Runtime orchestration of an export (never imports torch)."""
+
+from starflow.runtime.pipeline import Pipeline
+from starflow.stats import BlockStats
+
+__all__ = ["BlockStats", "Pipeline"]

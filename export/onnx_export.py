@@ -1,0 +1,349 @@
+"""`starflow export onnx`: per-block step/prefill/forward graphs + manifest, validated, atomic.
+
+The export runs in four phases so that a failure leaves nothing behind: check every argument
+and load the checkpoint (no file touched), export into a temporary sibling of `out`, validate
+there against PyTorch, then swap the finished directory into place with renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import onnx
+import torch
+
+from starflow.config import StarFlowConfig
+from starflow.errors import StarflowError
+from starflow.export.graphs import ForwardGraph, Precision, PrefillGraph, StepGraph
+from starflow.export.manifest import (
+    MANIFEST_NAME,
+    GraphSpec,
+    Profile,
+    build_manifest,
+    graph_file_entry,
+    graph_specs,
+    is_starflow_export,
+    write_manifest,
+)
+from starflow.model import FlowBlock, StarFlow
+
+DEFAULT_OPSET = 20
+SUPPORTED_OPSETS = range(18, 24)  # torch's exporter starts at 18; 23 is the newest it emits
+DEFAULT_PRECISIONS = ("fp32", "fp16")
+# fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
+# difference on the fixture, 2.7e-3 vs 3.0e-3 (mu) and 5.7e-3 vs 5.3e-3 (z) relative on the
+# 3B-shaped block. Random weights lack the outlier activations of trained transformers that make
+# fp16 norms overflow, so both stay fp32: the cost is a cast around each.
+PRECISIONS = {"fp32": Precision("fp32"), "fp16": Precision("fp16", fp32_norms=True, fp32_softmax=True)}
+# Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentRange:
+    """Latent sizes (H, W in latent pixels) the graphs' profiles cover, inclusive."""
+
+    min: tuple[int, int]
+    max: tuple[int, int]
+
+
+def parse_latent(text: str, option: str) -> tuple[int, int]:
+    """'HxW' or 'N' (square) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise StarflowError(f"{option}: expected HxW in latent pixels (for example 32x48), got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def default_latent_range(config: StarFlowConfig) -> LatentRange:
+    """Half to twice the training latent side, per side: covers the official aspect buckets."""
+    p, side = config.patch_size, config.latent_size
+    low = max(p, -(-side // 2) // p * p)
+    return LatentRange((low, low), (2 * side, 2 * side))
+
+
+def check_latent_range(config: StarFlowConfig, latent: LatentRange) -> None:
+    p = config.patch_size
+    for name, (h, w) in (("--min-latent", latent.min), ("--max-latent", latent.max)):
+        if h % p or w % p:
+            raise StarflowError(f"{name}: {h}x{w} is not a multiple of patch_size {p}")
+    if latent.min[0] > latent.max[0] or latent.min[1] > latent.max[1]:
+        raise StarflowError(
+            f"--min-latent {latent.min[0]}x{latent.min[1]} exceeds "
+            f"--max-latent {latent.max[0]}x{latent.max[1]}"
+        )
+    side = config.latent_size
+    if not (latent.min[0] <= side <= latent.max[0] and latent.min[1] <= side <= latent.max[1]):
+        raise StarflowError(
+            f"the latent range {latent.min[0]}x{latent.min[1]}..{latent.max[0]}x{latent.max[1]} must "
+            f"include the model's training latent {side}x{side}"
+        )
+
+
+def check_exportable(model: StarFlow) -> None:
+    """The graphs assume RoPE and a start-of-sequence token (every released config has both)."""
+    if model.rope is None:
+        raise StarflowError("export: models with learned pos_embed (rope: 0) are not exportable yet")
+    if not model.config.sos:
+        raise StarflowError(
+            "export: models without a start-of-sequence token (sos: 0) are not exportable yet"
+        )
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse a file, or a non-empty directory that is not a previous export (unless --force)."""
+    if out.exists() and not out.is_dir():
+        raise StarflowError(f"--out {out}: is a file, expected a directory")
+    if out.is_dir() and any(out.iterdir()) and not force and not is_starflow_export(out):
+        raise StarflowError(
+            f"--out {out}: directory is not empty and holds no starflow export; pass --force to replace it"
+        )
+
+
+def sampling_blocks(model: StarFlow) -> list[tuple[int, FlowBlock]]:
+    """(forward index, block) in sampling order (deep block first); identity blocks skipped."""
+    blocks = [(i, b) for i, b in enumerate(model.blocks) if isinstance(b, FlowBlock)]
+    return blocks[::-1]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx logs and warns per graph about things that do not concern our users."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _example_args(spec: GraphSpec, precision: Precision) -> tuple[torch.Tensor, ...]:
+    """Example inputs with every symbolic dim >= 2 and distinct, so export cannot specialise them."""
+    sizes = {"batch": 2, "chunk": 3, "past": 5, "text": 4, "tokens": 6}
+    args = []
+    for tensor in spec.inputs:
+        if tensor.dtype == "int64":
+            args.append(torch.tensor([2, 3]) if tensor.name == "grid" else torch.tensor(2))
+            continue
+        shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
+        dtype = precision.dtype if tensor.dtype == "float16" else torch.float32
+        args.append(torch.randn(shape).to(dtype))
+    return tuple(args)
+
+
+def _dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, torch.export.Dim] | None, ...]:
+    dims: dict[str, torch.export.Dim] = {}
+    out = []
+    for tensor in spec.inputs:
+        axes = {}
+        for axis, d in enumerate(tensor.shape):
+            if isinstance(d, str):
+                low = 0 if d == "past" else 1
+                axes[axis] = dims.setdefault(d, torch.export.Dim(d, min=low))
+        out.append(axes or None)
+    return tuple(out)
+
+
+def _graph_module(
+    spec: GraphSpec, model: StarFlow, block: FlowBlock, precision: Precision
+) -> torch.nn.Module:
+    cls = {"step": StepGraph, "prefill": PrefillGraph, "forward": ForwardGraph}[spec.kind]
+    return cls(block, model.rope, precision).eval()
+
+
+def export_graph(
+    spec: GraphSpec, model: StarFlow, block: FlowBlock, precision: Precision, path: Path, opset: int
+) -> None:
+    """Export one graph to `path`, check it, and prove its I/O signature kept every symbolic dim."""
+    module = _graph_module(spec, model, block, precision)
+    args = _example_args(spec, precision)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=_dynamic_shapes(spec),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    except Exception as err:  # the exporter raises many types; name the graph and keep the cause
+        raise StarflowError(f"export of graph {spec.name} failed: {type(err).__name__}: {err}") from err
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise StarflowError(f"graph {spec.name}: onnx.checker failed: {err}") from None
+    spec.check_signature(onnx.load(str(path), load_external_data=False))
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
+    opset: int = DEFAULT_OPSET,
+    max_batch: int = 8,
+    latent: LatentRange | None = None,
+    force: bool = False,
+    validate: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Export every flow block of a checkpoint into `out`; returns `out`.
+
+    Nothing is written before the checkpoint has loaded and every option has been checked, and
+    `out` only ever holds a complete, validated export: the work happens in a temporary sibling
+    directory that replaces `out` at the end.
+    """
+    from starflow.checkpoint import load_model
+    from starflow.export.validate import check_results, validate_export
+
+    out = Path(out)
+    if opset not in SUPPORTED_OPSETS:
+        raise StarflowError(
+            f"--opset {opset}: unsupported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
+        )
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise StarflowError(f"--precision: got {list(precisions)}, allowed values are {sorted(PRECISIONS)}")
+    if max_batch < 1:
+        raise StarflowError(f"--max-batch: must be >= 1, got {max_batch}")
+    check_out(out, force)
+    model = load_model(config, checkpoint)
+    check_exportable(model)
+    latent = latent or default_latent_range(model.config)
+    check_latent_range(model.config, latent)
+    profile = Profile.build(model.config, latent, max_batch)
+
+    jobs = [
+        (spec, block, PRECISIONS[name])
+        for name in precisions
+        for index, block in sampling_blocks(model)
+        for spec in graph_specs(model.config, index, block, name)
+    ]
+    total = len(jobs) + (1 if validate else 0)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the export is for sharing
+    except OSError as err:
+        raise StarflowError(f"--out {out}: cannot write there ({err.strerror})") from None
+    try:
+        files = []
+        for done, (spec, block, precision) in enumerate(jobs):
+            if progress:
+                progress(f"export {spec.name}", done, total)
+            export_graph(spec, model, block, precision, work / spec.file, opset)
+            files.append(graph_file_entry(spec, work, profile))
+        manifest = build_manifest(
+            model, checkpoint, sampling_blocks(model), files, profile, opset, PRECISIONS
+        )
+        write_manifest(work, manifest)
+        if validate:
+            if progress:
+                progress("validate against PyTorch", len(jobs), total)
+            results = validate_export(work, model, verify_files=False)  # hashed moments ago
+            check_results(results)
+            manifest["validation"] = [r.to_dict() for r in results]
+            write_manifest(work, manifest)
+        if progress:
+            progress("done", total, total)
+        replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move `new` to `out`; an existing `out` is renamed aside first and deleted after."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old / "previous")
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_command(
+    *,
+    checkpoint: Path,
+    out: Path,
+    config: str | None,
+    precision: str,
+    opset: int | None,
+    max_batch: int,
+    min_latent: str | None,
+    max_latent: str | None,
+    force: bool,
+    validate: bool,
+    progress: Progress | None,
+) -> str:
+    """`starflow export onnx`: parse the CLI's strings, export, and describe the result."""
+    from starflow.config import load_config
+    from starflow.export.manifest import load_manifest
+
+    precisions = DEFAULT_PRECISIONS if precision == "both" else (precision,)
+    latent = None
+    if min_latent is not None or max_latent is not None:
+        if config is None:
+            raise StarflowError("--min-latent/--max-latent need --config (the defaults depend on it)")
+        default = default_latent_range(load_config(config))
+        latent = LatentRange(
+            parse_latent(min_latent, "--min-latent") if min_latent else default.min,
+            parse_latent(max_latent, "--max-latent") if max_latent else default.max,
+        )
+    export_onnx(
+        checkpoint,
+        out,
+        config=config,
+        precisions=precisions,
+        opset=DEFAULT_OPSET if opset is None else opset,
+        max_batch=max_batch,
+        latent=latent,
+        force=force,
+        validate=validate,
+        progress=progress,
+    )
+    manifest = load_manifest(out, verify_files=False)
+    lines = [f"wrote {len(manifest['graphs'])} graphs and {MANIFEST_NAME} to {out}"]
+    if manifest["validation"]:
+        worst = max(manifest["validation"], key=lambda v: v["max_abs_error"] / (v["limit"] or 1.0))
+        lines.append(
+            f"validation passed: {len(manifest['validation'])} tensors; "
+            f"closest to its limit: {worst['graph']} "
+            f"{worst['tensor']} error {worst['max_abs_error']:.3g} (limit {worst['limit']:.3g})"
+        )
+    else:
+        lines.append("validation skipped (--no-validate)")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Backends behind one small interface: a Runner runs one graph on numpy feeds.
+
+Only numpy and the backend library are imported (lazily), never torch. A Runner owns its
+session; the arrays it returns are owned by the caller and stay valid after the next call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from starflow.errors import StarflowError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class Runner(Protocol):
+    """One graph, ready to run. `run` is not thread-safe across calls on the same runner."""
+
+    name: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise StarflowError(
+            "backend 'onnxruntime' needs the onnxruntime package: pip install 'starflow[onnx]' "
+            "(CPU) or 'starflow[gpu]' (CUDA; not both in one environment)"
+        ) from None
+    return onnxruntime
+
+
+class OrtRunner:
+    """An ONNX Runtime session created once, with the thread settings chosen at load."""
+
+    def __init__(self, name: str, path: Path, providers: list[Any] | None, threads: int | None):
+        ort = _import_onnxruntime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        available = ort.get_available_providers()
+        requested = providers or ["CPUExecutionProvider"]
+        missing = [p for p in requested if (p[0] if isinstance(p, tuple) else p) not in available]
+        if missing:
+            raise StarflowError(
+                f"execution provider(s) {missing} are not available in this onnxruntime "
+                f"(available: {available}); for CUDA/TensorRT install 'starflow[gpu]'"
+            )
+        self.name = name
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def open_runner(
+    backend: str, name: str, path: Path, providers: list[Any] | None = None, threads: int | None = None
+) -> Runner:
+    if backend == "onnxruntime":
+        return OrtRunner(name, path, providers, threads)
+    if backend == "tensorrt":  # engines from `starflow export trt`; threads do not apply
+        from starflow.runtime.trt_backend import TrtRunner
+
+        return TrtRunner(name, path, providers)
+    raise StarflowError(f"backend {backend!r} is not available; choose one of {list(BACKENDS)}")

@@ -1,0 +1,223 @@
+"""`starflow bench`: the reference and the runtime measured side by side, in one process.
+
+Every row samples from the same noise and text. Times are wall-clock medians over `repeats`;
+"units" divide a row's time by one forward pass (density direction, whole model, same batch)
+of the same engine, which makes sampler costs comparable across machines. Agreement is
+measured against PyTorch sequential sampling, the exact inverse of the flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from starflow.checkpoint import load_model, save_model
+from starflow.config import load_config
+from starflow.errors import StarflowError
+from starflow.testing import random_model
+
+DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    engine: str  # pytorch | runtime
+    seconds: float
+    units: float  # seconds / this engine's forward pass
+    evaluations: int  # block calls (transformer passes over image tokens)
+    max_abs: float | None  # vs PyTorch sequential
+    rms: float | None
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        began = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), result
+
+
+def _prepare(preset: str, seed: int, work: Path, checkpoint: Path | None, artifacts: Path | None):
+    """The model and an fp32 export of it; the preset's export is cached under `work`."""
+    from starflow.export import export_onnx
+
+    if artifacts is not None:
+        if checkpoint is None:
+            raise StarflowError("--artifacts needs --checkpoint too: the PyTorch rows run that checkpoint")
+        return load_model(None if checkpoint.suffix == ".safetensors" else preset, checkpoint), artifacts
+    model = random_model(load_config(preset), seed)
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode() + tensor.numpy().tobytes())
+    folder = work / f"{preset}-seed{seed}-{digest.hexdigest()[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "artifacts" / "manifest.json").is_file():
+        save_model(model, folder / "model.safetensors")
+        # no export validation: the bench itself measures agreement with the reference
+        export_onnx(
+            folder / "model.safetensors",
+            folder / "artifacts",
+            precisions=("fp32",),
+            force=True,
+            validate=False,
+        )
+    return model, folder / "artifacts"
+
+
+def run_bench(
+    preset: str = "bench-256",
+    artifacts: Path | None = None,
+    checkpoint: Path | None = None,
+    guidance: float = 2.0,
+    batch: int = 1,
+    jacobi_block_size: int = 64,
+    jacobi_threshold: float = 1e-3,
+    jacobi_max_iter: int = 32,
+    throughput_batch: int = 8,
+    repeats: int = 3,
+    seed: int = 0,
+    threads: int | None = None,
+    work: Path = DEFAULT_WORK,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure the five rows (and batch throughput); returns a JSON-ready dict."""
+    from starflow.runtime import Pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    log(f"preparing {artifacts or preset} ...")
+    model, artifacts = _prepare(preset, seed, work, checkpoint, artifacts)
+    pipe = Pipeline.load(artifacts, threads=threads or torch.get_num_threads())
+    config = model.config
+    rng = np.random.default_rng(seed)
+    side = config.latent_size
+
+    def inputs(n: int):
+        noise = rng.standard_normal((n, config.channel_size, side, side), dtype=np.float32)
+        if config.txt_dim == 0:
+            return noise, None, None
+        y = rng.standard_normal((n, config.txt_size, config.txt_dim), dtype=np.float32)
+        return noise, y, np.zeros_like(y) if guidance > 0 else None
+
+    noise, y, y_uncond = inputs(batch)
+    t_noise, t_y = torch.from_numpy(noise), None if y is None else torch.from_numpy(y)
+    t_uncond = None if y_uncond is None else torch.from_numpy(y_uncond)
+    guided = guidance if y is not None else 0.0
+    jacobi = dict(
+        jacobi_block_size=jacobi_block_size,
+        jacobi_threshold=jacobi_threshold,
+        jacobi_max_iter=jacobi_max_iter,
+    )
+
+    with torch.no_grad():
+        model(t_noise, t_y)  # warm-up
+        torch_forward, _ = _timed(lambda: model(t_noise, t_y), repeats)
+    pipe.forward(noise, y)
+    runtime_forward, _ = _timed(lambda: pipe.forward(noise, y), repeats)
+    rows = [
+        Row("forward pass", "pytorch", torch_forward, 1.0, len(model.blocks), None, None),
+        Row("forward pass", "runtime", runtime_forward, 1.0, len(pipe.plans), None, None),
+    ]
+
+    reference = None
+    cases = [
+        ("pytorch", "sequential"),
+        ("pytorch", "jacobi"),
+        ("runtime", "sequential"),
+        ("runtime", "jacobi"),
+    ]
+    for engine, method in cases:
+        log(f"{engine} {method} ...")
+        if engine == "pytorch":
+            fn = lambda m=method: model.sample(  # noqa: E731
+                t_noise, t_y, t_uncond, guided, method=m, return_stats=True, **jacobi
+            )
+        else:
+            fn = lambda m=method: pipe.sample(  # noqa: E731
+                noise, y, y_uncond, guided, method=m, return_stats=True, **jacobi
+            )
+        # sequential sampling is 100s of times slower and deterministic: time it once
+        seconds, (sample, stats) = _timed(fn, 1 if method == "sequential" else repeats)
+        sample = sample.numpy() if isinstance(sample, torch.Tensor) else sample
+        if reference is None:
+            reference = sample
+        error = sample - reference
+        unit = torch_forward if engine == "pytorch" else runtime_forward
+        rows.append(
+            Row(
+                f"{method} sampling",
+                engine,
+                seconds,
+                seconds / unit,
+                sum(s.evaluations for s in stats),
+                float(np.abs(error).max()),
+                float(np.sqrt(np.mean(error**2))),
+            )
+        )
+
+    throughput = {}
+    if throughput_batch > 0:
+        many, many_y, many_uncond = inputs(throughput_batch)
+        tm = [torch.from_numpy(a) if a is not None else None for a in (many, many_y, many_uncond)]
+        log(f"batch {throughput_batch} throughput ...")
+        t_torch, _ = _timed(lambda: model.sample(*tm, guided, **jacobi), 1)
+        t_runtime, _ = _timed(lambda: pipe.sample(many, many_y, many_uncond, guided, **jacobi), 1)
+        throughput = {
+            "batch": throughput_batch,
+            "pytorch_jacobi_images_per_s": throughput_batch / t_torch,
+            "runtime_jacobi_images_per_s": throughput_batch / t_runtime,
+        }
+    by_key = {(r.engine, r.name): r for r in rows}
+    return {
+        "model": preset if checkpoint is None else str(checkpoint),
+        "artifacts": str(artifacts),
+        "batch": batch,
+        "guidance": guided,
+        "jacobi": {
+            "block_size": jacobi_block_size,
+            "threshold": jacobi_threshold,
+            "max_iter": jacobi_max_iter,
+        },
+        "threads": threads or torch.get_num_threads(),
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "runtime_jacobi_speedup_vs_pytorch_jacobi": (
+            by_key[("pytorch", "jacobi sampling")].seconds / by_key[("runtime", "jacobi sampling")].seconds
+        ),
+        "throughput": throughput,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'row':22} {'engine':8} {'seconds':>9} {'fwd units':>9} {'block calls':>11} "
+        f"{'max|Δ| vs seq':>13} {'rms Δ':>9}"
+    ]
+    for r in result["rows"]:
+        agree = "" if r["max_abs"] is None else f"{r['max_abs']:13.2e} {r['rms']:9.2e}"
+        lines.append(
+            f"{r['name']:22} {r['engine']:8} {r['seconds']:9.3f} {r['units']:9.2f} "
+            f"{r['evaluations']:11d} {agree}"
+        )
+    lines.append(
+        f"runtime Jacobi is {result['runtime_jacobi_speedup_vs_pytorch_jacobi']:.2f}x faster than "
+        "PyTorch Jacobi "
+        f"(block {result['jacobi']['block_size']}, threshold {result['jacobi']['threshold']}, "
+        f"guidance {result['guidance']}, batch {result['batch']}, {result['threads']} threads)"
+    )
+    t = result["throughput"]
+    if t:
+        lines.append(
+            f"batch {t['batch']} Jacobi throughput: PyTorch {t['pytorch_jacobi_images_per_s']:.2f} images/s, "
+            f"runtime {t['runtime_jacobi_images_per_s']:.2f} images/s"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""ONNX export of the official tiny T2I fixture: checker, symbolic dims, manifest, validation.
+
+That the graphs alone reproduce the official samples (fp32 and fp16, a non-square grid) is
+tested through the runtime, which drives only the graphs: tests/test_runtime.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+import starflow
+from starflow.cli.main import app
+from starflow.export.manifest import check_schema, load_manifest, sha256
+from starflow.testing import perturb_
+from tests.conftest import T2I
+
+pytestmark = pytest.mark.skipif(not T2I.is_dir(), reason=f"shared fixtures not found at {T2I}")
+runner = CliRunner()
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model() -> starflow.StarFlow:
+    return starflow.load_model(T2I / "config.yaml", T2I / "checkpoint.pth")
+
+
+def test_fp16_graphs_keep_io_and_head_in_fp32(fixture_artifacts):
+    manifest = load_manifest(fixture_artifacts)
+    for graph in (g for g in manifest["graphs"] if g["precision"] == "fp16"):
+        dtypes = {t["name"]: t["dtype"] for t in graph["inputs"] + graph["outputs"]}
+        assert all(dtypes[n] == "float32" for n in ("x", "mu", "sigma", "z", "logdet", "text") if n in dtypes)
+        assert all(dtypes[n] == "float16" for n in ("past_keys", "new_keys", "keys") if n in dtypes)
+    assert "softmax" in manifest["precisions"]["fp16"]["fp32_ops"]
+
+
+# ---- the artifacts -------------------------------------------------------------------------------
+def test_every_graph_passes_the_checker_and_keeps_symbolic_dims(fixture_artifacts):
+    manifest = load_manifest(fixture_artifacts)
+    assert len(manifest["graphs"]) == 14  # fp32 + fp16: step + forward per block, prefill for the deep one
+    for graph in manifest["graphs"]:
+        path = fixture_artifacts / graph["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+        for declared, value in zip(graph["outputs"], inferred.graph.output, strict=True):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims == declared["shape"], (graph["name"], declared["name"], dims)
+            assert any(isinstance(d, str) for d in dims)
+
+
+def test_step_graph_runs_at_shapes_other_than_the_example(fixture_artifacts):
+    """Batch 1 and 5, chunk 1 and 7, empty and long cache: nothing was specialised."""
+    graph = next(g for g in load_manifest(fixture_artifacts)["graphs"] if g["name"] == "block1.step.fp32")
+    session = ort.InferenceSession(str(fixture_artifacts / graph["file"]), providers=["CPUExecutionProvider"])
+    for batch, chunk, past, grid in [(1, 1, 0, (4, 4)), (5, 7, 40, (8, 12)), (3, 16, 100, (16, 8))]:
+        feeds = {
+            "x": np.zeros((batch, chunk, 4), np.float32),
+            "past_keys": np.zeros((1, batch, 4, past, 16), np.float32),
+            "past_values": np.zeros((1, batch, 4, past, 16), np.float32),
+            "grid": np.array(grid, np.int64),
+            "start": np.array(past, np.int64),
+        }
+        mu, sigma, keys, _ = session.run(None, feeds)
+        assert mu.shape == sigma.shape == (batch, chunk, 4)
+        assert keys.shape == (1, batch, 4, chunk, 16)
+
+
+def test_manifest_validates_and_sha256s_match(fixture_artifacts):
+    manifest = json.loads((fixture_artifacts / "manifest.json").read_text())
+    check_schema(manifest, "test")
+    assert manifest["schema_version"] == 1
+    assert [b["index"] for b in manifest["blocks"]] == [2, 1, 0]  # sampling order
+    for graph in manifest["graphs"]:
+        assert sha256(fixture_artifacts / graph["file"]) == graph["sha256"]
+    assert manifest["validation"] and all(v["passed"] for v in manifest["validation"])
+    cases = {v["case"] for v in manifest["validation"]}
+    assert len(cases) >= 3
+    manifest["unexpected"] = 1
+    with pytest.raises(starflow.StarflowError, match="schema"):
+        check_schema(manifest, "test")
+
+
+def test_permutations_follow_the_official_rule(fixture_artifacts, model):
+    manifest = load_manifest(fixture_artifacts)
+    for block in manifest["blocks"]:
+        assert block["permutation"] == ("flip" if model.blocks[block["index"]].flip else "identity")
+
+
+def test_inspect_and_validate_commands(fixture_artifacts):
+    result = runner.invoke(app, ["inspect", str(fixture_artifacts)])
+    assert result.exit_code == 0, result.output
+    assert "block2.step.fp32.onnx" in result.output and "sampling order" in result.output
+    result = runner.invoke(
+        app, ["validate", str(fixture_artifacts), "--checkpoint", str(T2I / "checkpoint.pth")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output
+
+
+def test_validate_fails_loudly_naming_graph_tensor_and_shape(fixture_artifacts, model, tmp_path):
+    other = starflow.load_model(T2I / "config.yaml", T2I / "checkpoint.pth")
+    perturb_(other, seed=1, std=0.02)
+    checkpoint = tmp_path / "other.safetensors"
+    starflow.save_model(other, checkpoint)
+    result = runner.invoke(app, ["validate", str(fixture_artifacts), "--checkpoint", str(checkpoint)])
+    assert result.exit_code != 0
+    assert "graph block" in result.output and "tensor " in result.output and "shape [" in result.output
+
+
+def test_validate_detects_a_modified_graph(fixture_artifacts, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fixture_artifacts, copy)
+    with open(copy / "block0.step.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(starflow.StarflowError, match="sha256"):
+        load_manifest(copy)

@@ -1,0 +1,234 @@
+"""The torch-free runtime against the PyTorch reference: same latents for the same noise."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from starflow.checkpoint import load_model, save_model
+from starflow.config import config_from_dict, load_config
+from starflow.errors import StarflowError
+from starflow.export import export_onnx
+from starflow.runtime import Pipeline
+from starflow.testing import random_model
+from tests.conftest import T2I
+
+JACOBI = dict(jacobi_block_size=16, jacobi_max_iter=64, jacobi_threshold=1e-6)
+FP16_TOLERANCE = 2e-3  # measured 5.6e-4 on the fixture (fp16 weights, matmuls and cache)
+
+# Two small models that between them cover every exportable architecture option.
+RANDOM_CONFIGS = {
+    "gqa-rms-swiglu-r2l-exp": dict(
+        channel_size=4, img_size=8, patch_size=1, channels=64, layers_per_block=[1, 2],
+        head_dim=16, num_heads=4, num_kv_heads=2, rope=True, sos=True, txt_size=4, txt_dim=8,
+        cond_top_only=True, use_softplus=False, use_final_norm=False, soft_clip=0.0,
+        seq_order="R2L", norm_type="rms_norm", use_swiglu=True, use_qk_norm=True,
+        use_post_norm=True, use_bias=False,
+    ),
+    "patch2-text-everywhere-wide-top": dict(
+        channel_size=2, img_size=8, patch_size=2, channels=32, layers_per_block=[0, 1, 1],
+        head_dim=16, rope=True, sos=True, txt_size=3, txt_dim=8, cond_top_only=False,
+        use_softplus=True, use_final_norm=True, soft_clip=3.0, seq_order="L2R",
+        top_block_channels=64,
+    ),
+}  # fmt: skip
+
+pytestmark = pytest.mark.skipif(not T2I.is_dir(), reason=f"shared fixtures not found at {T2I}")
+
+
+@pytest.fixture(scope="module", params=list(RANDOM_CONFIGS))
+def random_export(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    work = tmp_path_factory.mktemp(request.param)
+    model = random_model(config_from_dict(RANDOM_CONFIGS[request.param]), seed=3)
+    save_model(model, work / "model.safetensors")
+    out = export_onnx(work / "model.safetensors", work / "artifacts", precisions=("fp32",), validate=False)
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    return load_file(T2I / "golden.safetensors")
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("fp16", FP16_TOLERANCE)])
+@pytest.mark.parametrize("method", ["sequential", "jacobi"])
+@pytest.mark.parametrize("cfg", [False, True])
+def test_fixture_goldens_through_the_runtime(fixture_artifacts, golden, precision, tolerance, method, cfg):
+    pipe = Pipeline.load(fixture_artifacts, precision=precision)
+    kwargs = dict(y_uncond=golden["y_null"], guidance=1.5) if cfg else {}
+    sample = pipe.sample(golden["noise"], golden["y"], method=method, **kwargs, **JACOBI)
+    key = f"reverse.{method}" + (".cfg" if cfg else "")
+    assert np.abs(sample - golden[key]).max() < tolerance
+
+
+def test_fixture_non_square_grid_matches_pytorch(fixture_artifacts):
+    model = load_model(T2I / "config.yaml", T2I / "checkpoint.pth")
+    pipe = Pipeline.load(fixture_artifacts)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 4, 8, 12), dtype=np.float32)
+    y = rng.standard_normal((2, 6, 32), dtype=np.float32)
+    y_null = np.zeros_like(y)
+    for method in ("sequential", "jacobi"):
+        kwargs = dict(method=method, guidance=1.5, **JACOBI)
+        ours = pipe.sample(noise, y, y_null, **kwargs)
+        ref = model.sample(torch.from_numpy(noise), torch.from_numpy(y), torch.from_numpy(y_null), **kwargs)
+        assert np.abs(ours - ref.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("grid", [(8, 8), (8, 12)])
+@pytest.mark.parametrize("method", ["sequential", "jacobi"])
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_random_configs_match_pytorch(random_export, batch, grid, method, guidance):
+    artifacts, model = random_export
+    config = model.config
+    pipe = Pipeline.load(artifacts)
+    rng = np.random.default_rng(batch)
+    noise = rng.standard_normal((batch, config.channel_size, *grid), dtype=np.float32)
+    y = rng.standard_normal((batch, config.txt_size, config.txt_dim), dtype=np.float32)
+    y_null = np.zeros_like(y) if guidance else None
+    kwargs = dict(method=method, guidance=guidance, jacobi_block_size=8, jacobi_threshold=1e-5)
+    ours, stats = pipe.sample(noise, y, y_null, return_stats=True, **kwargs)
+    ref, ref_stats = model.sample(
+        torch.from_numpy(noise), torch.from_numpy(y),
+        None if y_null is None else torch.from_numpy(y_null), return_stats=True, **kwargs,
+    )  # fmt: skip
+    assert np.abs(ours - ref.numpy()).max() < 1e-4
+    assert [(s.block, s.iterations) for s in stats] == [(s.block, s.iterations) for s in ref_stats]
+
+
+def test_runtime_runs_with_torch_unimportable(fixture_artifacts):
+    code = textwrap.dedent(
+        f"""
+        import sys
+
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+
+        sys.meta_path.insert(0, BlockTorch())
+        import numpy as np
+        from starflow.runtime import Pipeline
+
+        pipe = Pipeline.load({str(fixture_artifacts)!r})
+        noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+        y = np.zeros((1, 6, 32), np.float32)
+        out = pipe.sample(noise, y, method="jacobi")
+        assert out.shape == (1, 4, 8, 8) and np.isfinite(out).all()
+        assert "torch" not in sys.modules
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pipe(fixture_artifacts) -> Pipeline:
+    return Pipeline.load(fixture_artifacts)
+
+
+def zeros(*shape: int, dtype: type = np.float32) -> np.ndarray:
+    return np.zeros(shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "noise, y, kwargs, message",
+    [
+        (zeros(1, 4, 8, 8, dtype=np.float64), zeros(1, 6, 32), {}, "expected a float32"),
+        (zeros(1, 3, 8, 8), zeros(1, 6, 32), {}, "expected 4 latent channels"),
+        (zeros(4, 8, 8), zeros(1, 6, 32), {}, r"\(B, C, H, W\)"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 16), {}, r"text embeddings \(1, L, 32\)"),
+        (zeros(1, 4, 8, 8), None, {}, "this model is text-conditioned"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"guidance": 2.0}, "needs y_uncond"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"guidance": 2.0, "y_uncond": zeros(1, 5, 32)}, "y_uncond"),
+        (zeros(1, 4, 2, 8), zeros(1, 6, 32), {}, "outside this export's range"),
+        (zeros(1, 4, 40, 8), zeros(1, 6, 32), {}, "outside this export's range"),
+        (
+            zeros(9, 4, 8, 8),
+            zeros(9, 6, 32),
+            {"guidance": 1.0, "y_uncond": zeros(9, 6, 32)},
+            "allows 1 .. 16 rows",
+        ),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"method": "gs"}, "method"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(pipe, noise, y, kwargs, message):
+    with pytest.raises(StarflowError, match=message):
+        pipe.sample(noise, y, **kwargs)
+
+
+def test_missing_or_tampered_graph_is_refused(fixture_artifacts, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(fixture_artifacts, tampered)
+    step = tampered / "block2.step.fp32.onnx"
+    data = bytearray(step.read_bytes())
+    data[-1] ^= 0xFF
+    step.write_bytes(bytes(data))
+    with pytest.raises(StarflowError, match="block2.step.fp32.*does not match its sha256"):
+        Pipeline.load(tampered)
+    step.unlink()
+    with pytest.raises(StarflowError, match="is missing"):
+        Pipeline.load(tampered)
+    with pytest.raises(StarflowError, match="no manifest.json"):
+        Pipeline.load(tmp_path)
+
+
+def test_unknown_precision_and_backend(fixture_artifacts, tmp_path):
+    with pytest.raises(StarflowError, match="no fp8 graphs"):
+        Pipeline.load(fixture_artifacts, precision="fp8")
+    with pytest.raises(StarflowError, match="backend 'tvm' is not available"):
+        Pipeline.load(fixture_artifacts, backend="tvm")
+
+
+def test_caches_are_allocated_once(pipe):
+    noise = np.zeros((1, 4, 8, 8), np.float32)
+    y = np.zeros((1, 6, 32), np.float32)
+    pipe.sample(noise, y)
+    caches = {k: id(v[0]) for k, v in pipe._caches.items()}
+    pipe.sample(noise + 1, y)
+    assert {k: id(v[0]) for k, v in pipe._caches.items()} == caches
+
+
+def test_block_order_is_deep_first(pipe):
+    assert [p.index for p in pipe.plans] == [2, 1, 0]
+    assert pipe.plans[0].deep and pipe.plans[0].text_conditioned
+    assert replace(load_config("tiny-t2i")).num_blocks == len(pipe.plans)
+
+
+def test_forward_graphs_match_golden_density(pipe, golden):
+    z, logdets = pipe.forward(golden["x"], golden["y"])
+    assert np.abs(z - golden["forward.z"]).max() < 1e-4
+    assert len(logdets) == 3
+    for i, logdet in enumerate(logdets):
+        assert np.abs(logdet - golden[f"forward.logdet.{i}"]).max() < 1e-4
+
+
+def test_bench_rows_on_the_fixture_artifacts(fixture_artifacts):
+    from starflow.bench import format_table, run_bench
+
+    result = run_bench(
+        preset=str(T2I / "config.yaml"), artifacts=fixture_artifacts, checkpoint=T2I / "checkpoint.pth",
+        guidance=1.5, jacobi_block_size=16, throughput_batch=2, repeats=1, log=lambda line: None,
+    )  # fmt: skip
+    rows = {(r["engine"], r["name"]): r for r in result["rows"]}
+    assert len(rows) == 6
+    assert rows[("pytorch", "sequential sampling")]["max_abs"] == 0.0  # the reference itself
+    assert rows[("runtime", "sequential sampling")]["max_abs"] < 1e-4
+    assert (
+        rows[("runtime", "jacobi sampling")]["evaluations"]
+        == rows[("pytorch", "jacobi sampling")]["evaluations"]
+    )
+    assert rows[("runtime", "sequential sampling")]["evaluations"] == 3 * 64
+    assert result["throughput"]["runtime_jacobi_images_per_s"] > 0
+    table = format_table(result)
+    assert "runtime Jacobi is" in table and "images/s" in table

@@ -1,0 +1,92 @@
+"""GPU execution paths: the TensorRT backend and ONNX Runtime's CUDA/TensorRT providers.
+
+Each test compares a GPU path with the ONNX Runtime CPU pipeline on the same noise, and skips
+(saying why) when its library or a CUDA GPU is missing; scripts/gpu_check.sh runs them all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from starflow.errors import StarflowError
+from starflow.export import trt
+from starflow.runtime import Pipeline
+from tests.conftest import FIXTURES
+
+T2I = FIXTURES / "official-t2i-tiny"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not T2I.is_dir(), reason=f"shared fixtures not found at {T2I}"),
+]
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}  # max |gpu - cpu| over the sampled latent
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    from starflow.export import export_onnx
+
+    out = tmp_path_factory.mktemp("gpu") / "artifacts"
+    export_onnx(T2I / "checkpoint.pth", out, config=T2I / "config.yaml", validate=False)
+    return out
+
+
+def _inputs(pipeline: Pipeline, batch: int = 2) -> dict[str, np.ndarray | float]:
+    rng = np.random.default_rng(0)
+    side = pipeline.manifest["latent"]["train"][0]
+    dim, length = pipeline.text["dim"], pipeline.text["max_length"]
+    return {
+        "noise": rng.standard_normal((batch, pipeline.channels, side, side), dtype=np.float32),
+        "y": rng.standard_normal((batch, length, dim), dtype=np.float32),
+        "y_uncond": np.zeros((batch, length, dim), np.float32),
+        "guidance": 1.5,
+    }
+
+
+def _compare(directory: Path, precision: str, **load: object) -> None:
+    reference = Pipeline.load(directory, precision=precision)
+    candidate = Pipeline.load(directory, precision=precision, **load)
+    inputs = _inputs(reference)
+    for method in ("sequential", "jacobi"):
+        expected = reference.sample(**inputs, method=method)
+        got = candidate.sample(**inputs, method=method)
+        assert np.abs(got - expected).max() <= TOLERANCE[precision], (method, precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_backend_matches_onnxruntime(artifacts, tmp_path, precision):
+    try:
+        builder = trt.choose_builder()
+    except StarflowError as err:
+        pytest.skip(str(err))
+    pytest.importorskip("cuda.bindings", reason="the TensorRT backend needs cuda-python")
+    capability, _ = trt.current_gpu()
+    if builder.rtx and capability not in trt.rtx_compute_capabilities(builder):
+        pytest.skip(f"TensorRT-RTX {builder.version} does not target this GPU ({capability})")
+    directory = tmp_path / "artifacts"
+    shutil.copytree(artifacts, directory)
+    targets = [capability] if builder.rtx else []
+    trt.build_engines(
+        directory,
+        precisions=(precision,),
+        profiles=("default", "sequential"),
+        grids=[(8, 8)],
+        batch=(1, 2, 4),
+        optimization_level=1,
+        compute_capabilities=targets,
+    )
+    _compare(directory, precision, backend="tensorrt")
+    pipeline = Pipeline.load(directory, precision=precision, backend="tensorrt")
+    with pytest.raises(StarflowError, match="outside every optimization profile.*batch 1..4"):
+        pipeline.sample(**_inputs(pipeline, batch=3))  # 6 rows under guidance; engines stop at 4
+
+
+@pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "TensorrtExecutionProvider"])
+def test_onnxruntime_gpu_providers_match_cpu(artifacts, provider):
+    ort = pytest.importorskip("onnxruntime")
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"{provider} not in this onnxruntime ({ort.get_available_providers()})")
+    _compare(artifacts, "fp32", providers=[provider, "CPUExecutionProvider"])
