@@ -5,6 +5,7 @@ block). Reports parameter count, forward time and peak memory (RSS). A benchmark
 numbers depend on the machine and its load.
 
     python benchmarks/model_scale.py [--batch 1] [--repeats 2] [--threads N] [--json out.json]
+    python benchmarks/model_scale.py --device cuda --dtype bf16 --sample   # GPU, plus Jacobi sampling
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 
 from starflow.config import load_config
 from starflow.model import StarFlow
+from starflow.testing import perturb_
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB (host memory)
 
 
 def main() -> None:
@@ -32,26 +34,48 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--sample", action="store_true", help="also time Jacobi sampling with CFG 2.5")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = load_config(args.preset)
     began = time.perf_counter()
-    model = StarFlow(config).eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with torch.device(args.device):
+        model = StarFlow(config).to(dtype).eval()
     build_s = time.perf_counter() - began
     params = sum(p.numel() for p in model.parameters())
     rss_after_build = peak_rss_gib()
 
     side = config.latent_size
-    x = torch.randn(args.batch, config.channel_size, side, side)
-    y = torch.randn(args.batch, config.txt_size, config.txt_dim)
+    x = torch.randn(args.batch, config.channel_size, side, side, device=args.device)
+    y = torch.randn(args.batch, config.txt_size, config.txt_dim, device=args.device)
+
+    def synchronize() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     times = []
     with torch.no_grad():
         for _ in range(args.repeats):
             began = time.perf_counter()
-            out = model(x, y)
+            out = model(x.to(dtype), y)
+            synchronize()
             times.append(time.perf_counter() - began)
     assert torch.isfinite(out.z).all()
+    sampling = None
+    if args.sample:  # non-trivial weights: the official init makes every block the identity
+        perturb_(model, seed=0)
+        began = time.perf_counter()
+        _, stats = model.sample(x, y, torch.zeros_like(y), guidance=2.5, return_stats=True)
+        synchronize()
+        sampling = {
+            "jacobi_seconds": round(time.perf_counter() - began, 2),
+            "block_calls": sum(s.evaluations for s in stats),
+            "mean_iterations_per_chunk": [round(s.mean_iterations, 2) for s in stats],
+        }
 
     result = {
         "preset": args.preset,
@@ -67,6 +91,9 @@ def main() -> None:
         "peak_rss_gib_after_build": round(rss_after_build, 2),
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "threads": args.threads,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "dtype": args.dtype,
+        "jacobi_sampling_cfg_2.5_block16": sampling,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
     }
     print(json.dumps(result, indent=2))

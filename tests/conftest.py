@@ -1,11 +1,14 @@
 """Shared pytest setup: fixture path and the `gpu` marker auto-skip."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-# Shared fixtures live beside the repo: <parent>/shared/fixtures.
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# Shared fixtures live beside the repo (<parent>/shared/fixtures) unless STARFLOW_FIXTURES says where.
+FIXTURES = Path(
+    os.environ.get("STARFLOW_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
+)
 T2I = FIXTURES / "official-t2i-tiny"
 
 

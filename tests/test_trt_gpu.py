@@ -15,9 +15,8 @@ import pytest
 from starflow.errors import StarflowError
 from starflow.export import trt
 from starflow.runtime import Pipeline
-from tests.conftest import FIXTURES
+from tests.conftest import T2I
 
-T2I = FIXTURES / "official-t2i-tiny"
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not T2I.is_dir(), reason=f"shared fixtures not found at {T2I}"),
@@ -26,12 +25,9 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}  # max |gpu - cpu| over the sampled lat
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    from starflow.export import export_onnx
-
-    out = tmp_path_factory.mktemp("gpu") / "artifacts"
-    export_onnx(T2I / "checkpoint.pth", out, config=T2I / "config.yaml", validate=False)
-    return out
+def artifacts(fixture_artifacts: Path) -> Path:
+    """The session's shared fixture export (tests/conftest.py)."""
+    return fixture_artifacts
 
 
 def _inputs(pipeline: Pipeline, batch: int = 2) -> dict[str, np.ndarray | float]:
