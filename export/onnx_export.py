@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from starflow.atomic import current_umask
 from starflow.config import StarFlowConfig
 from starflow.errors import StarflowError
 from starflow.export.graphs import ForwardGraph, Precision, PrefillGraph, StepGraph
@@ -248,7 +249,7 @@ def export_onnx(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the export is for sharing
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the export is for sharing
     except OSError as err:
         raise StarflowError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
@@ -276,12 +277,6 @@ def export_onnx(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def replace_dir(new: Path, out: Path) -> None:
