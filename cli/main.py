@@ -4,11 +4,15 @@ Keep module-level imports light (no torch, no starflow model code) so that
 `starflow --help` is instant; import heavy modules inside command functions.
 """
 
+import contextlib
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from starflow.errors import StarflowError
 
 app = typer.Typer(
     name="starflow",
@@ -37,9 +41,14 @@ def main(
     """STARFlow reference model, export and runtime tools."""
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg="red", err=True)
-    return typer.Exit(code=2)
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """The one place where a StarflowError becomes a red one-line message and exit code 2."""
+    try:
+        yield
+    except StarflowError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -69,10 +78,9 @@ def sample(
     ),
 ) -> None:
     """Sample images of one class with the PyTorch reference model."""
-    from starflow.errors import StarflowError
     from starflow.sampling import sample_report
 
-    try:
+    with user_errors():
         report = sample_report(
             checkpoint=checkpoint,
             config=config,
@@ -87,8 +95,6 @@ def sample(
             denoise=denoise,
             out=out,
         )
-    except StarflowError as err:
-        raise _fail(err) from None
     for line in report:
         typer.echo(line)
 
@@ -126,15 +132,12 @@ def train(
     export_ema: Annotated[bool, typer.Option(help="Export EMA weights (else the raw weights).")] = True,
 ) -> None:
     """Train with FSDP2 (single process, --nproc N, or under torchrun); exports OUT/model.safetensors."""
-    from starflow.errors import StarflowError
     from starflow.train import TrainOptions
     from starflow.train import train as run_training
 
     options = TrainOptions(**{k: v for k, v in locals().items() if k in TrainOptions.__dataclass_fields__})
-    try:
+    with user_errors():
         path = run_training(options)
-    except StarflowError as err:
-        raise _fail(err) from None
     typer.echo(f"exported {path}")
 
 
@@ -151,13 +154,10 @@ def consolidate(
     ema: Annotated[bool, typer.Option(help="EMA weights (default) or the raw training weights.")] = True,
 ) -> None:
     """Merge a sharded training checkpoint into one .safetensors with the config embedded."""
-    from starflow.errors import StarflowError
     from starflow.train import consolidate as run_consolidate
 
-    try:
+    with user_errors():
         path = run_consolidate(checkpoint, out, ema=ema)
-    except StarflowError as err:
-        raise _fail(err) from None
     typer.echo(f"wrote {path}")
 
 
@@ -190,7 +190,6 @@ def export_onnx(
     """Export every flow block to ONNX (step, prefill, forward graphs) with a validated manifest."""
     from rich.progress import Progress
 
-    from starflow.errors import StarflowError
     from starflow.export.onnx_export import export_command
 
     with Progress(transient=True) as bar:
@@ -199,7 +198,7 @@ def export_onnx(
         def report(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        try:
+        with user_errors():
             summary = export_command(
                 checkpoint=checkpoint,
                 out=out,
@@ -213,8 +212,6 @@ def export_onnx(
                 validate=validate,
                 progress=report,
             )
-        except StarflowError as err:
-            raise _fail(err) from None
     typer.echo(summary)
 
 
@@ -253,7 +250,6 @@ def export_trt(
     """Build a TensorRT engine per graph; engines whose cache key is unchanged are kept, not rebuilt."""
     from rich.progress import Progress
 
-    from starflow.errors import StarflowError
     from starflow.export.trt import trt_command
 
     with Progress(transient=True) as bar:
@@ -265,7 +261,7 @@ def export_trt(
         def report_phase(what: str, done: int, total: int) -> None:
             bar.update(phase, description=f"  {what}", completed=done, total=total or None, visible=True)
 
-        try:
+        with user_errors():
             summary = trt_command(
                 directory=directory,
                 builder=builder,
@@ -280,8 +276,6 @@ def export_trt(
                 progress=report,
                 phases=report_phase,
             )
-        except StarflowError as err:
-            raise _fail(err) from None
     typer.echo(summary)
 
 
@@ -292,13 +286,10 @@ def validate(
     config: Annotated[str | None, typer.Option(help="YAML config; default: the manifest's model.")] = None,
 ) -> None:
     """Rerun the export's validation: every graph against PyTorch through ONNX Runtime."""
-    from starflow.errors import StarflowError
     from starflow.export.validate import validate_command
 
-    try:
+    with user_errors():
         typer.echo(validate_command(directory, checkpoint, config))
-    except StarflowError as err:
-        raise _fail(err) from None
 
 
 @app.command("inspect")
@@ -306,13 +297,10 @@ def inspect(
     directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
 ) -> None:
     """Print a summary of an export: blocks, graphs, dims, precisions, validation."""
-    from starflow.errors import StarflowError
     from starflow.export.manifest import summarize
 
-    try:
+    with user_errors():
         typer.echo(summarize(directory))
-    except StarflowError as err:
-        raise _fail(err) from None
 
 
 @app.command("bench")
@@ -342,9 +330,8 @@ def bench(
     import json
 
     from starflow.bench import format_table, run_bench
-    from starflow.errors import StarflowError
 
-    try:
+    with user_errors():
         result = run_bench(
             preset=preset,
             artifacts=artifacts,
@@ -359,8 +346,6 @@ def bench(
             threads=threads,
             log=lambda line: typer.echo(line, err=True),
         )
-    except StarflowError as err:
-        raise _fail(err) from None
     typer.echo(format_table(result))
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -208,14 +208,16 @@ def export_onnx(
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
     opset: int = DEFAULT_OPSET,
     max_batch: int = 8,
-    latent: LatentRange | None = None,
+    min_latent: tuple[int, int] | None = None,
+    max_latent: tuple[int, int] | None = None,
     force: bool = False,
     validate: bool = True,
     progress: Progress | None = None,
 ) -> Path:
     """Export every flow block of a checkpoint into `out`; returns `out`.
 
-    Nothing is written before the checkpoint has loaded and every option has been checked, and
+    `min_latent`/`max_latent` (H, W latent pixels) default to half and twice the model's training
+    side. Nothing is written before the checkpoint has loaded and every option has been checked, and
     `out` only ever holds a complete, validated export: the work happens in a temporary sibling
     directory that replaces `out` at the end.
     """
@@ -235,7 +237,8 @@ def export_onnx(
     check_out(out, force)
     model = load_model(config, checkpoint)
     check_exportable(model)
-    latent = latent or default_latent_range(model.config)
+    default = default_latent_range(model.config)
+    latent = LatentRange(min_latent or default.min, max_latent or default.max)
     check_latent_range(model.config, latent)
     profile = Profile.build(model.config, latent, max_batch)
 
@@ -305,19 +308,9 @@ def export_command(
     progress: Progress | None,
 ) -> str:
     """`starflow export onnx`: parse the CLI's strings, export, and describe the result."""
-    from starflow.config import load_config
     from starflow.export.manifest import load_manifest
 
     precisions = DEFAULT_PRECISIONS if precision == "both" else (precision,)
-    latent = None
-    if min_latent is not None or max_latent is not None:
-        if config is None:
-            raise StarflowError("--min-latent/--max-latent need --config (the defaults depend on it)")
-        default = default_latent_range(load_config(config))
-        latent = LatentRange(
-            parse_latent(min_latent, "--min-latent") if min_latent else default.min,
-            parse_latent(max_latent, "--max-latent") if max_latent else default.max,
-        )
     export_onnx(
         checkpoint,
         out,
@@ -325,7 +318,8 @@ def export_command(
         precisions=precisions,
         opset=DEFAULT_OPSET if opset is None else opset,
         max_batch=max_batch,
-        latent=latent,
+        min_latent=parse_latent(min_latent, "--min-latent") if min_latent else None,
+        max_latent=parse_latent(max_latent, "--max-latent") if max_latent else None,
         force=force,
         validate=validate,
         progress=progress,

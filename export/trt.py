@@ -19,14 +19,13 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
 from starflow.export.manifest import load_manifest, sha256, write_manifest
 
@@ -370,20 +369,9 @@ def build_engine(
             + ("; ".join(log.errors) or "TensorRT gave no error text")
         )
     if timing_cache is not None and not builder.rtx:
-        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- a directory -----------------------------------------------------------------------------
@@ -461,7 +449,8 @@ def build_engines(
         began = time.perf_counter()
         blob = build_engine(trt, directory / graph["file"], graph, mine, settings, timing_cache, phases)
         seconds = time.perf_counter() - began
-        _write_atomic(directory / file, blob)
+        with atomic_path(directory / file) as tmp:
+            tmp.write_bytes(blob)
         entries[graph["name"]] = {
             "graph": graph["name"],
             "file": file,
