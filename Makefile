@@ -10,11 +10,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,onnx,dev,tensorrt-rtx]'
+	$(BIN)/pip install -q -e '.[torch,onnx,components,dev,tensorrt-rtx]'
 	touch $@
 
 demo: venv
-	$(BIN)/starflow sample --prompt 7 --num-images 16 --seed 0 --out starflow-demo.png
+	$(BIN)/starflow demo
 
 test: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/pytest -q

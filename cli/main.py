@@ -100,6 +100,77 @@ def sample(
 
 
 @app.command()
+def generate(
+    prompt: Annotated[
+        list[str] | None, typer.Option(help='Prompt (repeatable); "" is the unconditional prompt.')
+    ] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(help="An export directory; default: the embedded demo model (exported on first use)."),
+    ] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help='Unconditional text of the guidance (default "").')
+    ] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG weight; default: the manifest's.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64).")] = 0,
+    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    aspect_ratio: Annotated[
+        str | None, typer.Option(help="Bucket W:H, e.g. 16:9 (area near the training resolution).")
+    ] = None,
+    size: Annotated[str | None, typer.Option(help="Image size HxW in pixels.")] = None,
+    method: Annotated[str, typer.Option(help="jacobi or sequential.")] = "jacobi",
+    jacobi_block_size: Annotated[int | None, typer.Option(help="Default: the manifest's.")] = None,
+    jacobi_max_iter: Annotated[int | None, typer.Option(help="Default: the manifest's.")] = None,
+    jacobi_threshold: Annotated[float | None, typer.Option(help="Default: the manifest's.")] = None,
+    denoise: Annotated[bool, typer.Option(help="The self-denoise step after the flow.")] = True,
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (flow blocks).")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 flow graphs.")] = "fp32",
+    threads: Annotated[int | None, typer.Option(help="CPU threads per session.")] = None,
+    out: Annotated[
+        Path, typer.Option(help="grid .png, .npy (N, H, W, C) float32 in [0, 1], or a folder of PNGs.")
+    ] = Path("starflow-generate.png"),
+) -> None:
+    """Images from prompts through the standalone runtime (text encoder, flow, denoise, decoder)."""
+    from starflow.cli.generate import generate_command
+
+    with user_errors():
+        generate_command(
+            artifacts=artifacts,
+            prompts=prompt or [],
+            negative_prompt=negative_prompt,
+            guidance=guidance,
+            seed=seed,
+            num_images=num_images,
+            aspect_ratio=aspect_ratio,
+            size=size,
+            method=method,
+            jacobi_block_size=jacobi_block_size,
+            jacobi_max_iter=jacobi_max_iter,
+            jacobi_threshold=jacobi_threshold,
+            denoise=denoise,
+            backend=backend,
+            precision=precision,
+            threads=threads,
+            out=out,
+            echo=typer.echo,
+        )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="The grid PNG to write.")] = Path("starflow-demo.png"),
+    per_digit: Annotated[int, typer.Option(help="Samples of each digit (grid rows).")] = 4,
+    seed: int = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
+) -> None:
+    """Export the embedded digits model, draw 0-9 through the runtime, time it against PyTorch."""
+    from starflow.cli.generate import demo_command
+
+    with user_errors():
+        demo_command(out=out, per_digit=per_digit, seed=seed, threads=threads, echo=typer.echo)
+
+
+@app.command()
 def train(
     config: Annotated[str, typer.Option(help="Preset name or YAML config path.")],
     data: Annotated[
@@ -186,8 +257,22 @@ def export_onnx(
         bool, typer.Option(help="Replace a non-empty --out that holds no starflow export.")
     ] = False,
     validate: Annotated[bool, typer.Option(help="Compare every graph with PyTorch; a miss fails.")] = True,
+    text_encoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local Hugging Face encoder directory (e.g. a copy of google/flan-t5-xl) to export "
+            "with its tokenizer; class-conditional checkpoints export their label table by default."
+        ),
+    ] = None,
+    vae: Annotated[
+        Path | None,
+        typer.Option(help="Local diffusers AutoencoderKL directory (e.g. sd-vae-ft-ema): its decoder."),
+    ] = None,
+    denoise: Annotated[
+        bool, typer.Option(help="Export the self-denoise graph (gradient of the flow's NLL).")
+    ] = True,
 ) -> None:
-    """Export every flow block to ONNX (step, prefill, forward graphs) with a validated manifest."""
+    """Export every flow block to ONNX (step, prefill, forward graphs) and the pipeline components."""
     from rich.progress import Progress
 
     from starflow.export.onnx_export import export_command
@@ -211,6 +296,9 @@ def export_onnx(
                 force=force,
                 validate=validate,
                 progress=report,
+                text_encoder=text_encoder,
+                vae=vae,
+                denoise=denoise,
             )
     typer.echo(summary)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from starflow.export.onnx_export import LatentRange
     from starflow.model import FlowBlock, StarFlow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 VAE_SCALE = 0.18215  # SD-VAE latents are decoded at z / VAE_SCALE
 JACOBI_DEFAULTS = {"block_size": 16, "max_iter": 32, "threshold": 1e-3}  # the shipped image script
@@ -53,15 +53,16 @@ class TensorSpec:
 class GraphSpec:
     """What one graph must look like; checked against the exported file."""
 
-    block: int
-    kind: str  # step | prefill | forward
+    block: int | None  # None: a component graph (text_encoder, decoder, denoise)
+    kind: str  # step | prefill | forward | text_encoder | decoder | denoise
     precision: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
     @property
     def name(self) -> str:
-        return f"block{self.block}.{self.kind}.{self.precision}"
+        prefix = f"block{self.block}." if self.block is not None else ""
+        return f"{prefix}{self.kind}.{self.precision}"
 
     @property
     def file(self) -> str:
@@ -69,7 +70,10 @@ class GraphSpec:
 
     @property
     def dims(self) -> list[str]:
-        names = [d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str)]
+        """The symbolic dims with a profile; derived ones ("8*height") follow from those."""
+        names = [
+            d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str) and d.isidentifier()
+        ]
         return list(dict.fromkeys(names))
 
     def check_signature(self, model: onnx.ModelProto) -> None:
@@ -156,10 +160,24 @@ class Profile:
             "tokens": (t_min, t_opt, t_max),
             "chunk": (1, min(JACOBI_DEFAULTS["block_size"], t_opt), t_max),
             "past": (0, L + t_opt // 2, L + t_max - 1),
+            # whole latents (decoder and denoise graphs), in latent pixels
+            "height": (latent.min[0], config.latent_size, latent.max[0]),
+            "width": (latent.min[1], config.latent_size, latent.max[1]),
         }
         if L > 0:
             dims["text"] = (1, L, L)
         return cls(dims, latent)
+
+
+@dataclasses.dataclass
+class ComponentEntries:
+    """The manifest entries of the pipeline components of one export."""
+
+    text: dict[str, Any] | None = None  # the `text.component` entry
+    decoder: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "identity"})
+    denoise: dict[str, Any] | None = None
+    graphs: list[GraphSpec] = dataclasses.field(default_factory=list)
+    files: list[str] = dataclasses.field(default_factory=list)  # non-graph files, relative paths
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -169,6 +187,11 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_entry(directory: Path, name: str) -> dict[str, Any]:
+    path = directory / name
+    return {"file": name, "sha256": sha256(path), "bytes": path.stat().st_size}
 
 
 def graph_file_entry(spec: GraphSpec, directory: Path, profile: Profile) -> dict[str, Any]:
@@ -201,6 +224,8 @@ def build_manifest(
     profile: Profile,
     opset: int,
     precisions: dict[str, Precision],
+    components: ComponentEntries,
+    directory: Path,
 ) -> dict[str, Any]:
     """Everything a runtime needs, in one JSON document (see manifest.schema.json)."""
     import torch
@@ -253,11 +278,18 @@ def build_manifest(
             "multiple_of": p,
         },
         "text": (
-            {"encoder": config.text, "dim": config.txt_dim, "max_length": config.txt_size}
+            {
+                "encoder": config.text,
+                "dim": config.txt_dim,
+                "max_length": config.txt_size,
+                "component": components.text,
+            }
             if config.txt_dim > 0
             else None
         ),
-        "decoder": {"vae": config.vae, "scale": VAE_SCALE} if config.vae else None,
+        "decoder": components.decoder,
+        "denoise": components.denoise,
+        "files": [file_entry(directory, name) for name in components.files],
         "guidance": {
             "formula": "starflow-cfg",
             "expression": GUIDANCE_EXPRESSION,
@@ -332,15 +364,13 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str,
         )
     check_schema(manifest, str(path))
     if verify_files:
-        for graph in manifest["graphs"]:
-            for entry in [graph, *graph["external_data"]]:
-                file = directory / entry["file"]
-                if not file.is_file():
-                    raise StarflowError(f"graph {graph['name']}: file {file} is missing")
-                if sha256(file) != entry["sha256"]:
-                    raise StarflowError(
-                        f"graph {graph['name']}: {file} does not match its sha256 in the manifest"
-                    )
+        owned = [(f"graph {g['name']}", e) for g in manifest["graphs"] for e in [g, *g["external_data"]]]
+        for owner, entry in owned + [(f"file {f['file']}", f) for f in manifest["files"]]:
+            file = directory / entry["file"]
+            if not file.is_file():
+                raise StarflowError(f"{owner}: file {file} is missing")
+            if sha256(file) != entry["sha256"]:
+                raise StarflowError(f"{owner}: {file} does not match its sha256 in the manifest")
     return manifest
 
 

@@ -16,6 +16,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -26,6 +27,8 @@ from starflow.errors import StarflowError
 from starflow.export.graphs import ForwardGraph, Precision, PrefillGraph, StepGraph
 from starflow.export.manifest import (
     MANIFEST_NAME,
+    VAE_SCALE,
+    ComponentEntries,
     GraphSpec,
     Profile,
     build_manifest,
@@ -174,9 +177,26 @@ def _graph_module(
 def export_graph(
     spec: GraphSpec, model: StarFlow, block: FlowBlock, precision: Precision, path: Path, opset: int
 ) -> None:
-    """Export one graph to `path`, check it, and prove its I/O signature kept every symbolic dim."""
+    """Export one block graph to `path` (see `export_module`)."""
     module = _graph_module(spec, model, block, precision)
-    args = _example_args(spec, precision)
+    export_module(module, _example_args(spec, precision), _dynamic_shapes(spec), spec, path, opset)
+
+
+def export_module(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    dynamic_shapes: tuple[Any, ...],
+    spec: GraphSpec,
+    path: Path,
+    opset: int,
+    optimize: bool = True,
+) -> None:
+    """Export `module` to `path`, check it, and prove its I/O signature kept every symbolic dim.
+
+    Every graph of an export (blocks and components) goes through here: one exporter setup,
+    external data for big weights, `onnx.checker`, and the declared-signature check.
+    `optimize=False` skips onnxscript's optimizer (ONNX Runtime optimises at load anyway).
+    """
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
         with _quiet_exporter(), torch.no_grad():
@@ -185,9 +205,10 @@ def export_graph(
                 args,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=_dynamic_shapes(spec),
+                dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 dynamo=True,
+                optimize=optimize,
                 verbose=False,
             )
             program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
@@ -213,8 +234,18 @@ def export_onnx(
     force: bool = False,
     validate: bool = True,
     progress: Progress | None = None,
+    text_encoder: str | Path | None = None,
+    vae: str | Path | None = None,
+    denoise: bool = True,
+    density: bool = True,
 ) -> Path:
-    """Export every flow block of a checkpoint into `out`; returns `out`.
+    """Export every flow block of a checkpoint, and its pipeline components, into `out`.
+
+    Components (fp32): the text encoder (`text_encoder`, a local Hugging Face encoder directory,
+    or the label encoder saved beside a class-conditional checkpoint), the SD-VAE decoder (`vae`,
+    a local diffusers AutoencoderKL directory; pixel models decode by identity) and, with
+    `denoise`, the self-denoise gradient graph. `density=False` leaves out the per-block forward
+    (density) graphs, which sampling does not use. Returns `out`.
 
     `min_latent`/`max_latent` (H, W latent pixels) default to half and twice the model's training
     side. Nothing is written before the checkpoint has loaded and every option has been checked, and
@@ -241,14 +272,16 @@ def export_onnx(
     latent = LatentRange(min_latent or default.min, max_latent or default.max)
     check_latent_range(model.config, latent)
     profile = Profile.build(model.config, latent, max_batch)
+    components = load_components(model, Path(checkpoint), text_encoder, vae)
 
     jobs = [
         (spec, block, PRECISIONS[name])
         for name in precisions
         for index, block in sampling_blocks(model)
         for spec in graph_specs(model.config, index, block, name)
+        if density or spec.kind != "forward"
     ]
-    total = len(jobs) + (1 if validate else 0)
+    total = len(jobs) + len(components.pending(denoise)) + (1 if validate else 0)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
@@ -262,13 +295,17 @@ def export_onnx(
                 progress(f"export {spec.name}", done, total)
             export_graph(spec, model, block, precision, work / spec.file, opset)
             files.append(graph_file_entry(spec, work, profile))
+        entries = components.export(
+            model, work, opset, denoise, lambda what, i: progress and progress(what, len(jobs) + i, total)
+        )
+        files += [graph_file_entry(spec, work, profile) for spec in entries.graphs]
         manifest = build_manifest(
-            model, checkpoint, sampling_blocks(model), files, profile, opset, PRECISIONS
+            model, checkpoint, sampling_blocks(model), files, profile, opset, PRECISIONS, entries, work
         )
         write_manifest(work, manifest)
         if validate:
             if progress:
-                progress("validate against PyTorch", len(jobs), total)
+                progress("validate against PyTorch", total - 1, total)
             results = validate_export(work, model, verify_files=False)  # hashed moments ago
             check_results(results)
             manifest["validation"] = [r.to_dict() for r in results]
@@ -280,6 +317,96 @@ def export_onnx(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+@dataclasses.dataclass
+class Components:
+    """The pipeline around the flow, loaded and checked before anything is written."""
+
+    text_encoder: Any  # HFTextEncoder | LabelTextEncoder | None
+    vae: Any  # diffusers AutoencoderKL | None
+    vae_source: str | None
+
+    def pending(self, denoise: bool) -> list[str]:
+        names = ["text_encoder"] if self.text_encoder is not None else []
+        names += ["decoder"] if self.vae is not None else []
+        return names + (["denoise"] if denoise else [])
+
+    def export(
+        self, model: StarFlow, work: Path, opset: int, denoise: bool, progress: Callable[[str, int], None]
+    ) -> ComponentEntries:
+        """Export (and validate: each exporter checks its graph against PyTorch) every component."""
+        entries = ComponentEntries()
+        for i, name in enumerate(self.pending(denoise)):
+            progress(f"export {name}", i)
+            if name == "text_encoder":
+                from starflow.export.text_encoder import export_text_encoder
+
+                spec, entries.text = export_text_encoder(self.text_encoder, work, opset)
+            elif name == "decoder":
+                from starflow.export.decoder import export_decoder
+                from starflow.vae import upsampling
+
+                spec = export_decoder(self.vae, work / "decoder.fp32.onnx", VAE_SCALE, opset)
+                entries.decoder = {
+                    "kind": "sd-vae",
+                    "source": self.vae_source,
+                    "scale": VAE_SCALE,
+                    "graph": spec.name,
+                    "factor": upsampling(self.vae),
+                }
+            else:
+                from starflow.export.denoise import export_denoise
+
+                spec = export_denoise(model, work / "denoise.fp32.onnx", opset)
+                entries.denoise = {
+                    "kind": "nll-gradient",
+                    "graph": spec.name,
+                    "noise_std": model.config.noise_std,
+                }
+            entries.graphs.append(spec)
+        if self.vae is None and model.config.vae:  # named by the config, but not given: graph null
+            entries.decoder = {
+                "kind": "sd-vae",
+                "source": model.config.vae,
+                "scale": VAE_SCALE,
+                "graph": None,
+                "factor": model.config.img_size // model.config.latent_size,
+            }
+        if entries.text is not None:
+            entries.files.append(entries.text["tokenizer"])
+        return entries
+
+
+def load_components(
+    model: StarFlow, checkpoint: Path, text_encoder: str | Path | None, vae: str | Path | None
+) -> Components:
+    """Load the text encoder and VAE (local directories only) and check they fit the flow."""
+    from starflow.label_encoder import labels_path, load_label_encoder
+
+    config = model.config
+    encoder = None
+    if text_encoder is not None:
+        if config.txt_dim == 0:
+            raise StarflowError(f"--text-encoder {text_encoder}: this model is not text-conditioned")
+        from starflow.text_encoder import HFTextEncoder
+
+        encoder = HFTextEncoder.from_directory(Path(text_encoder), config.txt_size)
+        encoder.check_dim(config.txt_dim)
+    elif config.txt_dim > 0 and labels_path(checkpoint).is_file():
+        from starflow.text_encoder import LabelTextEncoder
+
+        table = load_label_encoder(labels_path(checkpoint), config.txt_size, config.txt_dim)
+        encoder = LabelTextEncoder(table)
+    loaded_vae = None
+    if vae is not None:
+        if config.vae is None:
+            raise StarflowError(f"--vae {vae}: this is a pixel-space model (its config names no VAE)")
+        from starflow.vae import check_channels, load_vae
+
+        loaded_vae = load_vae(Path(vae))
+        check_channels(loaded_vae, config.channel_size)
+    return Components(encoder, loaded_vae, Path(vae).name if vae is not None else None)
 
 
 def replace_dir(new: Path, out: Path) -> None:
@@ -306,6 +433,9 @@ def export_command(
     force: bool,
     validate: bool,
     progress: Progress | None,
+    text_encoder: Path | None = None,
+    vae: Path | None = None,
+    denoise: bool = True,
 ) -> str:
     """`starflow export onnx`: parse the CLI's strings, export, and describe the result."""
     from starflow.export.manifest import load_manifest
@@ -323,6 +453,9 @@ def export_command(
         force=force,
         validate=validate,
         progress=progress,
+        text_encoder=text_encoder,
+        vae=vae,
+        denoise=denoise,
     )
     manifest = load_manifest(out, verify_files=False)
     lines = [f"wrote {len(manifest['graphs'])} graphs and {MANIFEST_NAME} to {out}"]

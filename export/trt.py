@@ -433,7 +433,13 @@ def build_engines(
     settings = BuildSettings(
         trt.name, trt.version, tuple(targets), device, optimization_level, workspace_bytes
     )
-    graphs = [g for g in manifest["graphs"] if g["precision"] in (precisions or available)]
+    # Flow-block graphs only: the components (text encoder, decoder, denoise) run once per image
+    # and stay on ONNX Runtime; engines for them are not built yet.
+    graphs = [
+        g
+        for g in manifest["graphs"]
+        if g["block"] is not None and g["precision"] in (precisions or available)
+    ]
     entries = {e["graph"]: e for e in manifest.get("engines", [])}
     timing_cache = None if trt.rtx else directory / TIMING_CACHE
     results = []

@@ -27,6 +27,7 @@ from starflow.runtime.backends import Runner, open_runner
 from starflow.stats import BlockStats
 
 METHODS = ("jacobi", "sequential")
+Progress = Callable[[int, int, int], None]  # (block index, tokens done, tokens in the block)
 
 
 def guide(mu: np.ndarray, sigma: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +97,12 @@ class Pipeline:
         for block in manifest["blocks"]:
             names = block["graphs"][precision]
 
-            def runner(kind: str, names: dict[str, str] = names) -> Runner:
+            def runner(kind: str, names: dict[str, str] = names, index: int = block["index"]) -> Runner:
+                if kind not in names:
+                    raise StarflowError(
+                        f"{directory}: block {index} has no {kind} graph in {precision} "
+                        "(exported without density graphs?); re-export with them"
+                    )
                 graph = graphs[names[kind]]
                 return open_runner(backend, graph["name"], directory / graph["file"], providers, threads)
 
@@ -237,8 +243,13 @@ class Pipeline:
         jacobi_max_iter: int = 32,
         jacobi_threshold: float = 1e-3,
         return_stats: bool = False,
+        progress: Progress | None = None,
     ) -> np.ndarray | tuple[np.ndarray, list[BlockStats]]:
-        """noise (B, C, H, W) float32 -> latent, as `StarFlow.sample` with the same arguments."""
+        """noise (B, C, H, W) float32 -> latent, as `StarFlow.sample` with the same arguments.
+
+        `progress(block, tokens_done, tokens)` is called after every chunk (every token in
+        sequential sampling), for progress bars.
+        """
         h, w = self._check_inputs(noise, y, y_uncond, guidance, method, jacobi_block_size, jacobi_max_iter)
         B = noise.shape[0]
         grid = np.array([h, w], dtype=np.int64)
@@ -252,8 +263,9 @@ class Pipeline:
             record = BlockStats(plan.index, method)
             began = time.perf_counter()
             block_text = text if plan.text_conditioned else None
+            report = functools.partial(progress, plan.index) if progress else None
             if method == "sequential":
-                x = self._sequential(plan, z, block_text, guidance, grid, record)
+                x = self._sequential(plan, z, block_text, guidance, grid, record, report)
             else:
                 x = self._jacobi(
                     plan,
@@ -265,6 +277,7 @@ class Pipeline:
                     jacobi_block_size,
                     jacobi_max_iter,
                     jacobi_threshold,
+                    report,
                 )
             x = x[:B]
             record.seconds = time.perf_counter() - began
@@ -299,7 +312,7 @@ class Pipeline:
         values[:, :, :, past : past + c] = out["new_values"]
         return out["mu"], out["sigma"]
 
-    def _sequential(self, plan, z, text, guidance, grid, record: BlockStats) -> np.ndarray:
+    def _sequential(self, plan, z, text, guidance, grid, record: BlockStats, report=None) -> np.ndarray:
         zp, keys, values, text_len = self._prepare(plan, z, text)
         x = zp.copy()
         sos = np.broadcast_to(plan.sos, (zp.shape[0], 1, zp.shape[2]))
@@ -311,9 +324,13 @@ class Pipeline:
             x[:, t] = zp[:, t] * sigma[:, 0] + mu[:, 0]
             record.iterations.append(1)
             record.evaluations += 1
+            if report:
+                report(t + 1, zp.shape[1])
         return x[:, ::-1] if plan.flip else x
 
-    def _jacobi(self, plan, z, text, guidance, grid, record, block_size, max_iter, threshold) -> np.ndarray:
+    def _jacobi(
+        self, plan, z, text, guidance, grid, record, block_size, max_iter, threshold, report=None
+    ) -> np.ndarray:
         zp, keys, values, text_len = self._prepare(plan, z, text)
         B, T, D = zp.shape
         x_full = np.concatenate([np.broadcast_to(plan.sos, (B, 1, D)), zp], axis=1)
@@ -335,5 +352,7 @@ class Pipeline:
                     break
             record.iterations.append(i + 1)
             start += c
+            if report:
+                report(start, T)
         x = x_full[:, 1:]
         return x[:, ::-1] if plan.flip else x

@@ -22,6 +22,7 @@ import torch
 from starflow.checkpoint import load_model, save_model
 from starflow.config import load_config
 from starflow.errors import StarflowError
+from starflow.export.manifest import SCHEMA_VERSION
 from starflow.testing import random_model
 
 DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
@@ -59,7 +60,7 @@ def _prepare(preset: str, seed: int, work: Path, checkpoint: Path | None, artifa
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode() + tensor.numpy().tobytes())
-    folder = work / f"{preset}-seed{seed}-{digest.hexdigest()[:12]}"
+    folder = work / f"{preset}-seed{seed}-{digest.hexdigest()[:12]}-schema{SCHEMA_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "artifacts" / "manifest.json").is_file():
         save_model(model, folder / "model.safetensors")
@@ -70,6 +71,7 @@ def _prepare(preset: str, seed: int, work: Path, checkpoint: Path | None, artifa
             precisions=("fp32",),
             force=True,
             validate=False,
+            denoise=False,  # the bench samples latents; the denoise graph would only cost time
         )
     return model, folder / "artifacts"
 

@@ -23,6 +23,8 @@ import yaml
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
 
+# The embedded class-conditional digits model (`scripts/train_demo.sh`), label table beside it.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits.safetensors"
 NORM_TYPES = ("layer_norm", "rms_norm")
 SEQ_ORDERS = ("L2R", "R2L")
 

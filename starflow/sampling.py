@@ -9,14 +9,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from starflow.atomic import atomic_path
 from starflow.checkpoint import load_model
+from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.label_encoder import LabelEncoder, labels_path, load_label_encoder
 from starflow.model import StarFlow
+from starflow.runtime.outputs import output_kind, save_images, save_png
 from starflow.stats import BlockStats
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits.safetensors"
+__all__ = ["DEMO_CHECKPOINT", "generate", "load_conditional", "sample_report", "save_images", "save_png"]
+
 
 
 def load_conditional(checkpoint: Path, config: str | None = None) -> tuple[StarFlow, LabelEncoder]:
@@ -78,45 +80,6 @@ def generate(
     return images.cpu().numpy().astype(np.float32)
 
 
-def grid(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
-    """(N, H, W, C) in [0, 1] -> one (rows*(H+pad), columns*(W+pad), C) uint8 mosaic."""
-    n, h, w, c = images.shape
-    rows = -(-n // columns)
-    canvas = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[top : top + h, left : left + w] = np.round(image * 255).astype(np.uint8)
-    return canvas
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written output."""
-    if not path.parent.is_dir():
-        raise StarflowError(f"--out {path}: directory {path.parent} does not exist")
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
-def save_png(path: Path, images: np.ndarray, columns: int, scale: int = 4) -> None:
-    """A grid PNG, upscaled (nearest) so 8x8 digits are visible."""
-    from PIL import Image
-
-    mosaic = grid(images, columns).repeat(scale, 0).repeat(scale, 1)
-    picture = Image.fromarray(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic)
-    _atomic_write(path, lambda f: picture.save(f, format="PNG"))
-
-
-def save_images(path: Path, images: np.ndarray, columns: int) -> None:
-    """`.png` grid or `.npy` float32 (N, H, W, C) in [0, 1]."""
-    if path.suffix == ".png":
-        save_png(path, images, columns)
-    elif path.suffix == ".npy":
-        _atomic_write(path, lambda f: np.save(f, images))
-    else:
-        raise StarflowError(f"--out {path}: expected a .png (grid) or .npy (N, H, W, C) path")
-
-
 def sample_report(
     checkpoint: Path | None,
     config: str | None,
@@ -132,8 +95,7 @@ def sample_report(
     out: Path,
 ) -> list[str]:
     """Sample `num_images` images of `prompt`, save them, and return report lines."""
-    if out.suffix not in (".png", ".npy"):
-        raise StarflowError(f"--out {out}: expected a .png (grid) or .npy (N, H, W, C) path")
+    output_kind(out)
     checkpoint = checkpoint or DEMO_CHECKPOINT
     model, encoder = load_conditional(checkpoint, config)
     guidance = model.config.cfg if guidance is None else guidance

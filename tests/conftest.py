@@ -1,6 +1,7 @@
 """Shared pytest setup: fixture path and the `gpu` marker auto-skip."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ FIXTURES = Path(
     os.environ.get("STARFLOW_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
 )
 T2I = FIXTURES / "official-t2i-tiny"
+# the tiny T5's word-level vocabulary (besides <pad>, </s>, <unk>)
+T5_WORDS = "a an the photo of cat dog red blue green big small house tree car on in with and sky".split()
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +37,73 @@ def fixture_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exports made on demand (the demo model's) go to a session folder, not ~/.cache."""
+    cache = tmp_path_factory.mktemp("starflow-cache")
+    previous = os.environ.get("STARFLOW_CACHE")
+    os.environ["STARFLOW_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["STARFLOW_CACHE"]
+    else:
+        os.environ["STARFLOW_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def demo_export(isolated_cache: Path) -> Path:
+    """The embedded demo model's export, made once per session the way `starflow generate` makes it."""
+    from starflow.export.cache import demo_artifacts
+
+    return demo_artifacts()
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random T5 encoder + word-level tokenizer with T5's specials and '$A </s>' template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(T5_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = T5Config(
+        d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, vocab_size=len(vocab),
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("encoders") / "tiny-t5"
+    T5EncoderModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random AutoencoderKL (2 levels: 2x upsampling, 4 latent channels), saved as diffusers does."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=32,
+    )
+    directory = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(directory)
+    return directory
 
 
 def _cuda_available() -> bool:

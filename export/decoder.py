@@ -1,0 +1,92 @@
+"""The `decoder.fp32` graph: sampled latents -> images, through a diffusers `AutoencoderKL`.
+
+The graph takes the raw sampled latent and divides by the VAE scale itself, so the runtime never
+handles the constant. Batch, height and width stay symbolic: the output's spatial dims are the
+exporter's expressions of them (`8*height` for SD-VAE, whose decoder upsamples three times).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from starflow.errors import StarflowError
+from starflow.export.manifest import GraphSpec, TensorSpec
+from starflow.export.onnx_export import DEFAULT_OPSET, _dynamic_shapes, export_module
+from starflow.export.validate import Result, Tolerance, check_results
+from starflow.runtime.backends import open_runner
+from starflow.vae import decode, upsampling
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+TOLERANCE = Tolerance(atol=1e-4, rtol=0.0)  # images are about [-1, 1]
+# (batch, latent height, width) checked after export; none is the export example (2, 3, 5).
+CASES = ((2, 4, 6), (1, 6, 5))
+
+
+class DecoderGraph(nn.Module):
+    """latent (B, C, h, w) -> image (B, 3, f*h, f*w): `starflow.vae.decode` as a module."""
+
+    def __init__(self, vae: AutoencoderKL, scale: float):
+        super().__init__()
+        self.vae = vae
+        self.scale = scale
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return self.vae.decode(latent / self.scale, return_dict=False)[0]
+
+
+def decoder_spec(vae: AutoencoderKL) -> GraphSpec:
+    """latent (batch, C, height, width) -> image (batch, 3, f*height, f*width)."""
+    f = upsampling(vae)
+    scaled = (f"{f}*height", f"{f}*width") if f > 1 else ("height", "width")
+    return GraphSpec(
+        None,
+        "decoder",
+        "fp32",
+        (TensorSpec("latent", "float32", ("batch", vae.config.latent_channels, "height", "width")),),
+        (TensorSpec("image", "float32", ("batch", vae.config.out_channels, *scaled)),),
+    )
+
+
+def export_decoder(vae: AutoencoderKL, path: Path, scale: float, opset: int = DEFAULT_OPSET) -> GraphSpec:
+    """Export and validate `decoder.fp32` of `vae` to `path`; returns its spec."""
+    spec = decoder_spec(vae)
+    args = (torch.randn(2, vae.config.latent_channels, 3, 5),)  # every symbolic dim >= 2 and distinct
+    export_module(DecoderGraph(vae, scale).eval(), args, _dynamic_shapes(spec), spec, path, opset)
+    check_results(validate_decoder(vae, path, scale))
+    return spec
+
+
+def validate_decoder(vae: AutoencoderKL, path: Path, scale: float, seed: int = 0) -> list[Result]:
+    """Run the graph through ONNX Runtime on `CASES` against `starflow.vae.decode`."""
+    generator = torch.Generator().manual_seed(seed)
+    runner = open_runner("onnxruntime", "decoder.fp32", path)
+    results = []
+    for batch, h, w in CASES:
+        latent = torch.randn(batch, vae.config.latent_channels, h, w, generator=generator)
+        expected = decode(vae, latent, scale).numpy()
+        actual = runner.run({"latent": latent.numpy()})["image"]
+        results.append(
+            compare("decoder.fp32", f"batch {batch}, latent {h}x{w}", "image", actual, expected, TOLERANCE)
+        )
+    return results
+
+
+def compare(
+    graph: str, case: str, tensor: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance
+) -> Result:
+    """One output against its reference, as `export.validate` records it."""
+    if actual.shape != expected.shape:
+        raise StarflowError(
+            f"graph {graph} ({case}), tensor {tensor}: shape {list(actual.shape)}, "
+            f"PyTorch gives {list(expected.shape)}"
+        )
+    scale = float(np.abs(expected).max(initial=0.0))
+    error = float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0))
+    return Result(graph, case, tensor, actual.shape, error, scale, tol.atol + tol.rtol * scale)

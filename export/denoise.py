@@ -1,0 +1,163 @@
+"""The `denoise.fp32` graph: the gradient of each sample's total NLL, for the self-denoise step.
+
+The runtime applies one Tweedie step `x - noise_std^2 * grad` to the sampled latent; the graph
+holds the teacher-forced forward *and* backward pass through every flow block.
+
+torch 2.13 cannot export `torch.autograd.grad` directly with symbolic shapes: non-strict export
+fails inside the autograd engine (an n-ary SymInt product it cannot rebuild, `batch*h*w`), and
+strict export refuses it unless `trace_autograd_ops` is set, and then turns saved activations
+into constants. So the joint graph is traced first with `make_fx` over fake inputs whose batch,
+height, width (and text length) are symbolic; the result is plain ATen ops, backward included,
+and exports like any other module through `export_module`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._dynamo
+from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from starflow.errors import StarflowError
+from starflow.export.decoder import compare
+from starflow.export.graphs import ForwardGraph
+from starflow.export.manifest import GraphSpec, TensorSpec
+from starflow.export.onnx_export import DEFAULT_OPSET, _dynamic_shapes, check_exportable, export_module
+from starflow.export.validate import Result, Tolerance, check_results
+from starflow.model import FlowBlock, StarFlow
+from starflow.runtime.backends import open_runner
+
+TOLERANCE = Tolerance(atol=0.0, rtol=1e-4)  # relative to max|grad| of the case
+# (batch, latent grid in tokens, text length) checked after export; none is the trace example.
+CASES = ((1, (4, 4), 3), (2, (2, 3), 5))
+
+
+class NLLGradient(nn.Module):
+    """x (B, C, H, W) [, text (B, L, txt_dim)] -> d(each sample's total NLL)/dx, (B, C, H, W).
+
+    NLL of a sample = 0.5*sum(z^2) - sum of every block's logdet: the per-sample sum behind the
+    model's per-dim mean loss, so its gradient is `numel * grad(loss)` as in `StarFlow.denoise`.
+    The blocks run as `ForwardGraph`s, whose RoPE comes from the runtime grid.
+    """
+
+    def __init__(self, model: StarFlow):
+        super().__init__()
+        self.patch_size = model.config.patch_size
+        self.flows = nn.ModuleList(
+            ForwardGraph(b, model.rope) for b in model.blocks if isinstance(b, FlowBlock)
+        )
+
+    def forward(self, x: Tensor, text: Tensor | None = None) -> Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.nll(x, text).sum(), [x])
+        return grad
+
+    def nll(self, x: Tensor, text: Tensor | None) -> Tensor:
+        """(B,) total NLL of each sample."""
+        p = self.patch_size
+        B, C = x.size(0), x.size(1)
+        h, w = x.size(2) // p, x.size(3) // p
+        # `StarFlow.patchify`, written so that no divisibility guard pins H or W during tracing
+        tokens = x[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
+        seq = tokens.reshape(B, h * w, p * p * C)  # (B, T, D) raster order
+        grid = torch.stack([torch.full((), h, dtype=torch.int64), torch.full((), w, dtype=torch.int64)])
+        logdets = []
+        for flow in self.flows:
+            block = flow.block
+            z, logdet = flow(block.permute(seq), grid, text if block.text_conditioned else None)
+            seq = block.permute(z)
+            logdets.append(logdet.sum(dim=(1, 2)))
+        return 0.5 * seq.pow(2).sum(dim=(1, 2)) - sum(logdets)
+
+
+def _has_text(model: StarFlow) -> bool:
+    return any(b.text_conditioned for b in model.blocks)
+
+
+def denoise_spec(model: StarFlow) -> GraphSpec:
+    """Inputs x (and text on text-conditioned models), output grad; dims batch/height/width/text."""
+    C, config = model.config.channel_size, model.config
+    latent = ("batch", C, "height", "width")
+    inputs = (TensorSpec("x", "float32", latent),)
+    if _has_text(model):
+        inputs += (TensorSpec("text", "float32", ("batch", "text", config.txt_dim)),)
+    return GraphSpec(None, "denoise", "fp32", inputs, (TensorSpec("grad", "float32", latent),))
+
+
+def _example_args(model: StarFlow) -> tuple[Tensor, ...]:
+    """Every symbolic dim >= 2 and distinct (batch 2, grid 3x5 tokens, text 4)."""
+    config = model.config
+    p = config.patch_size
+    x = torch.randn(2, config.channel_size, 3 * p, 5 * p)
+    return (x, torch.randn(2, 4, config.txt_dim)) if _has_text(model) else (x,)
+
+
+def trace_joint(
+    module: nn.Module, args: tuple[Tensor, ...], dynamic_shapes: tuple[dict[int, Any] | None, ...]
+) -> fx.GraphModule:
+    """`module` traced to ATen ops (autograd included); the axes in `dynamic_shapes` stay symbolic.
+
+    Parameters stay real tensors; make_fx records them as parameters of the returned module,
+    so the exporter sees (and externalises) them like any other weights.
+    """
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fakes = []
+    for arg, axes in zip(args, dynamic_shapes, strict=True):
+        sizes = [DimDynamic.DYNAMIC if i in (axes or {}) else DimDynamic.STATIC for i in range(arg.dim())]
+        fakes.append(mode.from_tensor(arg, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
+    with mode:
+        graph = make_fx(module, tracing_mode="real")(*fakes)
+    return graph.eval()
+
+
+def export_denoise(model: StarFlow, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
+    """Export and validate `denoise.fp32` of `model` to `path`; returns its spec."""
+    check_exportable(model)
+    spec = denoise_spec(model)
+    args = _example_args(model)
+    dynamic_shapes = _dynamic_shapes(spec)
+    # The fake-tensor cache costs more than it saves on this graph's symbolic shapes: measured
+    # about 27 s instead of 35 s (trace and export) for a one-layer model.
+    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        try:
+            joint = trace_joint(NLLGradient(model).eval(), args, dynamic_shapes)
+        except Exception as err:  # make_fx raises many types; name the graph and keep the cause
+            raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
+        # onnxscript's optimizer pattern-matches every node: minutes on this joint graph (~270
+        # nodes per layer), measured 240 s -> 105 s for the 10-layer demo model without it
+        export_module(joint, args, dynamic_shapes, spec, path, opset, optimize=False)
+    check_results(validate_denoise(model, path))
+    return spec
+
+
+def reference_gradient(model: StarFlow, x: Tensor, text: Tensor | None) -> Tensor:
+    """The model's own gradient, as `StarFlow.denoise` takes it: numel * grad of the mean loss."""
+    with torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model.loss(model(x, text)), [x])
+    return (x.numel() * grad).detach()
+
+
+def validate_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Result]:
+    """Run the graph through ONNX Runtime on `CASES` against `reference_gradient`."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    runner = open_runner("onnxruntime", "denoise.fp32", path)
+    results = []
+    for batch, (h, w), length in CASES:
+        x = torch.randn(
+            batch, config.channel_size, h * config.patch_size, w * config.patch_size, generator=generator
+        )
+        text = torch.randn(batch, length, config.txt_dim, generator=generator) if _has_text(model) else None
+        expected = reference_gradient(model, x, text).numpy()
+        feeds = {"x": x.numpy()} | ({"text": text.numpy()} if text is not None else {})
+        actual = runner.run(feeds)["grad"]
+        case = f"batch {batch}, latent {x.size(2)}x{x.size(3)}, text {0 if text is None else length}"
+        results.append(compare("denoise.fp32", case, "grad", actual, expected, TOLERANCE))
+    return results

@@ -1,0 +1,106 @@
+"""After the flow, in numpy: the self-denoise step, the VAE decoder, and [0, 1] images.
+
+`Denoiser` and `Decoder` each wrap the Runner of one graph (`denoise.fp32`, `decoder.fp32`) and
+check their inputs before running it, so a wrong shape or dtype fails with a message instead of
+deep inside a backend. Like a Runner they are not thread-safe; returned arrays belong to the
+caller. Pixel-space models have no decoder: their samples go straight to `to_unit_images`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from starflow.errors import StarflowError
+from starflow.runtime.backends import Runner
+
+
+def to_unit_images(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) float32 in [0, 1]: clip to [-1, 1], then (x + 1) / 2."""
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+        raise StarflowError(f"images: expected an (N, C, H, W) array, got {shape}")
+    x = np.clip(x.astype(np.float32, copy=False), -1.0, 1.0)
+    return np.ascontiguousarray(((x + 1.0) / 2.0).transpose(0, 2, 3, 1))
+
+
+def check_latent(x: np.ndarray, channels: int, multiple_of: int = 1, name: str = "x") -> None:
+    """A float32 (B, C, H, W) batch with the graph's channel count and H, W multiples of the patch."""
+    if not isinstance(x, np.ndarray):
+        raise StarflowError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise StarflowError(f"{name}: expected float32, got {x.dtype}")
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise StarflowError(f"{name}: expected a (B, {channels}, H, W) latent batch, got shape {x.shape}")
+    B, _, H, W = x.shape
+    if B == 0 or H == 0 or W == 0 or H % multiple_of or W % multiple_of:
+        raise StarflowError(
+            f"{name}: latent size {H}x{W} (batch {B}) must be non-empty, in multiples of {multiple_of}"
+        )
+
+
+def _check_graph(runner: Runner, inputs: list[str], outputs: list[str], kind: str) -> None:
+    if sorted(runner.input_names) != sorted(inputs) or not set(outputs) <= set(runner.output_names):
+        raise StarflowError(
+            f"graph {runner.name}: inputs {runner.input_names}, outputs {runner.output_names}; "
+            f"a {kind} graph takes {inputs} and gives {outputs}"
+        )
+
+
+class Decoder:
+    """Sampled latents (B, C, h, w) -> images (B, 3, f*h, f*w) in about [-1, 1], not clamped.
+
+    The graph takes the raw sampled latent: it divides by the VAE scale itself.
+    """
+
+    def __init__(self, runner: Runner, channels: int):
+        _check_graph(runner, ["latent"], ["image"], "decoder")
+        self.runner = runner
+        self.channels = channels
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        check_latent(latent, self.channels, name="latent")
+        return self.runner.run({"latent": np.ascontiguousarray(latent)})["image"]
+
+
+class Denoiser:
+    """The official self-denoise: one Tweedie step x - noise_std^2 * grad_x NLL(x), per sample.
+
+    `text_dim` 0 means a model without text (the graph has no `text` input); `multiple_of` is the
+    patch size, since the graph only sees whole patches.
+    """
+
+    def __init__(self, runner: Runner, channels: int, text_dim: int = 0, multiple_of: int = 1):
+        _check_graph(runner, ["x", "text"] if text_dim else ["x"], ["grad"], "denoise")
+        self.runner = runner
+        self.channels = channels
+        self.text_dim = text_dim
+        self.multiple_of = multiple_of
+
+    def denoise(self, x: np.ndarray, text: np.ndarray | None, noise_std: float) -> np.ndarray:
+        """x (B, C, H, W) float32, text (B, L, text_dim) float32 or None -> the denoised x."""
+        check_latent(x, self.channels, self.multiple_of)
+        if not math.isfinite(noise_std) or noise_std < 0:
+            raise StarflowError(f"noise_std: must be a finite number >= 0, got {noise_std}")
+        feeds = {"x": np.ascontiguousarray(x)}
+        if not self.text_dim:
+            if text is not None:
+                raise StarflowError("text: this model is not text-conditioned; pass None")
+        else:
+            self._check_text(text, x.shape[0])
+            feeds["text"] = np.ascontiguousarray(text)
+        grad = self.runner.run(feeds)["grad"]
+        return x - np.float32(noise_std**2) * grad  # float32 whatever the type of noise_std
+
+    def _check_text(self, text: np.ndarray | None, batch: int) -> None:
+        expected = f"({batch}, L, {self.text_dim}) float32 text embeddings with L >= 1"
+        if not isinstance(text, np.ndarray):
+            raise StarflowError(f"text: expected {expected}, got {type(text).__name__}")
+        if (
+            text.dtype != np.float32
+            or text.ndim != 3
+            or text.shape[1] == 0
+            or text.shape[::2] != (batch, self.text_dim)
+        ):
+            raise StarflowError(f"text: expected {expected}, got {text.dtype} of shape {text.shape}")
