@@ -7,6 +7,7 @@ Rerunnable acceptance check for the demo model:
 - test bits/dim: the official NLL on the held-out digits, noise-augmented as in training.
 
     python scripts/eval_demo.py [--checkpoint X.safetensors] [--per-digit 100] [--guidance G]
+    python scripts/eval_demo.py --runtime   # sample the embedded model through its ONNX export
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG")
     parser.add_argument("--device", default="cpu", help="where to sample (the noise is drawn on the CPU)")
+    parser.add_argument(
+        "--runtime", action="store_true", help="sample through the deployed path: export + torch-free runtime"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)  # the check runs beside other work; sampling is small
 
@@ -88,11 +92,24 @@ def main() -> None:
     began = time.perf_counter()
     stats = []
     per_digit_samples = []
+    generator = None
+    if args.runtime:
+        from starflow.export.cache import demo_artifacts
+        from starflow.runtime.generator import Generator
+
+        if args.checkpoint != DEMO_CHECKPOINT:
+            parser.error("--runtime evaluates the embedded model's export only")
+        generator = Generator.load(demo_artifacts())
     for digit in range(10):
-        labels = torch.full((args.per_digit,), digit, dtype=torch.int64)
-        images = generate(
-            model, encoder, labels, seed=args.seed + digit, guidance=guidance, method=args.method, stats=stats
-        )[..., 0]
+        if generator is not None:
+            result = generator.generate(
+                [str(digit)], args.per_digit, guidance=guidance, seed=args.seed + digit, method=args.method
+            )
+            images, stats = result.images[..., 0], stats + result.stats
+        else:
+            labels = torch.full((args.per_digit,), digit, dtype=torch.int64)
+            seed = args.seed + digit
+            images = generate(model, encoder, labels, seed, guidance, args.method, stats=stats)[..., 0]
         per_digit_samples.append(images)
         with torch.no_grad():
             predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
@@ -102,7 +119,8 @@ def main() -> None:
     seconds = time.perf_counter() - began
     iters = [i for s in stats for i in s.iterations]
     print(
-        f"sampled {10 * args.per_digit} images ({args.method}, guidance {guidance:g}) in {seconds:.1f} s; "
+        f"sampled {10 * args.per_digit} images ({args.method}, guidance {guidance:g}, "
+        f"{'runtime' if args.runtime else 'PyTorch'}) in {seconds:.1f} s; "
         f"mean iterations per 16-token chunk {np.mean(iters):.2f} (sequential needs 16)"
     )
     print(f"mean accuracy {np.mean(accuracies):.4f} (>= 0.90), min {min(accuracies):.3f}")

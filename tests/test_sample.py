@@ -50,7 +50,7 @@ def test_unknown_prompt_lists_the_known_ones(tmp_path: Path) -> None:
 
 def test_bad_output_suffix(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", "--out", str(tmp_path / "x.jpg")])
-    assert result.exit_code == 2 and ".png (grid) or .npy" in result.output
+    assert result.exit_code == 2 and "expected a .png (grid), a .npy" in result.output
     assert not list(tmp_path.iterdir())
 
 

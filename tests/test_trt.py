@@ -227,7 +227,8 @@ def test_engines_for_every_graph_at_fp32_and_fp16(built):
     directory, results = built
     manifest = load_manifest(directory)  # schema-checked, engines section included
     assert all(r.built for r in results)
-    assert {e["graph"] for e in manifest["engines"]} == {g["name"] for g in manifest["graphs"]}
+    block_graphs = {g["name"] for g in manifest["graphs"] if g["block"] is not None}
+    assert {e["graph"] for e in manifest["engines"]} == block_graphs  # components stay on ORT
     assert {e["precision"] for e in manifest["engines"]} == {"fp32", "fp16"}
     import tensorrt_rtx
 
