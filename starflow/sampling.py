@@ -20,7 +20,6 @@ from starflow.stats import BlockStats
 __all__ = ["DEMO_CHECKPOINT", "generate", "load_conditional", "sample_report", "save_images", "save_png"]
 
 
-
 def load_conditional(checkpoint: Path, config: str | None = None) -> tuple[StarFlow, LabelEncoder]:
     """A flow checkpoint and the label encoder saved beside it (`<name>.labels.safetensors`)."""
     if checkpoint.suffix != ".safetensors":
