@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from starflow.errors import StarflowError
 from starflow.export.manifest import GraphSpec, TensorSpec
-from starflow.export.onnx_export import DEFAULT_OPSET, _dynamic_shapes, export_module
+from starflow.export.onnx_export import DEFAULT_OPSET, dynamic_shapes_of, export_module
 from starflow.export.validate import Result, Tolerance, check_results
 from starflow.runtime.backends import open_runner
 from starflow.vae import decode, upsampling
@@ -58,7 +58,7 @@ def export_decoder(vae: AutoencoderKL, path: Path, scale: float, opset: int = DE
     """Export and validate `decoder.fp32` of `vae` to `path`; returns its spec."""
     spec = decoder_spec(vae)
     args = (torch.randn(2, vae.config.latent_channels, 3, 5),)  # every symbolic dim >= 2 and distinct
-    export_module(DecoderGraph(vae, scale).eval(), args, _dynamic_shapes(spec), spec, path, opset)
+    export_module(DecoderGraph(vae, scale).eval(), args, dynamic_shapes_of(spec), spec, path, opset)
     check_results(validate_decoder(vae, path, scale))
     return spec
 

@@ -27,7 +27,7 @@ from starflow.errors import StarflowError
 from starflow.export.decoder import compare
 from starflow.export.graphs import ForwardGraph
 from starflow.export.manifest import GraphSpec, TensorSpec
-from starflow.export.onnx_export import DEFAULT_OPSET, _dynamic_shapes, check_exportable, export_module
+from starflow.export.onnx_export import DEFAULT_OPSET, check_exportable, dynamic_shapes_of, export_module
 from starflow.export.validate import Result, Tolerance, check_results
 from starflow.model import FlowBlock, StarFlow
 from starflow.runtime.backends import open_runner
@@ -121,7 +121,7 @@ def export_denoise(model: StarFlow, path: Path, opset: int = DEFAULT_OPSET) -> G
     check_exportable(model)
     spec = denoise_spec(model)
     args = _example_args(model)
-    dynamic_shapes = _dynamic_shapes(spec)
+    dynamic_shapes = dynamic_shapes_of(spec)
     # The fake-tensor cache costs more than it saves on this graph's symbolic shapes: measured
     # about 27 s instead of 35 s (trace and export) for a one-layer model.
     with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):

@@ -154,7 +154,7 @@ def _example_args(spec: GraphSpec, precision: Precision) -> tuple[torch.Tensor, 
     return tuple(args)
 
 
-def _dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, torch.export.Dim] | None, ...]:
+def dynamic_shapes_of(spec: GraphSpec) -> tuple[dict[int, torch.export.Dim] | None, ...]:
     dims: dict[str, torch.export.Dim] = {}
     out = []
     for tensor in spec.inputs:
@@ -179,7 +179,7 @@ def export_graph(
 ) -> None:
     """Export one block graph to `path` (see `export_module`)."""
     module = _graph_module(spec, model, block, precision)
-    export_module(module, _example_args(spec, precision), _dynamic_shapes(spec), spec, path, opset)
+    export_module(module, _example_args(spec, precision), dynamic_shapes_of(spec), spec, path, opset)
 
 
 def export_module(

@@ -16,7 +16,7 @@ import numpy as np
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
 from starflow.export.manifest import GraphSpec, TensorSpec
-from starflow.export.onnx_export import DEFAULT_OPSET, _dynamic_shapes, export_module
+from starflow.export.onnx_export import DEFAULT_OPSET, dynamic_shapes_of, export_module
 from starflow.export.validate import Result
 from starflow.text_encoder import LabelTextEncoder, TextEncoder
 
@@ -76,7 +76,7 @@ def export_text_encoder(
     spec = text_encoder_spec(encoder)
     encoder.eval()
     example = encoder.tokenize(_check_prompts(encoder))  # batch 2: the batch stays symbolic
-    export_module(encoder, example, _dynamic_shapes(spec), spec, directory / spec.file, opset)
+    export_module(encoder, example, dynamic_shapes_of(spec), spec, directory / spec.file, opset)
     _save_tokenizer(encoder, directory / TOKENIZER_FILE)
     label = isinstance(encoder, LabelTextEncoder)
     component = {
