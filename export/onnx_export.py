@@ -38,6 +38,7 @@ from starflow.export.manifest import (
     write_manifest,
 )
 from starflow.model import FlowBlock, StarFlow
+from starflow.runtime.sizes import parse_hw
 
 DEFAULT_OPSET = 20
 SUPPORTED_OPSETS = range(18, 24)  # torch's exporter starts at 18; 23 is the newest it emits
@@ -62,17 +63,8 @@ class LatentRange:
 
 
 def parse_latent(text: str, option: str) -> tuple[int, int]:
-    """'HxW' or 'N' (square) -> (H, W)."""
-    parts = text.lower().split("x")
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        sizes = ()
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise StarflowError(f"{option}: expected HxW in latent pixels (for example 32x48), got {text!r}")
-    return sizes  # type: ignore[return-value]
+    """'HxW' or 'N' (square) latent pixels -> (H, W)."""
+    return parse_hw(text, option, "latent pixels", "32x48", square=True)
 
 
 def default_latent_range(config: StarFlowConfig) -> LatentRange:

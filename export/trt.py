@@ -28,6 +28,7 @@ from typing import Any
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
 from starflow.export.manifest import load_manifest, sha256, write_manifest
+from starflow.runtime.sizes import parse_hw
 
 Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
 Range = tuple[int, int, int]  # min, opt, max
@@ -162,16 +163,7 @@ def parse_range(text: str, option: str) -> Range:
 
 def parse_grid(text: str) -> tuple[int, int]:
     """'HxW' token grid -> (h, w)."""
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise StarflowError(
-            f"--grid: expected HxW in tokens (latent size / patch size), got {text!r}"
-        ) from None
-    if h <= 0 or w <= 0:
-        raise StarflowError(f"--grid: expected positive sizes, got {text!r}")
-    return h, w
+    return parse_hw(text, "--grid", "tokens (latent size / patch size)", "8x12")
 
 
 def _within(inner: Range, outer: Range) -> bool:

@@ -30,15 +30,22 @@ def aspect_bucket(aspect_ratio: str, train_side: int, multiple: int) -> tuple[in
     return h, w
 
 
-def parse_size(text: str, factor: int, multiple: int) -> tuple[int, int]:
-    """'HxW' image pixels -> latent (H, W); sides must be multiples of factor*multiple."""
-    parts = text.lower().split("x")
+def parse_hw(text: str, option: str, unit: str, example: str, square: bool = False) -> tuple[int, int]:
+    """'HxW' (or 'N' for N x N when `square`) -> (H, W), both positive; the error names `option`."""
     try:
-        sides = [int(p) for p in parts]
+        sides = [int(p) for p in text.lower().split("x")]
     except ValueError:
         sides = []
+    if square and len(sides) == 1:
+        sides *= 2
     if len(sides) != 2 or min(sides) <= 0:
-        raise StarflowError(f"--size {text!r}: expected HxW in image pixels, for example 256x384")
+        raise StarflowError(f"{option}: expected HxW in {unit} (for example {example}), got {text!r}")
+    return sides[0], sides[1]
+
+
+def parse_size(text: str, factor: int, multiple: int) -> tuple[int, int]:
+    """'HxW' image pixels -> latent (H, W); sides must be multiples of factor*multiple."""
+    sides = parse_hw(text, "--size", "image pixels", "256x384")
     step = factor * multiple
     if sides[0] % step or sides[1] % step:
         raise StarflowError(
