@@ -52,10 +52,14 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def upscale(image: np.ndarray, smallest_side: int = 32) -> np.ndarray:
-    """Nearest-neighbour upscaling so that tiny images (8x8 digits) are visible."""
-    scale = max(1, smallest_side // min(image.shape[:2]))
-    return image.repeat(scale, 0).repeat(scale, 1)
+def visible_scale(height: int, width: int, smallest_side: int = 32) -> int:
+    """The integer factor that brings tiny images (8x8 digits) to a visible size."""
+    return max(1, smallest_side // min(height, width))
+
+
+def upscale(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of an (H, W, C) array."""
+    return pixels.repeat(factor, 0).repeat(factor, 1)
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -74,9 +78,7 @@ def _png(path: Path, pixels: np.ndarray) -> None:
 
 def save_png(path: Path, images: np.ndarray, columns: int, scale: int | None = None) -> None:
     """A grid PNG; tiles are upscaled (nearest) so that the smallest side is >= 32 px."""
-    mosaic = grid(images, columns)
-    factor = scale or max(1, 32 // min(images.shape[1:3]))
-    _png(path, mosaic.repeat(factor, 0).repeat(factor, 1))
+    _png(path, upscale(grid(images, columns), scale or visible_scale(*images.shape[1:3])))
 
 
 def slug(prompt: str, limit: int = 40) -> str:
@@ -96,5 +98,5 @@ def save_images(path: Path, images: np.ndarray, columns: int, prompts: list[str]
     names = prompts or [""] * len(images)
     files = [path / f"{i:04d}-{slug(p)}.png" for i, p in enumerate(names)]
     for file, image in zip(files, images, strict=True):
-        _png(file, upscale(to_uint8(image)))
+        _png(file, upscale(to_uint8(image), visible_scale(*image.shape[:2])))
     return files
