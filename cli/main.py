@@ -407,6 +407,15 @@ def bench(
     jacobi_block_size: Annotated[int, typer.Option(min=1)] = 64,
     jacobi_threshold: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     jacobi_max_iter: Annotated[int, typer.Option(min=1)] = 32,
+    jacobi_init: Annotated[
+        str, typer.Option(help="First guess of each chunk: noise (the reference) or chunk-mean.")
+    ] = "noise",
+    shallow_block_size: Annotated[
+        int | None, typer.Option(min=1, help="Chunk length for the shallow blocks only.")
+    ] = None,
+    shallow_threshold: Annotated[
+        float | None, typer.Option(min=0.0, help="Stop threshold for the shallow blocks only.")
+    ] = None,
     throughput_batch: Annotated[
         int, typer.Option(min=0, help="Batch of the throughput row; 0 skips it.")
     ] = 8,
@@ -414,10 +423,23 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
-    """PyTorch reference vs runtime, side by side: forward pass, sequential and Jacobi sampling."""
+    """PyTorch reference vs runtime, side by side: forward pass, sequential and Jacobi sampling.
+
+    --jacobi-init or a --shallow-* option adds one runtime row sampled with them.
+    """
     import json
 
     from starflow.bench import format_table, run_bench
+    from starflow.runtime import JacobiSettings
+
+    shallow = None
+    if shallow_block_size is not None or shallow_threshold is not None:
+        shallow = JacobiSettings(
+            shallow_block_size or jacobi_block_size,
+            jacobi_max_iter,
+            jacobi_threshold if shallow_threshold is None else shallow_threshold,
+            jacobi_init,
+        )
 
     with user_errors():
         result = run_bench(
@@ -429,6 +451,8 @@ def bench(
             jacobi_block_size=jacobi_block_size,
             jacobi_threshold=jacobi_threshold,
             jacobi_max_iter=jacobi_max_iter,
+            jacobi_init=jacobi_init,
+            shallow_jacobi=shallow,
             throughput_batch=throughput_batch,
             repeats=repeats,
             threads=threads,

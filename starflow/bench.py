@@ -3,7 +3,12 @@
 Every row samples from the same noise and text. Times are wall-clock medians over `repeats`;
 "units" divide a row's time by one forward pass (density direction, whole model, same batch)
 of the same engine, which makes sampler costs comparable across machines. Agreement is
-measured against PyTorch sequential sampling, the exact inverse of the flow.
+measured against PyTorch sequential sampling, the exact inverse of the flow. "Compute" counts
+the work the block calls did, whatever their chunking: image tokens x graph rows x layers summed
+over blocks, in forward passes (a guided deep block runs [cond ; uncond], so twice the rows).
+
+With `shallow_jacobi` or a `jacobi_init` other than the reference's, one more runtime row samples
+with those options, so their cost and agreement sit beside the reference settings'.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from starflow.checkpoint import load_model, save_model
 from starflow.config import load_config
 from starflow.errors import StarflowError
 from starflow.export.manifest import SCHEMA_VERSION
+from starflow.runtime.pipeline import JacobiSettings
+from starflow.stats import BlockStats
 from starflow.testing import random_model
 
 DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
@@ -35,6 +42,7 @@ class Row:
     seconds: float
     units: float  # seconds / this engine's forward pass
     evaluations: int  # block calls (transformer passes over image tokens)
+    compute: float  # token rows x layers the calls processed, in forward passes
     max_abs: float | None  # vs PyTorch sequential
     rms: float | None
 
@@ -85,6 +93,8 @@ def run_bench(
     jacobi_block_size: int = 64,
     jacobi_threshold: float = 1e-3,
     jacobi_max_iter: int = 32,
+    jacobi_init: str = "noise",
+    shallow_jacobi: JacobiSettings | None = None,
     throughput_batch: int = 8,
     repeats: int = 3,
     seed: int = 0,
@@ -126,27 +136,35 @@ def run_bench(
         torch_forward, _ = _timed(lambda: model(t_noise, t_y), repeats)
     pipe.forward(noise, y)
     runtime_forward, _ = _timed(lambda: pipe.forward(noise, y), repeats)
+    forward_work = (side // config.patch_size) ** 2 * batch * sum(config.layers_per_block)
+
+    def compute(stats: list[BlockStats]) -> float:
+        return sum(s.tokens * config.layers_per_block[s.block] for s in stats) / forward_work
+
     rows = [
-        Row("forward pass", "pytorch", torch_forward, 1.0, len(model.blocks), None, None),
-        Row("forward pass", "runtime", runtime_forward, 1.0, len(pipe.plans), None, None),
+        Row("forward pass", "pytorch", torch_forward, 1.0, len(model.blocks), 1.0, None, None),
+        Row("forward pass", "runtime", runtime_forward, 1.0, len(pipe.plans), 1.0, None, None),
     ]
 
-    reference = None
+    options = {}
+    if shallow_jacobi is not None or jacobi_init != "noise":
+        options = dict(shallow_jacobi=shallow_jacobi, jacobi_init=jacobi_init)
     cases = [
-        ("pytorch", "sequential"),
-        ("pytorch", "jacobi"),
-        ("runtime", "sequential"),
-        ("runtime", "jacobi"),
-    ]
-    for engine, method in cases:
-        log(f"{engine} {method} ...")
+        ("sequential sampling", "pytorch", "sequential", {}),
+        ("jacobi sampling", "pytorch", "jacobi", {}),
+        ("sequential sampling", "runtime", "sequential", {}),
+        ("jacobi sampling", "runtime", "jacobi", {}),
+    ] + ([("jacobi, options", "runtime", "jacobi", options)] if options else [])
+    reference = None
+    for name, engine, method, extra in cases:
+        log(f"{engine} {name} ...")
         if engine == "pytorch":
             fn = lambda m=method: model.sample(  # noqa: E731
                 t_noise, t_y, t_uncond, guided, method=m, return_stats=True, **jacobi
             )
         else:
-            fn = lambda m=method: pipe.sample(  # noqa: E731
-                noise, y, y_uncond, guided, method=m, return_stats=True, **jacobi
+            fn = lambda m=method, extra=extra: pipe.sample(  # noqa: E731
+                noise, y, y_uncond, guided, method=m, return_stats=True, **jacobi, **extra
             )
         # sequential sampling is 100s of times slower and deterministic: time it once
         seconds, (sample, stats) = _timed(fn, 1 if method == "sequential" else repeats)
@@ -157,11 +175,12 @@ def run_bench(
         unit = torch_forward if engine == "pytorch" else runtime_forward
         rows.append(
             Row(
-                f"{method} sampling",
+                name,
                 engine,
                 seconds,
                 seconds / unit,
                 sum(s.evaluations for s in stats),
+                compute(stats),
                 float(np.abs(error).max()),
                 float(np.sqrt(np.mean(error**2))),
             )
@@ -190,6 +209,12 @@ def run_bench(
             "threshold": jacobi_threshold,
             "max_iter": jacobi_max_iter,
         },
+        "options": {
+            "jacobi_init": jacobi_init,
+            "shallow_jacobi": None if shallow_jacobi is None else dataclasses.asdict(shallow_jacobi),
+        }
+        if options
+        else None,
         "threads": threads or torch.get_num_threads(),
         "rows": [dataclasses.asdict(r) for r in rows],
         "runtime_jacobi_speedup_vs_pytorch_jacobi": (
@@ -202,13 +227,13 @@ def run_bench(
 def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"{'row':22} {'engine':8} {'seconds':>9} {'fwd units':>9} {'block calls':>11} "
-        f"{'max|Δ| vs seq':>13} {'rms Δ':>9}"
+        f"{'compute':>7} {'max|Δ| vs seq':>13} {'rms Δ':>9}"
     ]
     for r in result["rows"]:
         agree = "" if r["max_abs"] is None else f"{r['max_abs']:13.2e} {r['rms']:9.2e}"
         lines.append(
             f"{r['name']:22} {r['engine']:8} {r['seconds']:9.3f} {r['units']:9.2f} "
-            f"{r['evaluations']:11d} {agree}"
+            f"{r['evaluations']:11d} {r['compute']:7.2f} {agree}"
         )
     lines.append(
         f"runtime Jacobi is {result['runtime_jacobi_speedup_vs_pytorch_jacobi']:.2f}x faster than "
@@ -216,6 +241,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"(block {result['jacobi']['block_size']}, threshold {result['jacobi']['threshold']}, "
         f"guidance {result['guidance']}, batch {result['batch']}, {result['threads']} threads)"
     )
+    if result["options"]:
+        lines.append(f"options row: {result['options']}")
     t = result["throughput"]
     if t:
         lines.append(

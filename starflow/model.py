@@ -368,6 +368,7 @@ class FlowBlock(nn.Module):
             x[:, t] = zp[:, t] * sigma[:, 0] + mu[:, 0]
             stats.iterations.append(1)
             stats.evaluations += 1
+            stats.tokens += B
         return self.permute(x)
 
     def sample_jacobi(
@@ -405,6 +406,7 @@ class FlowBlock(nn.Module):
                 diff = ((new - old) ** 2).mean() / (new**2).mean()
                 x_full[:, start + 1 : start + 1 + c] = new
                 stats.evaluations += 1
+                stats.tokens += B * c
                 done = torch.tensor(bool(diff < threshold) or i == max_iter - 1)
                 if distributed:  # every rank must stop together (the official all-reduce)
                     done = done.to(x_full.device)

@@ -13,6 +13,7 @@ class BlockStats:
     method: str
     iterations: list[int] = field(default_factory=list)  # per chunk; all 1 for sequential
     evaluations: int = 0  # transformer calls over image tokens (the text prefill not counted)
+    tokens: int = 0  # image tokens those calls processed, summed over graph rows ([cond ; uncond])
     seconds: float = 0.0
 
     @property

@@ -18,7 +18,7 @@ from starflow.checkpoint import load_model, save_model
 from starflow.config import config_from_dict, load_config
 from starflow.errors import StarflowError
 from starflow.export import export_onnx
-from starflow.runtime import Pipeline
+from starflow.runtime import JacobiSettings, Pipeline
 from starflow.testing import random_model
 from tests.conftest import T2I
 
@@ -103,7 +103,44 @@ def test_random_configs_match_pytorch(random_export, batch, grid, method, guidan
         None if y_null is None else torch.from_numpy(y_null), return_stats=True, **kwargs,
     )  # fmt: skip
     assert np.abs(ours - ref.numpy()).max() < 1e-4
-    assert [(s.block, s.iterations) for s in stats] == [(s.block, s.iterations) for s in ref_stats]
+    counts = [(s.block, s.iterations, s.evaluations, s.tokens) for s in stats]
+    assert counts == [(s.block, s.iterations, s.evaluations, s.tokens) for s in ref_stats]
+
+
+def test_jacobi_options_keep_the_exact_fixed_point(random_export):
+    """Per-block chunking and the chunk-mean first guess change the path, not the solution:
+    iterated to the end (threshold 0, max_iter >= chunk length) they give sequential sampling."""
+    artifacts, model = random_export
+    config = model.config
+    pipe = Pipeline.load(artifacts)
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal((2, config.channel_size, 8, 8), dtype=np.float32)
+    y = rng.standard_normal((2, config.txt_size, config.txt_dim), dtype=np.float32)
+    tokens = 64 // config.patch_size**2
+    options = dict(
+        jacobi_block_size=8, jacobi_max_iter=8, jacobi_threshold=0.0, jacobi_init="chunk-mean",
+        shallow_jacobi=JacobiSettings(block_size=64, max_iter=tokens, threshold=0.0, init="chunk-mean"),
+    )  # fmt: skip
+    ours, stats = pipe.sample(noise, y, np.zeros_like(y), 2.0, return_stats=True, **options)
+    exact = model.sample(
+        torch.from_numpy(noise), torch.from_numpy(y), torch.zeros(y.shape), 2.0, "sequential"
+    )
+    assert np.abs(ours - exact.numpy()).max() < 1e-4
+    deep, shallow = stats[0], [s for s in stats[1:] if s.evaluations]
+    assert deep.iterations == [8] * (tokens // 8) and deep.tokens == 2 * 2 * 8 * tokens  # [cond ; uncond]
+    assert shallow and all(s.iterations == [tokens] for s in shallow)
+
+
+def test_chunk_mean_first_guess_is_used(pipe):
+    """One iteration per chunk returns mu + sigma * z evaluated at the first guess, so the two
+    first guesses must give different latents after the first chunk."""
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    y = rng.standard_normal((1, 6, 32), dtype=np.float32)
+    one_pass = dict(jacobi_block_size=16, jacobi_max_iter=1)
+    from_noise = pipe.sample(noise, y, **one_pass)
+    from_mean = pipe.sample(noise, y, jacobi_init="chunk-mean", **one_pass)
+    assert np.abs(from_noise - from_mean).max() > 1e-3
 
 
 def test_runtime_runs_with_torch_unimportable(fixture_artifacts):
@@ -118,7 +155,7 @@ def test_runtime_runs_with_torch_unimportable(fixture_artifacts):
 
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np
-        from starflow.runtime import Pipeline
+        from starflow.runtime import JacobiSettings, Pipeline
 
         pipe = Pipeline.load({str(fixture_artifacts)!r})
         noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
@@ -160,6 +197,15 @@ def zeros(*shape: int, dtype: type = np.float32) -> np.ndarray:
             "allows 1 .. 16 rows",
         ),
         (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"method": "gs"}, "method"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi_block_size": 0}, "block_size and max_iter must be"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi_threshold": -1.0}, "threshold must be >= 0"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi_init": "zeros"}, "init must be one of"),
+        (
+            zeros(1, 4, 8, 8),
+            zeros(1, 6, 32),
+            {"shallow_jacobi": JacobiSettings(max_iter=0)},
+            "shallow_jacobi: block_size and max_iter",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_work(pipe, noise, y, kwargs, message):
@@ -219,9 +265,15 @@ def test_bench_rows_on_the_fixture_artifacts(fixture_artifacts):
     result = run_bench(
         preset=str(T2I / "config.yaml"), artifacts=fixture_artifacts, checkpoint=T2I / "checkpoint.pth",
         guidance=1.5, jacobi_block_size=16, throughput_batch=2, repeats=1, log=lambda line: None,
+        shallow_jacobi=JacobiSettings(block_size=64),
     )  # fmt: skip
     rows = {(r["engine"], r["name"]): r for r in result["rows"]}
-    assert len(rows) == 6
+    assert len(rows) == 7
+    assert result["options"]["shallow_jacobi"]["block_size"] == 64
+    assert rows[("runtime", "jacobi, options")]["max_abs"] < 1.0
+    assert rows[("runtime", "jacobi sampling")]["compute"] == rows[("pytorch", "jacobi sampling")]["compute"]
+    # layers [1, 1, 2]; the guided deep block runs [cond ; uncond]: (1 + 1 + 2 * 2) / 4 forward passes
+    assert rows[("runtime", "sequential sampling")]["compute"] == pytest.approx(1.5)
     assert rows[("pytorch", "sequential sampling")]["max_abs"] == 0.0  # the reference itself
     assert rows[("runtime", "sequential sampling")]["max_abs"] < 1e-4
     assert (
