@@ -77,15 +77,19 @@ def cast_block(block: FlowBlock, precision: Precision) -> FlowBlock:
 
 # ---- RoPE from the runtime grid --------------------------------------------------------------
 def rope_tables(
-    rope: RotaryEmbedding, length: int | torch.SymInt, text_length: Tensor, grid: Tensor
+    rope: RotaryEmbedding,
+    first: int | torch.SymInt,
+    length: int | torch.SymInt,
+    text_length: Tensor,
+    grid: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin (length, hd) for sequence positions [0, length) = [text ; image row-major].
+    """cos/sin (length, hd) for sequence positions [first, first+length) of [text ; image row-major].
 
     Same arithmetic as `RotaryEmbedding.positions`: text i at (0, 0, i/L*s), image token j at
     ((j // w)/sqrt(h*w)*s, (j % w)/sqrt(h*w)*s, 0). `text_length` and `grid` are int64 tensors.
     """
     s = rope.pt_seq_len
-    index = torch.arange(length, device=grid.device)
+    index = torch.arange(length, device=grid.device) + first
     h, w = grid[0], grid[1]
     mean_len = (h * w).float().sqrt()
     image = (index - text_length).clamp(min=0)
@@ -104,17 +108,14 @@ def rope_tables(
 
 
 # ---- attention against past keys/values ------------------------------------------------------
-def attend(
-    attn: Attention, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, fp32_softmax: bool
-) -> Tensor:
-    """`Attention.attend` without its Python branch on lq == lk (a shape guard under export).
+def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, fp32_softmax: bool) -> Tensor:
+    """`Attention.attend` on rotated q, k, without its Python branch on lq == lk (a shape guard
+    under export).
 
     Queries are the last lq of the lk key positions; the causal mask is built from aranges so
     it stays symbolic in both lengths. Scores/softmax optionally in fp32.
     """
     lq, lk = q.size(2), k.size(2)
-    q = apply_rope(q, cos[lk - lq :], sin[lk - lq :]).to(v.dtype)  # (B, H, lq, hd)
-    k = apply_rope(k, cos, sin).to(v.dtype)  # (B, Hkv, lk, hd)
     if attn.num_kv_heads != attn.num_heads:
         k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
         v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
@@ -139,18 +140,26 @@ def run_layers(
     sin: Tensor,
     fp32_softmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """All layers on h (B, l, ch) after `past` cached positions -> h, new keys, new values."""
+    """All layers on h (B, l, ch) at the positions of cos/sin (l, hd), after the cached ones.
+
+    Keys are cached after RoPE: each position is rotated once, when its chunk runs, instead of
+    the whole cache on every call (the reference's cache holds keys before RoPE and rotates all
+    of them each step; the values that reach attention are the same, bit for bit). Returns h and
+    the chunk's rotated keys and its values, (layers, B, Hkv, l, hd).
+    """
     new_keys, new_values = [], []
     for i, layer in enumerate(block.attn_blocks):
         q, k, v = layer.attention.project(h)  # k, v: (B, Hkv, l, hd), before RoPE
+        q = apply_rope(q, cos, sin).to(v.dtype)
+        k = apply_rope(k, cos, sin).to(v.dtype)
         new_keys.append(k)
         new_values.append(v)
         if past_keys is not None:
             k = torch.cat([past_keys[i].to(k.dtype), k], dim=2)
             v = torch.cat([past_values[i].to(v.dtype), v], dim=2)
-        h = h + attend(layer.attention, q, k, v, cos, sin, fp32_softmax)
+        h = h + attend(layer.attention, q, k, v, fp32_softmax)
         h = h + layer.mlp(h)
-    return h, torch.stack(new_keys), torch.stack(new_values)  # (layers, B, Hkv, l, hd)
+    return h, torch.stack(new_keys), torch.stack(new_values)
 
 
 # ---- the three graphs --------------------------------------------------------------------------
@@ -159,7 +168,8 @@ class StepGraph(nn.Module):
 
     Inputs: x (B, c, D) fp32, the block-order inputs of positions [start, start+c) (sos for the
     first token, then the previous tokens); past_keys/past_values (layers, B, Hkv, P, hd), the
-    cache of the P = text_length + start earlier positions; grid int64 (2,) = (h, w) tokens;
+    cache of the P = text_length + start earlier positions (keys rotated by RoPE, as new_keys and
+    the prefill's keys are); grid int64 (2,) = (h, w) tokens;
     start int64 () the image-token index of the chunk's first position.
     """
 
@@ -174,7 +184,7 @@ class StepGraph(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         block = self.block
         past = past_keys.size(3)
-        cos, sin = rope_tables(self.rope, past + x.size(1), past - start, grid)
+        cos, sin = rope_tables(self.rope, past, x.size(1), past - start, grid)
         h = block.proj_in(x.to(block.proj_in.weight.dtype))
         h, keys, values = run_layers(block, h, past_keys, past_values, cos, sin, self.precision.fp32_softmax)
         mu, sigma = block.head(h.float())
@@ -182,7 +192,7 @@ class StepGraph(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """Text embeddings (B, L, txt_dim) fp32 -> their keys/values (layers, B, Hkv, L, hd)."""
+    """Text embeddings (B, L, txt_dim) fp32 -> their rotated keys, values (layers, B, Hkv, L, hd)."""
 
     def __init__(self, block: FlowBlock, rope: RotaryEmbedding, precision: Precision = FP32):
         super().__init__()
@@ -223,7 +233,7 @@ class ForwardGraph(nn.Module):
         if text is not None:
             h = torch.cat([block.proj_txt(text.to(dtype)), h], dim=1)
             text_length = text_length + text.size(1)
-        cos, sin = rope_tables(self.rope, h.size(1), text_length, grid)
+        cos, sin = rope_tables(self.rope, 0, h.size(1), text_length, grid)
         h, _, _ = run_layers(block, h, None, None, cos, sin, self.precision.fp32_softmax)
         mu, sigma = block.head(h[:, h.size(1) - x.size(1) :].float())
         return (x - mu) / sigma, -sigma.log()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from starflow.export.onnx_export import LatentRange
     from starflow.model import FlowBlock, StarFlow
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 VAE_SCALE = 0.18215  # SD-VAE latents are decoded at z / VAE_SCALE
 JACOBI_DEFAULTS = {"block_size": 16, "max_iter": 32, "threshold": 1e-3}  # the shipped image script

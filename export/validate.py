@@ -17,7 +17,7 @@ import torch
 
 from starflow.errors import StarflowError
 from starflow.export.manifest import load_manifest
-from starflow.model import FlowBlock, StarFlow
+from starflow.model import FlowBlock, StarFlow, apply_rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,24 +124,27 @@ def reference(model: StarFlow, block: FlowBlock, case: Case, seed: int) -> dict[
     cache = block.new_cache(B, L + end, tokens)
     if text is not None:
         block.prefill(text, cache, rope)
-        out["prefill"] = {
-            "in:text": text.numpy(),
-            "keys": cache.keys[:, :, :, :L].numpy().copy(),
-            "values": cache.values[:, :, :, :L].numpy().copy(),
-        }
     if case.start:
         block.step(tokens[:, : case.start], L, cache, rope, L)
     mu, sigma = block.step(tokens[:, case.start :], L + case.start, cache, rope, L)
+    # the reference caches keys before RoPE; the graphs exchange them rotated (see run_layers)
+    keys = apply_rope(cache.keys, rope[0][: L + end], rope[1][: L + end]).numpy()
+    if text is not None:
+        out["prefill"] = {
+            "in:text": text.numpy(),
+            "keys": keys[:, :, :, :L],
+            "values": cache.values[:, :, :, :L].numpy(),
+        }
     P = L + case.start
     out["step"] = {
         "in:x": tokens[:, case.start :].numpy(),
-        "in:past_keys": cache.keys[:, :, :, :P].numpy(),
+        "in:past_keys": keys[:, :, :, :P],
         "in:past_values": cache.values[:, :, :, :P].numpy(),
         "in:grid": grid,
         "in:start": np.array(case.start, dtype=np.int64),
         "mu": mu.numpy(),
         "sigma": sigma.numpy(),
-        "new_keys": cache.keys[:, :, :, P:].numpy(),
+        "new_keys": keys[:, :, :, P:],
         "new_values": cache.values[:, :, :, P:].numpy(),
     }
 
