@@ -245,7 +245,9 @@ def export_onnx(
         str | None, typer.Option(help="YAML config or preset name; default: the one in the .safetensors.")
     ] = None,
     precision: Annotated[str, typer.Option(help="fp32, fp16 or both (one directory).")] = "both",
-    opset: Annotated[int | None, typer.Option(help="ONNX opset, 18..23 (default 20).")] = None,
+    opset: Annotated[
+        int | None, typer.Option(help="ONNX opset, 18..23 (default 20; 23 with --precision fp32 only).")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Most images per call; graphs allow twice that (CFG).")] = 8,
     min_latent: Annotated[
         str | None, typer.Option(help="Smallest latent HxW (latent pixels); default half the training side.")

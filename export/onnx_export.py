@@ -208,7 +208,7 @@ def export_module(
         raise StarflowError(f"export of graph {spec.name} failed: {type(err).__name__}: {err}") from err
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as err:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise StarflowError(f"graph {spec.name}: onnx.checker failed: {err}") from None
     spec.check_signature(onnx.load(str(path), load_external_data=False))
 
@@ -255,6 +255,14 @@ def export_onnx(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise StarflowError(f"--precision: got {list(precisions)}, allowed values are {sorted(PRECISIONS)}")
+    if opset >= 23 and "fp16" in precisions:
+        # measured with torch 2.13 / onnxscript 0.7; exporting unoptimised instead leaves
+        # sequence ops that TensorRT cannot parse
+        raise StarflowError(
+            f"--opset {opset} with fp16 graphs: at opset 23 the exporter's optimizer turns the fp32 "
+            "RMSNorm of fp16 graphs into an RMSNormalization node that fails ONNX shape inference; "
+            "use --opset 22 or lower, or --precision fp32"
+        )
     if max_batch < 1:
         raise StarflowError(f"--max-batch: must be >= 1, got {max_batch}")
     check_out(out, force)

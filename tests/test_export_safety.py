@@ -103,6 +103,14 @@ def test_unsupported_opset_is_refused(tmp_path, opset):
 
 
 @needs_fixture
+def test_opset_23_with_fp16_is_refused_before_any_work(tmp_path):
+    result = export_cli("--out", str(tmp_path / "out"), "--opset", "23")  # default precision: both
+    assert result.exit_code != 0
+    assert "--opset 23 with fp16 graphs" in result.output and "--precision fp32" in result.output
+    assert leftovers(tmp_path) == []
+
+
+@needs_fixture
 @pytest.mark.parametrize(
     ("options", "message"),
     [
