@@ -20,6 +20,7 @@ import torch
 
 from starflow.config import load_config
 from starflow.model import StarFlow
+from starflow.sampler import SampleOptions
 from starflow.testing import perturb_
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     if args.sample:  # non-trivial weights: the official init makes every block the identity
         perturb_(model, seed=0)
         began = time.perf_counter()
-        _, stats = model.sample(x, y, torch.zeros_like(y), guidance=2.5, return_stats=True)
+        _, stats = model.sample(x, y, torch.zeros_like(y), SampleOptions(guidance=2.5), return_stats=True)
         synchronize()
         sampling = {
             "jacobi_seconds": round(time.perf_counter() - began, 2),

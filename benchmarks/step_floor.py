@@ -5,7 +5,7 @@ one process, one step call of the deep block (batch 2 = [cond ; uncond], 4 layer
 shallow block (batch 1, 1 layer) at chunk 64 with a half-full cache:
 
 - ONNX Runtime running the exported step graph (what the runtime calls),
-- PyTorch running `FlowBlock.step` against its KV cache (what the reference calls),
+- PyTorch running `FlowBlock.step` on the same feeds (what the reference sampler calls),
 - the floor: the same call's linear layers alone (qkv, attention out, MLP, proj_in/out) as plain
   torch matmuls of the same shapes, i.e. what no engine can beat on this CPU without doing fewer
   FLOPs.
@@ -26,9 +26,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from starflow.bench import DEFAULT_WORK, _prepare
+from starflow.bench import BenchOptions, prepare
 from starflow.model import FlowBlock
 from starflow.runtime import Pipeline
+from starflow.sampler import JacobiSettings, SampleOptions
 
 
 def median_ms(repeats: int, fn: Callable[..., object], *args: object) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, artifacts = _prepare("bench-256", 0, DEFAULT_WORK, None, None)
+    model, artifacts = prepare(BenchOptions())
     pipe = Pipeline.load(artifacts, threads=args.threads)
     config, c = model.config, args.chunk
     tokens = config.latent_size**2
@@ -77,20 +78,19 @@ def main() -> None:
     side = config.latent_size
     noise = rng.standard_normal((1, config.channel_size, side, side), dtype=np.float32)
     y = rng.standard_normal((1, config.txt_size, config.txt_dim), dtype=np.float32)
-    _, stats = pipe.sample(
-        noise, y, np.zeros_like(y), 2.0, jacobi_block_size=c, jacobi_threshold=1e-3, return_stats=True
-    )
+    sampling = SampleOptions(guidance=2.0, jacobi=JacobiSettings(block_size=c, threshold=1e-3))
+    _, stats = pipe.sample(noise, y, np.zeros_like(y), sampling, return_stats=True)
     calls = {s.block: s.evaluations for s in stats}
 
     print(f"one step call, chunk {c}, cache half full, {args.threads} threads (milliseconds, median)")
     print(f"{'block':14} {'rows':>4} {'GFLOP':>6} {'ORT':>7} {'PyTorch':>8} {'floor':>7} {'calls':>6}")
     totals = {"ORT": 0.0, "PyTorch": 0.0, "floor": 0.0}
-    for plan in pipe.plans:
-        block = model.blocks[plan.index]
+    for plan in pipe.blocks:
+        block, entry = model.blocks[plan.index], plan.entry
         batch = 2 if plan.deep else 1
         text = config.txt_size if plan.text_conditioned else 0
         past = text + tokens // 2
-        shape = (plan.layers, batch, plan.kv_heads, past, plan.head_dim)
+        shape = (entry.layers, batch, entry.kv_heads, past, entry.head_dim)
         feeds = {
             "x": rng.standard_normal((batch, c, config.token_dim), dtype=np.float32),
             "past_keys": rng.standard_normal(shape, dtype=np.float32),
@@ -100,11 +100,9 @@ def main() -> None:
         }
         ort_ms = median_ms(args.repeats, plan.step.run, feeds)
 
-        cache = block.new_cache(batch, past + c, torch.zeros(1))
-        rope = model.rope_tables(block, h, w, text)
-        x = torch.from_numpy(feeds["x"])
+        args_torch = [torch.from_numpy(feeds[k]) for k in ("x", "past_keys", "past_values", "grid", "start")]
         with torch.no_grad():
-            torch_ms = median_ms(args.repeats, block.step, x, past, cache, rope, text)
+            torch_ms = median_ms(args.repeats, block.step, *args_torch)
             pairs = [(torch.randn(batch * c, i), torch.randn(i, o)) for i, o in linear_shapes(block)]
             floor_ms = median_ms(args.repeats, matmuls, pairs)
         flops = 2 * batch * c * sum(i * o for i, o in linear_shapes(block))

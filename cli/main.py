@@ -1,24 +1,29 @@
 """Typer entry point for the `starflow` console script.
 
-Keep module-level imports light (no torch, no starflow model code) so that
-`starflow --help` is instant; import heavy modules inside command functions.
+Each command parses its flags, builds one options object, and calls the library; the library
+raises `StarflowError` for anything a user can fix, and `user_errors` alone turns that into a
+one-line message and exit code 2. Module-level imports stay light (no torch, no model code),
+so `starflow --help` is instant.
 """
 
-import contextlib
-from collections.abc import Iterator
+from __future__ import annotations
+
+import json
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from starflow.errors import StarflowError
+from starflow.cli.errors import user_errors
+from starflow.cli.export import export_app
 
 app = typer.Typer(
     name="starflow",
     help="Export-and-deploy toolchain for Apple's STARFlow normalizing-flow model.",
     no_args_is_help=True,
     rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
 )
 
 
@@ -31,143 +36,107 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def main(
     version_: bool = typer.Option(
-        False,
-        "--version",
-        callback=_version_callback,
-        is_eager=True,
-        help="Show the version and exit.",
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
     """STARFlow reference model, export and runtime tools."""
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """The one place where a StarflowError becomes a red one-line message and exit code 2."""
-    try:
-        yield
-    except StarflowError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(code=2) from None
-
-
-@app.command()
-def sample(
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            help="Our .safetensors (+ .labels.safetensors beside it); default: the embedded digits model."
-        ),
-    ] = None,
-    prompt: Annotated[str, typer.Option(help='Class to draw; for the digits model "0" to "9".')] = "7",
-    num_images: Annotated[int, typer.Option(min=1, help="How many images to sample.")] = 16,
-    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
-    guidance: Annotated[
-        float | None, typer.Option(min=0.0, help="CFG weight; default: the checkpoint config's cfg.")
-    ] = None,
-    method: Annotated[str, typer.Option(help="jacobi or sequential.")] = "jacobi",
-    jacobi_block_size: Annotated[int, typer.Option(min=1)] = 16,
-    jacobi_max_iter: Annotated[int, typer.Option(min=1)] = 32,
-    jacobi_threshold: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    denoise: Annotated[bool, typer.Option(help="One self-denoising (Tweedie) step after the flow.")] = True,
-    config: Annotated[
-        str | None, typer.Option(help="Preset or YAML overriding the checkpoint's embedded config.")
-    ] = None,
-    out: Annotated[Path, typer.Option(help=".png grid, or .npy float32 (N, H, W, C) in [0, 1].")] = Path(
-        "starflow-demo.png"
-    ),
-) -> None:
-    """Sample images of one class with the PyTorch reference model."""
-    from starflow.sampling import sample_report
-
-    with user_errors():
-        report = sample_report(
-            checkpoint=checkpoint,
-            config=config,
-            prompt=prompt,
-            num_images=num_images,
-            seed=seed,
-            guidance=guidance,
-            method=method,
-            jacobi_block_size=jacobi_block_size,
-            jacobi_max_iter=jacobi_max_iter,
-            jacobi_threshold=jacobi_threshold,
-            denoise=denoise,
-            out=out,
-        )
-    for line in report:
-        typer.echo(line)
+SAMPLING = dict(rich_help_panel="Sampling")
 
 
 @app.command()
 def generate(
     prompt: Annotated[
-        list[str] | None, typer.Option(help='Prompt (repeatable); "" is the unconditional prompt.')
+        list[str] | None, typer.Option(help='Prompt (repeatable); "" is the unconditional one.')
     ] = None,
-    artifacts: Annotated[
-        Path | None,
-        typer.Option(help="An export directory; default: the embedded demo model (exported on first use)."),
-    ] = None,
-    negative_prompt: Annotated[
-        str | None, typer.Option(help='Unconditional text of the guidance (default "").')
-    ] = None,
-    guidance: Annotated[float | None, typer.Option(help="CFG weight; default: the manifest's.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64).")] = 0,
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64), >= 0.")] = 0,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help='Unconditional text of the guidance ("").')
+    ] = None,
     aspect_ratio: Annotated[
-        str | None, typer.Option(help="Bucket W:H, e.g. 16:9 (area near the training resolution).")
+        str | None, typer.Option(help="Bucket W:H, e.g. 16:9 (area of the training size).")
     ] = None,
     size: Annotated[str | None, typer.Option(help="Image size HxW in pixels.")] = None,
-    method: Annotated[str, typer.Option(help="jacobi or sequential.")] = "jacobi",
-    jacobi_block_size: Annotated[int | None, typer.Option(help="Default: the manifest's.")] = None,
-    jacobi_max_iter: Annotated[int | None, typer.Option(help="Default: the manifest's.")] = None,
-    jacobi_threshold: Annotated[float | None, typer.Option(help="Default: the manifest's.")] = None,
-    denoise: Annotated[bool, typer.Option(help="The self-denoise step after the flow.")] = True,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (flow blocks).")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 flow graphs.")] = "fp32",
-    threads: Annotated[int | None, typer.Option(help="CPU threads per session.")] = None,
     out: Annotated[
-        Path, typer.Option(help="grid .png, .npy (N, H, W, C) float32 in [0, 1], or a folder of PNGs.")
+        Path, typer.Option(help="A grid .png, a .npy (N, H, W, C) float32 in [0, 1], or a folder of PNGs.")
     ] = Path("starflow-generate.png"),
+    engine: Annotated[
+        str, typer.Option(help="runtime (an export, no torch) or pytorch (the reference model).")
+    ] = "runtime",
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(help="runtime: an export directory; default: the embedded model (exported once)."),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="pytorch: a checkpoint; default: the embedded digits model.")
+    ] = None,
+    config: Annotated[str | None, typer.Option(help="pytorch: the YAML config of an official .pth.")] = None,
+    text_encoder: Annotated[Path | None, typer.Option(help="pytorch: a local Hugging Face encoder.")] = None,
+    vae: Annotated[Path | None, typer.Option(help="pytorch: a local diffusers AutoencoderKL.")] = None,
+    backend: Annotated[
+        str, typer.Option(help="runtime: onnxruntime or tensorrt (flow blocks).")
+    ] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="runtime: fp32 or fp16 flow graphs.")] = "fp32",
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="CFG weight; default: the model's.", **SAMPLING)
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="jacobi (default) or sequential.", **SAMPLING)] = None,
+    jacobi_block_size: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
+    jacobi_max_iter: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
+    jacobi_threshold: Annotated[float | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
+    denoise: Annotated[bool, typer.Option(help="The self-denoise step after the flow.", **SAMPLING)] = True,
 ) -> None:
-    """Images from prompts through the standalone runtime (text encoder, flow, denoise, decoder)."""
-    from starflow.cli.generate import generate_command
+    """Images from prompts: through an export (the torch-free runtime) or the PyTorch reference."""
+    from starflow.cli.generate import open_generator, progress_bars
+    from starflow.cli.parse import parse_hw
+    from starflow.runtime.outputs import output_kind, save_images
+    from starflow.sampler import with_overrides
 
     with user_errors():
-        generate_command(
-            artifacts=artifacts,
-            prompts=prompt or [],
-            negative_prompt=negative_prompt,
-            guidance=guidance,
-            seed=seed,
-            num_images=num_images,
-            aspect_ratio=aspect_ratio,
-            size=size,
-            method=method,
-            jacobi_block_size=jacobi_block_size,
-            jacobi_max_iter=jacobi_max_iter,
-            jacobi_threshold=jacobi_threshold,
-            denoise=denoise,
-            backend=backend,
-            precision=precision,
-            threads=threads,
-            out=out,
-            echo=typer.echo,
-        )
+        output_kind(out)  # a bad or unwritable --out fails before any work
+        generator = open_generator(
+            engine, artifacts=artifacts, checkpoint=checkpoint, config=config, text_encoder=text_encoder,
+            vae=vae, backend=backend, precision=precision, threads=threads,
+        )  # fmt: skip
+        sampling = with_overrides(
+            generator.default_sampling(), guidance=guidance, method=method, block_size=jacobi_block_size,
+            max_iter=jacobi_max_iter, threshold=jacobi_threshold,
+        )  # fmt: skip
+        pixels = parse_hw(size, "--size", "image pixels", "256x384") if size else None
+        latent_size = generator.latent_size(aspect_ratio, pixels)
+        prompts = prompt or []
+        with progress_bars(generator, len(prompts) * num_images, sampling) as report:
+            result = generator.generate(
+                prompts, num_images=num_images, negative_prompt=negative_prompt, seed=seed,
+                latent_size=latent_size, sampling=sampling, denoise=denoise, progress=report,
+            )  # fmt: skip
+        files = save_images(out, result.images, columns=min(num_images, 8), prompts=result.prompts)
+    h, w = result.images.shape[1:3]
+    where = out if len(files) == 1 else f"{out}/ ({len(files)} PNGs)"
+    typer.echo(
+        f"generated {len(result.images)} images {h}x{w} with the {engine} engine ({sampling.method}, "
+        f"guidance "
+        f"{sampling.guidance:g}, seed {seed}) -> {where}\n{result.summary()}"
+    )
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="The grid PNG to write.")] = Path("starflow-demo.png"),
     per_digit: Annotated[int, typer.Option(help="Samples of each digit (grid rows).")] = 4,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise, >= 0.")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
 ) -> None:
     """Export the embedded digits model, draw 0-9 through the runtime, time it against PyTorch."""
-    from starflow.cli.generate import demo_command
+    from starflow.cli.progress import step_lines
+    from starflow.demo import run_demo
 
     with user_errors():
-        demo_command(out=out, per_digit=per_digit, seed=seed, threads=threads, echo=typer.echo)
+        result = run_demo(out, per_digit, seed, threads, export_progress=step_lines("export: "))
+    typer.echo("\n".join(result.lines()))
 
 
 @app.command()
@@ -214,6 +183,7 @@ def train(
 
 checkpoint_app = typer.Typer(help="Training checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(export_app, name="export")
 
 
 @checkpoint_app.command()
@@ -232,143 +202,6 @@ def consolidate(
     typer.echo(f"wrote {path}")
 
 
-# ---- export / validate / inspect (bodies live in starflow.export) ---------------------------------
-export_app = typer.Typer(help="Export a checkpoint to deployable artifacts.", no_args_is_help=True)
-app.add_typer(export_app, name="export")
-
-
-@export_app.command("onnx")
-def export_onnx(
-    checkpoint: Annotated[Path, typer.Option(help="Official .pth (with --config) or our .safetensors.")],
-    out: Annotated[Path, typer.Option(help="Directory to write the graphs and manifest.json into.")],
-    config: Annotated[
-        str | None, typer.Option(help="YAML config or preset name; default: the one in the .safetensors.")
-    ] = None,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or both (one directory).")] = "both",
-    opset: Annotated[
-        int | None, typer.Option(help="ONNX opset, 18..23 (default 20; 23 with --precision fp32 only).")
-    ] = None,
-    max_batch: Annotated[int, typer.Option(help="Most images per call; graphs allow twice that (CFG).")] = 8,
-    min_latent: Annotated[
-        str | None, typer.Option(help="Smallest latent HxW (latent pixels); default half the training side.")
-    ] = None,
-    max_latent: Annotated[
-        str | None, typer.Option(help="Largest latent HxW (latent pixels); default twice the training side.")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option(help="Replace a non-empty --out that holds no starflow export.")
-    ] = False,
-    validate: Annotated[bool, typer.Option(help="Compare every graph with PyTorch; a miss fails.")] = True,
-    text_encoder: Annotated[
-        Path | None,
-        typer.Option(
-            help="Local Hugging Face encoder directory (e.g. a copy of google/flan-t5-xl) to export "
-            "with its tokenizer; class-conditional checkpoints export their label table by default."
-        ),
-    ] = None,
-    vae: Annotated[
-        Path | None,
-        typer.Option(help="Local diffusers AutoencoderKL directory (e.g. sd-vae-ft-ema): its decoder."),
-    ] = None,
-    denoise: Annotated[
-        bool, typer.Option(help="Export the self-denoise graph (gradient of the flow's NLL).")
-    ] = True,
-) -> None:
-    """Export every flow block to ONNX (step, prefill, forward graphs) and the pipeline components."""
-    from rich.progress import Progress
-
-    from starflow.export.onnx_export import export_command
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("export", total=None)
-
-        def report(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
-        with user_errors():
-            summary = export_command(
-                checkpoint=checkpoint,
-                out=out,
-                config=config,
-                precision=precision,
-                opset=opset,
-                max_batch=max_batch,
-                min_latent=min_latent,
-                max_latent=max_latent,
-                force=force,
-                validate=validate,
-                progress=report,
-                text_encoder=text_encoder,
-                vae=vae,
-                denoise=denoise,
-            )
-    typer.echo(summary)
-
-
-@export_app.command("trt")
-def export_trt(
-    directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
-    builder: Annotated[
-        str,
-        typer.Option(help="auto (tensorrt when importable, else tensorrt-rtx), tensorrt or tensorrt-rtx."),
-    ] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or all (every precision exported).")] = "all",
-    profile: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="default, sequential (chunk 1) or jacobi (chunk up to --jacobi-chunk); repeatable."
-        ),
-    ] = None,
-    grid: Annotated[
-        list[str] | None,
-        typer.Option(help="A resolution bucket as a token grid HxW (latent / patch); repeatable."),
-    ] = None,
-    batch: Annotated[
-        str | None,
-        typer.Option(help="Rows per call, N or MIN:OPT:MAX (CFG doubles images); default: export's."),
-    ] = None,
-    jacobi_chunk: Annotated[
-        int | None, typer.Option(help="Chunk of the jacobi profile; default the manifest's block size.")
-    ] = None,
-    optimization_level: Annotated[int, typer.Option(help="TensorRT builder optimization level, 0..5.")] = 3,
-    workspace: Annotated[int | None, typer.Option(help="Workspace memory limit in MiB.")] = None,
-    compute_capability: Annotated[
-        list[str] | None,
-        typer.Option(help="TensorRT-RTX target, e.g. SM86; repeatable; default: all it knows."),
-    ] = None,
-) -> None:
-    """Build a TensorRT engine per graph; engines whose cache key is unchanged are kept, not rebuilt."""
-    from rich.progress import Progress
-
-    from starflow.export.trt import trt_command
-
-    with Progress(transient=True) as bar:
-        engines, phase = bar.add_task("engines", total=None), bar.add_task("", total=None, visible=False)
-
-        def report(what: str, done: int, total: int) -> None:
-            bar.update(engines, description=what, completed=done, total=total)
-
-        def report_phase(what: str, done: int, total: int) -> None:
-            bar.update(phase, description=f"  {what}", completed=done, total=total or None, visible=True)
-
-        with user_errors():
-            summary = trt_command(
-                directory=directory,
-                builder=builder,
-                precision=precision,
-                profiles=profile or [],
-                grids=grid or [],
-                batch=batch,
-                jacobi_chunk=jacobi_chunk,
-                optimization_level=optimization_level,
-                workspace_mib=workspace,
-                compute_capabilities=compute_capability or [],
-                progress=report,
-                phases=report_phase,
-            )
-    typer.echo(summary)
-
-
 @app.command("validate")
 def validate(
     directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
@@ -376,10 +209,10 @@ def validate(
     config: Annotated[str | None, typer.Option(help="YAML config; default: the manifest's model.")] = None,
 ) -> None:
     """Rerun the export's validation: every graph against PyTorch through ONNX Runtime."""
-    from starflow.export.validate import validate_command
+    from starflow.export.validate import describe_results, validate_directory
 
     with user_errors():
-        typer.echo(validate_command(directory, checkpoint, config))
+        typer.echo(describe_results(validate_directory(directory, checkpoint, config)))
 
 
 @app.command("inspect")
@@ -387,10 +220,10 @@ def inspect(
     directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
 ) -> None:
     """Print a summary of an export: blocks, graphs, dims, precisions, validation."""
-    from starflow.export.manifest import summarize
+    from starflow.export.manifest import Manifest
 
     with user_errors():
-        typer.echo(summarize(directory))
+        typer.echo(Manifest.load(directory, verify_files=False).summary())
 
 
 @app.command("bench")
@@ -404,24 +237,22 @@ def bench(
     checkpoint: Annotated[
         Path | None, typer.Option(help="The checkpoint --artifacts was exported from.")
     ] = None,
-    guidance: Annotated[float, typer.Option(min=0.0)] = 2.0,
-    batch: Annotated[int, typer.Option(min=1)] = 1,
-    jacobi_block_size: Annotated[int, typer.Option(min=1)] = 64,
-    jacobi_threshold: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    jacobi_max_iter: Annotated[int, typer.Option(min=1)] = 32,
+    guidance: float = 2.0,
+    batch: int = 1,
+    jacobi_block_size: int = 64,
+    jacobi_threshold: float = 1e-3,
+    jacobi_max_iter: int = 32,
     jacobi_init: Annotated[
-        str, typer.Option(help="First guess of each chunk: noise (the reference) or chunk-mean.")
-    ] = "noise",
+        str | None, typer.Option(help="Options row: first guess of each chunk, noise or chunk-mean.")
+    ] = None,
     shallow_block_size: Annotated[
-        int | None, typer.Option(min=1, help="Chunk length for the shallow blocks only.")
+        int | None, typer.Option(help="Options row: shallow blocks' chunk.")
     ] = None,
     shallow_threshold: Annotated[
-        float | None, typer.Option(min=0.0, help="Stop threshold for the shallow blocks only.")
+        float | None, typer.Option(help="Options row: shallow blocks' threshold.")
     ] = None,
-    throughput_batch: Annotated[
-        int, typer.Option(min=0, help="Batch of the throughput row; 0 skips it.")
-    ] = 8,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per Jacobi/forward row (median).")] = 3,
+    throughput_batch: Annotated[int, typer.Option(help="Batch of the throughput row; 0 skips it.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed runs per Jacobi/forward row (median).")] = 3,
     threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
@@ -429,37 +260,29 @@ def bench(
 
     --jacobi-init or a --shallow-* option adds one runtime row sampled with them.
     """
-    import json
-
-    from starflow.bench import format_table, run_bench
-    from starflow.runtime import JacobiSettings
-
-    shallow = None
-    if shallow_block_size is not None or shallow_threshold is not None:
-        shallow = JacobiSettings(
-            shallow_block_size or jacobi_block_size,
-            jacobi_max_iter,
-            jacobi_threshold if shallow_threshold is None else shallow_threshold,
-            jacobi_init,
-        )
+    from starflow.bench import BenchOptions, format_table, run_bench
+    from starflow.runtime.outputs import check_writable, save_text
+    from starflow.sampler import JacobiSettings, SampleOptions
 
     with user_errors():
-        result = run_bench(
-            preset=preset,
-            artifacts=artifacts,
-            checkpoint=checkpoint,
-            guidance=guidance,
-            batch=batch,
-            jacobi_block_size=jacobi_block_size,
-            jacobi_threshold=jacobi_threshold,
-            jacobi_max_iter=jacobi_max_iter,
-            jacobi_init=jacobi_init,
-            shallow_jacobi=shallow,
-            throughput_batch=throughput_batch,
-            repeats=repeats,
-            threads=threads,
-            log=lambda line: typer.echo(line, err=True),
+        jacobi = JacobiSettings(jacobi_block_size, jacobi_max_iter, jacobi_threshold)
+        sampling = SampleOptions(guidance, "jacobi", jacobi)
+        row = None
+        if jacobi_init is not None or shallow_block_size is not None or shallow_threshold is not None:
+            shallow = JacobiSettings(
+                shallow_block_size or jacobi_block_size, jacobi_max_iter,
+                jacobi_threshold if shallow_threshold is None else shallow_threshold, jacobi_init or "noise",
+            )  # fmt: skip
+            row = SampleOptions(
+                guidance, "jacobi", JacobiSettings(**{**vars(jacobi), "init": shallow.init}), shallow
+            )
+        options = BenchOptions(
+            preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats, threads
         )
+        options.check()
+        if json_out is not None:
+            check_writable(json_out.parent, f"--json {json_out}")
+        result = run_bench(options, log=lambda line: typer.echo(line, err=True))
+        if json_out is not None:
+            save_text(json_out, json.dumps(result, indent=2) + "\n")
     typer.echo(format_table(result))
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")

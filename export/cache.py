@@ -12,7 +12,7 @@ from pathlib import Path
 
 from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
-from starflow.export.manifest import SCHEMA_VERSION, load_manifest, sha256
+from starflow.export.manifest import SCHEMA_VERSION, Manifest, sha256
 
 
 def cache_dir() -> Path:
@@ -21,22 +21,21 @@ def cache_dir() -> Path:
 
 def demo_artifacts(progress=None) -> Path:
     """The embedded model's fp32 sampling export: step/prefill graphs, label-table text encoder,
-    denoise graph."""
+    denoise graph (no density graphs: sampling does not use them)."""
     digest = sha256(DEMO_CHECKPOINT)
     directory = cache_dir() / "demo" / f"digits-{digest[:12]}-schema{SCHEMA_VERSION}"
     try:
-        if load_manifest(directory)["source"]["sha256"] == digest:
+        if Manifest.load(directory).source.sha256 == digest:
             return directory
     except StarflowError:
         pass  # absent, partial or tampered: export it again
     try:
-        from starflow.export.onnx_export import export_onnx
+        from starflow.export.onnx_export import ExportOptions, export_onnx
     except ImportError as err:
         raise StarflowError(
             f"the demo model's artifacts are not in {directory} yet, and exporting them needs torch "
             f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', or pass --artifacts"
         ) from None
-    # sampling needs no density graphs: leaving them out saves a third of the export time
-    return export_onnx(
-        DEMO_CHECKPOINT, directory, precisions=("fp32",), force=True, progress=progress, density=False
-    )
+    options = ExportOptions(precisions=("fp32",), density=False, force=True)
+    export_onnx(DEMO_CHECKPOINT, directory, options, progress=progress)
+    return directory

@@ -10,15 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import GraphSpec, TensorSpec
-from starflow.export.onnx_export import DEFAULT_OPSET, dynamic_shapes_of, export_module
-from starflow.export.validate import Result, Tolerance, check_results
-from starflow.runtime.backends import open_runner
+from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
+from starflow.export.graphs import GraphSpec
+from starflow.export.manifest import Comparison, TensorSpec, Tolerance
+from starflow.export.validate import check_results, compare
+from starflow.runtime.backends import OrtRunner
 from starflow.vae import decode, upsampling
 
 if TYPE_CHECKING:
@@ -63,10 +62,10 @@ def export_decoder(vae: AutoencoderKL, path: Path, scale: float, opset: int = DE
     return spec
 
 
-def validate_decoder(vae: AutoencoderKL, path: Path, scale: float, seed: int = 0) -> list[Result]:
+def validate_decoder(vae: AutoencoderKL, path: Path, scale: float, seed: int = 0) -> list[Comparison]:
     """Run the graph through ONNX Runtime on `CASES` against `starflow.vae.decode`."""
     generator = torch.Generator().manual_seed(seed)
-    runner = open_runner("onnxruntime", "decoder.fp32", path)
+    runner = OrtRunner("decoder.fp32", path)
     results = []
     for batch, h, w in CASES:
         latent = torch.randn(batch, vae.config.latent_channels, h, w, generator=generator)
@@ -76,17 +75,3 @@ def validate_decoder(vae: AutoencoderKL, path: Path, scale: float, seed: int = 0
             compare("decoder.fp32", f"batch {batch}, latent {h}x{w}", "image", actual, expected, TOLERANCE)
         )
     return results
-
-
-def compare(
-    graph: str, case: str, tensor: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance
-) -> Result:
-    """One output against its reference, as `export.validate` records it."""
-    if actual.shape != expected.shape:
-        raise StarflowError(
-            f"graph {graph} ({case}), tensor {tensor}: shape {list(actual.shape)}, "
-            f"PyTorch gives {list(expected.shape)}"
-        )
-    scale = float(np.abs(expected).max(initial=0.0))
-    error = float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0))
-    return Result(graph, case, tensor, actual.shape, error, scale, tol.atol + tol.rtol * scale)

@@ -24,13 +24,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from starflow.errors import StarflowError
-from starflow.export.decoder import compare
-from starflow.export.graphs import ForwardGraph
-from starflow.export.manifest import GraphSpec, TensorSpec
-from starflow.export.onnx_export import DEFAULT_OPSET, check_exportable, dynamic_shapes_of, export_module
-from starflow.export.validate import Result, Tolerance, check_results
-from starflow.model import FlowBlock, StarFlow
-from starflow.runtime.backends import open_runner
+from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
+from starflow.export.graphs import GraphSpec
+from starflow.export.manifest import Comparison, TensorSpec, Tolerance
+from starflow.export.validate import check_results, compare
+from starflow.model import StarFlow
+from starflow.runtime.backends import OrtRunner
+from starflow.sampler import patchify
 
 TOLERANCE = Tolerance(atol=0.0, rtol=1e-4)  # relative to max|grad| of the case
 # (batch, latent grid in tokens, text length) checked after export; none is the trace example.
@@ -42,15 +42,13 @@ class NLLGradient(nn.Module):
 
     NLL of a sample = 0.5*sum(z^2) - sum of every block's logdet: the per-sample sum behind the
     model's per-dim mean loss, so its gradient is `numel * grad(loss)` as in `StarFlow.denoise`.
-    The blocks run as `ForwardGraph`s, whose RoPE comes from the runtime grid.
+    The blocks run their own `forward`, with RoPE positions from a grid of the symbolic sizes.
     """
 
     def __init__(self, model: StarFlow):
         super().__init__()
         self.patch_size = model.config.patch_size
-        self.flows = nn.ModuleList(
-            ForwardGraph(b, model.rope) for b in model.blocks if isinstance(b, FlowBlock)
-        )
+        self.flows = nn.ModuleList(model.sampling_blocks()[::-1])  # forward order
 
     def forward(self, x: Tensor, text: Tensor | None = None) -> Tensor:
         with torch.enable_grad():
@@ -61,17 +59,12 @@ class NLLGradient(nn.Module):
     def nll(self, x: Tensor, text: Tensor | None) -> Tensor:
         """(B,) total NLL of each sample."""
         p = self.patch_size
-        B, C = x.size(0), x.size(1)
+        seq = patchify(x, p)  # (B, T, D) raster order
         h, w = x.size(2) // p, x.size(3) // p
-        # `StarFlow.patchify`, written so that no divisibility guard pins H or W during tracing
-        tokens = x[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
-        seq = tokens.reshape(B, h * w, p * p * C)  # (B, T, D) raster order
         grid = torch.stack([torch.full((), h, dtype=torch.int64), torch.full((), w, dtype=torch.int64)])
         logdets = []
-        for flow in self.flows:
-            block = flow.block
-            z, logdet = flow(block.permute(seq), grid, text if block.text_conditioned else None)
-            seq = block.permute(z)
+        for block in self.flows:
+            seq, logdet = block(seq, text if block.text_conditioned else None, grid)
             logdets.append(logdet.sum(dim=(1, 2)))
         return 0.5 * seq.pow(2).sum(dim=(1, 2)) - sum(logdets)
 
@@ -118,7 +111,6 @@ def trace_joint(
 
 def export_denoise(model: StarFlow, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
     """Export and validate `denoise.fp32` of `model` to `path`; returns its spec."""
-    check_exportable(model)
     spec = denoise_spec(model)
     args = _example_args(model)
     dynamic_shapes = dynamic_shapes_of(spec)
@@ -144,11 +136,11 @@ def reference_gradient(model: StarFlow, x: Tensor, text: Tensor | None) -> Tenso
     return (x.numel() * grad).detach()
 
 
-def validate_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Result]:
+def validate_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Comparison]:
     """Run the graph through ONNX Runtime on `CASES` against `reference_gradient`."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    runner = open_runner("onnxruntime", "denoise.fp32", path)
+    runner = OrtRunner("denoise.fp32", path)
     results = []
     for batch, (h, w), length in CASES:
         x = torch.randn(

@@ -1,45 +1,61 @@
-"""Export-friendly views of one flow block: the step, prefill and forward graphs.
+"""What gets exported: each flow block's own methods as graphs, their signatures and profiles.
 
-The reference `FlowBlock` samples through a mutable `KVCache` and takes RoPE tables computed in
-Python from integer grid sizes; neither survives an export with symbolic shapes. These wrappers
-reuse the block's own submodules (`attention.project`, `attention.proj`, `mlp`, `head`,
-`proj_in`, `proj_txt`, the model's `RotaryEmbedding`) but take past keys/values as inputs,
-return the chunk's new keys/values, and compute RoPE positions from the runtime grid (h, w) with
-tensor ops only, so no size is baked into the graph.
-
-Every graph sees tokens in the block's own (permuted) order: the flip, guidance, the Jacobi
-update and its stop test belong to the runtime, in fp32.
+A block is exported three times, once per method of `FlowBlock`: `step` (a chunk against the
+cache, sequential and Jacobi sampling alike), `prefill` (the text keys/values) and `density`
+(the teacher-forced pass, kind "forward"). Nothing is rebuilt here: the graph is the method the
+PyTorch sampler itself runs, in fp32 or an fp16 copy. Every graph sees tokens in the block's own
+(permuted) order; the flip, guidance, the Jacobi update and its stop test belong to the runtime.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starflow.model import Attention, FlowBlock, RMSNorm, RotaryEmbedding, apply_rope
+from starflow.errors import StarflowError
+from starflow.export.manifest import FileEntry, Graph, Range, TensorSpec
+from starflow.model import FlowBlock, RMSNorm
+from starflow.sampler import JacobiSettings
+
+if TYPE_CHECKING:
+    import onnx
+
+    from starflow.config import StarFlowConfig
+
+ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
+BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density"}  # graph kind -> method
 
 
+# ---- precision -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """How a graph computes: fp32, or fp16 weights/matmuls with chosen ops kept in fp32.
 
-    The flow head (proj_out, soft-clip, softplus/exp) and RoPE are fp32 in every variant.
+    The flow head (proj_out, soft-clip, softplus/exp), RoPE, RMSNorm and the attention scores
+    and softmax are fp32 in every variant (the model computes them so).
     """
 
     name: str  # "fp32" or "fp16"
-    fp32_norms: bool = True  # LayerNorm/RMSNorm computed in fp32 (RMSNorm always is)
-    fp32_softmax: bool = True  # attention scores and softmax in fp32
+    fp32_norms: bool = True  # LayerNorm statistics and affine in fp32
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float16 if self.name == "fp16" else torch.float32
 
-
-FP32 = Precision("fp32")
+    def fp32_ops(self) -> tuple[str, ...]:
+        """Which computations stay fp32 (all of them in fp32 graphs), as the manifest lists them."""
+        ops = ["rope", "flow_head", "rms_norm", "softmax"]
+        if self.name == "fp32" or self.fp32_norms:
+            ops.append("layer_norm")
+        if self.name == "fp32":
+            ops.append("matmul")
+        return tuple(ops)
 
 
 class Fp32LayerNorm(nn.LayerNorm):
@@ -65,175 +81,168 @@ def cast_block(block: FlowBlock, precision: Precision) -> FlowBlock:
     out.proj_out.float()
     if out.final_norm is not None:
         out.final_norm.float()
-    if precision.fp32_norms:
-        for parent in out.modules():
-            for name, child in parent.named_children():
-                if isinstance(child, nn.LayerNorm):
-                    setattr(parent, name, _to_fp32_layer_norm(child))
-                elif isinstance(child, RMSNorm):
-                    child.float()
+    for parent in out.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.LayerNorm) and precision.fp32_norms:
+                setattr(parent, name, _to_fp32_layer_norm(child))
+            elif isinstance(child, RMSNorm):
+                child.float()
     return out
 
 
-# ---- RoPE from the runtime grid --------------------------------------------------------------
-def rope_tables(
-    rope: RotaryEmbedding,
-    first: int | torch.SymInt,
-    length: int | torch.SymInt,
-    text_length: Tensor,
-    grid: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """cos/sin (length, hd) for sequence positions [first, first+length) of [text ; image row-major].
+class BlockGraph(nn.Module):
+    """One method of a FlowBlock (see BLOCK_METHODS) as a module, for torch.onnx.export."""
 
-    Same arithmetic as `RotaryEmbedding.positions`: text i at (0, 0, i/L*s), image token j at
-    ((j // w)/sqrt(h*w)*s, (j % w)/sqrt(h*w)*s, 0). `text_length` and `grid` are int64 tensors.
-    """
-    s = rope.pt_seq_len
-    index = torch.arange(length, device=grid.device) + first
-    h, w = grid[0], grid[1]
-    mean_len = (h * w).float().sqrt()
-    image = (index - text_length).clamp(min=0)
-    px = torch.div(image, w, rounding_mode="floor").float() / mean_len * s
-    py = torch.remainder(image, w).float() / mean_len * s
-    if not rope.with_text:
-        return rope(torch.stack([px, py], dim=-1))
-    is_text = index < text_length
-    pt = index.float() / text_length.clamp(min=1).float() * s
-    zero = torch.zeros_like(px)
-    pos = torch.stack(
-        [torch.where(is_text, zero, px), torch.where(is_text, zero, py), torch.where(is_text, pt, zero)],
-        dim=-1,
+    def __init__(self, block: FlowBlock, kind: str, precision: Precision):
+        super().__init__()
+        self.block = cast_block(block, precision).eval()
+        self.method = BLOCK_METHODS[kind]
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        return getattr(self.block, self.method)(*args)
+
+
+# ---- signatures ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """What one graph must look like; checked against the exported file."""
+
+    block: int | None  # None: a component graph (text_encoder, decoder, denoise)
+    kind: str  # step | prefill | forward | text_encoder | decoder | denoise
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def name(self) -> str:
+        prefix = f"block{self.block}." if self.block is not None else ""
+        return f"{prefix}{self.kind}.{self.precision}"
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def dims(self) -> list[str]:
+        """The symbolic dims with a profile; derived ones ("8*height") follow from those."""
+        names = [
+            d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str) and d.isidentifier()
+        ]
+        return list(dict.fromkeys(names))
+
+    def check_signature(self, model: onnx.ModelProto) -> None:
+        """Fail if a symbolic dim was specialised to a constant (or names/dtypes drifted)."""
+        for kind, declared, actual in (
+            ("input", self.inputs, model.graph.input),
+            ("output", self.outputs, model.graph.output),
+        ):
+            found = [_tensor_spec(v) for v in actual]
+            if found != list(declared):
+                raise StarflowError(
+                    f"graph {self.name}: exported {kind}s {found} differ from the declared {list(declared)} "
+                    "(a dynamic dim was specialised?)"
+                )
+
+    def entry(self, directory: Path, dims: dict[str, Range]) -> Graph:
+        """The manifest entry of the exported file in `directory`: files with sha256, profile."""
+        data = directory / f"{self.file}.data"
+        external = (FileEntry.of(directory, data.name),) if data.exists() else ()
+        main = FileEntry.of(directory, self.file)
+        return Graph(
+            self.name, self.block, self.kind, self.precision, main.file, main.sha256, main.bytes, external,
+            self.inputs, self.outputs, {d: dims[d] for d in self.dims},
+        )  # fmt: skip
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
+    return TensorSpec(value.name, ONNX_DTYPES.get(tensor.elem_type, str(tensor.elem_type)), shape)
+
+
+def block_specs(
+    config: StarFlowConfig, block: FlowBlock, precision: str, density: bool = True
+) -> list[GraphSpec]:
+    """The step, (prefill,) and (forward) graphs of one block; the manifest schema documents them."""
+    D, layers = config.token_dim, len(block.attn_blocks)
+    kv, hd = block.num_kv_heads, block.head_dim
+    cache_dtype = "float16" if precision == "fp16" else "float32"
+
+    def cache(name: str, length: str) -> TensorSpec:
+        return TensorSpec(name, cache_dtype, (layers, "batch", kv, length, hd))
+
+    tokens = TensorSpec("x", "float32", ("batch", "chunk", D))
+    grid, start = TensorSpec("grid", "int64", (2,)), TensorSpec("start", "int64", ())
+    text = TensorSpec("text", "float32", ("batch", "text", config.txt_dim))
+    step_inputs = (tokens, cache("past_keys", "past"), cache("past_values", "past"), grid, start)
+    step_outputs = (
+        TensorSpec("mu", "float32", ("batch", "chunk", D)),
+        TensorSpec("sigma", "float32", ("batch", "chunk", D)),
+        cache("new_keys", "chunk"),
+        cache("new_values", "chunk"),
     )
-    return rope(pos)
+    specs = [GraphSpec(block.index, "step", precision, step_inputs, step_outputs)]
+    if block.text_conditioned:
+        prefill_outputs = (cache("keys", "text"), cache("values", "text"))
+        specs.append(GraphSpec(block.index, "prefill", precision, (text,), prefill_outputs))
+    if density:
+        sequence = TensorSpec("x", "float32", ("batch", "tokens", D))
+        inputs = (sequence, grid) + ((text,) if block.text_conditioned else ())
+        outputs = (
+            TensorSpec("z", "float32", ("batch", "tokens", D)),
+            TensorSpec("logdet", "float32", ("batch", "tokens", D)),
+        )
+        specs.append(GraphSpec(block.index, "forward", precision, inputs, outputs))
+    return specs
 
 
-# ---- attention against past keys/values ------------------------------------------------------
-def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, fp32_softmax: bool) -> Tensor:
-    """`Attention.attend` on rotated q, k, without its Python branch on lq == lk (a shape guard
-    under export).
+# ---- shape profiles ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LatentRange:
+    """Latent sizes (H, W in latent pixels) the graphs' profiles cover, inclusive."""
 
-    Queries are the last lq of the lk key positions; the causal mask is built from aranges so
-    it stays symbolic in both lengths. Scores/softmax optionally in fp32.
-    """
-    lq, lk = q.size(2), k.size(2)
-    if attn.num_kv_heads != attn.num_heads:
-        k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
-        v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
-    if fp32_softmax:
-        q, k = q.float(), k.float()
-    scores = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5  # (B, H, lq, lk)
-    rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-    mask = torch.arange(lk, device=q.device)[None, :] <= rows
-    scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, H, lq, hd)
-    B, _, n, _ = out.shape
-    out = attn.proj(out.transpose(1, 2).reshape(B, n, attn.num_heads * attn.head_dim))
-    return attn.post_norm(out) if attn.post_norm is not None else out
+    min: tuple[int, int]
+    max: tuple[int, int]
 
+    @classmethod
+    def default(cls, config: StarFlowConfig) -> LatentRange:
+        """Half to twice the training latent side, per side: covers the official aspect buckets."""
+        p, side = config.patch_size, config.latent_size
+        low = max(p, -(-side // 2) // p * p)
+        return cls((low, low), (2 * side, 2 * side))
 
-def run_layers(
-    block: FlowBlock,
-    h: Tensor,
-    past_keys: Tensor | None,
-    past_values: Tensor | None,
-    cos: Tensor,
-    sin: Tensor,
-    fp32_softmax: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """All layers on h (B, l, ch) at the positions of cos/sin (l, hd), after the cached ones.
-
-    Keys are cached after RoPE: each position is rotated once, when its chunk runs, instead of
-    the whole cache on every call (the reference's cache holds keys before RoPE and rotates all
-    of them each step; same arithmetic per key: bench-256's fp32 pipeline output did not change
-    by a single bit). Returns h and the chunk's rotated keys and its values, (layers, B, Hkv, l, hd).
-    """
-    new_keys, new_values = [], []
-    for i, layer in enumerate(block.attn_blocks):
-        q, k, v = layer.attention.project(h)  # k, v: (B, Hkv, l, hd), before RoPE
-        q = apply_rope(q, cos, sin).to(v.dtype)
-        k = apply_rope(k, cos, sin).to(v.dtype)
-        new_keys.append(k)
-        new_values.append(v)
-        if past_keys is not None:
-            k = torch.cat([past_keys[i].to(k.dtype), k], dim=2)
-            v = torch.cat([past_values[i].to(v.dtype), v], dim=2)
-        h = h + attend(layer.attention, q, k, v, fp32_softmax)
-        h = h + layer.mlp(h)
-    return h, torch.stack(new_keys), torch.stack(new_values)
+    def check(self, config: StarFlowConfig) -> None:
+        p = config.patch_size
+        for name, (h, w) in (("min_latent", self.min), ("max_latent", self.max)):
+            if h % p or w % p or h < 1 or w < 1:
+                raise StarflowError(f"{name}: {h}x{w} is not a positive multiple of patch_size {p}")
+        if self.min[0] > self.max[0] or self.min[1] > self.max[1]:
+            raise StarflowError(
+                f"min_latent {self.min[0]}x{self.min[1]} exceeds max_latent {self.max[0]}x{self.max[1]}"
+            )
+        side = config.latent_size
+        if not (self.min[0] <= side <= self.max[0] and self.min[1] <= side <= self.max[1]):
+            raise StarflowError(
+                f"the latent range {self.min[0]}x{self.min[1]}..{self.max[0]}x{self.max[1]} must "
+                f"include the model's training latent {side}x{side}"
+            )
 
 
-# ---- the three graphs --------------------------------------------------------------------------
-class StepGraph(nn.Module):
-    """A chunk of transformer inputs against the cache -> mu, sigma (fp32), the chunk's keys/values.
-
-    Inputs: x (B, c, D) fp32, the block-order inputs of positions [start, start+c) (sos for the
-    first token, then the previous tokens); past_keys/past_values (layers, B, Hkv, P, hd), the
-    cache of the P = text_length + start earlier positions (keys rotated by RoPE, as new_keys and
-    the prefill's keys are); grid int64 (2,) = (h, w) tokens;
-    start int64 () the image-token index of the chunk's first position.
-    """
-
-    def __init__(self, block: FlowBlock, rope: RotaryEmbedding, precision: Precision = FP32):
-        super().__init__()
-        self.block = cast_block(block, precision)
-        self.rope = rope
-        self.precision = precision
-
-    def forward(
-        self, x: Tensor, past_keys: Tensor, past_values: Tensor, grid: Tensor, start: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        block = self.block
-        past = past_keys.size(3)
-        cos, sin = rope_tables(self.rope, past, x.size(1), past - start, grid)
-        h = block.proj_in(x.to(block.proj_in.weight.dtype))
-        h, keys, values = run_layers(block, h, past_keys, past_values, cos, sin, self.precision.fp32_softmax)
-        mu, sigma = block.head(h.float())
-        return mu, sigma, keys, values
-
-
-class PrefillGraph(nn.Module):
-    """Text embeddings (B, L, txt_dim) fp32 -> their rotated keys, values (layers, B, Hkv, L, hd)."""
-
-    def __init__(self, block: FlowBlock, rope: RotaryEmbedding, precision: Precision = FP32):
-        super().__init__()
-        self.block = cast_block(block, precision)
-        self.rope = rope
-        self.precision = precision
-
-    def forward(self, text: Tensor) -> tuple[Tensor, Tensor]:
-        block, s = self.block, self.rope.pt_seq_len
-        L = text.size(1)
-        pt = torch.arange(L, device=text.device).float() / L * s  # text i at (0, 0, i/L*s)
-        zero = torch.zeros_like(pt)
-        cos, sin = self.rope(torch.stack([zero, zero, pt], dim=-1))
-        h = block.proj_txt(text.to(block.proj_txt.weight.dtype))
-        _, keys, values = run_layers(block, h, None, None, cos, sin, self.precision.fp32_softmax)
-        return keys, values
-
-
-class ForwardGraph(nn.Module):
-    """The whole sequence in block order -> z (fp32, block order), logdet = -log(sigma) (fp32).
-
-    Inputs: x (B, T, D) fp32, grid int64 (2,) = (h, w), and text (B, L, txt_dim) fp32 on
-    text-conditioned blocks. Teacher-forced: the same transformer pass the training loss uses.
-    """
-
-    def __init__(self, block: FlowBlock, rope: RotaryEmbedding, precision: Precision = FP32):
-        super().__init__()
-        self.block = cast_block(block, precision)
-        self.rope = rope
-        self.precision = precision
-
-    def forward(self, x: Tensor, grid: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        block = self.block
-        dtype = block.proj_in.weight.dtype
-        inp = torch.cat([block.sos_embed.to(x.dtype).expand(x.size(0), -1, -1), x[:, :-1]], dim=1)
-        h = block.proj_in(inp.to(dtype))  # (B, T, ch)
-        text_length = torch.zeros((), dtype=torch.int64)
-        if text is not None:
-            h = torch.cat([block.proj_txt(text.to(dtype)), h], dim=1)
-            text_length = text_length + text.size(1)
-        cos, sin = rope_tables(self.rope, 0, h.size(1), text_length, grid)
-        h, _, _ = run_layers(block, h, None, None, cos, sin, self.precision.fp32_softmax)
-        mu, sigma = block.head(h[:, h.size(1) - x.size(1) :].float())
-        return (x - mu) / sigma, -sigma.log()
+def profile_dims(config: StarFlowConfig, latent: LatentRange, max_batch: int) -> dict[str, Range]:
+    """min/opt/max of every symbolic dim of an export."""
+    p, L = config.patch_size, config.txt_size
+    t_min = (latent.min[0] // p) * (latent.min[1] // p)
+    t_opt = (config.latent_size // p) ** 2
+    t_max = (latent.max[0] // p) * (latent.max[1] // p)
+    dims = {
+        "batch": Range(1, 2, 2 * max_batch),  # guidance runs [cond ; uncond]: twice the images
+        "tokens": Range(t_min, t_opt, t_max),
+        "chunk": Range(1, min(JacobiSettings().block_size, t_opt), t_max),
+        "past": Range(0, L + t_opt // 2, L + t_max - 1),
+        # whole latents (decoder and denoise graphs), in latent pixels
+        "height": Range(latent.min[0], config.latent_size, latent.max[0]),
+        "width": Range(latent.min[1], config.latent_size, latent.max[1]),
+    }
+    if L > 0:
+        dims["text"] = Range(1, L, L)
+    return dims

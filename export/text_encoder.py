@@ -9,15 +9,14 @@ tokenizer file included, against the PyTorch encoder before it is returned.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
-from starflow.export.manifest import GraphSpec, TensorSpec
-from starflow.export.onnx_export import DEFAULT_OPSET, dynamic_shapes_of, export_module
-from starflow.export.validate import Result
+from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
+from starflow.export.graphs import GraphSpec
+from starflow.export.manifest import Comparison, TensorSpec, TextComponent
 from starflow.text_encoder import LabelTextEncoder, TextEncoder
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -66,8 +65,8 @@ def _save_tokenizer(encoder: TextEncoder, path: Path) -> None:
 
 def export_text_encoder(
     encoder: TextEncoder, directory: Path, opset: int = DEFAULT_OPSET
-) -> tuple[GraphSpec, dict[str, Any]]:
-    """Write the graph and tokenizer into `directory`, validate them; return (spec, component entry).
+) -> tuple[GraphSpec, TextComponent]:
+    """Write the graph and tokenizer into `directory`, validate them; return (spec, manifest entry).
 
     The graph is written in place like the block graphs (ONNX external data names its own file,
     so it cannot go through a temporary name); export_onnx works in a temporary directory anyway.
@@ -79,15 +78,15 @@ def export_text_encoder(
     export_module(encoder, example, dynamic_shapes_of(spec), spec, directory / spec.file, opset)
     _save_tokenizer(encoder, directory / TOKENIZER_FILE)
     label = isinstance(encoder, LabelTextEncoder)
-    component = {
-        "kind": "label-table" if label else "hf-encoder",
-        "graph": spec.name,
-        "tokenizer": TOKENIZER_FILE,
-        "token_length": encoder.max_length,
-        "pad_id": encoder.labels.null_label if label else encoder.tokenizer.pad_token_id,
-        "classes": list(encoder.labels.classes) if label else None,
-        "source": encoder.source,
-    }
+    component = TextComponent(
+        kind="label-table" if label else "hf-encoder",
+        graph=spec.name,
+        tokenizer=TOKENIZER_FILE,
+        token_length=encoder.max_length,
+        pad_id=encoder.labels.null_label if label else encoder.tokenizer.pad_token_id,
+        classes=tuple(encoder.labels.classes) if label else None,
+        source=encoder.source,
+    )
     for result in validate_text_encoder(encoder, directory, component):
         if not result.passed:
             raise StarflowError(
@@ -97,27 +96,30 @@ def export_text_encoder(
     return spec, component
 
 
-def validate_text_encoder(encoder: TextEncoder, directory: Path, component: dict[str, Any]) -> list[Result]:
+def validate_text_encoder(
+    encoder: TextEncoder, directory: Path, component: TextComponent
+) -> list[Comparison]:
     """Runtime path (tokenizer.json + graph in onnxruntime) vs `encoder.encode`, one prompt at a time."""
-    from starflow.runtime.backends import open_runner
+    from starflow.runtime.backends import OrtRunner
     from starflow.runtime.text import TextEncoderRunner
 
-    name = component["graph"]
-    runner = open_runner("onnxruntime", name, Path(directory) / f"{name}.onnx")
+    name = component.graph
+    runner = OrtRunner(name, Path(directory) / f"{name}.onnx")
     text = TextEncoderRunner(directory, component, runner)
     results = []
     for prompt in _check_prompts(encoder):
         got = text.encode([prompt])
         want = encoder.encode([prompt]).cpu().numpy()
+        error = float(np.abs(got - want).max()) if got.shape == want.shape else np.inf
         results.append(
-            Result(
-                graph=name,
-                case=f"prompt {prompt!r}",
-                tensor="embeddings",
-                shape=tuple(want.shape),
-                max_abs_error=float(np.abs(got - want).max()) if got.shape == want.shape else np.inf,
-                max_abs_reference=float(np.abs(want).max()),
-                limit=MAX_ABS_ERROR,
+            Comparison.of(
+                name,
+                f"prompt {prompt!r}",
+                "embeddings",
+                want.shape,
+                error,
+                float(np.abs(want).max()),
+                MAX_ABS_ERROR,
             )
         )
     return results

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,18 +26,22 @@ from typing import Any
 
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
-from starflow.export.manifest import load_manifest, sha256, write_manifest
-from starflow.runtime.sizes import parse_hw
+from starflow.export.manifest import Engine, EngineBuilder, EngineProfile, Graph, Manifest, Range, sha256
+from starflow.export.trt_profiles import (
+    BuildSettings,
+    cache_key,
+    derive_profiles,
+    graph_profiles,
+    input_shapes,
+)
 
 Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
-Range = tuple[int, int, int]  # min, opt, max
 
-MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # --builder value -> module
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # builder option -> module
 INSTALL_HINT = (
     "pip install 'starflow[tensorrt-rtx]' (tensorrt-rtx-cu13 + tensorrt-rtx-cu13-bindings: builds "
     "engines without a GPU), or NVIDIA's full TensorRT (pip install tensorrt) on the GPU machine"
 )
-PROFILE_KINDS = ("default", "sequential", "jacobi")
 TIMING_CACHE = "timing.cache"  # full TensorRT only: TensorRT-RTX timing-cache calls are no-ops
 DEFAULT_OPTIMIZATION_LEVEL = 3
 TURING = ("SM75",)
@@ -72,7 +75,7 @@ def import_module(name: str) -> ModuleType | None:
 def choose_builder(requested: str = "auto") -> Builder:
     """`tensorrt` when importable (it targets the GPU present), else `tensorrt_rtx`."""
     if requested != "auto" and requested not in MODULES:
-        raise StarflowError(f"--builder: expected auto or one of {list(MODULES)}, got {requested!r}")
+        raise StarflowError(f"builder: expected auto or one of {list(MODULES)}, got {requested!r}")
     names = [MODULES[requested]] if requested != "auto" else list(MODULES.values())
     for name in names:
         module = import_module(name)
@@ -112,7 +115,7 @@ def resolve_targets(builder: Builder, requested: Sequence[str]) -> tuple[list[st
     if not builder.rtx:
         if requested:
             raise StarflowError(
-                "--compute-capability applies to TensorRT-RTX only; full TensorRT builds for the GPU present"
+                "compute_capabilities apply to TensorRT-RTX only; full TensorRT builds for the GPU present"
             )
         capability, device = current_gpu()
         return [capability], device
@@ -121,151 +124,9 @@ def resolve_targets(builder: Builder, requested: Sequence[str]) -> tuple[list[st
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise StarflowError(
-            f"--compute-capability {unknown}: TensorRT-RTX {builder.version} builds for {known}"
+            f"compute_capabilities {unknown}: TensorRT-RTX {builder.version} builds for {known}"
         )
     return list(dict.fromkeys(wanted)), None
-
-
-# ---- profiles --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class EngineProfile:
-    """One TensorRT optimization profile: min/opt/max of the symbolic dims it names."""
-
-    name: str
-    dims: dict[str, Range]
-
-    def restrict(self, names: Sequence[str]) -> EngineProfile:
-        return EngineProfile(self.name, {d: self.dims[d] for d in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "dims": {d: dict(zip(("min", "opt", "max"), r, strict=True)) for d, r in self.dims.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> EngineProfile:
-        return cls(entry["name"], {d: (r["min"], r["opt"], r["max"]) for d, r in entry["dims"].items()})
-
-
-def parse_range(text: str, option: str) -> Range:
-    """'N' (1..N, opt N) or 'MIN:OPT:MAX' -> (min, opt, max)."""
-    try:
-        values = [int(v) for v in text.split(":")]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = [1, values[0], values[0]]
-    if len(values) != 3 or not 0 < values[0] <= values[1] <= values[2]:
-        raise StarflowError(f"{option}: expected N or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX, got {text!r}")
-    return values[0], values[1], values[2]
-
-
-def parse_grid(text: str) -> tuple[int, int]:
-    """'HxW' token grid -> (h, w)."""
-    return parse_hw(text, "--grid", "tokens (latent size / patch size)", "8x12")
-
-
-def _within(inner: Range, outer: Range) -> bool:
-    return outer[0] <= inner[0] and inner[2] <= outer[2]
-
-
-def derive_profiles(
-    manifest: dict[str, Any],
-    kinds: Sequence[str] = ("default",),
-    grids: Sequence[tuple[int, int]] = (),
-    batch: Range | None = None,
-    jacobi_chunk: int | None = None,
-) -> list[EngineProfile]:
-    """Directory-wide profiles from the manifest's dims: named kinds, then one per token grid.
-
-    default: the exported ranges; sequential: chunk 1; jacobi: chunks up to the Jacobi block
-    (1..c, tuned for c); grid HxW: one resolution bucket, tokens = H*W and chunk/past sized for
-    it. `batch` replaces every profile's batch range and must lie inside the exported one.
-    """
-    dims: dict[str, Range] = {d: (r["min"], r["opt"], r["max"]) for d, r in manifest["dims"].items()}
-    unknown = [k for k in kinds if k not in PROFILE_KINDS]
-    if unknown:
-        raise StarflowError(f"--profile {unknown}: choose from {list(PROFILE_KINDS)} (and --grid HxW)")
-    if batch is not None:
-        if not _within(batch, dims["batch"]):
-            lo, _, hi = dims["batch"]
-            raise StarflowError(f"--batch {batch[0]}:{batch[1]}:{batch[2]}: the graphs allow rows {lo}..{hi}")
-        dims["batch"] = batch
-    chunk_max = dims["chunk"][2]
-    c = min(jacobi_chunk or manifest["jacobi"]["block_size"], chunk_max)
-    if c < 1:
-        raise StarflowError(f"--jacobi-chunk: must be >= 1, got {jacobi_chunk}")
-    profiles = []
-    for kind in dict.fromkeys(kinds):
-        chunk = {"default": dims["chunk"], "sequential": (1, 1, 1), "jacobi": (1, c, c)}[kind]
-        profiles.append(EngineProfile(kind, {**dims, "chunk": chunk}))
-    latent = manifest["latent"]
-    p = latent["patch_size"]
-    lo, hi = (latent["min"][0] // p, latent["min"][1] // p), (latent["max"][0] // p, latent["max"][1] // p)
-    text = dims["text"][2] if "text" in dims else 0
-    for h, w in dict.fromkeys(grids):
-        if not (lo[0] <= h <= hi[0] and lo[1] <= w <= hi[1]):
-            raise StarflowError(
-                f"--grid {h}x{w}: this export covers token grids {lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]} "
-                f"(latent {latent['min'][0]}x{latent['min'][1]} .. {latent['max'][0]}x{latent['max'][1]} "
-                f"at patch size {p})"
-            )
-        t = h * w
-        grid_dims = {
-            **dims,
-            "tokens": (t, t, t),
-            "chunk": (1, min(c, t), t),
-            "past": (dims["past"][0], text + t // 2, text + t - 1),
-        }
-        profiles.append(EngineProfile(f"grid {h}x{w}", grid_dims))
-    if not profiles:
-        raise StarflowError("no profiles: pass --profile and/or --grid")
-    return profiles
-
-
-def graph_profiles(graph: dict[str, Any], profiles: Sequence[EngineProfile]) -> list[EngineProfile]:
-    """The profiles restricted to one graph's dims, duplicates dropped (first name kept)."""
-    out: list[EngineProfile] = []
-    for profile in profiles:
-        mine = profile.restrict(list(graph["profile"]))
-        if all(mine.dims != seen.dims for seen in out):
-            out.append(mine)
-    return out
-
-
-def input_shapes(graph: dict[str, Any], profile: EngineProfile) -> dict[str, tuple[list[int], ...]]:
-    """Input name -> (min, opt, max) shapes, the symbolic dims replaced by the profile's."""
-    return {
-        t["name"]: tuple(
-            [profile.dims[d][i] if isinstance(d, str) else d for d in t["shape"]] for i in range(3)
-        )
-        for t in graph["inputs"]
-    }
-
-
-# ---- cache keys ------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class BuildSettings:
-    """Everything besides the graph and profiles that an engine depends on."""
-
-    builder: str
-    version: str
-    compute_capabilities: tuple[str, ...]
-    device: str | None
-    optimization_level: int
-    workspace_bytes: int | None
-
-
-def cache_key(graph: dict[str, Any], profiles: Sequence[EngineProfile], settings: BuildSettings) -> str:
-    """sha256 over the engine's inputs; any change to them makes a new key."""
-    material = {
-        "onnx": [graph["sha256"], *(e["sha256"] for e in graph["external_data"])],
-        "precision": graph["precision"],
-        "profiles": [p.to_dict() for p in profiles],
-        "settings": dataclasses.asdict(settings),
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 # ---- one engine ------------------------------------------------------------------------------
@@ -310,7 +171,7 @@ def _monitor(trt: ModuleType, phases: Progress) -> Any:
 def build_engine(
     builder: Builder,
     onnx_path: Path,
-    graph: dict[str, Any],
+    graph: Graph,
     profiles: Sequence[EngineProfile],
     settings: BuildSettings,
     timing_cache: Path | None = None,
@@ -325,7 +186,7 @@ def build_engine(
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] + log.errors
-        raise StarflowError(f"engine {graph['name']}: TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise StarflowError(f"engine {graph.name}: TensorRT cannot parse {onnx_path.name}: {errors}")
     config = trt_builder.create_builder_config()
     config.builder_optimization_level = settings.optimization_level
     if settings.workspace_bytes is not None:
@@ -346,17 +207,18 @@ def build_engine(
                 trt_profile.set_shape(name, low, opt, high)
         except (RuntimeError, TypeError, ValueError) as err:
             raise StarflowError(
-                f"engine {graph['name']}: profile {profile.name!r} rejected by TensorRT: {err} {log.errors}"
+                f"engine {graph.name}: profile {profile.name!r} rejected by TensorRT: {err} {log.errors}"
             ) from None
         if config.add_optimization_profile(trt_profile) < 0:
             raise StarflowError(
-                f"engine {graph['name']}: profile {profile.name!r} {profile.to_dict()['dims']} rejected "
+                f"engine {graph.name}: profile {profile.name!r} "
+                f"{dataclasses.asdict(profile)['dims']} rejected "
                 f"by TensorRT: {log.errors}"
             )
     serialized = trt_builder.build_serialized_network(network, config)
     if serialized is None:
         raise StarflowError(
-            f"engine {graph['name']}: {builder.name} {builder.version} failed to build (profiles "
+            f"engine {graph.name}: {builder.name} {builder.version} failed to build (profiles "
             f"{[p.name for p in profiles]}, targets {list(settings.compute_capabilities)}): "
             + ("; ".join(log.errors) or "TensorRT gave no error text")
         )
@@ -368,6 +230,32 @@ def build_engine(
 
 # ---- a directory -----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Which engines to build, and how; every option is checked before the first build."""
+
+    builder: str = "auto"  # auto (tensorrt when importable, else tensorrt-rtx), tensorrt, tensorrt-rtx
+    precisions: tuple[str, ...] = ()  # empty: every precision in the export
+    profiles: tuple[str, ...] = ("default",)  # default, sequential, jacobi (trt_profiles)
+    grids: tuple[tuple[int, int], ...] = ()  # resolution buckets as token grids (h, w)
+    batch: Range | None = None  # rows per call; None: the export's range
+    jacobi_chunk: int | None = None  # chunk of the jacobi profile; None: the manifest's block size
+    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
+    workspace_bytes: int | None = None
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets; empty: SM80 and newer
+
+    def check(self, manifest: Manifest, directory: Path) -> None:
+        missing = [p for p in self.precisions if p not in manifest.precisions]
+        if missing:
+            raise StarflowError(
+                f"precisions {missing}: {directory} has graphs in {sorted(manifest.precisions)}"
+            )
+        if not 0 <= self.optimization_level <= 5:
+            raise StarflowError(f"optimization_level: expected 0..5, got {self.optimization_level}")
+        if self.workspace_bytes is not None and self.workspace_bytes <= 0:
+            raise StarflowError(f"workspace_bytes: must be positive, got {self.workspace_bytes}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineResult:
     """What happened to one graph's engine."""
 
@@ -378,146 +266,96 @@ class EngineResult:
     bytes: int
 
 
-def engine_file(graph: dict[str, Any]) -> str:
-    return f"{graph['name']}.engine"
-
-
-def _cached(directory: Path, entry: dict[str, Any] | None, key: str) -> bool:
-    if entry is None or entry["cache_key"] != key:
+def _cached(directory: Path, entry: Engine | None, key: str) -> bool:
+    if entry is None or entry.cache_key != key:
         return False
-    path = directory / entry["file"]
-    return path.is_file() and sha256(path) == entry["sha256"]
+    path = directory / entry.file
+    return path.is_file() and sha256(path) == entry.sha256
 
 
 def build_engines(
     directory: str | Path,
+    options: EngineOptions | None = None,
     *,
-    builder: str = "auto",
-    precisions: Sequence[str] = (),
-    profiles: Sequence[str] = ("default",),
-    grids: Sequence[tuple[int, int]] = (),
-    batch: Range | None = None,
-    jacobi_chunk: int | None = None,
-    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
-    workspace_bytes: int | None = None,
-    compute_capabilities: Sequence[str] = (),
     progress: Progress | None = None,
     phases: Progress | None = None,
 ) -> list[EngineResult]:
-    """Build (or keep, when its key is unchanged) an engine for every graph of the precisions.
+    """Build (or keep, when its key is unchanged) an engine for every flow-block graph.
 
-    `precisions` empty means all in the manifest. `progress` hears per engine, `phases` per
-    TensorRT build phase. Every argument is checked before the first build starts.
+    `progress` hears per engine, `phases` per TensorRT build phase. The components (text encoder,
+    decoder, denoise) run once per image and stay on ONNX Runtime; no engines are built for them.
     """
+    options = options or EngineOptions()
     directory = Path(directory)
-    manifest = load_manifest(directory)
-    available = sorted(manifest["precisions"])
-    missing = [p for p in precisions if p not in available]
-    if missing:
-        raise StarflowError(f"--precision {missing}: {directory} has graphs in {available}")
-    if not 0 <= optimization_level <= 5:
-        raise StarflowError(f"--optimization-level: expected 0..5, got {optimization_level}")
-    if workspace_bytes is not None and workspace_bytes <= 0:
-        raise StarflowError(f"--workspace: must be positive, got {workspace_bytes} bytes")
-    chosen = derive_profiles(manifest, profiles, grids, batch, jacobi_chunk)
-    trt = choose_builder(builder)
-    targets, device = resolve_targets(trt, compute_capabilities)
-    settings = BuildSettings(
-        trt.name, trt.version, tuple(targets), device, optimization_level, workspace_bytes
+    manifest = Manifest.load(directory)
+    options.check(manifest, directory)
+    chunk = options.jacobi_chunk if options.jacobi_chunk is not None else manifest.jacobi.block_size
+    chosen = derive_profiles(
+        manifest.dims, manifest.latent, chunk, options.profiles, options.grids, options.batch
     )
-    # Flow-block graphs only: the components (text encoder, decoder, denoise) run once per image
-    # and stay on ONNX Runtime; engines for them are not built yet.
-    graphs = [
-        g
-        for g in manifest["graphs"]
-        if g["block"] is not None and g["precision"] in (precisions or available)
-    ]
-    entries = {e["graph"]: e for e in manifest.get("engines", [])}
+    trt = choose_builder(options.builder)
+    targets, device = resolve_targets(trt, options.compute_capabilities)
+    settings = BuildSettings(
+        trt.name, trt.version, tuple(targets), device, options.optimization_level, options.workspace_bytes
+    )
+    wanted = options.precisions or tuple(manifest.precisions)
+    graphs = [g for g in manifest.graphs if g.block is not None and g.precision in wanted]
     timing_cache = None if trt.rtx else directory / TIMING_CACHE
     results = []
     for done, graph in enumerate(graphs):
         mine = graph_profiles(graph, chosen)
         key = cache_key(graph, mine, settings)
-        file = engine_file(graph)
-        if _cached(directory, entries.get(graph["name"]), key):
-            results.append(EngineResult(graph["name"], file, False, 0.0, (directory / file).stat().st_size))
+        file = f"{graph.name}.engine"
+        if _cached(directory, manifest.engine(graph.name), key):
+            results.append(EngineResult(graph.name, file, False, 0.0, (directory / file).stat().st_size))
             continue
         if progress:
             progress(f"build {file}", done, len(graphs))
         began = time.perf_counter()
-        blob = build_engine(trt, directory / graph["file"], graph, mine, settings, timing_cache, phases)
+        blob = build_engine(trt, directory / graph.file, graph, mine, settings, timing_cache, phases)
         seconds = time.perf_counter() - began
         with atomic_path(directory / file) as tmp:
             tmp.write_bytes(blob)
-        entries[graph["name"]] = {
-            "graph": graph["name"],
-            "file": file,
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "bytes": len(blob),
-            "builder": {"name": trt.name, "version": trt.version},
-            "precision": graph["precision"],
-            "strongly_typed": hasattr(trt.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
-            "profiles": [p.to_dict() for p in mine],
-            "compute_capabilities": targets,
-            "device": device,
-            "optimization_level": optimization_level,
-            "workspace_bytes": workspace_bytes,
-            "cache_key": key,
-        }
-        manifest["engines"] = [entries[g["name"]] for g in manifest["graphs"] if g["name"] in entries]
-        write_manifest(directory, manifest)
-        results.append(EngineResult(graph["name"], file, True, seconds, len(blob)))
+        strongly_typed = hasattr(trt.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+        entry = Engine(
+            graph.name, file, hashlib.sha256(blob).hexdigest(), len(blob),
+            EngineBuilder(trt.name, trt.version),
+            graph.precision, strongly_typed, tuple(mine), tuple(targets), device, options.optimization_level,
+            options.workspace_bytes, key,
+        )  # fmt: skip
+        manifest = _with_engine(manifest, entry)
+        manifest.write(directory)  # after each engine: an interrupted build keeps what it finished
+        results.append(EngineResult(graph.name, file, True, seconds, len(blob)))
     if progress:
         progress("done", len(graphs), len(graphs))
     return results
 
 
-def trt_command(
-    *,
-    directory: Path,
-    builder: str,
-    precision: str,
-    profiles: list[str],
-    grids: list[str],
-    batch: str | None,
-    jacobi_chunk: int | None,
-    optimization_level: int,
-    workspace_mib: int | None,
-    compute_capabilities: list[str],
-    progress: Progress | None,
-    phases: Progress | None,
-) -> str:
-    """`starflow export trt`: parse the CLI's strings, build, and describe what happened."""
-    results = build_engines(
-        directory,
-        builder=builder,
-        precisions=() if precision == "all" else (precision,),
-        profiles=profiles or (() if grids else ("default",)),
-        grids=[parse_grid(g) for g in grids],
-        batch=None if batch is None else parse_range(batch, "--batch"),
-        jacobi_chunk=jacobi_chunk,
-        optimization_level=optimization_level,
-        workspace_bytes=None if workspace_mib is None else workspace_mib << 20,
-        compute_capabilities=compute_capabilities,
-        progress=progress,
-        phases=phases,
-    )
-    manifest = load_manifest(directory, verify_files=False)
-    entry = manifest["engines"][0] if manifest.get("engines") else None
-    built = [r for r in results if r.built]
+def _with_engine(manifest: Manifest, entry: Engine) -> Manifest:
+    """The manifest with `entry` added or replaced, engines in the order of their graphs."""
+    engines = {e.graph: e for e in manifest.engines} | {entry.graph: entry}
+    ordered = tuple(engines[g.name] for g in manifest.graphs if g.name in engines)
+    return dataclasses.replace(manifest, engines=ordered)
+
+
+def describe_engines(results: list[EngineResult], manifest: Manifest) -> str:
+    """What `starflow export trt` prints: each engine, then what was built and by which builder."""
     lines = [
         f"  {r.file:36} {r.bytes / 2**20:8.2f} MiB  "
         + (f"built in {r.seconds:.1f} s" if r.built else "cached (key unchanged)")
         for r in results
     ]
-    if not built:
-        lines.append(f"all {len(results)} engines are up to date in {directory}; nothing built")
-    else:
-        lines.append(f"built {len(built)} of {len(results)} engines in {directory}")
-    if entry is not None:
+    built = [r for r in results if r.built]
+    lines.append(
+        f"built {len(built)} of {len(results)} engines"
+        if built
+        else f"all {len(results)} engines are up to date; nothing built"
+    )
+    if manifest.engines:
+        entry = manifest.engines[0]
         lines.append(
-            f"builder {entry['builder']['name']} {entry['builder']['version']}, targets "
-            f"{', '.join(entry['compute_capabilities'])}"
-            + ("" if entry["builder"]["name"] == "tensorrt" else " (TensorRT-RTX: no timing cache)")
+            f"builder {entry.builder.name} {entry.builder.version}, "
+            f"targets {', '.join(entry.compute_capabilities)}"
+            + ("" if entry.builder.name == "tensorrt" else " (TensorRT-RTX: no timing cache)")
         )
     return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""Validation: every exported graph against the PyTorch reference, through ONNX Runtime.
+"""Validation: every exported graph against the PyTorch block it was exported from, in ONNX Runtime.
 
-The reference side is the model's own sampling path (`FlowBlock.prefill`/`step` on a `KVCache`,
-`FlowBlock.forward`), not the export wrappers, so a wrapper bug cannot hide. Each graph runs at
-three shape cases that differ from the export example: another batch, a non-square grid and a
-small one, chunk 1 and chunk c, an empty and a non-empty cache, two text lengths.
+The reference side runs the block's own methods eagerly in fp32 (`FlowBlock.open`, the cached
+step the PyTorch sampler uses, and `FlowBlock.density`), so the comparison covers the exporter
+and the fp16 casts. Each graph runs at three shape cases that differ from the export example:
+another batch, a non-square grid and a small one, chunk 1 and chunk c, an empty and a non-empty
+cache, two text lengths. Pipeline-level parity (the runtime's samples against the reference's
+and the official goldens) is tested separately, in tests/test_runtime.py.
 """
 
 from __future__ import annotations
@@ -16,17 +18,8 @@ import numpy as np
 import torch
 
 from starflow.errors import StarflowError
-from starflow.export.manifest import load_manifest
-from starflow.model import FlowBlock, StarFlow, apply_rope
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """A tensor passes when max|onnx - torch| <= atol + rtol * max|torch|."""
-
-    atol: float
-    rtol: float
-
+from starflow.export.manifest import Comparison, Graph, Manifest, Tolerance
+from starflow.model import FlowBlock, StarFlow
 
 # Measured worst max|error|/max|reference|: fp32 7e-6 on the 3B-shaped block; fp16 9.6e-4 on the
 # fixture and 5.7e-3 on the 3B-shaped block (fp16 weights and matmuls over 3072 channels), which
@@ -46,51 +39,19 @@ class Case:
     text_length: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Result:
-    graph: str
-    case: str
-    tensor: str
-    shape: tuple[int, ...]
-    max_abs_error: float
-    max_abs_reference: float
-    limit: float
-
-    @property
-    def severity(self) -> float:
-        """Error as a fraction of the limit (inf when the limit is 0 and the error is not)."""
-        if self.limit > 0:
-            return self.max_abs_error / self.limit
-        return float("inf") if self.max_abs_error > 0 else 0.0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.max_abs_error <= self.limit)  # NaN fails
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "shape": list(self.shape), "passed": self.passed}
-
-    def describe(self) -> str:
-        return (
-            f"graph {self.graph}, tensor {self.tensor}, shape {list(self.shape)} ({self.case}): "
-            f"max abs error {self.max_abs_error:.3g} > limit {self.limit:.3g} "
-            f"(max |reference| {self.max_abs_reference:.3g})"
-        )
-
-
-def shape_cases(manifest: dict[str, Any]) -> list[Case]:
+def shape_cases(manifest: Manifest) -> list[Case]:
     """Three shape sets inside the exported profile, none equal to the export example.
 
     Grids stay at or below the training size so that validating a 3B-sized block stays minutes.
     """
-    latent, p = manifest["latent"], manifest["latent"]["patch_size"]
-    g = latent["train"][0] // p
-    lo = (latent["min"][0] // p, latent["min"][1] // p)
+    latent, p = manifest.latent, manifest.latent.patch_size
+    g = latent.train[0] // p
+    lo = (latent.min[0] // p, latent.min[1] // p)
     if lo[1] < g:
         narrow = max(lo[1], g // 2)
     else:  # the profile allows no narrower grid: go wider if it can, else stay square
-        narrow = min(g + 1, latent["max"][1] // p)
-    L = manifest["text"]["max_length"] if manifest["text"] else 0
+        narrow = min(g + 1, latent.max[1] // p)
+    L = manifest.text.max_length if manifest.text else 0
     square, small = g * g, lo[0] * lo[1]
     return [
         Case("batch 2, square grid, chunk c, start 0", 2, (g, g), 0, min(16, square), L),
@@ -107,55 +68,40 @@ def shape_cases(manifest: dict[str, Any]) -> list[Case]:
 
 
 @torch.no_grad()
-def reference(model: StarFlow, block: FlowBlock, case: Case, seed: int) -> dict[str, dict[str, np.ndarray]]:
+def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[str, dict[str, np.ndarray]]:
     """Feeds and PyTorch outputs of every graph kind of `block` at `case` (fp32)."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    B, (h, w), D = case.batch, case.grid, cfg.token_dim
+    B, (h, w), D = case.batch, case.grid, block.proj_in.in_features
     L = case.text_length if block.text_conditioned else 0
-    rope = model.rope_tables(block, h, w, L)
-    end = case.start + case.chunk
+    end, P = case.start + case.chunk, L + case.start
     tokens = torch.randn(B, end, D, generator=gen)
     tokens[:, :1] = block.sos_embed  # position 0 always sees the start-of-sequence token
-    text = torch.randn(B, L, cfg.txt_dim, generator=gen) if L else None
+    text = torch.randn(B, L, text_dim, generator=gen) if L else None
     grid = np.array([h, w], dtype=np.int64)
-    out: dict[str, dict[str, np.ndarray]] = {}
-
-    cache = block.new_cache(B, L + end, tokens)
-    if text is not None:
-        block.prefill(text, cache, rope)
+    step = block.open(B, (h, w), text)
     if case.start:
-        block.step(tokens[:, : case.start], L, cache, rope, L)
-    mu, sigma = block.step(tokens[:, case.start :], L + case.start, cache, rope, L)
-    # the reference caches keys before RoPE; the graphs exchange them rotated (see run_layers)
-    keys = apply_rope(cache.keys, rope[0][: L + end], rope[1][: L + end]).numpy()
+        step(tokens[:, : case.start], 0)
+    past = {
+        "in:past_keys": step.keys[:, :, :, :P].numpy().copy(),
+        "in:past_values": step.values[:, :, :, :P].numpy().copy(),
+    }
+    mu, sigma = step(tokens[:, case.start :], case.start)
+    out: dict[str, dict[str, np.ndarray]] = {}
     if text is not None:
         out["prefill"] = {
             "in:text": text.numpy(),
-            "keys": keys[:, :, :, :L],
-            "values": cache.values[:, :, :, :L].numpy(),
+            "keys": step.keys[:, :, :, :L].numpy(),
+            "values": step.values[:, :, :, :L].numpy(),
         }
-    P = L + case.start
     out["step"] = {
-        "in:x": tokens[:, case.start :].numpy(),
-        "in:past_keys": keys[:, :, :, :P],
-        "in:past_values": cache.values[:, :, :, :P].numpy(),
-        "in:grid": grid,
-        "in:start": np.array(case.start, dtype=np.int64),
-        "mu": mu.numpy(),
-        "sigma": sigma.numpy(),
-        "new_keys": keys[:, :, :, P:],
-        "new_values": cache.values[:, :, :, P:].numpy(),
-    }
-
+        "in:x": tokens[:, case.start :].numpy(), **past, "in:grid": grid,
+        "in:start": np.array(case.start, dtype=np.int64), "mu": mu.numpy(), "sigma": sigma.numpy(),
+        "new_keys": step.keys[:, :, :, P : L + end].numpy(),
+        "new_values": step.values[:, :, :, P : L + end].numpy(),
+    }  # fmt: skip
     x = torch.randn(B, h * w, D, generator=gen)  # block order
-    z, logdet = block(block.permute(x), text, rope)
-    out["forward"] = {
-        "in:x": x.numpy(),
-        "in:grid": grid,
-        "z": block.permute(z).numpy(),
-        "logdet": logdet.numpy(),
-    }
+    z, logdet = block.density(x, torch.from_numpy(grid), text)
+    out["forward"] = {"in:x": x.numpy(), "in:grid": grid, "z": z.numpy(), "logdet": logdet.numpy()}
     if text is not None:
         out["forward"]["in:text"] = text.numpy()
     return out
@@ -170,71 +116,59 @@ def _session(path: Path) -> Any:
 
 
 def validate_export(
-    directory: str | Path, model: StarFlow, seed: int = 0, verify_files: bool = True
-) -> list[Result]:
-    """Compare every graph in `directory` with `model` at every shape case; returns all results."""
+    directory: str | Path, model: StarFlow, manifest: Manifest, seed: int = 0
+) -> list[Comparison]:
+    """Compare every block graph in `directory` with `model` at every shape case."""
     directory = Path(directory)
-    manifest = load_manifest(directory, verify_files)
-    graphs = {g["name"]: g for g in manifest["graphs"]}
-    results: list[Result] = []
+    results: list[Comparison] = []
     cases = shape_cases(manifest)
-    for block_entry in manifest["blocks"]:
-        block = model.blocks[block_entry["index"]]
-        refs = [reference(model, block, case, seed + i) for i, case in enumerate(cases)]
+    for entry in manifest.blocks:
+        block = model.blocks[entry.index]
+        refs = [reference(block, model.config.txt_dim, case, seed + i) for i, case in enumerate(cases)]
         # One session alive at a time: a 3B-sized block's graphs are GBs each.
-        for precision, kinds in block_entry["graphs"].items():
-            tol = TOLERANCES[precision]
+        for precision, kinds in entry.graphs.items():
             for kind, name in kinds.items():
-                graph = graphs[name]
-                session = _session(directory / graph["file"])
+                graph = manifest.graph(name)
+                session = _session(directory / graph.file)
                 for case, ref in zip(cases, refs, strict=True):
-                    results += _compare(session, graph, case, ref[kind], tol)
+                    results += _compare(session, graph, case, ref[kind], TOLERANCES[precision])
                 del session
     return results
 
 
 def _compare(
-    session: Any, graph: dict[str, Any], case: Case, data: dict[str, np.ndarray], tol: Tolerance
-) -> list[Result]:
-    """Run one graph on the reference feeds; one Result per output tensor."""
-    name = graph["name"]
-    feeds = {}
-    for spec in graph["inputs"]:
-        value = data[f"in:{spec['name']}"]
-        feeds[spec["name"]] = value.astype(spec["dtype"]) if value.dtype != np.int64 else value
+    session: Any, graph: Graph, case: Case, data: dict[str, np.ndarray], tol: Tolerance
+) -> list[Comparison]:
+    """Run one graph on the reference feeds; one Comparison per output tensor."""
+    feeds = {t.name: data[f"in:{t.name}"].astype(t.dtype) for t in graph.inputs}
     try:
         outputs = session.run(None, feeds)
     except Exception as err:  # onnxruntime raises its own exception types
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         raise StarflowError(
-            f"graph {name} ({case.name}): onnxruntime failed with inputs {shapes}: {err}"
+            f"graph {graph.name} ({case.name}): onnxruntime failed with inputs {shapes}: {err}"
         ) from None
-    results = []
-    for spec, actual in zip(graph["outputs"], outputs, strict=True):
-        expected = data[spec["name"]]
-        if actual.shape != expected.shape:
-            raise StarflowError(
-                f"graph {name} ({case.name}), tensor {spec['name']}: shape "
-                f"{list(actual.shape)}, PyTorch gives {list(expected.shape)}"
-            )
-        error = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-        scale = float(np.abs(expected).max(initial=0.0))
-        limit = tol.atol + tol.rtol * scale
-        results.append(
-            Result(
-                name,
-                case.name,
-                spec["name"],
-                tuple(actual.shape),
-                float(error.max(initial=0.0)),
-                scale,
-                limit,
-            )
+    return [
+        compare(graph.name, case.name, spec.name, actual, data[spec.name], tol)
+        for spec, actual in zip(graph.outputs, outputs, strict=True)
+    ]
+
+
+def compare(
+    graph: str, case: str, tensor: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance
+) -> Comparison:
+    """One output against its reference: passes when max|error| <= atol + rtol * max|reference|."""
+    if actual.shape != expected.shape:
+        raise StarflowError(
+            f"graph {graph} ({case}), tensor {tensor}: shape {list(actual.shape)}, "
+            f"PyTorch gives {list(expected.shape)}"
         )
-    return results
+    scale = float(np.abs(expected).max(initial=0.0))
+    error = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
+    return Comparison.of(graph, case, tensor, actual.shape, error, scale, tol.atol + tol.rtol * scale)
 
 
-def check_results(results: list[Result]) -> None:
+def check_results(results: list[Comparison]) -> None:
     """Raise naming every failing graph/tensor/shape, worst first."""
     failed = sorted((r for r in results if not r.passed), key=lambda r: -r.severity)
     if failed:
@@ -242,26 +176,28 @@ def check_results(results: list[Result]) -> None:
         raise StarflowError(f"validation failed for {len(failed)} of {len(results)} tensors:\n  {listed}")
 
 
+def describe_results(results: tuple[Comparison, ...] | list[Comparison]) -> str:
+    """One line: how many tensors passed, and the one closest to its limit."""
+    if not results:
+        return "validation skipped (--no-validate)"
+    worst = max(results, key=lambda r: r.severity)
+    return (
+        f"validation passed: {len(results)} tensors in {len({r.graph for r in results})} graphs; "
+        "closest to its "
+        f"limit: {worst.graph} {worst.tensor} {list(worst.shape)} error {worst.max_abs_error:.3g} "
+        f"(limit {worst.limit:.3g})"
+    )
+
+
 def validate_directory(
     directory: str | Path, checkpoint: str | Path, config: str | Path | None = None
-) -> list[Result]:
+) -> list[Comparison]:
     """Reload the checkpoint (config from the manifest unless given) and rerun validation."""
     from starflow.checkpoint import load_model
     from starflow.config import config_from_dict
 
-    manifest = load_manifest(directory)  # checks every sha256 once; validate_export need not again
-    model_config = config if config is not None else config_from_dict(manifest["model"], "manifest model")
-    results = validate_export(directory, load_model(model_config, checkpoint), verify_files=False)
+    manifest = Manifest.load(directory)  # checks every sha256 once
+    model_config = config if config is not None else config_from_dict(manifest.model, "manifest model")
+    results = validate_export(directory, load_model(model_config, checkpoint), manifest)
     check_results(results)
     return results
-
-
-def validate_command(directory: Path, checkpoint: Path, config: str | None) -> str:
-    """`starflow validate`: rerun validation, describe the tensor closest to its limit."""
-    results = validate_directory(directory, checkpoint, config)
-    worst = max(results, key=lambda r: r.severity)
-    return (
-        f"validation passed: {len(results)} tensors in {len({r.graph for r in results})} graphs; closest to "
-        f"its limit: {worst.graph} {worst.tensor} {list(worst.shape)} error {worst.max_abs_error:.3g} "
-        f"(limit {worst.limit:.3g})"
-    )

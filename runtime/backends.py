@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from starflow.errors import StarflowError
+from starflow.export.manifest import Engine, Graph
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -41,7 +42,7 @@ def _import_onnxruntime() -> Any:
 class OrtRunner:
     """An ONNX Runtime session created once, with the thread settings chosen at load."""
 
-    def __init__(self, name: str, path: Path, providers: list[Any] | None, threads: int | None):
+    def __init__(self, name: str, path: Path, providers: list[Any] | None = None, threads: int | None = None):
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -71,13 +72,30 @@ class OrtRunner:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
-def open_runner(
-    backend: str, name: str, path: Path, providers: list[Any] | None = None, threads: int | None = None
-) -> Runner:
-    if backend == "onnxruntime":
-        return OrtRunner(name, path, providers, threads)
-    if backend == "tensorrt":  # engines from `starflow export trt`; threads do not apply
-        from starflow.runtime.trt_backend import TrtRunner
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise StarflowError(f"backend {backend!r} is not available; choose one of {list(BACKENDS)}")
 
-        return TrtRunner(name, path, providers)
-    raise StarflowError(f"backend {backend!r} is not available; choose one of {list(BACKENDS)}")
+
+def open_runner(
+    backend: str,
+    directory: Path,
+    graph: Graph,
+    engine: Engine | None,
+    providers: list[Any] | None = None,
+    threads: int | None = None,
+) -> Runner:
+    """A runner for `graph` of the export in `directory`: its ONNX file, or its TensorRT engine."""
+    check_backend(backend)
+    if backend == "onnxruntime":
+        return OrtRunner(graph.name, directory / graph.file, providers, threads)
+    if providers is not None:
+        raise StarflowError("providers apply to backend 'onnxruntime' only, not 'tensorrt'")
+    if engine is None:
+        raise StarflowError(
+            f"{directory}: no TensorRT engine for graph {graph.name}; "
+            f"build one: starflow export trt {directory}"
+        )
+    from starflow.runtime.trt_backend import TrtRunner  # threads do not apply
+
+    return TrtRunner(directory, graph, engine)

@@ -1,8 +1,10 @@
-"""Prompts to images through an export: text encoder -> flow blocks -> self-denoise -> decoder.
+"""Prompts to images: text encoder -> flow blocks -> self-denoise -> decoder.
 
-Every stage is a graph named by the manifest; this module only orders them and batches the work
-to the export's batch profile. The noise comes from numpy's PCG64 (`make_noise`), shared with
-the PyTorch reference so that both paths can be compared image for image.
+`ImageGenerator.generate` is the loop, written once (against the array API, like the sampler):
+it draws the noise, encodes the prompts, samples in batches of the engine's size, denoises and
+decodes, timing each stage. An engine supplies the stages: `Generator` (here) runs the graphs
+of an export, `starflow.t2i.ReferenceGenerator` the PyTorch modules. The noise is numpy's PCG64
+(`make_noise`) for both, so they give the same images for the same seed.
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from starflow.errors import StarflowError
-from starflow.runtime.backends import open_runner
+from starflow.export.manifest import Manifest
+from starflow.runtime.backends import OrtRunner
 from starflow.runtime.image import Decoder, Denoiser, to_unit_images
-from starflow.runtime.pipeline import METHODS, Pipeline, Progress
-from starflow.runtime.sizes import aspect_bucket, parse_size
+from starflow.runtime.pipeline import Pipeline
+from starflow.runtime.sizes import latent_size
 from starflow.runtime.text import TextEncoderRunner
-from starflow.stats import BlockStats
+from starflow.sampler import Array, BlockStats, Progress, SampleOptions
 
 
 def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """The prior sample both engines use: standard normal float32 from numpy's default generator."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise StarflowError(f"seed: must be an integer >= 0, got {seed!r}")
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
@@ -37,9 +43,126 @@ class Generation:
     stats: list[BlockStats]  # per batch, per block in sampling order
     seconds: dict[str, float]  # text, flow, denoise, decode, total
 
+    def summary(self) -> str:
+        """The timing line: images per second and where the time went."""
+        s, n = self.seconds, len(self.images)
+        calls = sum(b.evaluations for b in self.stats)
+        return (
+            f"time: {s['total']:.2f} s for {n} images ({n / s['total']:.1f} images/s): "
+            f"text {s['text']:.3f} s, flow {s['flow']:.3f} s ({calls} block calls), "
+            f"denoise {s['denoise']:.3f} s, decode {s['decode']:.3f} s"
+        )
 
-class Generator:
-    """A loaded export, ready to turn prompts into images."""
+
+class ImageGenerator:
+    """The prompts-to-images loop over an engine's stages (the methods subclasses define)."""
+
+    # latent sizes: channels, training side, granularity (patch), image pixels per latent pixel
+    channels: int
+    train_side: int
+    multiple_of: int
+    factor: int
+
+    # ---- the stages ----------------------------------------------------------------------------
+    def check(self, prompts: list[str], num_images: int, sampling: SampleOptions, denoise: bool) -> None:
+        """Everything a caller can get wrong, before any work."""
+        raise NotImplementedError
+
+    def default_sampling(self) -> SampleOptions:
+        raise NotImplementedError
+
+    def images_per_batch(self, guidance: float) -> int:
+        raise NotImplementedError
+
+    def noise(self, seed: int, shape: tuple[int, ...]) -> Array:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> Array | None:
+        """Text embeddings (B, L, dim); None for a model without text."""
+        raise NotImplementedError
+
+    def sample(self, noise: Array, y: Array | None, y_uncond: Array | None, sampling: SampleOptions,
+               progress: Progress | None) -> tuple[Array, list[BlockStats]]:  # fmt: skip
+        raise NotImplementedError
+
+    def denoise(self, x: Array, y: Array | None) -> Array:
+        raise NotImplementedError
+
+    def decode(self, latent: Array) -> Array:
+        """Latents -> images (B, C, H, W) in about [-1, 1]."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def latent_size(
+        self, aspect_ratio: str | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """Latent (H, W) of an aspect-ratio bucket or an image size (H, W) in pixels; default: the
+        training size."""
+        return latent_size(aspect_ratio, size, self.train_side, self.multiple_of, self.factor)
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_images: int = 1,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        latent_size: tuple[int, int] | None = None,
+        sampling: SampleOptions | None = None,
+        denoise: bool = True,
+        progress: Progress | None = None,
+    ) -> Generation:
+        """`num_images` images per prompt; the unconditional text is the negative prompt or ""."""
+        options = sampling or self.default_sampling()
+        self.check(prompts, num_images, options, denoise)
+        H, W = latent_size or self.latent_size()
+        per_image = [p for p in prompts for _ in range(num_images)]
+        noise = self.noise(seed, (len(per_image), self.channels, H, W))
+        xp = array_namespace(noise)
+        seconds = dict.fromkeys(("text", "flow", "denoise", "decode"), 0.0)
+        began = time.perf_counter()
+
+        def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+            start = time.perf_counter()
+            result = fn(*args)
+            seconds[stage] += time.perf_counter() - start
+            return result
+
+        y = timed("text", self.encode, per_image)
+        y_uncond = None
+        if options.guidance > 0:
+            y_uncond = xp.broadcast_to(timed("text", self.encode, [negative_prompt or ""]), y.shape)
+        latents, stats = [], []
+        step = self.images_per_batch(options.guidance)
+        for first in range(0, len(per_image), step):
+            part = slice(first, first + step)
+            cond = None if y is None else y[part]
+            uncond = None if y_uncond is None else y_uncond[part]
+            x, block_stats = timed("flow", self.sample, noise[part], cond, uncond, options, progress)
+            stats += block_stats
+            latents.append(timed("denoise", self.denoise, x, cond) if denoise else x)
+        latent = xp.concat(latents)
+        image = timed("decode", self.decode, latent)
+        seconds["total"] = time.perf_counter() - began
+        images = to_unit_images(self.to_numpy(image))
+        return Generation(images, self.to_numpy(latent), per_image, stats, seconds)
+
+
+def check_prompts(prompts: list[str], num_images: int, guidance: float, text_model: bool) -> None:
+    """What every engine refuses before any work."""
+    if not prompts:
+        raise StarflowError('prompts: pass at least one ("" is the unconditional prompt)')
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise StarflowError(f"num_images: must be an integer >= 1, got {num_images!r}")
+    if not text_model and (any(prompts) or guidance > 0):
+        raise StarflowError("this model is unconditional: give no prompt text and no guidance")
+
+
+class Generator(ImageGenerator):
+    """A loaded export, ready to turn prompts into images (no torch)."""
 
     def __init__(
         self,
@@ -49,12 +172,14 @@ class Generator:
         decoder: Decoder | None,
     ):
         self.pipeline = pipeline
-        self.manifest = pipeline.manifest
+        self.manifest: Manifest = pipeline.manifest
         self.text = text
         self.denoiser = denoiser
         self.decoder = decoder
-        decoding = self.manifest["decoder"]
-        self.factor = decoding["factor"] if decoding["kind"] == "sd-vae" else 1
+        latent = self.manifest.latent
+        self.channels = latent.channels
+        self.train_side, self.multiple_of = latent.train[0], latent.multiple_of
+        self.factor = self.manifest.decoder.factor or 1
 
     @classmethod
     def load(
@@ -69,145 +194,64 @@ class Generator:
         directory = Path(artifacts_dir)
         pipeline = Pipeline.load(directory, backend, precision, providers, threads)
         manifest = pipeline.manifest
-        graphs = {g["name"]: g for g in manifest["graphs"]}
 
-        def runner(name: str):
+        def runner(name: str) -> OrtRunner:
             # components have no engines: with backend tensorrt they run on ONNX Runtime's CPU EP
             ort_providers = providers if backend == "onnxruntime" else None
-            return open_runner("onnxruntime", name, directory / graphs[name]["file"], ort_providers, threads)
+            return OrtRunner(name, directory / manifest.graph(name).file, ort_providers, threads)
 
-        component = (manifest["text"] or {}).get("component")
-        text = TextEncoderRunner(directory, component, runner(component["graph"])) if component else None
-        channels, multiple = manifest["latent"]["channels"], manifest["latent"]["multiple_of"]
-        text_dim = manifest["text"]["dim"] if manifest["text"] else 0
-        denoise = manifest["denoise"]
-        denoiser = Denoiser(runner(denoise["graph"]), channels, text_dim, multiple) if denoise else None
-        graph = manifest["decoder"].get("graph")
-        decoder = Decoder(runner(graph), channels) if graph else None
-        return cls(pipeline, text, denoiser, decoder)
-
-    # ---- sizes ----------------------------------------------------------------------------------
-    def latent_size(self, aspect_ratio: str | None = None, size: str | None = None) -> tuple[int, int]:
-        """Latent (H, W) for an aspect-ratio bucket or an `HxW` image size; default: training size."""
-        if aspect_ratio and size:
-            raise StarflowError("give --aspect-ratio or --size, not both")
-        latent = self.manifest["latent"]
-        if size:
-            return parse_size(size, self.factor, latent["multiple_of"])
-        if aspect_ratio:
-            return aspect_bucket(aspect_ratio, latent["train"][0], latent["multiple_of"])
-        return tuple(latent["train"])  # type: ignore[return-value]
-
-    def images_per_batch(self, guidance: float) -> int:
-        rows = self.manifest["dims"]["batch"]["max"]
-        return rows // 2 if guidance > 0 else rows
-
-    # ---- generation -----------------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: list[str],
-        num_images: int = 1,
-        negative_prompt: str | None = None,
-        guidance: float | None = None,
-        seed: int = 0,
-        latent_size: tuple[int, int] | None = None,
-        method: str = "jacobi",
-        jacobi_block_size: int | None = None,
-        jacobi_max_iter: int | None = None,
-        jacobi_threshold: float | None = None,
-        denoise: bool = True,
-        progress: Progress | None = None,
-    ) -> Generation:
-        """`num_images` images per prompt; the unconditional text is the negative prompt or ""."""
-        manifest = self.manifest
-        guidance = manifest["guidance"]["default_weight"] if guidance is None else guidance
-        self._check(prompts, num_images, negative_prompt, guidance, method, denoise)
-        jacobi = manifest["jacobi"]
-        settings = dict(
-            method=method,
-            jacobi_block_size=jacobi_block_size or jacobi["block_size"],
-            jacobi_max_iter=jacobi_max_iter or jacobi["max_iter"],
-            jacobi_threshold=jacobi["threshold"] if jacobi_threshold is None else jacobi_threshold,
-        )
-        H, W = latent_size or self.latent_size()
-        per_image = [p for p in prompts for _ in range(num_images)]
-        noise = make_noise(seed, (len(per_image), manifest["latent"]["channels"], H, W))
-        seconds = dict.fromkeys(("text", "flow", "denoise", "decode"), 0.0)
-        began = time.perf_counter()
-
-        def timed(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            seconds[stage] += time.perf_counter() - start
-            return result
-
-        y = y_uncond = None
-        if self.text is not None:
-            y = timed("text", self.text.encode, per_image)
-            if guidance > 0:
-                uncond = timed("text", self.text.encode, [negative_prompt or ""])
-                y_uncond = np.repeat(uncond, len(per_image), axis=0)
-        latents, stats = [], []
-        step = self.images_per_batch(guidance)
-        for first in range(0, len(per_image), step):
-            part = slice(first, first + step)
-            cond = None if y is None else y[part]
-            uncond = None if y_uncond is None else y_uncond[part]
-            x, block_stats = timed(
-                "flow",
-                self.pipeline.sample,
-                noise[part],
-                cond,
-                uncond,
-                guidance,
-                return_stats=True,
-                progress=progress,
-                **settings,
+        text, latent, denoise, decoding = manifest.text, manifest.latent, manifest.denoise, manifest.decoder
+        component = text.component if text else None
+        text_runner = TextEncoderRunner(directory, component, runner(component.graph)) if component else None
+        denoiser = None
+        if denoise is not None:
+            denoiser = Denoiser(
+                runner(denoise.graph), latent.channels, text.dim if text else 0, latent.multiple_of
             )
-            stats += block_stats
-            if denoise:
-                x = timed("denoise", self.denoiser.denoise, x, cond, manifest["denoise"]["noise_std"])
-            latents.append(x)
-        latent = np.concatenate(latents)
-        image = timed("decode", self.decoder.decode, latent) if self.decoder else latent
-        seconds["total"] = time.perf_counter() - began
-        return Generation(to_unit_images(image), latent, per_image, stats, seconds)
+        decoder = Decoder(runner(decoding.graph), latent.channels) if decoding.graph else None
+        return cls(pipeline, text_runner, denoiser, decoder)
 
-    def _check(
-        self,
-        prompts: list[str],
-        num_images: int,
-        negative_prompt: str | None,
-        guidance: float,
-        method: str,
-        denoise: bool,
-    ) -> None:
-        """Everything a user can get wrong, before any graph runs."""
-        manifest = self.manifest
-        if not prompts:
-            raise StarflowError("no prompt given: pass at least one --prompt")
-        if num_images < 1:
-            raise StarflowError(f"--num-images: must be >= 1, got {num_images}")
-        if method not in METHODS:
-            raise StarflowError(f"--method: expected one of {list(METHODS)}, got {method!r}")
-        if manifest["text"] is None:
-            if any(prompts) or negative_prompt or guidance > 0:
-                raise StarflowError(
-                    "this model is unconditional: give no prompt text, negative prompt or guidance"
-                )
-        elif self.text is None:
+    def check(self, prompts: list[str], num_images: int, sampling: SampleOptions, denoise: bool) -> None:
+        manifest, directory = self.manifest, self.pipeline.directory
+        sampling.check()
+        check_prompts(prompts, num_images, sampling.guidance, manifest.text is not None)
+        if manifest.text is not None and self.text is None:
             raise StarflowError(
-                f"{self.pipeline.directory}: this export has no text encoder; re-export with "
-                f"--text-encoder DIR (a local copy of {manifest['text']['encoder'] or 'the model encoder'})"
+                f"{directory}: this export has no text encoder; re-export with text_encoder=DIR "
+                f"(a local copy of {manifest.text.encoder or 'the model encoder'})"
             )
         if denoise and self.denoiser is None:
             raise StarflowError(
-                f"{self.pipeline.directory}: this export has no denoise graph; pass --no-denoise "
-                "or re-export without --no-denoise"
+                f"{directory}: this export has no denoise graph; pass denoise=False or re-export with it"
             )
-        decoding = manifest["decoder"]
-        if decoding["kind"] == "sd-vae" and self.decoder is None:
+        if manifest.decoder.kind == "sd-vae" and self.decoder is None:
             raise StarflowError(
-                f"{self.pipeline.directory}: this latent model's export has no decoder; re-export with "
-                f"--vae DIR (a local copy of {decoding['source']})"
+                f"{directory}: this latent model's export has no decoder; re-export with vae=DIR "
+                f"(a local copy of {manifest.decoder.source})"
             )
+
+    def default_sampling(self) -> SampleOptions:
+        """The export's defaults: its guidance weight and Jacobi settings."""
+        return SampleOptions(
+            guidance=self.manifest.guidance.default_weight, jacobi=self.manifest.jacobi.settings()
+        )
+
+    def images_per_batch(self, guidance: float) -> int:
+        """The export's batch profile (halved under guidance)."""
+        return self.manifest.images_per_batch(guidance)
+
+    def noise(self, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+        return make_noise(seed, shape)
+
+    def encode(self, prompts: list[str]) -> np.ndarray | None:
+        return None if self.text is None else self.text.encode(prompts)
+
+    def sample(self, noise, y, y_uncond, sampling, progress):  # noqa: ANN001 (ImageGenerator.sample)
+        y_uncond = None if y_uncond is None else np.ascontiguousarray(y_uncond)
+        return self.pipeline.sample(noise, y, y_uncond, sampling, return_stats=True, progress=progress)
+
+    def denoise(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        return self.denoiser.denoise(x, y, self.manifest.denoise.noise_std)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        return self.decoder.decode(latent) if self.decoder else latent

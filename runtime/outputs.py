@@ -1,11 +1,13 @@
 """Writing images: a PNG grid, a folder of PNGs, or a .npy array; atomically, never half-written.
 
-Shared by `starflow sample` (PyTorch) and `starflow generate` (runtime); numpy + Pillow only.
+Shared by `starflow generate` (runtime and PyTorch engines), `starflow demo` and training sample
+grids; numpy + Pillow only. `output_kind` checks a destination before any work is done for it.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,21 +21,29 @@ SUFFIXES = (".png", ".npy")
 
 
 def output_kind(path: Path) -> str:
-    """'png' (grid), 'npy' or 'dir' (one PNG per image); checks the place exists before any work."""
-    if path.suffix in SUFFIXES:
-        if not path.parent.is_dir():
-            raise StarflowError(f"--out {path}: directory {path.parent} does not exist")
-        return path.suffix[1:]
-    if path.suffix:
+    """'png' (grid), 'npy' or 'dir' (one PNG per image); the place must be writable, checked
+    before any work by creating (and removing) a temporary file there."""
+    if path.suffix and path.suffix not in SUFFIXES:
         raise StarflowError(
-            f"--out {path}: expected a .png (grid), a .npy (N, H, W, C) array, or a folder "
-            "(one PNG per image)"
+            f"out {path}: expected a .png (grid), a .npy (N, H, W, C) array, or a folder (one PNG per image)"
         )
-    if path.exists() and not path.is_dir():
-        raise StarflowError(f"--out {path}: exists and is not a folder")
-    if not path.parent.is_dir():
-        raise StarflowError(f"--out {path}: directory {path.parent} does not exist")
-    return "dir"
+    if not path.suffix and path.exists() and not path.is_dir():
+        raise StarflowError(f"out {path}: exists and is not a folder")
+    if path.suffix and path.is_dir():
+        raise StarflowError(f"out {path}: is a directory, expected a {path.suffix} file")
+    check_writable(path.parent, f"out {path}")
+    return path.suffix[1:] if path.suffix else "dir"
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """An existing directory where a file can be created, or a one-line StarflowError naming `what`."""
+    if not directory.is_dir():
+        raise StarflowError(f"{what}: directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".starflow-probe-"):
+            pass
+    except OSError as err:
+        raise StarflowError(f"{what}: cannot write in {directory} ({err.strerror or err})") from None
 
 
 def grid(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
@@ -63,10 +73,18 @@ def upscale(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    if not path.parent.is_dir():
-        raise StarflowError(f"--out {path}: directory {path.parent} does not exist")
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            write(f)
+    except OSError as err:  # the disk filled up or the place became read-only since the check
+        raise StarflowError(
+            f"out {path}: cannot write ({err.strerror or err}); nothing was written"
+        ) from None
+
+
+def save_text(path: Path, text: str) -> None:
+    """Write a text file atomically (a report, JSON results)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _png(path: Path, pixels: np.ndarray) -> None:
@@ -94,7 +112,10 @@ def save_images(path: Path, images: np.ndarray, columns: int, prompts: list[str]
     if kind == "npy":
         _atomic_write(path, lambda f: np.save(f, images.astype(np.float32)))
         return [path]
-    path.mkdir(exist_ok=True)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as err:
+        raise StarflowError(f"out {path}: cannot create the folder ({err.strerror or err})") from None
     names = prompts or [""] * len(images)
     files = [path / f"{i:04d}-{slug(p)}.png" for i, p in enumerate(names)]
     for file, image in zip(files, images, strict=True):

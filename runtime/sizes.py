@@ -20,8 +20,8 @@ def aspect_bucket(aspect_ratio: str, train_side: int, multiple: int) -> tuple[in
     """'W:H' -> latent (H, W) with H*W close to train_side**2, both multiples of `multiple`."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise StarflowError(
-            f"--aspect-ratio {aspect_ratio!r}: unknown; choose one of {', '.join(ASPECT_RATIOS)} "
-            "(width:height) or give --size HxW"
+            f"aspect_ratio {aspect_ratio!r}: unknown; choose one of {', '.join(ASPECT_RATIOS)} "
+            "(width:height) or give a size HxW"
         )
     width, height = (int(v) for v in aspect_ratio.split(":"))
     ratio = width / height
@@ -30,26 +30,26 @@ def aspect_bucket(aspect_ratio: str, train_side: int, multiple: int) -> tuple[in
     return h, w
 
 
-def parse_hw(text: str, option: str, unit: str, example: str, square: bool = False) -> tuple[int, int]:
-    """'HxW' (or 'N' for N x N when `square`) -> (H, W), both positive; the error names `option`."""
-    try:
-        sides = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        sides = []
-    if square and len(sides) == 1:
-        sides *= 2
-    if len(sides) != 2 or min(sides) <= 0:
-        raise StarflowError(f"{option}: expected HxW in {unit} (for example {example}), got {text!r}")
-    return sides[0], sides[1]
-
-
-def parse_size(text: str, factor: int, multiple: int) -> tuple[int, int]:
-    """'HxW' image pixels -> latent (H, W); sides must be multiples of factor*multiple."""
-    sides = parse_hw(text, "--size", "image pixels", "256x384")
+def latent_of_size(size: tuple[int, int], factor: int, multiple: int) -> tuple[int, int]:
+    """An image size (H, W) in pixels -> latent (H, W); sides must be multiples of factor*multiple."""
     step = factor * multiple
-    if sides[0] % step or sides[1] % step:
+    if min(size) <= 0 or size[0] % step or size[1] % step:
         raise StarflowError(
-            f"--size {text}: both sides must be multiples of {step} image pixels "
+            f"size {size[0]}x{size[1]}: both sides must be positive multiples of {step} image pixels "
             f"(patch {multiple} x {factor} pixels per latent pixel)"
         )
-    return sides[0] // factor, sides[1] // factor
+    return size[0] // factor, size[1] // factor
+
+
+def latent_size(
+    aspect_ratio: str | None, size: tuple[int, int] | None, train_side: int, multiple: int, factor: int
+) -> tuple[int, int]:
+    """Latent (H, W) of an aspect-ratio bucket or an image size (H, W) in pixels; default: the
+    training size. `factor` is image pixels per latent pixel, `multiple` the patch size."""
+    if aspect_ratio and size:
+        raise StarflowError("give aspect_ratio or size, not both")
+    if size:
+        return latent_of_size(size, factor, multiple)
+    if aspect_ratio:
+        return aspect_bucket(aspect_ratio, train_side, multiple)
+    return train_side, train_side

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from starflow.errors import StarflowError
+from starflow.export.manifest import TextComponent
 from starflow.runtime.backends import Runner
 
 KINDS = ("hf-encoder", "label-table")
@@ -52,17 +53,15 @@ class TextEncoderRunner:
     thread-safe, like the Runner it drives. Returned arrays belong to the caller.
     """
 
-    def __init__(self, directory: Path, component: dict[str, Any], runner: Runner):
+    def __init__(self, directory: Path, component: TextComponent, runner: Runner):
         tokenizers = _import_tokenizers()
-        if component["kind"] not in KINDS:
-            raise StarflowError(
-                f"text encoder: unknown kind {component['kind']!r}; this runtime reads {KINDS}"
-            )
-        self.kind: str = component["kind"]
-        self.classes: list[str] | None = component["classes"]
-        self.token_length: int = component["token_length"]
+        if component.kind not in KINDS:
+            raise StarflowError(f"text encoder: unknown kind {component.kind!r}; this runtime reads {KINDS}")
+        self.kind = component.kind
+        self.classes = component.classes
+        self.token_length = component.token_length
         self.runner = runner
-        path = Path(directory) / component["tokenizer"]
+        path = Path(directory) / component.tokenizer
         if not path.is_file():
             raise StarflowError(f"text encoder: tokenizer file {path} is missing")
         try:
@@ -72,7 +71,7 @@ class TextEncoderRunner:
             raise StarflowError(f"text encoder: cannot read tokenizer {path}: {err}") from None
         self._untruncated.no_padding()
         self._untruncated.no_truncation()
-        pad_id = component["pad_id"]
+        pad_id = component.pad_id
         pad_token = self._tokenizer.id_to_token(pad_id)
         if pad_token is None:
             raise StarflowError(f"text encoder: pad_id {pad_id} is not in the vocabulary of {path}")
@@ -90,7 +89,9 @@ class TextEncoderRunner:
         if self.classes is not None:
             for prompt in prompts:
                 if prompt and prompt not in self.classes:
-                    raise StarflowError(f"prompt {prompt!r}: this model knows the prompts {self.classes}")
+                    raise StarflowError(
+                        f"prompt {prompt!r}: this model knows the prompts {list(self.classes)}"
+                    )
         warn_truncated([len(e.ids) for e in self._untruncated.encode_batch(prompts)], self.token_length)
         encodings = self._tokenizer.encode_batch(prompts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from starflow.errors import StarflowError
-from starflow.export.manifest import load_manifest, sha256
+from starflow.export.manifest import Engine, Graph, Range, TensorSpec, sha256
 
-Range = tuple[int, int, int]
 INSTALL = {
     "tensorrt": "pip install tensorrt",
     "tensorrt_rtx": "pip install 'starflow[tensorrt-rtx]'",
@@ -32,66 +31,41 @@ INSTALL = {
 
 
 # ---- shapes and profiles (pure: tested without a GPU) --------------------------------------------
-def call_dims(inputs: list[dict[str, Any]], feeds: dict[str, np.ndarray]) -> dict[str, int]:
+def call_dims(inputs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> dict[str, int]:
     """The symbolic dims' sizes in this call; names, ranks, static sizes and dtypes are checked."""
-    missing = [t["name"] for t in inputs if t["name"] not in feeds]
+    missing = [t.name for t in inputs if t.name not in feeds]
     if missing:
-        raise StarflowError(f"missing input(s) {missing}; the graph takes {[t['name'] for t in inputs]}")
+        raise StarflowError(f"missing input(s) {missing}; the graph takes {[t.name for t in inputs]}")
     sizes: dict[str, int] = {}
     for t in inputs:
-        array = feeds[t["name"]]
-        if array.dtype != np.dtype(t["dtype"]) or array.ndim != len(t["shape"]):
+        array = feeds[t.name]
+        if array.dtype != np.dtype(t.dtype) or array.ndim != len(t.shape):
             raise StarflowError(
-                f"input {t['name']}: expected {t['dtype']} of shape {t['shape']}, "
+                f"input {t.name}: expected {t.dtype} of shape {list(t.shape)}, "
                 f"got {array.dtype} {array.shape}"
             )
-        for axis, (declared, size) in enumerate(zip(t["shape"], array.shape, strict=True)):
+        for axis, (declared, size) in enumerate(zip(t.shape, array.shape, strict=True)):
             if isinstance(declared, int):
                 if declared != size:
-                    raise StarflowError(f"input {t['name']}: axis {axis} must be {declared}, got {size}")
+                    raise StarflowError(f"input {t.name}: axis {axis} must be {declared}, got {size}")
             elif sizes.setdefault(declared, size) != size:
                 raise StarflowError(
-                    f"input {t['name']}: {declared} = {size} disagrees with {sizes[declared]} elsewhere"
+                    f"input {t.name}: {declared} = {size} disagrees with {sizes[declared]} elsewhere"
                 )
     return sizes
 
 
 def select_profile(profiles: list[dict[str, Range]], sizes: dict[str, int]) -> int:
     """Index of the narrowest profile containing `sizes`; StarflowError lists them otherwise."""
-    fits = [
-        i for i, dims in enumerate(profiles) if all(lo <= sizes[d] <= hi for d, (lo, _, hi) in dims.items())
-    ]
+    fits = [i for i, dims in enumerate(profiles) if all(r.holds(sizes[d]) for d, r in dims.items())]
     if not fits:
-        ranges = "; ".join(
-            ", ".join(f"{d} {lo}..{hi}" for d, (lo, _, hi) in dims.items()) for dims in profiles
-        )
+        ranges = "; ".join(", ".join(f"{d} {r.min}..{r.max}" for d, r in dims.items()) for dims in profiles)
         got = ", ".join(f"{d} {v}" for d, v in sizes.items())
         raise StarflowError(
             f"shapes ({got}) are outside every optimization profile of this engine; it runs {ranges} "
             "(rebuild with `starflow export trt --grid/--batch/--profile` to cover them)"
         )
-    return min(fits, key=lambda i: math.prod(hi - lo + 1 for lo, _, hi in profiles[i].values()))
-
-
-def engine_entry(directory: Path, name: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    """(engine entry, graph entry, engine path) for a graph, with the engine file's sha256 checked."""
-    manifest = load_manifest(directory, verify_files=False)
-    engines = {e["graph"]: e for e in manifest.get("engines", [])}
-    if name not in engines:
-        raise StarflowError(
-            f"{directory}: no TensorRT engine for graph {name}; build one: starflow export trt {directory}"
-        )
-    entry = engines[name]
-    path = directory / entry["file"]
-    if not path.is_file():
-        raise StarflowError(f"engine {name}: file {path} is missing; rerun `starflow export trt {directory}`")
-    if sha256(path) != entry["sha256"]:
-        raise StarflowError(
-            f"engine {name}: {path} does not match its sha256 in the manifest (corrupted or replaced); "
-            f"rerun `starflow export trt {directory}`"
-        )
-    graph = next(g for g in manifest["graphs"] if g["name"] == name)
-    return entry, graph, path
+    return min(fits, key=lambda i: math.prod(r.max - r.min + 1 for r in profiles[i].values()))
 
 
 # ---- CUDA through cuda-python --------------------------------------------------------------------
@@ -112,6 +86,17 @@ def _check(cudart: Any, result: tuple[Any, ...], what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _check_device(cudart: Any) -> None:
+    """A clear error on a machine without an NVIDIA GPU or driver, before TensorRT reads anything."""
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or not count:
+        found = f"cudaGetDeviceCount: {err.name}" if err != cudart.cudaError_t.cudaSuccess else "0 devices"
+        raise StarflowError(
+            f"backend 'tensorrt': no CUDA device or driver found ({found}); TensorRT engines run on an "
+            "NVIDIA GPU: use backend 'onnxruntime' on this machine"
+        )
+
+
 def _release(cudart: Any, stream: Any, pointers: list[int]) -> None:
     for pointer in pointers:
         cudart.cudaFree(pointer)
@@ -121,48 +106,55 @@ def _release(cudart: Any, stream: Any, pointers: list[int]) -> None:
 class TrtRunner:
     """A deserialised engine with one execution context, a stream and preallocated buffers."""
 
-    def __init__(self, name: str, path: Path, providers: list[Any] | None = None):
-        if providers is not None:
-            raise StarflowError("providers apply to backend 'onnxruntime' only, not 'tensorrt'")
-        entry, graph, engine_path = engine_entry(Path(path).parent, name)
-        builder = entry["builder"]["name"]
+    def __init__(self, directory: Path, graph: Graph, engine: Engine):
+        path = directory / engine.file
+        if not path.is_file():
+            raise StarflowError(
+                f"engine {graph.name}: file {path} is missing; rerun `starflow export trt {directory}`"
+            )
+        if sha256(path) != engine.sha256:
+            raise StarflowError(
+                f"engine {graph.name}: {path} does not match its sha256 in the manifest "
+                "(corrupted or replaced); "
+                f"rerun `starflow export trt {directory}`"
+            )
+        builder = engine.builder
         try:
-            trt = importlib.import_module(builder)
+            trt = importlib.import_module(builder.name)
         except (ImportError, OSError):
             raise StarflowError(
-                f"engine {name} was built by {builder} {entry['builder']['version']}; "
-                f"running it needs that module: {INSTALL[builder]}"
+                f"engine {graph.name} was built by {builder.name} {builder.version}; "
+                f"running it needs that module: {INSTALL[builder.name]}"
             ) from None
         cudart = _cudart()
-        self.name = name
-        self.input_names = [t["name"] for t in graph["inputs"]]
-        self.output_names = [t["name"] for t in graph["outputs"]]
-        self._inputs, self._outputs = graph["inputs"], graph["outputs"]
-        self._profiles = [
-            {d: (r["min"], r["opt"], r["max"]) for d, r in p["dims"].items()} for p in entry["profiles"]
-        ]
+        _check_device(cudart)
+        self.name = graph.name
+        self.input_names = [t.name for t in graph.inputs]
+        self.output_names = [t.name for t in graph.outputs]
+        self._inputs = graph.inputs
+        self._profiles = [p.dims for p in engine.profiles]
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self._engine is None:
             raise StarflowError(
-                f"engine {name}: {builder} {trt.__version__} cannot deserialise {engine_path.name} "
-                f"(built by {builder} {entry['builder']['version']} for {entry['compute_capabilities']})"
+                f"engine {graph.name}: {builder.name} {trt.__version__} cannot deserialise {path.name} "
+                f"(built by {builder.name} {builder.version} for {list(engine.compute_capabilities)})"
             )
         self._context = self._engine.create_execution_context()
         self._stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._profile = -1
         self._buffers: dict[str, int] = {}
         self._dtypes: dict[str, np.dtype] = {}
-        for t in graph["inputs"] + graph["outputs"]:
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(t["name"])))
+        for t in graph.inputs + graph.outputs:
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(t.name)))
             largest = max(
-                math.prod(p[d][2] if isinstance(d, str) else d for d in t["shape"]) for p in self._profiles
+                math.prod(p[d].max if isinstance(d, str) else d for d in t.shape) for p in self._profiles
             )
             pointer = _check(cudart, cudart.cudaMalloc(max(largest * dtype.itemsize, 1)), "cudaMalloc")
-            self._buffers[t["name"]], self._dtypes[t["name"]] = int(pointer), dtype
-            self._context.set_tensor_address(t["name"], int(pointer))
+            self._buffers[t.name], self._dtypes[t.name] = int(pointer), dtype
+            self._context.set_tensor_address(t.name, int(pointer))
         weakref.finalize(self, _release, cudart, self._stream, list(self._buffers.values()))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

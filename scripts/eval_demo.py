@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from starflow.config import DEMO_CHECKPOINT
 from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
-from starflow.sampling import DEMO_CHECKPOINT, generate, load_conditional
+from starflow.runtime.outputs import save_png
+from starflow.sampler import with_overrides
+from starflow.t2i import ReferenceGenerator
 
 
 def train_classifier(seed: int = 0) -> tuple[nn.Module, float]:
@@ -52,12 +55,12 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def test_bits_per_dim(model, encoder, noise_std: float, seed: int = 0) -> float:
-    images, labels = digits_split("test")
+def test_bits_per_dim(model, labels, noise_std: float, seed: int = 0) -> float:
+    images, classes = digits_split("test")
     x = to_model_range(images, DIGITS_LEVELS)
     x = x + noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
-    y = encoder(torch.from_numpy(labels).long().to(device))
+    y = labels(torch.from_numpy(classes).long().to(device))
     return model.nll(x.to(device), y).bits_per_dim.item()
 
 
@@ -80,19 +83,11 @@ def main() -> None:
 
     classifier, held_out = train_classifier()
     print(f"classifier held-out accuracy on real test digits: {held_out:.4f}")
-    model, encoder = load_conditional(args.checkpoint)
-    model, encoder = model.to(args.device), encoder.to(args.device)
-    guidance = model.config.cfg if args.guidance is None else args.guidance
-    bpd = test_bits_per_dim(model, encoder, model.config.noise_std)
+    reference = ReferenceGenerator.load(args.checkpoint, device=args.device)
+    model, labels = reference.model, reference.encoder.labels
+    bpd = test_bits_per_dim(model, labels, model.config.noise_std)
     print(f"test bits/dim (noise_std {model.config.noise_std}): {bpd:.4f}")
-
-    real_images, real_labels = digits_split("all")
-    real = real_images.astype(np.float32) / DIGITS_LEVELS
-    accuracies, ratios = [], []
-    began = time.perf_counter()
-    stats = []
-    per_digit_samples = []
-    generator = None
+    generator = reference
     if args.runtime:
         from starflow.export.cache import demo_artifacts
         from starflow.runtime.generator import Generator
@@ -100,16 +95,17 @@ def main() -> None:
         if args.checkpoint != DEMO_CHECKPOINT:
             parser.error("--runtime evaluates the embedded model's export only")
         generator = Generator.load(demo_artifacts())
+    sampling = with_overrides(generator.default_sampling(), guidance=args.guidance, method=args.method)
+
+    real_images, real_labels = digits_split("all")
+    real = real_images.astype(np.float32) / DIGITS_LEVELS
+    accuracies, ratios, stats, per_digit_samples = [], [], [], []
+    began = time.perf_counter()
     for digit in range(10):
-        if generator is not None:
-            result = generator.generate(
-                [str(digit)], args.per_digit, guidance=guidance, seed=args.seed + digit, method=args.method
-            )
-            images, stats = result.images[..., 0], stats + result.stats
-        else:
-            labels = torch.full((args.per_digit,), digit, dtype=torch.int64)
-            seed = args.seed + digit
-            images = generate(model, encoder, labels, seed, guidance, args.method, stats=stats)[..., 0]
+        result = generator.generate(
+            [str(digit)], num_images=args.per_digit, seed=args.seed + digit, sampling=sampling
+        )
+        images, stats = result.images[..., 0], stats + result.stats
         per_digit_samples.append(images)
         with torch.no_grad():
             predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
@@ -119,15 +115,13 @@ def main() -> None:
     seconds = time.perf_counter() - began
     iters = [i for s in stats for i in s.iterations]
     print(
-        f"sampled {10 * args.per_digit} images ({args.method}, guidance {guidance:g}, "
+        f"sampled {10 * args.per_digit} images ({sampling.method}, guidance {sampling.guidance:g}, "
         f"{'runtime' if args.runtime else 'PyTorch'}) in {seconds:.1f} s; "
-        f"mean iterations per 16-token chunk {np.mean(iters):.2f} (sequential needs 16)"
+        f"mean iterations per {sampling.jacobi.block_size}-token chunk {np.mean(iters):.2f}"
     )
     print(f"mean accuracy {np.mean(accuracies):.4f} (>= 0.90), min {min(accuracies):.3f}")
     print(f"mean diversity ratio {np.mean(ratios):.4f} (>= 0.60), min {min(ratios):.3f}")
     if args.grid is not None:
-        from starflow.sampling import save_png
-
         rows = np.stack([s[:10] for s in per_digit_samples], axis=1).reshape(-1, 8, 8, 1)  # column = digit
         save_png(args.grid, rows, columns=10, scale=6)
         print(f"wrote {args.grid}")

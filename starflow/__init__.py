@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from starflow.config import PRESETS, StarFlowConfig, load_config
+from starflow.config import DEMO_CHECKPOINT, PRESETS, StarFlowConfig, load_config
 from starflow.errors import StarflowError
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from starflow.model import StarFlow
 
 __all__ = [
+    "DEMO_CHECKPOINT",
     "PRESETS",
     "StarFlow",
     "StarFlowConfig",

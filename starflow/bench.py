@@ -6,9 +6,7 @@ of the same engine, which makes sampler costs comparable across machines. Agreem
 measured against PyTorch sequential sampling, the exact inverse of the flow. "Compute" counts
 the work the block calls did, whatever their chunking: image tokens x graph rows x layers summed
 over blocks, in forward passes (a guided deep block runs [cond ; uncond], so twice the rows).
-
-With `shallow_jacobi` or a `jacobi_init` other than the reference's, one more runtime row samples
-with those options, so their cost and agreement sit beside the reference settings'.
+With `options_row`, one more runtime row samples with those settings, beside the reference's.
 """
 
 from __future__ import annotations
@@ -28,11 +26,39 @@ from starflow.checkpoint import load_model, save_model
 from starflow.config import load_config
 from starflow.errors import StarflowError
 from starflow.export.manifest import SCHEMA_VERSION
-from starflow.runtime.pipeline import JacobiSettings
-from starflow.stats import BlockStats
+from starflow.model import StarFlow
+from starflow.sampler import JacobiSettings, SampleOptions
 from starflow.testing import random_model
 
 DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What to measure. `artifacts` + `checkpoint` bench an export instead of a preset."""
+
+    preset: str = "bench-256"  # seeded, perturbed random weights of a config preset
+    artifacts: Path | None = None
+    checkpoint: Path | None = None
+    batch: int = 1
+    sampling: SampleOptions = SampleOptions(guidance=2.0, jacobi=JacobiSettings(block_size=64))
+    options_row: SampleOptions | None = None  # one more runtime row, sampled with these
+    throughput_batch: int = 8  # 0 skips the throughput row
+    repeats: int = 3  # timed runs per Jacobi/forward row (median)
+    threads: int | None = None  # CPU threads of both engines; None: torch's default
+    seed: int = 0
+
+    def check(self) -> None:
+        self.sampling.check()
+        if self.options_row is not None:
+            self.options_row.check()
+        for name in ("batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise StarflowError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.throughput_batch < 0:
+            raise StarflowError(f"throughput_batch: must be >= 0, got {self.throughput_batch}")
+        if self.artifacts is not None and self.checkpoint is None:
+            raise StarflowError("artifacts needs checkpoint too: the PyTorch rows run that checkpoint")
 
 
 @dataclasses.dataclass
@@ -47,7 +73,7 @@ class Row:
     rms: float | None
 
 
-def _interleaved(
+def interleaved(
     fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 0
 ) -> dict[str, tuple[float, Any]]:
     """Median seconds and last result of each fn, run in alternating rounds (a, b, a, b, ...)
@@ -69,186 +95,151 @@ def _interleaved(
     return {key: (statistics.median(times[key]), results[key]) for key in fns}
 
 
-def _prepare(preset: str, seed: int, work: Path, checkpoint: Path | None, artifacts: Path | None):
-    """The model and an fp32 export of it; the preset's export is cached under `work`."""
-    from starflow.export import export_onnx
+def prepare(options: BenchOptions, work: Path = DEFAULT_WORK) -> tuple[StarFlow, Path]:
+    """The model and an fp32 export of it; a preset's export is cached under `work`."""
+    from starflow.export.onnx_export import ExportOptions, export_onnx
 
-    if artifacts is not None:
-        if checkpoint is None:
-            raise StarflowError("--artifacts needs --checkpoint too: the PyTorch rows run that checkpoint")
-        return load_model(None if checkpoint.suffix == ".safetensors" else preset, checkpoint), artifacts
-    model = random_model(load_config(preset), seed)
+    if options.artifacts is not None:
+        config = None if options.checkpoint.suffix == ".safetensors" else options.preset
+        return load_model(config, options.checkpoint), options.artifacts
+    model = random_model(load_config(options.preset), options.seed)
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode() + tensor.numpy().tobytes())
-    folder = work / f"{preset}-seed{seed}-{digest.hexdigest()[:12]}-schema{SCHEMA_VERSION}"
+    folder = work / f"{options.preset}-seed{options.seed}-{digest.hexdigest()[:12]}-schema{SCHEMA_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "artifacts" / "manifest.json").is_file():
         save_model(model, folder / "model.safetensors")
-        # no export validation: the bench itself measures agreement with the reference
-        export_onnx(
-            folder / "model.safetensors",
-            folder / "artifacts",
-            precisions=("fp32",),
-            force=True,
-            validate=False,
-            denoise=False,  # the bench samples latents; the denoise graph would only cost time
-        )
+        # no validation (the bench itself measures agreement) and no denoise graph (it samples latents)
+        export = ExportOptions(precisions=("fp32",), validate=False, denoise=False, force=True)
+        export_onnx(folder / "model.safetensors", folder / "artifacts", export)
     return model, folder / "artifacts"
 
 
-def run_bench(
-    preset: str = "bench-256",
-    artifacts: Path | None = None,
-    checkpoint: Path | None = None,
-    guidance: float = 2.0,
-    batch: int = 1,
-    jacobi_block_size: int = 64,
-    jacobi_threshold: float = 1e-3,
-    jacobi_max_iter: int = 32,
-    jacobi_init: str = "noise",
-    shallow_jacobi: JacobiSettings | None = None,
-    throughput_batch: int = 8,
-    repeats: int = 3,
-    seed: int = 0,
-    threads: int | None = None,
-    work: Path = DEFAULT_WORK,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Measure the five rows (and batch throughput); returns a JSON-ready dict."""
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure the forward, sequential and Jacobi rows (and batch throughput); a JSON-ready dict."""
     from starflow.runtime import Pipeline
 
-    if threads:
-        torch.set_num_threads(threads)
-    log(f"preparing {artifacts or preset} ...")
-    model, artifacts = _prepare(preset, seed, work, checkpoint, artifacts)
-    pipe = Pipeline.load(artifacts, threads=threads or torch.get_num_threads())
-    config = model.config
-    rng = np.random.default_rng(seed)
-    side = config.latent_size
+    options.check()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    log(f"preparing {options.artifacts or options.preset} ...")
+    model, artifacts = prepare(options)
+    engines = Engines(model, Pipeline.load(artifacts, threads=options.threads or torch.get_num_threads()))
+    guided = options.sampling if model.text_dim else dataclasses.replace(options.sampling, guidance=0.0)
+    inputs = engines.inputs(options.batch, guided.guidance, options.seed)
+    rows = forward_rows(engines, inputs, options.repeats)
+    rows += sampling_rows(engines, inputs, guided, options, {r.engine: r.seconds for r in rows}, log)
+    throughput = {}
+    if options.throughput_batch:
+        log(f"batch {options.throughput_batch} throughput ...")
+        throughput = engines.throughput(options.throughput_batch, guided, options.seed + 1)
+    by_key = {(r.engine, r.name): r for r in rows}
+    speedup = by_key[("pytorch", "jacobi sampling")].seconds / by_key[("runtime", "jacobi sampling")].seconds
+    return {
+        "model": options.preset if options.checkpoint is None else str(options.checkpoint),
+        "artifacts": str(artifacts),
+        "batch": options.batch,
+        "guidance": guided.guidance,
+        "jacobi": dataclasses.asdict(guided.jacobi),
+        "options": None if options.options_row is None else dataclasses.asdict(options.options_row),
+        "threads": options.threads or torch.get_num_threads(),
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "runtime_jacobi_speedup_vs_pytorch_jacobi": speedup,
+        "throughput": throughput,
+    }
 
-    def inputs(n: int):
-        noise = rng.standard_normal((n, config.channel_size, side, side), dtype=np.float32)
-        if config.txt_dim == 0:
-            return noise, None, None
-        y = rng.standard_normal((n, config.txt_size, config.txt_dim), dtype=np.float32)
-        return noise, y, np.zeros_like(y) if guidance > 0 else None
 
-    noise, y, y_uncond = inputs(batch)
-    t_noise, t_y = torch.from_numpy(noise), None if y is None else torch.from_numpy(y)
-    t_uncond = None if y_uncond is None else torch.from_numpy(y_uncond)
-    guided = guidance if y is not None else 0.0
-    jacobi = dict(
-        jacobi_block_size=jacobi_block_size,
-        jacobi_threshold=jacobi_threshold,
-        jacobi_max_iter=jacobi_max_iter,
-    )
+@dataclasses.dataclass
+class Engines:
+    """The PyTorch model and the runtime pipeline of the same weights, run on the same inputs."""
 
+    model: StarFlow
+    pipe: Any  # starflow.runtime.Pipeline
+
+    def inputs(self, n: int, guidance: float, seed: int) -> dict[str, list[Any]]:
+        """noise (n, C, H, W), y and y_uncond (zeros under guidance), as numpy and as torch."""
+        config = self.model.config
+        rng = np.random.default_rng(seed)
+        side = config.latent_size
+        arrays = [rng.standard_normal((n, config.channel_size, side, side), dtype=np.float32), None, None]
+        if self.model.text_dim:
+            arrays[1] = rng.standard_normal((n, config.txt_size, config.txt_dim), dtype=np.float32)
+            arrays[2] = np.zeros_like(arrays[1]) if guidance > 0 else None
+        return {"runtime": arrays, "pytorch": [None if a is None else torch.from_numpy(a) for a in arrays]}
+
+    def sampler(
+        self, engine: str, inputs: dict[str, list[Any]], sampling: SampleOptions
+    ) -> Callable[[], Any]:
+        run = self.model.sample if engine == "pytorch" else self.pipe.sample
+        return lambda: run(*inputs[engine], sampling, return_stats=True)
+
+    def throughput(self, n: int, sampling: SampleOptions, seed: int) -> dict[str, Any]:
+        inputs = self.inputs(n, sampling.guidance, seed)
+        batched = interleaved({e: self.sampler(e, inputs, sampling) for e in ("pytorch", "runtime")}, 1)
+        return {
+            "batch": n,
+            "pytorch_jacobi_images_per_s": n / batched["pytorch"][0],
+            "runtime_jacobi_images_per_s": n / batched["runtime"][0],
+        }
+
+
+def forward_rows(engines: Engines, inputs: dict[str, list[Any]], repeats: int) -> list[Row]:
+    """One forward pass (density direction) per engine: the unit the sampling rows are measured in."""
+    (noise, y, _), (t_noise, t_y, _) = inputs["runtime"], inputs["pytorch"]
     with torch.no_grad():
-        forward = _interleaved(
-            {"pytorch": lambda: model(t_noise, t_y), "runtime": lambda: pipe.forward(noise, y)},
-            repeats,
-            warmup=1,
-        )
-    torch_forward, runtime_forward = forward["pytorch"][0], forward["runtime"][0]
-    forward_work = (side // config.patch_size) ** 2 * batch * sum(config.layers_per_block)
-
-    def compute(stats: list[BlockStats]) -> float:
-        return sum(s.tokens * config.layers_per_block[s.block] for s in stats) / forward_work
-
-    rows = [
-        Row("forward pass", "pytorch", torch_forward, 1.0, len(model.blocks), 1.0, None, None),
-        Row("forward pass", "runtime", runtime_forward, 1.0, len(pipe.plans), 1.0, None, None),
+        runs = {
+            "pytorch": lambda: engines.model(t_noise, t_y),
+            "runtime": lambda: engines.pipe.forward(noise, y),
+        }
+        forward = interleaved(runs, repeats, warmup=1)
+    blocks = len(engines.pipe.blocks)
+    return [
+        Row("forward pass", e, seconds, 1.0, blocks, 1.0, None, None) for e, (seconds, _) in forward.items()
     ]
 
-    options = {}
-    if shallow_jacobi is not None or jacobi_init != "noise":
-        options = dict(shallow_jacobi=shallow_jacobi, jacobi_init=jacobi_init)
+
+def sampling_rows(
+    engines: Engines,
+    inputs: dict[str, list[Any]],
+    guided: SampleOptions,
+    options: BenchOptions,
+    unit: dict[str, float],
+    log: Callable[[str], None],
+) -> list[Row]:
+    """Sequential and Jacobi sampling on both engines (and the options row), against PyTorch sequential."""
+    config = engines.model.config
+    sequential = dataclasses.replace(guided, method="sequential")
     cases = [
-        ("sequential sampling", "pytorch", "sequential", {}),
-        ("jacobi sampling", "pytorch", "jacobi", {}),
-        ("sequential sampling", "runtime", "sequential", {}),
-        ("jacobi sampling", "runtime", "jacobi", {}),
-    ] + ([("jacobi, options", "runtime", "jacobi", options)] if options else [])
-
-    def sampler(engine: str, method: str, extra: dict[str, Any]) -> Callable[[], Any]:
-        if engine == "pytorch":
-            return lambda: model.sample(
-                t_noise, t_y, t_uncond, guided, method=method, return_stats=True, **jacobi
-            )
-        return lambda: pipe.sample(
-            noise, y, y_uncond, guided, method=method, return_stats=True, **jacobi, **extra
-        )
-
+        ("sequential sampling", "pytorch", sequential),
+        ("jacobi sampling", "pytorch", guided),
+        ("sequential sampling", "runtime", sequential),
+        ("jacobi sampling", "runtime", guided),
+    ]
+    if options.options_row is not None:
+        cases.append(("jacobi, options", "runtime", options.options_row))
     # sequential sampling is 100s of times slower and deterministic: one run each; the Jacobi
     # rows are interleaved so that their ratio is measured under the same machine load
     log("sequential sampling ...")
-    measured = _interleaved({f"{e}/{n}": sampler(e, m, x) for n, e, m, x in cases if m == "sequential"}, 1)
-    log(f"jacobi sampling, {repeats} interleaved rounds ...")
-    measured |= _interleaved(
-        {f"{e}/{n}": sampler(e, m, x) for n, e, m, x in cases if m == "jacobi"}, repeats, warmup=1
-    )
+    runs = {f"{e}/{n}": engines.sampler(e, inputs, s) for n, e, s in cases if s.method == "sequential"}
+    measured = interleaved(runs, 1)
+    log(f"jacobi sampling, {options.repeats} interleaved rounds ...")
+    runs = {f"{e}/{n}": engines.sampler(e, inputs, s) for n, e, s in cases if s.method == "jacobi"}
+    measured |= interleaved(runs, options.repeats, warmup=1)
     reference = measured["pytorch/sequential sampling"][1][0].numpy()
-    for name, engine, _, _ in cases:
+    side = config.latent_size // config.patch_size
+    forward_work = side * side * options.batch * sum(config.block_layers)
+    rows = []
+    for name, engine, _ in cases:
         seconds, (sample, stats) = measured[f"{engine}/{name}"]
-        sample = sample.numpy() if isinstance(sample, torch.Tensor) else sample
-        error = sample - reference
-        unit = torch_forward if engine == "pytorch" else runtime_forward
+        error = (sample.numpy() if isinstance(sample, torch.Tensor) else sample) - reference
+        compute = sum(s.tokens * config.block_layers[s.block] for s in stats) / forward_work
+        calls = sum(s.evaluations for s in stats)
         rows.append(
-            Row(
-                name,
-                engine,
-                seconds,
-                seconds / unit,
-                sum(s.evaluations for s in stats),
-                compute(stats),
-                float(np.abs(error).max()),
-                float(np.sqrt(np.mean(error**2))),
-            )
-        )
-
-    throughput = {}
-    if throughput_batch > 0:
-        many, many_y, many_uncond = inputs(throughput_batch)
-        tm = [torch.from_numpy(a) if a is not None else None for a in (many, many_y, many_uncond)]
-        log(f"batch {throughput_batch} throughput ...")
-        batched = _interleaved(
-            {
-                "pytorch": lambda: model.sample(*tm, guided, **jacobi),
-                "runtime": lambda: pipe.sample(many, many_y, many_uncond, guided, **jacobi),
-            },
-            1,
-        )
-        t_torch, t_runtime = batched["pytorch"][0], batched["runtime"][0]
-        throughput = {
-            "batch": throughput_batch,
-            "pytorch_jacobi_images_per_s": throughput_batch / t_torch,
-            "runtime_jacobi_images_per_s": throughput_batch / t_runtime,
-        }
-    by_key = {(r.engine, r.name): r for r in rows}
-    return {
-        "model": preset if checkpoint is None else str(checkpoint),
-        "artifacts": str(artifacts),
-        "batch": batch,
-        "guidance": guided,
-        "jacobi": {
-            "block_size": jacobi_block_size,
-            "threshold": jacobi_threshold,
-            "max_iter": jacobi_max_iter,
-        },
-        "options": {
-            "jacobi_init": jacobi_init,
-            "shallow_jacobi": None if shallow_jacobi is None else dataclasses.asdict(shallow_jacobi),
-        }
-        if options
-        else None,
-        "threads": threads or torch.get_num_threads(),
-        "rows": [dataclasses.asdict(r) for r in rows],
-        "runtime_jacobi_speedup_vs_pytorch_jacobi": (
-            by_key[("pytorch", "jacobi sampling")].seconds / by_key[("runtime", "jacobi sampling")].seconds
-        ),
-        "throughput": throughput,
-    }
+            Row(name, engine, seconds, seconds / unit[engine], calls, compute,
+                float(np.abs(error).max()), float(np.sqrt(np.mean(error**2))))
+        )  # fmt: skip
+    return rows
 
 
 def format_table(result: dict[str, Any]) -> str:

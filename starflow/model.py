@@ -1,27 +1,33 @@
-"""The STARFlow reference model, read top to bottom: layers -> flow block -> model -> samplers.
+"""The STARFlow reference model, read top to bottom: layers -> flow block -> model.
 
 Numerically identical to Apple's official release (`transformer_flow.py`, `misc/pe.py`): the
 parameter names are the official ones, so an official `state_dict` loads without renaming.
 Shapes: B batch, C latent channels, H x W latent, p patch, h x w = H/p x W/p token grid,
 T = h*w tokens of D = p*p*C channels, L text tokens, hd head_dim.
+
+A flow block's sampling direction is one pure function, `FlowBlock.step` (a chunk of inputs
+against past keys/values -> mu, sigma and the chunk's keys/values), with every shape taken from
+tensors, so the same method is what `starflow export onnx` exports and what `starflow.sampler`
+drives here. Keys are cached after RoPE: each position is rotated once, when its chunk runs.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from starflow import sampler
 from starflow.config import StarFlowConfig
 from starflow.errors import StarflowError
-from starflow.stats import BlockStats
+from starflow.sampler import BlockStats, CachedStep, SampleOptions
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(a + this) == 1 at a == 0
 TEXT_ROPE_DIMS = 8  # frequency dims reserved for the text/time axis when the model has text
+Rope = tuple[Tensor, Tensor] | None  # cos, sin (positions, hd); None: a learned pos_embed instead
 
 
 # ---- layers --------------------------------------------------------------------------------
@@ -47,8 +53,10 @@ class RotaryEmbedding(nn.Module):
     """2D RoPE over the token grid, 3D (x, y, text/time) when the model has text.
 
     Positions are normalised by the grid's mean side (`/ sqrt(h*w) * pt_seq_len`), which is
-    what lets one set of weights serve other resolutions and aspect ratios. The frequencies are
-    non-persistent buffers: official checkpoints carry only deprecated all-zero tables.
+    what lets one set of weights serve other resolutions and aspect ratios. They are computed
+    from a grid tensor with tensor ops only, so an exported graph takes any grid. The
+    frequencies are fp32 non-persistent buffers (official checkpoints carry only deprecated
+    all-zero tables) and stay fp32 when the model is cast to bf16/fp16.
     """
 
     def __init__(self, head_dim: int, pt_seq_len: int, with_text: bool):
@@ -62,30 +70,47 @@ class RotaryEmbedding(nn.Module):
         text_freqs = 1.0 / (10000 ** (torch.arange(0, TEXT_ROPE_DIMS).float() / TEXT_ROPE_DIMS))
         self.register_buffer("text_freqs", text_freqs, persistent=False)
 
-    def positions(self, h: int, w: int, txt_len: int = 0) -> Tensor:
-        """(txt_len + h*w, 2 or 3) positions: text first at (0, 0, i/L*s), then (px, py, 0)."""
-        mean_len = math.sqrt(h * w)
-        px = torch.arange(h) / mean_len * self.pt_seq_len
-        py = torch.arange(w) / mean_len * self.pt_seq_len
-        px, py = (p.reshape(-1) for p in torch.meshgrid(px, py, indexing="ij"))
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        """Follow device moves, never dtype casts: the angles need fp32 frequencies."""
+        super()._apply(fn, recurse)
+        for name in ("spatial_freqs", "text_freqs"):
+            setattr(self, name, getattr(self, name).float())
+        return self
+
+    def tables(self, first, length, text_length, grid: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin (length, hd) of sequence positions [first, first+length) of [text ; image raster].
+
+        Text token i sits at (0, 0, i/L*s), image token j at ((j // w)/sqrt(h*w)*s,
+        (j % w)/sqrt(h*w)*s, 0); `grid` is the int64 (h, w) token grid, `text_length` L.
+        """
+        s = self.pt_seq_len
+        index = torch.arange(length, device=grid.device) + first
+        text_length = torch.as_tensor(text_length, device=grid.device)
+        h, w = grid[0], grid[1]
+        mean_len = (h * w).float().sqrt()
+        image = (index - text_length).clamp(min=0)
+        px = torch.div(image, w, rounding_mode="floor").float() / mean_len * s
+        py = torch.remainder(image, w).float() / mean_len * s
         if not self.with_text:
-            return torch.stack([px, py], dim=-1)
-        pt = torch.arange(txt_len) / max(txt_len, 1) * self.pt_seq_len
-        zeros = torch.zeros_like(pt)
-        pos = [
-            torch.cat([zeros, px]),
-            torch.cat([zeros, py]),
-            torch.cat([pt, torch.zeros_like(px)]),
-        ]
-        return torch.stack(pos, dim=-1)
+            return self(torch.stack([px, py], dim=-1))
+        is_text = index < text_length
+        pt = index.float() / text_length.clamp(min=1).float() * s
+        zero = torch.zeros_like(px)
+        pos = [torch.where(is_text, zero, px), torch.where(is_text, zero, py), torch.where(is_text, pt, zero)]
+        return self(torch.stack(pos, dim=-1))
+
+    def text_tables(self, length) -> tuple[Tensor, Tensor]:
+        """cos/sin (L, hd) of the text positions alone, (0, 0, i/L*s)."""
+        pt = torch.arange(length, device=self.text_freqs.device).float() / length * self.pt_seq_len
+        zero = torch.zeros_like(pt)
+        return self(torch.stack([zero, zero, pt], dim=-1))
 
     def forward(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin tables (N, head_dim) for positions (N, 2 or 3)."""
         pos = pos.to(self.spatial_freqs.device, torch.float32)
-        spatial, text = self.spatial_freqs.float(), self.text_freqs.float()  # fp32 even in a bf16 model
-        angles = [pos[:, 0, None] * spatial, pos[:, 1, None] * spatial]
+        angles = [pos[:, 0, None] * self.spatial_freqs, pos[:, 1, None] * self.spatial_freqs]
         if self.with_text:
-            angles.append(pos[:, 2, None] * text)
+            angles.append(pos[:, 2, None] * self.text_freqs)
         angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
         return angles.cos(), angles.sin()
 
@@ -95,35 +120,6 @@ def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     a, b = t.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((-b, a), dim=-1).flatten(-2)
     return t * cos + rotated * sin
-
-
-class KVCache:
-    """Keys/values of one flow block, preallocated at full length and written by position.
-
-    Keys are stored before RoPE (RoPE is applied to the whole key range on use). A Jacobi
-    iteration rewinds by writing the same positions again; nothing is ever reallocated.
-    """
-
-    def __init__(
-        self,
-        layers: int,
-        batch: int,
-        kv_heads: int,
-        length: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
-        shape = (layers, batch, kv_heads, length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the chunk at [start, start+l) and return every key/value up to its end."""
-        end = start + k.size(2)
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
 class Attention(nn.Module):
@@ -140,50 +136,40 @@ class Attention(nn.Module):
         self.key_norm = RMSNorm(hd) if config.use_qk_norm else None
         self.post_norm = RMSNorm(channels) if config.use_post_norm else None
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q (B, H, l, hd) and the chunk's k, v (B, Hkv, l, hd), normed but before RoPE."""
+    def forward(
+        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, l, ch) after `past` cached positions -> out, and the chunk's rotated k and its v."""
         B, n, _ = x.shape
         hd, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(self.norm(x)).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(B, n, H, hd).transpose(1, 2)
-        k = k.view(B, n, Hkv, hd).transpose(1, 2)
+        q = q.view(B, n, H, hd).transpose(1, 2)  # (B, H, l, hd)
+        k = k.view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, l, hd)
         v = v.view(B, n, Hkv, hd).transpose(1, 2)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
-        return q, k, v
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        """Queries are the last l of the lk key positions; rope tables cover [0, lk)."""
-        lq, lk = q.size(2), k.size(2)
         if rope is not None:
-            cos, sin = rope
-            q = apply_rope(q, cos[lk - lq : lk], sin[lk - lq : lk]).to(v.dtype)
-            k = apply_rope(k, cos[:lk], sin[:lk]).to(v.dtype)
+            q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = self.attend(q, keys, values)
+        out = self.proj(out.transpose(1, 2).reshape(B, n, H * hd))
+        return (self.post_norm(out) if self.post_norm is not None else out), k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention; the queries are the last lq of the lk key positions."""
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         scale = self.head_dim**-0.5
-        if lq == lk:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        B, _, n, _ = out.shape
-        out = self.proj(out.transpose(1, 2).reshape(B, n, self.num_heads * self.head_dim))
-        return self.post_norm(out) if self.post_norm is not None else out
-
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor] | None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        start: int = 0,
-    ) -> Tensor:
-        q, k, v = self.project(x)
-        if cache is not None:
-            k, v = cache.write(layer, start, k, v)
-        return self.attend(q, k, v, rope)
+        if self.training:  # the fused kernel (flash attention on GPU); training has no cache
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        # Explicit math otherwise: the mask is built from aranges, so it stays symbolic in both
+        # lengths when exported, and scores/softmax are fp32 even in fp16 and bf16 copies.
+        lq, lk = q.size(2), k.size(2)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, lq, lk)
+        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        mask = torch.arange(lk, device=q.device)[None, :] <= rows
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -223,40 +209,34 @@ class AttentionBlock(nn.Module):
         self.mlp = MLP(config, channels)
 
     def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor] | None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        start: int = 0,
-    ) -> Tensor:
-        x = x + self.attention(x, rope, cache, layer, start)
-        return x + self.mlp(x)
+        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out, k, v = self.attention(x, rope, past)
+        x = x + out
+        return x + self.mlp(x), k, v
 
 
 # ---- flow block ----------------------------------------------------------------------------
-def guide(mu: Tensor, sigma: Tensor, weight: float) -> tuple[Tensor, Tensor]:
-    """The official CFG on a `[cond ; uncond]` batch; both halves receive the guided values."""
-    mu_c, mu_u = mu.chunk(2)
-    sigma_c, sigma_u = sigma.chunk(2)
-    s = (sigma_c / sigma_u).clip(max=1.0).square()
-    sigma_g = sigma_c / (1 + weight - weight * s).sqrt()
-    mu_g = ((1 + weight) * mu_c - (weight * s) * mu_u) / (1 + weight - weight * s)
-    return torch.cat([mu_g, mu_g]), torch.cat([sigma_g, sigma_g])
-
-
 class FlowBlock(nn.Module):
     """One autoregressive affine flow (`MetaBlock`): z = (x - mu(x_<t)) / sigma(x_<t).
 
     The sequence is permuted (identity or flip) before the causal transformer; RoPE positions
     are not permuted. Text tokens, when the block is conditioned, are prepended to the sequence.
+    As a `starflow.sampler.Block` it is inverted by the shared sampling loop through `open`.
     """
 
     def __init__(
-        self, config: StarFlowConfig, num_layers: int, channels: int, flip: bool, text_conditioned: bool
+        self,
+        config: StarFlowConfig,
+        num_layers: int,
+        channels: int,
+        flip: bool,
+        text_conditioned: bool,
+        index: int,
     ):
         super().__init__()
         D = config.token_dim
+        self.index, self.deep = index, index == config.num_blocks - 1
         self.flip = flip
         self.use_sos = config.sos
         self.use_softplus = config.use_softplus
@@ -269,7 +249,10 @@ class FlowBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # every block starts as the identity (official init)
         if config.sos:
             self.sos_embed = nn.Parameter(torch.randn(1, 1, D))
-        if not config.rope:
+        self.rope = None
+        if config.rope:
+            self.rope = RotaryEmbedding(config.head_dim, config.rope_seq_len, config.txt_size > 0)
+        else:
             grid = config.latent_size // config.patch_size
             self.pos_embed = nn.Parameter(torch.randn(grid * grid, channels) * 1e-2)
         if text_conditioned:
@@ -281,12 +264,26 @@ class FlowBlock(nn.Module):
         """Token order seen by the transformer; its own inverse."""
         return x.flip(1) if self.flip else x
 
-    def permuted_pos_embed(self, start: int, length: int) -> Tensor:
+    def learned_positions(self, start, length) -> Tensor:
+        """The learned pos_embed (rope: 0) of block positions [start, start + length), (length, ch)."""
         pos_embed = self.pos_embed.flip(0) if self.flip else self.pos_embed
         return pos_embed[start : start + length]
 
+    def transformer(
+        self, h: Tensor, rope: Rope, past_keys: Tensor | None = None, past_values: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Every layer on h (B, l, ch) after the cached positions -> h, per-layer rotated k and v."""
+        keys, values = [], []
+        for i, layer in enumerate(self.attn_blocks):
+            past = None if past_keys is None else (past_keys[i].to(h.dtype), past_values[i].to(h.dtype))
+            h, k, v = layer(h, rope, past)
+            keys.append(k)
+            values.append(v)
+        return h, keys, values
+
     def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Hidden states (B, l, ch) -> mu, sigma (B, l, D) in fp32, after soft-clip."""
+        h = h.to(self.proj_out.weight.dtype)  # an fp16 copy keeps its head in fp32 (export)
         if self.final_norm is not None:
             h = self.final_norm(h)
         out = self.proj_out(h)
@@ -296,126 +293,88 @@ class FlowBlock(nn.Module):
         sigma = F.softplus(a + INV_SOFTPLUS_1) if self.use_softplus else a.exp()
         return mu, sigma
 
-    def new_cache(self, batch: int, length: int, like: Tensor) -> KVCache:
-        layers = len(self.attn_blocks)
-        dtype, device = self.proj_in.weight.dtype, like.device
-        return KVCache(layers, batch, self.num_kv_heads, length, self.head_dim, dtype, device)
-
     # -- training direction --
-    def forward(
-        self, x: Tensor, y: Tensor | None, rope: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) raster order -> z (B, T, D) raster order, logdet (B, T, D) permuted order."""
-        xp = self.permute(x)
-        inp = torch.cat([self.sos_embed.expand(x.size(0), -1, -1), xp[:, :-1]], 1) if self.use_sos else xp
-        h = self.proj_in(inp.to(self.proj_in.weight.dtype))
-        if rope is None:
-            h = h + self.permuted_pos_embed(0, h.size(1))
-        txt_len = 0
-        if self.text_conditioned:
-            txt = self.proj_txt(y.to(h.dtype))
-            txt_len = txt.size(1)
-            h = torch.cat([txt, h], dim=1)
-        for layer in self.attn_blocks:
-            h = layer(h, rope)
-        mu, sigma = self.head(h[:, txt_len:])
+    def density(self, x: Tensor, grid: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass in block order: x (B, T, D) -> z (fp32), logdet = -log sigma (B, T, D)."""
+        B, T = x.size(0), x.size(1)
+        inp = torch.cat([self.sos_embed.to(x.dtype).expand(B, -1, -1), x[:, :-1]], 1) if self.use_sos else x
+        h = self.proj_in(inp.to(self.proj_in.weight.dtype))  # (B, T, ch)
+        if self.rope is None:
+            h = h + self.learned_positions(0, T)
+        text_length = torch.zeros((), dtype=torch.int64, device=grid.device)
+        if text is not None:
+            h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)  # (B, L + T, ch)
+            text_length = text_length + text.size(1)
+        rope = self.rope.tables(0, h.size(1), text_length, grid) if self.rope is not None else None
+        h, _, _ = self.transformer(h, rope)
+        mu, sigma = self.head(h[:, h.size(1) - T :])
         if not self.use_sos:  # TarFlow style: token t is predicted from x_<t; token 0 passes
             mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], 1)
             sigma = torch.cat([torch.ones_like(sigma[:, :1]), sigma[:, :-1]], 1)
-        z = (xp.float() - mu) / sigma
-        return self.permute(z).to(x.dtype), -sigma.log()
+        return (x.float() - mu) / sigma, -sigma.log()
 
-    # -- sampling direction: small step functions, the loops are in the samplers below --
-    def prefill(self, y: Tensor, cache: KVCache, rope: tuple[Tensor, Tensor] | None) -> None:
-        """Push the text tokens through every layer once; only their keys/values are kept."""
-        h = self.proj_txt(y.to(self.proj_txt.weight.dtype))
-        for i, layer in enumerate(self.attn_blocks):
-            h = layer(h, rope, cache, i, 0)
+    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) raster order -> z (B, T, D) raster order, logdet (B, T, D) block order."""
+        z, logdet = self.density(self.permute(x), grid, text)
+        return self.permute(z).to(x.dtype), logdet
+
+    # -- sampling direction: the step graph, and the sampler's view of it --
+    def prefill(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Text (B, L, txt_dim) -> its rotated keys and values (layers, B, Hkv, L, hd)."""
+        h = self.proj_txt(text.to(self.proj_txt.weight.dtype))
+        rope = self.rope.text_tables(text.size(1)) if self.rope is not None else None
+        _, keys, values = self.transformer(h, rope)
+        return torch.stack(keys), torch.stack(values)
 
     def step(
-        self, inp: Tensor, start: int, cache: KVCache, rope: tuple[Tensor, Tensor] | None, txt_len: int
-    ) -> tuple[Tensor, Tensor]:
-        """A chunk of transformer inputs at sequence positions [start, start+l) -> mu, sigma."""
-        h = self.proj_in(inp.to(self.proj_in.weight.dtype))
-        if rope is None:
-            h = h + self.permuted_pos_embed(start - txt_len, h.size(1))
-        for i, layer in enumerate(self.attn_blocks):
-            h = layer(h, rope, cache, i, start)
-        return self.head(h)
+        self, x: Tensor, past_keys: Tensor, past_values: Tensor, grid: Tensor, start
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A chunk against the cache -> mu, sigma (B, c, D) fp32 and its keys/values.
 
-    def _prepare(self, z: Tensor, y: Tensor | None, rope_for) -> tuple[Tensor, KVCache, tuple | None, int]:
-        zp = self.permute(z.float())
-        txt_len = y.size(1) if self.text_conditioned else 0
-        rope = rope_for(txt_len)
-        cache = self.new_cache(z.size(0), txt_len + z.size(1), z)
-        if self.text_conditioned:
-            self.prefill(y, cache, rope)
-        return zp, cache, rope, txt_len
-
-    def sample_sequential(
-        self, z: Tensor, y: Tensor | None, guidance: float, rope_for, stats: BlockStats
-    ) -> Tensor:
-        """Invert the block token by token with a KV cache (the official `reverse`)."""
-        zp, cache, rope, txt_len = self._prepare(z, y, rope_for)
-        x = zp.clone()
-        B, T, _ = zp.shape
-        first = 0 if self.use_sos else 1  # without SOS token 0 passes unchanged
-        for t in range(first, T):
-            inp = self.sos_embed.expand(B, -1, -1) if t == 0 else x[:, t - 1 : t]
-            mu, sigma = self.step(inp, txt_len + t - first, cache, rope, txt_len)
-            if guidance > 0:
-                mu, sigma = guide(mu, sigma, guidance)
-            x[:, t] = zp[:, t] * sigma[:, 0] + mu[:, 0]
-            stats.iterations.append(1)
-            stats.evaluations += 1
-            stats.tokens += B
-        return self.permute(x)
-
-    def sample_jacobi(
-        self,
-        z: Tensor,
-        y: Tensor | None,
-        guidance: float,
-        rope_for,
-        stats: BlockStats,
-        block_size: int,
-        max_iter: int,
-        threshold: float,
-    ) -> Tensor:
-        """Block-wise Jacobi (the official `jacobi`): iterate each chunk to a fixed point.
-
-        The noise is the first guess. Each iteration rewrites the chunk's cache entries, so the
-        cache ends one iterate behind the returned values, exactly as in the official code.
+        x (B, c, D): the block-order inputs of positions [start, start + c) (sos for the first
+        token, then the previous tokens); past_keys/past_values (layers, B, Hkv, P, hd): the
+        P = text length + start earlier positions, keys rotated as this returns them; grid int64
+        (h, w) tokens. Returns mu, sigma and the chunk's keys/values (layers, B, Hkv, c, hd).
         """
-        if not self.use_sos:
-            raise StarflowError("Jacobi sampling needs a model with `sos: 1`; use method='sequential'")
-        zp, cache, rope, txt_len = self._prepare(z, y, rope_for)
-        B, T, _ = zp.shape
-        x_full = torch.cat([self.sos_embed.float().expand(B, -1, -1), zp.clone()], dim=1)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        start = 0
-        while start < T:
-            c = min(block_size, T - start)
-            target = zp[:, start : start + c]
-            for i in range(max_iter):
-                mu, sigma = self.step(x_full[:, start : start + c], txt_len + start, cache, rope, txt_len)
-                if guidance > 0:
-                    mu, sigma = guide(mu, sigma, guidance)
-                new = mu + sigma * target
-                old = x_full[:, start + 1 : start + 1 + c]
-                diff = ((new - old) ** 2).mean() / (new**2).mean()
-                x_full[:, start + 1 : start + 1 + c] = new
-                stats.evaluations += 1
-                stats.tokens += B * c
-                done = torch.tensor(bool(diff < threshold) or i == max_iter - 1)
-                if distributed:  # every rank must stop together (the official all-reduce)
-                    done = done.to(x_full.device)
-                    torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-                if bool(done):
-                    break
-            stats.iterations.append(i + 1)
-            start += c
-        return self.permute(x_full[:, 1:])
+        past = past_keys.size(3)
+        h = self.proj_in(x.to(self.proj_in.weight.dtype))  # (B, c, ch)
+        if self.rope is None:
+            rope = None
+            h = h + self.learned_positions(start, h.size(1))
+        else:
+            rope = self.rope.tables(past, h.size(1), past - start, grid)
+        h, keys, values = self.transformer(h, rope, past_keys, past_values)
+        mu, sigma = self.head(h)
+        return mu, sigma, torch.stack(keys), torch.stack(values)
+
+    @property
+    def sos(self) -> Tensor | None:
+        return self.sos_embed.detach().float() if self.use_sos else None
+
+    def open(self, rows: int, grid: tuple[int, int], text: Tensor | None) -> CachedStep:
+        """`step` over a fresh cache for `rows` sequences, the text prefilled (sampler.Block)."""
+        device, dtype = self.proj_in.weight.device, self.proj_in.weight.dtype
+        grid_tensor = torch.tensor(grid, dtype=torch.int64, device=device)
+        text_length = 0 if text is None else text.size(1)
+        shape = (
+            len(self.attn_blocks),
+            rows,
+            self.num_kv_heads,
+            text_length + grid[0] * grid[1],
+            self.head_dim,
+        )
+        keys, values = (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+        def run(x: Tensor, past_keys: Tensor, past_values: Tensor, start: int):
+            return self.step(x, past_keys, past_values, grid_tensor, start)
+
+        step = CachedStep(run, keys, values, text_length)
+        if text is not None:
+            step.prefill(*self.prefill(text))
+        return step
 
 
 class IdentityBlock(nn.Module):
@@ -423,13 +382,8 @@ class IdentityBlock(nn.Module):
 
     text_conditioned = False
 
-    def forward(self, x: Tensor, y: Tensor | None, rope) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor) -> tuple[Tensor, Tensor]:
         return x, torch.zeros_like(x, dtype=torch.float32)
-
-    def sample_sequential(self, z: Tensor, *args, **kwargs) -> Tensor:
-        return z
-
-    sample_jacobi = sample_sequential
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -463,91 +417,44 @@ class StarFlow(nn.Module):
             deep = i == n - 1
             text = config.txt_dim > 0 and (deep or not config.cond_top_only)
             channels = config.deep_channels if deep else config.channels
-            blocks.append(FlowBlock(config, layers, channels, flip, text) if layers else IdentityBlock())
+            blocks.append(FlowBlock(config, layers, channels, flip, text, i) if layers else IdentityBlock())
         self.blocks = nn.ModuleList(blocks)
-        with_text = config.txt_size > 0
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_seq_len, with_text) if config.rope else None
 
-    # -- shapes --
-    def patchify(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, h, w, p*p*C) with channel order (p1 p2 c)."""
-        p = self.config.patch_size
-        B, C, H, W = x.shape
-        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(B, H // p, W // p, p * p * C)
+    @property
+    def text_dim(self) -> int:
+        """The text embedding width the model takes, 0 when no block is text-conditioned."""
+        return self.config.txt_dim if any(b.text_conditioned for b in self.blocks) else 0
 
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """(B, h, w, p*p*C) -> (B, C, H, W)."""
-        p = self.config.patch_size
-        B, h, w, _ = x.shape
-        x = x.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, -1, h * p, w * p)
+    def sampling_blocks(self) -> list[FlowBlock]:
+        """The flow blocks in sampling order (deep block first); identity blocks left out."""
+        return [b for b in reversed(self.blocks) if isinstance(b, FlowBlock)]
 
-    def rope_tables(self, block: nn.Module, h: int, w: int, txt_len: int):
-        """cos/sin for [text ; image] positions of this block, or None with learned pos_embed."""
-        if self.rope is None:
-            return None
-        pos = self.rope.positions(h, w, txt_len if block.text_conditioned else 0)
-        return self.rope(pos.to(self.rope.spatial_freqs.device))
-
-    def check_latent(self, x: Tensor, name: str = "x") -> tuple[int, int]:
-        """Validate a latent batch; returns the token grid (h, w)."""
+    def check_latent(self, x: Tensor, name: str) -> tuple[int, int]:
+        """`sampler.check_latent`, plus what only the PyTorch model needs; returns the grid."""
         cfg = self.config
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise StarflowError(f"{name}: expected a (B, C, H, W) latent tensor, got {shape}")
-        B, C, H, W = x.shape
-        if C != cfg.channel_size:
-            raise StarflowError(
-                f"{name}: expected {cfg.channel_size} latent channels, got shape {tuple(x.shape)}"
-            )
-        if H % cfg.patch_size or W % cfg.patch_size or H == 0 or W == 0:
-            raise StarflowError(
-                f"{name}: latent size {H}x{W} is not a positive multiple of patch_size {cfg.patch_size}"
-            )
-        h, w = H // cfg.patch_size, W // cfg.patch_size
-        if self.rope is None:
-            grid = cfg.latent_size // cfg.patch_size
-            if (h, w) != (grid, grid):
-                raise StarflowError(
-                    f"{name}: a model with learned pos_embed (rope: 0) only takes its training grid "
-                    f"{grid}x{grid} tokens ({grid * cfg.patch_size}x{grid * cfg.patch_size} latent), "
-                    f"got {h}x{w}"
-                )
+        h, w = sampler.check_latent(x, cfg.channel_size, cfg.patch_size, name)
         if not x.is_floating_point():
             raise StarflowError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+        if not cfg.rope and (h, w) != (side := cfg.latent_size // cfg.patch_size,) * 2:
+            raise StarflowError(
+                f"{name}: a model with learned pos_embed (rope: 0) only takes its training grid "
+                f"{side}x{side} tokens ({side * cfg.patch_size}x{side * cfg.patch_size} latent), got {h}x{w}"
+            )
         return h, w
-
-    def check_text(self, y: Tensor | None, batch: int, name: str = "y") -> None:
-        text_model = any(b.text_conditioned for b in self.blocks)
-        if not text_model:
-            if y is not None:
-                raise StarflowError(f"{name}: this model is not text-conditioned (txt_dim 0); pass None")
-            return
-        if y is None:
-            raise StarflowError(
-                f"{name}: this model is text-conditioned; pass (B, L, {self.config.txt_dim}) embeddings"
-            )
-        if y.dim() != 3 or y.size(0) != batch or y.size(2) != self.config.txt_dim or y.size(1) == 0:
-            raise StarflowError(
-                f"{name}: expected text embeddings of shape ({batch}, L, {self.config.txt_dim}) with "
-                f"L >= 1 (the config's txt_size is {self.config.txt_size}), got {tuple(y.shape)}"
-            )
 
     # -- density --
     def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
         """Training direction: latent x (B, C, H, W) -> z, per-block logdets."""
-        h, w = self.check_latent(x)
-        self.check_text(y, x.size(0))
-        tokens = self.patchify(x)
-        outputs, logdets = [tokens], []
-        seq = tokens.flatten(1, 2)
+        h, w = self.check_latent(x, "x")
+        sampler.check_text(y, x.size(0), self.text_dim, None, "y")
+        grid = torch.tensor([h, w], device=x.device)
+        seq = sampler.patchify(x, self.config.patch_size)  # (B, T, D)
+        outputs, logdets = [seq.unflatten(1, (h, w))], []
         for block in self.blocks:
-            txt_len = y.size(1) if block.text_conditioned else 0
-            seq, logdet = block(seq, y, self.rope_tables(block, h, w, txt_len))
+            seq, logdet = block(seq, y if block.text_conditioned else None, grid)
             outputs.append(seq.unflatten(1, (h, w)))
             logdets.append(logdet)
-        return FlowOutput(self.unpatchify(outputs[-1]), logdets, outputs)
+        return FlowOutput(sampler.unpatchify(seq, self.config.patch_size, h, w), logdets, outputs)
 
     @staticmethod
     def loss(out: FlowOutput) -> Tensor:
@@ -577,75 +484,41 @@ class StarFlow(nn.Module):
         noise: Tensor,
         y: Tensor | None = None,
         y_uncond: Tensor | None = None,
-        guidance: float = 0.0,
-        method: str = "jacobi",
-        jacobi_block_size: int = 16,
-        jacobi_max_iter: int = 32,
-        jacobi_threshold: float = 1e-3,
+        options: SampleOptions | None = None,
+        *,
         return_stats: bool = False,
+        progress: sampler.Progress | None = None,
     ) -> Tensor | tuple[Tensor, list[BlockStats]]:
-        """Invert the flow: noise (B, C, H, W) -> latent; deep block first, then shallow blocks.
+        """Invert the flow: noise (B, C, H, W) -> latent, through `starflow.sampler.sample`.
 
-        With guidance > 0 the deep block runs on the batch `[y ; y_uncond]` and the CFG formula;
-        with `cond_top_only` the uncond half is dropped before the shallow blocks.
+        With `options.guidance > 0` the deep block runs on `[y ; y_uncond]` and the official CFG
+        formula; with `cond_top_only` the uncond half is dropped before the shallow blocks.
         Stats (per block, in sampling order) are returned when `return_stats`.
         """
-        if method not in ("jacobi", "sequential"):
-            raise StarflowError(f"method: expected 'jacobi' or 'sequential', got {method!r}")
-        if method == "jacobi" and (jacobi_block_size < 1 or jacobi_max_iter < 1):
-            raise StarflowError(
-                "jacobi_block_size and jacobi_max_iter must be >= 1, "
-                f"got {jacobi_block_size} and {jacobi_max_iter}"
-            )
-        h, w = self.check_latent(noise, "noise")
-        B = noise.size(0)
-        self.check_text(y, B)
-        if guidance < 0:
-            raise StarflowError(f"guidance: must be >= 0, got {guidance}")
-        if guidance > 0:
-            if y is None:
-                raise StarflowError("guidance > 0 needs a text-conditioned model and y")
-            if y_uncond is None:
-                raise StarflowError("guidance > 0 needs y_uncond (the encoded empty prompt), same shape as y")
-            if y_uncond.shape != y.shape:
-                raise StarflowError(
-                    f"y_uncond: expected shape {tuple(y.shape)} (as y), got {tuple(y_uncond.shape)}"
-                )
-            y_batch = torch.cat([y, y_uncond])
-        else:
-            y_batch = y
-        x = self.patchify(noise.float()).flatten(1, 2)
-        stats: list[BlockStats] = []
-        for index in reversed(range(len(self.blocks))):
-            block = self.blocks[index]
-            if isinstance(block, IdentityBlock):
-                continue
-            deep = index == len(self.blocks) - 1
-            if not deep and self.config.cond_top_only and guidance > 0:
-                guidance, y_batch = 0.0, y
-            z = torch.cat([x, x]) if guidance > 0 else x
-            text = y_batch if block.text_conditioned else None
-            record = BlockStats(index, method)
-            began = time.perf_counter()
-
-            def rope_for(txt_len: int, block=block):
-                return self.rope_tables(block, h, w, txt_len)
-
-            if method == "sequential":
-                x = block.sample_sequential(z, text, guidance, rope_for, record)
-            else:
-                x = block.sample_jacobi(
-                    z,
-                    text,
-                    guidance,
-                    rope_for,
-                    record,
-                    jacobi_block_size,
-                    jacobi_max_iter,
-                    jacobi_threshold,
-                )
-            x = x[:B]
-            record.seconds = time.perf_counter() - began
-            stats.append(record)
-        out = self.unpatchify(x.unflatten(1, (h, w))).to(noise.dtype)
+        options = options or SampleOptions()
+        cfg = self.config
+        sampler.check_sample_inputs(
+            noise, y, y_uncond, options, channels=cfg.channel_size, patch_size=cfg.patch_size,
+            text_dim=self.text_dim,
+        )  # fmt: skip
+        self.check_latent(noise, "noise")
+        x, stats = sampler.sample(
+            self.sampling_blocks(), noise.float(), y, y_uncond, options, patch_size=cfg.patch_size,
+            guide_deep_only=cfg.cond_top_only, progress=progress, agree=_every_rank_agrees(),
+        )  # fmt: skip
+        out = x.to(noise.dtype)
         return (out, stats) if return_stats else out
+
+
+def _every_rank_agrees():
+    """In a distributed run every rank must stop a Jacobi chunk together (the official all-reduce)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+
+    def agree(done: bool) -> bool:
+        flag = torch.tensor(done, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
+
+    return agree

@@ -1,76 +1,119 @@
-"""The PyTorch reference of the whole text-to-image pipeline, stage for stage as the runtime's.
+"""The PyTorch reference of prompts -> images: `ImageGenerator`'s loop over the PyTorch modules.
 
 prompts -> text encoder (HF T5 or the label table) -> `StarFlow.sample` on `[cond ; uncond]`
--> self-denoise -> SD-VAE decode (or identity). The noise is `make_noise`, the same numpy
-draw the runtime makes, and the images are split into the same batches, so the two paths can
-be compared image for image (the Jacobi stop test averages over the batch).
+-> self-denoise -> SD-VAE decode (or identity). The loop, the noise (`make_noise`) and the
+batching are the runtime `Generator`'s, so the two give the same images for the same seed (the
+Jacobi stop test averages over a batch: give `batch_size` the export's batch to compare).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
+from torch import Tensor
 
+from starflow.checkpoint import load_model
+from starflow.config import DEMO_CHECKPOINT
+from starflow.errors import StarflowError
+from starflow.export.manifest import VAE_SCALE
 from starflow.model import StarFlow
-from starflow.runtime.generator import make_noise
-from starflow.runtime.image import to_unit_images
-from starflow.stats import BlockStats
-from starflow.text_encoder import TextEncoder
+from starflow.runtime.generator import ImageGenerator, check_prompts, make_noise
+from starflow.sampler import BlockStats, Progress, SampleOptions
+from starflow.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
 
 
-@torch.no_grad()
-def text_to_image(
-    model: StarFlow,
-    encoder: TextEncoder | None,
-    prompts: list[str],
-    num_images: int = 1,
-    negative_prompt: str | None = None,
-    guidance: float = 0.0,
-    seed: int = 0,
-    latent_size: tuple[int, int] | None = None,
-    method: str = "jacobi",
-    jacobi_block_size: int = 16,
-    jacobi_max_iter: int = 32,
-    jacobi_threshold: float = 1e-3,
-    denoise: bool = True,
-    vae: torch.nn.Module | None = None,
-    batch_size: int | None = None,
-    stats: list[BlockStats] | None = None,
-) -> np.ndarray:
-    """`num_images` images per prompt -> (N, H, W, C) float32 in [0, 1]."""
-    from starflow.export.manifest import VAE_SCALE
+class ReferenceGenerator(ImageGenerator):
+    """A PyTorch model with its text encoder (and VAE), ready to turn prompts into images.
 
-    cfg = model.config
-    H, W = latent_size or (cfg.latent_size, cfg.latent_size)
-    per_image = [p for p in prompts for _ in range(num_images)]
-    noise = torch.from_numpy(make_noise(seed, (len(per_image), cfg.channel_size, H, W)))
-    y = y_uncond = None
-    if encoder is not None:
-        y = encoder.encode(per_image).float()
-        if guidance > 0:
-            y_uncond = encoder.encode([negative_prompt or ""]).float().expand_as(y)
-    step = batch_size or len(per_image)
-    latents = []
-    for first in range(0, len(per_image), step):
-        part = slice(first, first + step)
-        cond = None if y is None else y[part]
-        x, block_stats = model.sample(
-            noise[part],
-            cond,
-            None if y_uncond is None else y_uncond[part],
-            guidance,
-            method=method,
-            jacobi_block_size=jacobi_block_size,
-            jacobi_max_iter=jacobi_max_iter,
-            jacobi_threshold=jacobi_threshold,
-            return_stats=True,
-        )
-        if stats is not None:
-            stats.extend(block_stats)
-        latents.append(model.denoise(x, cond, cfg.noise_std) if denoise else x)
-    latent = torch.cat(latents)
-    if vae is not None:
+    `batch_size` images are sampled together (default: all).
+    """
+
+    def __init__(
+        self, model: StarFlow, encoder: TextEncoder | None, vae: Any = None, batch_size: int | None = None
+    ):
+        self.model, self.encoder, self.vae, self.batch_size = model, encoder, vae, batch_size
+        config = model.config
+        self.channels = config.channel_size
+        self.train_side, self.multiple_of = config.latent_size, config.patch_size
+        self.factor = config.img_size // config.latent_size if config.vae else 1
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path | None = None,
+        config: str | Path | None = None,
+        text_encoder: str | Path | None = None,
+        vae: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int | None = None,
+    ) -> ReferenceGenerator:
+        """A checkpoint (default: the embedded digits model) with its text encoder: a local Hugging
+        Face directory, or the label table saved beside a class-conditional `.safetensors`."""
+        from starflow.label_encoder import labels_path, load_label_encoder
+
+        checkpoint = Path(checkpoint or DEMO_CHECKPOINT)
+        model = load_model(config, checkpoint, device)
+        cfg = model.config
+        encoder: TextEncoder | None = None
+        if text_encoder is not None:
+            encoder = HFTextEncoder.from_directory(Path(text_encoder), cfg.txt_size).to(device)
+            encoder.check_dim(cfg.txt_dim)
+        elif model.text_dim and labels_path(checkpoint).is_file():
+            table = load_label_encoder(labels_path(checkpoint), cfg.txt_size, cfg.txt_dim)
+            encoder = LabelTextEncoder(table).to(device)
+        loaded_vae = None
+        if vae is not None:
+            from starflow.vae import check_channels, load_vae
+
+            loaded_vae = load_vae(Path(vae)).to(device)
+            check_channels(loaded_vae, cfg.channel_size)
+        return cls(model, encoder, loaded_vae, batch_size)
+
+    def check(self, prompts: list[str], num_images: int, sampling: SampleOptions, denoise: bool) -> None:
+        sampling.check()
+        model, cfg = self.model, self.model.config
+        check_prompts(prompts, num_images, sampling.guidance, model.text_dim > 0)
+        if model.text_dim and self.encoder is None:
+            raise StarflowError(
+                "this model is text-conditioned: load it with text_encoder=DIR (or its label table)"
+            )
+        if cfg.vae and self.vae is None:
+            raise StarflowError(f"this latent model decodes through {cfg.vae}: load it with vae=DIR")
+
+    def default_sampling(self) -> SampleOptions:
+        """The checkpoint's guidance weight (its config's cfg) and the official Jacobi settings."""
+        return SampleOptions(guidance=self.model.config.cfg)
+
+    def images_per_batch(self, guidance: float) -> int:
+        return self.batch_size or 2**31
+
+    def noise(self, seed: int, shape: tuple[int, ...]) -> Tensor:
+        return torch.from_numpy(make_noise(seed, shape)).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Tensor | None:
+        return None if self.encoder is None else self.encoder.encode(prompts).float()
+
+    def sample(
+        self, noise: Tensor, y: Tensor | None, y_uncond: Tensor | None, sampling: SampleOptions,
+        progress: Progress | None,
+    ) -> tuple[Tensor, list[BlockStats]]:  # fmt: skip
+        return self.model.sample(noise, y, y_uncond, sampling, return_stats=True, progress=progress)
+
+    def denoise(self, x: Tensor, y: Tensor | None) -> Tensor:
+        return self.model.denoise(x, y, self.model.config.noise_std)
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        if self.vae is None:
+            return latent
         from starflow.vae import decode
 
-        latent = decode(vae, latent, VAE_SCALE)
-    return to_unit_images(latent.numpy())
+        return decode(self.vae, latent, VAE_SCALE)
+
+    def to_numpy(self, x: Tensor) -> np.ndarray:
+        return x.float().cpu().numpy()

@@ -9,6 +9,7 @@ rounding, and a resumed run replays the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -340,17 +341,19 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self) -> None:
         """A PNG of EMA samples, one column per class; every rank samples (the layers are sharded)."""
-        from starflow.sampling import generate, save_png
+        from starflow.runtime.outputs import save_png
+        from starflow.sampler import SampleOptions
+        from starflow.t2i import ReferenceGenerator
+        from starflow.text_encoder import LabelTextEncoder
 
         backup = {n: p.detach().clone() for n, p in self.params.items()}
         for name, p in self.params.items():
             p.detach().copy_(self.ema[name])
         self.model.unshard()
         try:
-            labels = torch.arange(len(self.classes)).repeat(2)
-            images = generate(
-                self.model.flow, self.model.labels, labels, seed=0, guidance=self.config.cfg, denoise=False
-            )
+            generator = ReferenceGenerator(self.model.flow, LabelTextEncoder(self.model.labels))
+            sampling = SampleOptions(guidance=self.config.cfg)
+            images = generator.generate(self.classes * 2, sampling=sampling, denoise=False).images
         finally:
             self.model.reshard()
             for name, p in self.params.items():
@@ -380,7 +383,7 @@ class Trainer:
         )
         task = progress.add_task("train", total=o.steps, completed=self.step, status="")
         began, mark = time.perf_counter(), (self.step, time.perf_counter())
-        with progress, metrics_path.open("a") if self.rank == 0 else _nothing() as log:
+        with progress, metrics_path.open("a") if self.rank == 0 else contextlib.nullcontext() as log:
             while self.step < o.steps:
                 record = self.train_step()
                 if self.step % o.log_every == 0 or self.step == o.steps:
@@ -404,14 +407,6 @@ class Trainer:
         if self.rank == 0:
             consolidate(checkpoints(self.out)[-1], self.out / "model.safetensors", ema=o.export_ema)
         dist.barrier()
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---- consolidation ------------------------------------------------------------------------

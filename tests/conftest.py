@@ -18,7 +18,8 @@ T5_WORDS = "a an the photo of cat dog red blue green big small house tree car on
 @pytest.fixture(scope="session")
 def fixture_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The official tiny T2I fixture exported once per test session, as a user would: through the
-    CLI, fp32 and fp16, validation on. Tests that modify it must work on a copy."""
+    CLI, fp32 and fp16, validation on, without the denoise graph (no test of it needs one: the
+    denoise graph has its own tests). Tests that modify it must work on a copy."""
     if not T2I.is_dir():
         pytest.skip(f"shared fixtures not found at {T2I}")
     from typer.testing import CliRunner
@@ -33,6 +34,7 @@ def fixture_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(T2I / "config.yaml"),
         "--checkpoint",
         str(T2I / "checkpoint.pth"),
+        "--no-denoise",
     ]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import starflow
 from starflow.cli.main import app
-from starflow.export.manifest import check_schema, load_manifest, sha256
+from starflow.export.manifest import Manifest, check_schema, sha256
 from starflow.testing import perturb_
 from tests.conftest import T2I
 
@@ -32,34 +32,34 @@ def model() -> starflow.StarFlow:
 
 
 def test_fp16_graphs_keep_io_and_head_in_fp32(fixture_artifacts):
-    manifest = load_manifest(fixture_artifacts)
-    for graph in (g for g in manifest["graphs"] if g["precision"] == "fp16"):
-        dtypes = {t["name"]: t["dtype"] for t in graph["inputs"] + graph["outputs"]}
+    manifest = Manifest.load(fixture_artifacts)
+    for graph in (g for g in manifest.graphs if g.precision == "fp16"):
+        dtypes = {t.name: t.dtype for t in graph.inputs + graph.outputs}
         assert all(dtypes[n] == "float32" for n in ("x", "mu", "sigma", "z", "logdet", "text") if n in dtypes)
         assert all(dtypes[n] == "float16" for n in ("past_keys", "new_keys", "keys") if n in dtypes)
-    assert "softmax" in manifest["precisions"]["fp16"]["fp32_ops"]
+    assert "softmax" in manifest.precisions["fp16"].fp32_ops
 
 
 # ---- the artifacts -------------------------------------------------------------------------------
 def test_every_graph_passes_the_checker_and_keeps_symbolic_dims(fixture_artifacts):
-    manifest = load_manifest(fixture_artifacts)
-    names = [g["name"] for g in manifest["graphs"]]
-    # fp32 + fp16: step + forward per block, prefill for the deep one; the fp32 denoise graph
-    assert len(names) == 15 and names[-1] == "denoise.fp32"
-    for graph in manifest["graphs"]:
-        path = fixture_artifacts / graph["file"]
+    manifest = Manifest.load(fixture_artifacts)
+    names = [g.name for g in manifest.graphs]
+    # fp32 + fp16: step + forward per block, prefill for the deep one (exported with --no-denoise)
+    assert len(names) == 14 and manifest.denoise is None
+    for graph in manifest.graphs:
+        path = fixture_artifacts / graph.file
         onnx.checker.check_model(str(path), full_check=True)
         inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
-        for declared, value in zip(graph["outputs"], inferred.graph.output, strict=True):
+        for declared, value in zip(graph.outputs, inferred.graph.output, strict=True):
             dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-            assert dims == declared["shape"], (graph["name"], declared["name"], dims)
+            assert dims == list(declared.shape), (graph.name, declared.name, dims)
             assert any(isinstance(d, str) for d in dims)
 
 
 def test_step_graph_runs_at_shapes_other_than_the_example(fixture_artifacts):
     """Batch 1 and 5, chunk 1 and 7, empty and long cache: nothing was specialised."""
-    graph = next(g for g in load_manifest(fixture_artifacts)["graphs"] if g["name"] == "block1.step.fp32")
-    session = ort.InferenceSession(str(fixture_artifacts / graph["file"]), providers=["CPUExecutionProvider"])
+    graph = Manifest.load(fixture_artifacts).graph("block1.step.fp32")
+    session = ort.InferenceSession(str(fixture_artifacts / graph.file), providers=["CPUExecutionProvider"])
     for batch, chunk, past, grid in [(1, 1, 0, (4, 4)), (5, 7, 40, (8, 12)), (3, 16, 100, (16, 8))]:
         feeds = {
             "x": np.zeros((batch, chunk, 4), np.float32),
@@ -89,9 +89,9 @@ def test_manifest_validates_and_sha256s_match(fixture_artifacts):
 
 
 def test_permutations_follow_the_official_rule(fixture_artifacts, model):
-    manifest = load_manifest(fixture_artifacts)
-    for block in manifest["blocks"]:
-        assert block["permutation"] == ("flip" if model.blocks[block["index"]].flip else "identity")
+    manifest = Manifest.load(fixture_artifacts)
+    for block in manifest.blocks:
+        assert block.permutation == ("flip" if model.blocks[block.index].flip else "identity")
 
 
 def test_inspect_and_validate_commands(fixture_artifacts):
@@ -121,4 +121,20 @@ def test_validate_detects_a_modified_graph(fixture_artifacts, tmp_path):
     with open(copy / "block0.step.fp32.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(starflow.StarflowError, match="sha256"):
-        load_manifest(copy)
+        Manifest.load(copy)
+
+
+def test_typed_manifest_round_trips_its_json(fixture_artifacts):
+    """The dataclasses are the JSON one to one: nothing dropped, renamed or added on a rewrite."""
+    data = json.loads((fixture_artifacts / "manifest.json").read_text())
+    manifest = Manifest.load(fixture_artifacts)
+    assert manifest.to_dict() == {**data, "engines": data.get("engines", [])}
+    assert manifest.graph("block2.step.fp32").input("past_keys").shape == (
+        2,
+        "batch",
+        4,
+        "past",
+        16,
+    )  # 2 layers
+    with pytest.raises(starflow.StarflowError, match="no graph named 'block9.step.fp32'"):
+        manifest.graph("block9.step.fp32")

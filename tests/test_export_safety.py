@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 import starflow
 from starflow.cli.main import app
 from starflow.config import config_from_dict
-from starflow.export import onnx_export
+from starflow.export import exporter
 from starflow.export import validate as validate_module
-from starflow.export.manifest import load_manifest
-from starflow.export.onnx_export import check_out, export_onnx, replace_dir
+from starflow.export.manifest import Manifest
+from starflow.export.onnx_export import ExportOptions, check_out, export_onnx, replace_dir
 from starflow.testing import random_model
 
 # Shared fixtures live beside the repo, as in conftest.py (bare `pytest` cannot import `tests.`).
@@ -75,7 +75,7 @@ def test_non_empty_unrelated_out_needs_force(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = export_cli("--out", str(tmp_path))
     assert result.exit_code != 0
-    assert "--force" in result.output
+    assert "force=True (--force)" in result.output
     assert leftovers(tmp_path) == ["notes.txt"]
 
 
@@ -98,7 +98,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
 def test_unsupported_opset_is_refused(tmp_path, opset):
     result = export_cli("--out", str(tmp_path / "out"), "--opset", opset)
     assert result.exit_code != 0
-    assert f"--opset {opset}: unsupported" in result.output
+    assert f"opset {opset}: unsupported" in result.output
     assert leftovers(tmp_path) == []
 
 
@@ -106,7 +106,7 @@ def test_unsupported_opset_is_refused(tmp_path, opset):
 def test_opset_23_with_fp16_is_refused_before_any_work(tmp_path):
     result = export_cli("--out", str(tmp_path / "out"), "--opset", "23")  # default precision: both
     assert result.exit_code != 0
-    assert "--opset 23 with fp16 graphs" in result.output and "--precision fp32" in result.output
+    assert "opset 23 with fp16 graphs" in result.output and "fp32 graphs only" in result.output
     assert leftovers(tmp_path) == []
 
 
@@ -114,11 +114,11 @@ def test_opset_23_with_fp16_is_refused_before_any_work(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--precision", "bf16"], "--precision"),
+        (["--precision", "bf16"], "precisions: got ['bf16']"),
         (["--max-latent", "8x9x"], "--max-latent: expected HxW"),
         (["--min-latent", "12x12", "--max-latent", "10x10"], "exceeds"),
         (["--max-latent", "4x4"], "must include the model's training latent"),
-        (["--max-batch", "0"], "--max-batch"),
+        (["--max-batch", "0"], "max_batch: must be an integer >= 1"),
     ],
 )
 def test_bad_options_are_refused(tmp_path, options, message):
@@ -148,18 +148,19 @@ def test_failed_validation_leaves_the_previous_export_intact(tmp_path, monkeypat
     checkpoint = tmp_path / "one-block.safetensors"
     starflow.save_model(random_model(config_from_dict(ONE_BLOCK)), checkpoint)
     out = tmp_path / "artifacts"
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the > 2 GB path, on a small model
-    export_onnx(checkpoint, out, precisions=("fp32",))
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)  # the > 2 GB path, on a small model
+    options = ExportOptions(precisions=("fp32",), denoise=False)
+    export_onnx(checkpoint, out, options)
     before = (out / "manifest.json").read_bytes()
-    manifest = load_manifest(out)  # checks the sha256 of every .onnx and .onnx.data file
-    assert all(g["external_data"] for g in manifest["graphs"])
-    assert all(v["passed"] for v in manifest["validation"])
+    manifest = Manifest.load(out)  # checks the sha256 of every .onnx and .onnx.data file
+    assert all(g.external_data for g in manifest.graphs)
+    assert all(v.passed for v in manifest.validation)
 
     monkeypatch.setitem(validate_module.TOLERANCES, "fp32", validate_module.Tolerance(atol=0.0, rtol=0.0))
     with pytest.raises(
         starflow.StarflowError, match=r"(?s)validation failed .*graph block0\.\w+\.fp32, tensor \w+, shape \["
     ):
-        export_onnx(checkpoint, out, precisions=("fp32",))
+        export_onnx(checkpoint, out, options)
     assert (out / "manifest.json").read_bytes() == before
     assert leftovers(tmp_path) == ["artifacts", "one-block.safetensors"]  # no temp directory left
 

@@ -1,4 +1,4 @@
-"""`starflow generate` and `starflow demo` on the embedded model: the deployed path end to end."""
+"""`starflow generate` (runtime and PyTorch engines) and `starflow demo` on the embedded model."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from starflow import load_model
 from starflow.cli.main import app
+from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.runtime.generator import Generator
-from starflow.runtime.sizes import ASPECT_RATIOS, aspect_bucket, parse_size
-from starflow.sampling import DEMO_CHECKPOINT, load_conditional
-from starflow.t2i import text_to_image
-from starflow.text_encoder import LabelTextEncoder
+from starflow.runtime.sizes import ASPECT_RATIOS, aspect_bucket, latent_of_size
+from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.t2i import ReferenceGenerator
 
 runner = CliRunner()
 
@@ -41,38 +42,55 @@ def test_unknown_aspect_ratio_lists_the_known_ones() -> None:
 
 
 def test_size_must_fit_the_vae_and_patch() -> None:
-    assert parse_size("256x384", 8, 2) == (32, 48)
+    assert latent_of_size((256, 384), 8, 2) == (32, 48)
     with pytest.raises(StarflowError, match="multiples of 16"):
-        parse_size("250x384", 8, 2)
-    with pytest.raises(StarflowError, match="expected HxW"):
-        parse_size("big", 8, 2)
+        latent_of_size((250, 384), 8, 2)
 
 
 # ---- the runtime pipeline against the PyTorch one -------------------------------------------------
+def test_demo_checkpoint_is_small_and_loads_alone() -> None:
+    assert DEMO_CHECKPOINT.stat().st_size <= 10 * 2**20
+    config = load_model(None, DEMO_CHECKPOINT).config
+    tokens = (config.latent_size // config.patch_size) ** 2
+    assert tokens >= 64 and config.sos  # Jacobi has 64-token sequences to work on
+
+
 def test_runtime_images_equal_the_pytorch_pipeline(demo_export: Path) -> None:
     generator = Generator.load(demo_export)
-    model, table = load_conditional(DEMO_CHECKPOINT)
-    settings = dict(prompts=["3", "8"], num_images=2, guidance=1.0, seed=5)
-    deployed = generator.generate(**settings)
-    reference = text_to_image(model, LabelTextEncoder(table), batch_size=8, **settings)
-    assert deployed.images.shape == reference.shape == (4, 8, 8, 1)
-    assert np.abs(deployed.images - reference).max() < 1e-4
-    assert deployed.prompts == ["3", "3", "8", "8"]
+    reference = ReferenceGenerator.load(batch_size=8)
+    settings = dict(num_images=2, seed=5, sampling=SampleOptions(guidance=1.0))
+    deployed = generator.generate(["3", "8"], **settings)
+    expected = reference.generate(["3", "8"], **settings)
+    assert deployed.images.shape == expected.images.shape == (4, 8, 8, 1)
+    assert np.abs(deployed.images - expected.images).max() < 1e-4
+    assert deployed.prompts == expected.prompts == ["3", "3", "8", "8"]
+    assert [s.iterations for s in deployed.stats] == [s.iterations for s in expected.stats]
+
+
+def test_reference_jacobi_matches_sequential() -> None:
+    reference = ReferenceGenerator.load()
+    tight = SampleOptions(guidance=1.0, jacobi=JacobiSettings(threshold=1e-7, max_iter=64))
+    jacobi = reference.generate(["1", "7"], seed=3, sampling=tight, denoise=False).images
+    sequential = reference.generate(
+        ["1", "7"], seed=3, sampling=SampleOptions(1.0, "sequential"), denoise=False
+    )
+    assert np.abs(jacobi - sequential.images).max() < 1e-3
 
 
 def test_negative_prompt_replaces_the_unconditional_text(demo_export: Path) -> None:
     generator = Generator.load(demo_export)
-    plain = generator.generate(["4"], guidance=1.0, seed=1).images
-    negative = generator.generate(["4"], guidance=1.0, seed=1, negative_prompt="9").images
+    guided = SampleOptions(guidance=1.0)
+    plain = generator.generate(["4"], seed=1, sampling=guided).images
+    negative = generator.generate(["4"], seed=1, sampling=guided, negative_prompt="9").images
     assert np.abs(plain - negative).max() > 1e-2
 
 
 def test_batches_follow_the_export_profile(demo_export: Path) -> None:
     generator = Generator.load(demo_export)
     per_batch = generator.images_per_batch(1.0)
-    result = generator.generate(["1"], num_images=per_batch + 1, guidance=1.0, denoise=False)
+    result = generator.generate(["1"], num_images=per_batch + 1, sampling=SampleOptions(1.0), denoise=False)
     assert len(result.images) == per_batch + 1
-    assert len(result.stats) == 2 * len(generator.pipeline.plans)  # two batches
+    assert len(result.stats) == 2 * len(generator.pipeline.blocks)  # two batches
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------
@@ -107,30 +125,70 @@ def test_generate_folder_and_aspect_ratio(tmp_path: Path, demo_export: Path) -> 
     assert "images 6x11" in result.output  # the 16:9 bucket of an 8x8 model
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--num-images", "0"], "--num-images: must be >= 1"),
-        (["--aspect-ratio", "5:1"], "unknown; choose one of"),
-        (["--size", "0x8"], "expected HxW"),
-        (["--prompt", "cat"], "knows the prompts"),
-        (["--out", "missing-dir/x.png"], "does not exist"),
-        (["--out", "x.jpg"], "expected a .png"),
-        (["--method", "euler"], "--method: expected one of"),
-    ],
-)
-def test_generate_bad_input(tmp_path: Path, demo_export: Path, args: list[str], message: str) -> None:
-    base = ["generate", "--prompt", "3", "--out", str(tmp_path / "ok.png")]
+def test_generate_with_the_pytorch_engine(tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    args = ["generate", "--engine", "pytorch", "--prompt", "0", "--num-images", "3", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "with the pytorch engine" in result.output and "block calls" in result.output
+    with Image.open(out) as picture:
+        assert picture.size == (4 * (3 * 9 + 1), 4 * 10)  # 3 tiles of 8 px + 1 px gaps, x4
+    npy = tmp_path / "x.npy"
+    result = runner.invoke(app, ["generate", "--engine", "pytorch", "--prompt", "3", "--out", str(npy)])
+    assert result.exit_code == 0, result.output
+    images = np.load(npy)
+    assert (
+        images.shape == (1, 8, 8, 1) and images.dtype == np.float32 and 0 <= images.min() <= images.max() <= 1
+    )
+
+
+BAD_INPUT = [
+    (["--num-images", "0"], "num_images: must be an integer >= 1"),
+    (["--seed", "-1"], "seed: must be an integer >= 0"),
+    (["--aspect-ratio", "5:1"], "unknown; choose one of"),
+    (["--size", "0x8"], "expected HxW"),
+    (["--prompt", "cat"], "knows the prompts"),
+    (["--out", "missing-dir/x.png"], "does not exist"),
+    (["--out", "x.jpg"], "expected a .png"),
+    (["--out", "/proc/x.png"], "cannot write in /proc"),
+    (["--method", "euler"], "method: expected one of"),
+    (["--guidance", "nan"], "guidance: must be a finite number >= 0"),
+    (["--jacobi-block-size", "0"], "jacobi.block_size: must be an integer >= 1"),
+    (["--engine", "tvm"], "--engine: expected one of"),
+]
+
+
+@pytest.mark.parametrize("engine", ["runtime", "pytorch"])
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_generate_bad_input(
+    tmp_path: Path, demo_export: Path, engine: str, args: list[str], message: str
+) -> None:
+    """Exit code 2, one line, no traceback, and nothing written (for both engines)."""
+    base = ["generate", "--engine", engine, "--prompt", "3", "--out", str(tmp_path / "ok.png")]
     fixed = [str(tmp_path / a) if a.startswith(("missing-dir", "x.jpg")) else a for a in args]
     result = runner.invoke(app, base + fixed)
     assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert not (tmp_path / "ok.png").exists()
+    assert message in result.output and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_generate_needs_a_prompt(tmp_path: Path) -> None:
+def test_generate_refuses_options_of_the_other_engine(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["generate", "--prompt", "3", "--checkpoint", "x.pth", "--out", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code == 2 and "--checkpoint: not an option of the runtime engine" in result.output
+    result = runner.invoke(
+        app, ["generate", "--engine", "pytorch", "--backend", "tensorrt", "--out", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code == 2 and "--backend: not an option of the pytorch engine" in result.output
+
+
+def test_generate_needs_a_prompt(tmp_path: Path, demo_export: Path) -> None:
     result = runner.invoke(app, ["generate", "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 2 and "no prompt given" in result.output
+    assert result.exit_code == 2 and "prompts: pass at least one" in result.output
 
 
 def test_size_outside_the_export_range(tmp_path: Path, demo_export: Path) -> None:
@@ -138,6 +196,19 @@ def test_size_outside_the_export_range(tmp_path: Path, demo_export: Path) -> Non
         app, ["generate", "--prompt", "3", "--size", "64x64", "--out", str(tmp_path / "x.png")]
     )
     assert result.exit_code == 2 and "outside this export's range" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "/proc/x.png"], "cannot write in /proc"),
+        (["--seed", "-1"], "seed: must be an integer >= 0"),
+    ],
+)
+def test_demo_bad_input(tmp_path: Path, demo_export: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["demo", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
 
 
 def test_demo_writes_the_grid_and_the_timing(tmp_path: Path, demo_export: Path) -> None:

@@ -20,7 +20,7 @@ from starflow.errors import StarflowError
 from starflow.export.denoise import NLLGradient, denoise_spec, export_denoise
 from starflow.export.manifest import VAE_SCALE, TensorSpec
 from starflow.model import StarFlow
-from starflow.runtime.backends import open_runner
+from starflow.runtime.backends import OrtRunner
 from starflow.runtime.image import Decoder, Denoiser, to_unit_images
 from starflow.testing import random_model
 
@@ -43,7 +43,7 @@ def decoder(vae, tmp_path_factory: pytest.TempPathFactory) -> Decoder:
     assert spec.name == "decoder.fp32" and spec.file == path.name
     assert spec.inputs == (TensorSpec("latent", "float32", ("batch", 4, "height", "width")),)
     assert spec.outputs == (TensorSpec("image", "float32", ("batch", 3, "2*height", "2*width")),)
-    return Decoder(open_runner("onnxruntime", spec.name, path), channels=4)
+    return Decoder(OrtRunner(spec.name, path), channels=4)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -114,7 +114,7 @@ def denoiser(t2i, tmp_path_factory: pytest.TempPathFactory) -> Denoiser:
     assert spec == denoise_spec(t2i)
     assert [t.name for t in spec.inputs] == ["x", "text"] and spec.outputs[0].name == "grad"
     assert spec.inputs[1].shape == ("batch", "text", 32)
-    return Denoiser(open_runner("onnxruntime", spec.name, path), channels=4, text_dim=32)
+    return Denoiser(OrtRunner(spec.name, path), channels=4, text_dim=32)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

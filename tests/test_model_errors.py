@@ -10,6 +10,7 @@ import torch
 from starflow.config import load_config
 from starflow.errors import StarflowError
 from starflow.model import StarFlow
+from starflow.sampler import JacobiSettings, SampleOptions
 from starflow.testing import random_model
 
 
@@ -26,7 +27,7 @@ def test_error_type_is_a_value_error():
     "shape, message",
     [
         ((2, 3, 8, 8), "expected 4 latent channels"),
-        ((2, 4, 8), "expected a (B, C, H, W) latent tensor"),
+        ((2, 4, 8), "expected a (B, C, H, W) latent array"),
         ((2, 4, 0, 8), "not a positive multiple of patch_size"),
     ],
 )
@@ -58,11 +59,12 @@ def test_text_of_the_wrong_width_or_batch(model):
 def test_guidance_needs_y_uncond_of_the_same_shape(model):
     noise, y = torch.zeros(2, 4, 8, 8), torch.zeros(2, 6, 32)
     with pytest.raises(StarflowError, match="guidance > 0 needs y_uncond"):
-        model.sample(noise, y, guidance=1.5)
+        model.sample(noise, y, options=SampleOptions(guidance=1.5))
     with pytest.raises(StarflowError, match=r"y_uncond: expected shape \(2, 6, 32\)"):
-        model.sample(noise, y, torch.zeros(2, 5, 32), guidance=1.5)
-    with pytest.raises(StarflowError, match="guidance: must be >= 0"):
-        model.sample(noise, y, y, guidance=-1.0)
+        model.sample(noise, y, torch.zeros(2, 5, 32), SampleOptions(guidance=1.5))
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(StarflowError, match="guidance: must be a finite number >= 0"):
+            model.sample(noise, y, y, SampleOptions(guidance=weight))
 
 
 def test_unconditional_model_rejects_text_and_guidance():
@@ -72,15 +74,15 @@ def test_unconditional_model_rejects_text_and_guidance():
     with pytest.raises(StarflowError, match="not text-conditioned"):
         model.sample(noise, torch.zeros(1, 6, 32))
     with pytest.raises(StarflowError, match="guidance > 0 needs a text-conditioned model"):
-        model.sample(noise, guidance=2.0)
+        model.sample(noise, options=SampleOptions(guidance=2.0))
 
 
 def test_bad_sampler_settings(model):
     noise, y = torch.zeros(1, 4, 8, 8), torch.zeros(1, 6, 32)
-    with pytest.raises(StarflowError, match="expected 'jacobi' or 'sequential'"):
-        model.sample(noise, y, method="gauss-seidel")
-    with pytest.raises(StarflowError, match="must be >= 1"):
-        model.sample(noise, y, jacobi_block_size=0)
+    with pytest.raises(StarflowError, match=r"method: expected one of \['jacobi', 'sequential'\]"):
+        model.sample(noise, y, options=SampleOptions(method="gauss-seidel"))
+    with pytest.raises(StarflowError, match="jacobi.block_size: must be an integer >= 1"):
+        model.sample(noise, y, options=SampleOptions(jacobi=JacobiSettings(block_size=0)))
 
 
 def test_pos_embed_model_only_takes_its_training_grid():
@@ -90,7 +92,7 @@ def test_pos_embed_model_only_takes_its_training_grid():
         model.sample(torch.zeros(1, 4, 8, 12), torch.zeros(1, 6, 32))
     with pytest.raises(StarflowError, match="Jacobi sampling needs a model with `sos: 1`"):
         no_sos = StarFlow(replace(config, sos=False))
-        no_sos.sample(torch.zeros(1, 4, 8, 8), torch.zeros(1, 6, 32), method="jacobi")
+        no_sos.sample(torch.zeros(1, 4, 8, 8), torch.zeros(1, 6, 32), options=SampleOptions(method="jacobi"))
 
 
 def test_text_size_without_text_width_is_refused():

@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 import starflow
+from starflow.sampler import JacobiSettings, SampleOptions
 from tests.conftest import FIXTURES
 
 T2I = FIXTURES / "official-t2i-tiny"
-JACOBI = dict(jacobi_block_size=16, jacobi_max_iter=64, jacobi_threshold=1e-6)
+JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)  # the fixture's settings
 
 pytestmark = pytest.mark.skipif(not T2I.is_dir(), reason=f"shared fixtures not found at {T2I}")
 
@@ -51,8 +52,8 @@ def test_forward_matches_golden(model, golden):
 @pytest.mark.parametrize("method", ["sequential", "jacobi"])
 @pytest.mark.parametrize("cfg", [False, True])
 def test_sampling_matches_golden(model, golden, method, cfg):
-    kwargs = dict(y_uncond=golden["y_null"], guidance=1.5) if cfg else {}
-    sample = model.sample(golden["noise"], golden["y"], method=method, **kwargs, **JACOBI)
+    options = SampleOptions(guidance=1.5 if cfg else 0.0, method=method, jacobi=JACOBI)
+    sample = model.sample(golden["noise"], golden["y"], golden["y_null"] if cfg else None, options)
     key = f"reverse.{method}" + (".cfg" if cfg else "")
     assert max_err(sample, golden[key]) < 1e-4
 
@@ -63,11 +64,15 @@ def test_jacobi_and_sequential_differ_as_officially(golden):
 
 
 def test_stats_report_chunks_and_evaluations(model, golden):
-    _, stats = model.sample(golden["noise"], golden["y"], method="jacobi", return_stats=True, **JACOBI)
+    _, stats = model.sample(
+        golden["noise"], golden["y"], options=SampleOptions(jacobi=JACOBI), return_stats=True
+    )
     assert [s.block for s in stats] == [2, 1, 0]  # deep block first
     for s in stats:
         assert s.chunks == 4  # 64 tokens in chunks of 16
         assert s.evaluations == sum(s.iterations)
         assert all(1 <= it <= 64 for it in s.iterations)
-    _, stats = model.sample(golden["noise"], golden["y"], method="sequential", return_stats=True)
+    _, stats = model.sample(
+        golden["noise"], golden["y"], options=SampleOptions(method="sequential"), return_stats=True
+    )
     assert all(s.evaluations == 64 for s in stats)

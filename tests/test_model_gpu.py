@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import starflow
+from starflow.sampler import JacobiSettings, SampleOptions
 from tests.conftest import FIXTURES
 
 T2I = FIXTURES / "official-t2i-tiny"
@@ -35,15 +36,14 @@ def test_forward_on_cuda_matches_golden(cuda_model, golden):
 @pytest.mark.parametrize("method", ["sequential", "jacobi"])
 def test_guided_sampling_on_cuda_matches_golden(cuda_model, golden, method):
     torch.backends.cuda.matmul.allow_tf32 = False
-    sample = cuda_model.sample(
-        golden["noise"], golden["y"], golden["y_null"], guidance=1.5, method=method,
-        jacobi_block_size=16, jacobi_max_iter=64, jacobi_threshold=1e-6,
-    )  # fmt: skip
+    settings = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)
+    options = SampleOptions(guidance=1.5, method=method, jacobi=settings)
+    sample = cuda_model.sample(golden["noise"], golden["y"], golden["y_null"], options)
     assert (sample - golden[f"reverse.{method}.cfg"]).abs().max() < 1e-3
 
 
 def test_bf16_model_samples_close_to_fp32(cuda_model, golden):
     bf16 = starflow.load_model(T2I / "config.yaml", T2I / "checkpoint.pth", device="cuda").to(torch.bfloat16)
-    sample = bf16.sample(golden["noise"], golden["y"], method="sequential")
+    sample = bf16.sample(golden["noise"], golden["y"], options=SampleOptions(method="sequential"))
     assert sample.dtype == torch.float32  # the flow arithmetic stays fp32
     assert (sample - golden["reverse.sequential"]).abs().max() < 0.1

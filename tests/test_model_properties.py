@@ -8,7 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from starflow.config import config_from_dict
+from starflow.sampler import JacobiSettings, SampleOptions
 from starflow.testing import random_model
+
+SEQUENTIAL = SampleOptions(method="sequential")
 
 BASE = dict(
     channel_size=4,
@@ -59,7 +62,7 @@ def make_case(overrides: dict, seed: int = 0, square: bool = False):
 
 
 def assert_round_trip(model, noise, y):
-    sample = model.sample(noise, y, method="sequential")
+    sample = model.sample(noise, y, options=SEQUENTIAL)
     assert sample.shape == noise.shape
     assert (sample - noise).abs().max() > 1e-3  # the flow is not the identity
     z = model(sample, y).z
@@ -137,40 +140,36 @@ def test_jacobi_block_1_equals_sequential_exactly(name, threshold):
     model, noise, y = make_case(NAMED_CASES[name])
     y_uncond = torch.zeros_like(y)
     for guidance in (0.0, 2.0):
-        kwargs = dict(y_uncond=y_uncond, guidance=guidance) if guidance else {}
-        sequential = model.sample(noise, y, method="sequential", **kwargs)
-        jacobi = model.sample(
-            noise,
-            y,
-            method="jacobi",
-            jacobi_block_size=1,
-            jacobi_max_iter=3,
-            jacobi_threshold=threshold,
-            **kwargs,
-        )
+        uncond = y_uncond if guidance else None
+        sequential = model.sample(noise, y, uncond, SampleOptions(guidance, "sequential"))
+        settings = JacobiSettings(block_size=1, max_iter=3, threshold=threshold)
+        jacobi = model.sample(noise, y, uncond, SampleOptions(guidance, "jacobi", settings))
         assert torch.equal(jacobi, sequential)
 
 
 def test_jacobi_converges_towards_sequential():
     model, noise, y = make_case({})
-    sequential = model.sample(noise, y, method="sequential")
-    loose = model.sample(noise, y, jacobi_block_size=16, jacobi_threshold=1e-1)
-    tight = model.sample(noise, y, jacobi_block_size=16, jacobi_threshold=1e-8, jacobi_max_iter=64)
+    sequential = model.sample(noise, y, options=SEQUENTIAL)
+    loose = model.sample(
+        noise, y, options=SampleOptions(jacobi=JacobiSettings(block_size=16, threshold=1e-1))
+    )
+    tight = JacobiSettings(block_size=16, threshold=1e-8, max_iter=64)
+    tight = model.sample(noise, y, options=SampleOptions(jacobi=tight))
     assert (tight - sequential).abs().max() < (loose - sequential).abs().max()
     assert (tight - sequential).abs().max() < 1e-2
 
 
 def test_guidance_changes_the_sample_and_drops_uncond_half():
     model, noise, y = make_case({})
-    plain = model.sample(noise, y, method="sequential")
-    guided = model.sample(noise, y, torch.zeros_like(y), guidance=3.0, method="sequential")
+    plain = model.sample(noise, y, options=SEQUENTIAL)
+    guided = model.sample(noise, y, torch.zeros_like(y), SampleOptions(guidance=3.0, method="sequential"))
     assert guided.shape == noise.shape
     assert (guided - plain).abs().max() > 1e-3
 
 
 def test_nll_and_denoise():
     model, noise, y = make_case({})
-    x = model.sample(noise, y, method="sequential")
+    x = model.sample(noise, y, options=SEQUENTIAL)
     nll = model.nll(x, y)
     assert torch.isfinite(nll.loss) and nll.bits_per_dim > 0
     # denoise equals x - s^2 * grad of each sample's total NLL (0.5*sum z^2 - sum logdet)

@@ -17,12 +17,12 @@ from safetensors.numpy import load_file
 from starflow.checkpoint import load_model, save_model
 from starflow.config import config_from_dict, load_config
 from starflow.errors import StarflowError
-from starflow.export import export_onnx
-from starflow.runtime import JacobiSettings, Pipeline
+from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.runtime import JacobiSettings, Pipeline, SampleOptions
 from starflow.testing import random_model
 from tests.conftest import T2I
 
-JACOBI = dict(jacobi_block_size=16, jacobi_max_iter=64, jacobi_threshold=1e-6)
+JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)  # the fixture's settings
 FP16_TOLERANCE = 2e-3  # measured 5.6e-4 on the fixture (fp16 weights, matmuls and cache)
 
 # Two small models that between them cover every exportable architecture option.
@@ -50,7 +50,10 @@ def random_export(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     work = tmp_path_factory.mktemp(request.param)
     model = random_model(config_from_dict(RANDOM_CONFIGS[request.param]), seed=3)
     save_model(model, work / "model.safetensors")
-    out = export_onnx(work / "model.safetensors", work / "artifacts", precisions=("fp32",), validate=False)
+    out = work / "artifacts"
+    export_onnx(
+        work / "model.safetensors", out, ExportOptions(precisions=("fp32",), validate=False, denoise=False)
+    )
     return out, model
 
 
@@ -64,8 +67,8 @@ def golden() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("cfg", [False, True])
 def test_fixture_goldens_through_the_runtime(fixture_artifacts, golden, precision, tolerance, method, cfg):
     pipe = Pipeline.load(fixture_artifacts, precision=precision)
-    kwargs = dict(y_uncond=golden["y_null"], guidance=1.5) if cfg else {}
-    sample = pipe.sample(golden["noise"], golden["y"], method=method, **kwargs, **JACOBI)
+    options = SampleOptions(guidance=1.5 if cfg else 0.0, method=method, jacobi=JACOBI)
+    sample = pipe.sample(golden["noise"], golden["y"], golden["y_null"] if cfg else None, options)
     key = f"reverse.{method}" + (".cfg" if cfg else "")
     assert np.abs(sample - golden[key]).max() < tolerance
 
@@ -78,9 +81,9 @@ def test_fixture_non_square_grid_matches_pytorch(fixture_artifacts):
     y = rng.standard_normal((2, 6, 32), dtype=np.float32)
     y_null = np.zeros_like(y)
     for method in ("sequential", "jacobi"):
-        kwargs = dict(method=method, guidance=1.5, **JACOBI)
-        ours = pipe.sample(noise, y, y_null, **kwargs)
-        ref = model.sample(torch.from_numpy(noise), torch.from_numpy(y), torch.from_numpy(y_null), **kwargs)
+        options = SampleOptions(guidance=1.5, method=method, jacobi=JACOBI)
+        ours = pipe.sample(noise, y, y_null, options)
+        ref = model.sample(torch.from_numpy(noise), torch.from_numpy(y), torch.from_numpy(y_null), options)
         assert np.abs(ours - ref.numpy()).max() < 1e-4
 
 
@@ -96,11 +99,11 @@ def test_random_configs_match_pytorch(random_export, batch, grid, method, guidan
     noise = rng.standard_normal((batch, config.channel_size, *grid), dtype=np.float32)
     y = rng.standard_normal((batch, config.txt_size, config.txt_dim), dtype=np.float32)
     y_null = np.zeros_like(y) if guidance else None
-    kwargs = dict(method=method, guidance=guidance, jacobi_block_size=8, jacobi_threshold=1e-5)
-    ours, stats = pipe.sample(noise, y, y_null, return_stats=True, **kwargs)
+    options = SampleOptions(guidance, method, JacobiSettings(block_size=8, threshold=1e-5))
+    ours, stats = pipe.sample(noise, y, y_null, options, return_stats=True)
     ref, ref_stats = model.sample(
         torch.from_numpy(noise), torch.from_numpy(y),
-        None if y_null is None else torch.from_numpy(y_null), return_stats=True, **kwargs,
+        None if y_null is None else torch.from_numpy(y_null), options, return_stats=True,
     )  # fmt: skip
     assert np.abs(ours - ref.numpy()).max() < 1e-4
     counts = [(s.block, s.iterations, s.evaluations, s.tokens) for s in stats]
@@ -117,13 +120,14 @@ def test_jacobi_options_keep_the_exact_fixed_point(random_export):
     noise = rng.standard_normal((2, config.channel_size, 8, 8), dtype=np.float32)
     y = rng.standard_normal((2, config.txt_size, config.txt_dim), dtype=np.float32)
     tokens = 64 // config.patch_size**2
-    options = dict(
-        jacobi_block_size=8, jacobi_max_iter=8, jacobi_threshold=0.0, jacobi_init="chunk-mean",
+    options = SampleOptions(
+        guidance=2.0,
+        jacobi=JacobiSettings(block_size=8, max_iter=8, threshold=0.0, init="chunk-mean"),
         shallow_jacobi=JacobiSettings(block_size=64, max_iter=tokens, threshold=0.0, init="chunk-mean"),
-    )  # fmt: skip
-    ours, stats = pipe.sample(noise, y, np.zeros_like(y), 2.0, return_stats=True, **options)
+    )
+    ours, stats = pipe.sample(noise, y, np.zeros_like(y), options, return_stats=True)
     exact = model.sample(
-        torch.from_numpy(noise), torch.from_numpy(y), torch.zeros(y.shape), 2.0, "sequential"
+        torch.from_numpy(noise), torch.from_numpy(y), torch.zeros(y.shape), SampleOptions(2.0, "sequential")
     )
     assert np.abs(ours - exact.numpy()).max() < 1e-4
     deep, shallow = stats[0], [s for s in stats[1:] if s.evaluations]
@@ -137,9 +141,11 @@ def test_chunk_mean_first_guess_is_used(pipe):
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
     y = rng.standard_normal((1, 6, 32), dtype=np.float32)
-    one_pass = dict(jacobi_block_size=16, jacobi_max_iter=1)
-    from_noise = pipe.sample(noise, y, **one_pass)
-    from_mean = pipe.sample(noise, y, jacobi_init="chunk-mean", **one_pass)
+    from_noise = pipe.sample(
+        noise, y, options=SampleOptions(jacobi=JacobiSettings(block_size=16, max_iter=1))
+    )
+    chunk_mean = JacobiSettings(block_size=16, max_iter=1, init="chunk-mean")
+    from_mean = pipe.sample(noise, y, options=SampleOptions(jacobi=chunk_mean))
     assert np.abs(from_noise - from_mean).max() > 1e-3
 
 
@@ -160,7 +166,7 @@ def test_runtime_runs_with_torch_unimportable(fixture_artifacts):
         pipe = Pipeline.load({str(fixture_artifacts)!r})
         noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
         y = np.zeros((1, 6, 32), np.float32)
-        out = pipe.sample(noise, y, method="jacobi")
+        out = pipe.sample(noise, y)
         assert out.shape == (1, 4, 8, 8) and np.isfinite(out).all()
         assert "torch" not in sys.modules
         """
@@ -184,7 +190,8 @@ def zeros(*shape: int, dtype: type = np.float32) -> np.ndarray:
         (zeros(1, 4, 8, 8, dtype=np.float64), zeros(1, 6, 32), {}, "expected a float32"),
         (zeros(1, 3, 8, 8), zeros(1, 6, 32), {}, "expected 4 latent channels"),
         (zeros(4, 8, 8), zeros(1, 6, 32), {}, r"\(B, C, H, W\)"),
-        (zeros(1, 4, 8, 8), zeros(1, 6, 16), {}, r"text embeddings \(1, L, 32\)"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 16), {}, r"text embeddings of shape \(1, L, 32\)"),
+        (zeros(1, 4, 8, 8), zeros(1, 7, 32), {}, r"with 1 <= L <= 6"),
         (zeros(1, 4, 8, 8), None, {}, "this model is text-conditioned"),
         (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"guidance": 2.0}, "needs y_uncond"),
         (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"guidance": 2.0, "y_uncond": zeros(1, 5, 32)}, "y_uncond"),
@@ -197,20 +204,31 @@ def zeros(*shape: int, dtype: type = np.float32) -> np.ndarray:
             "allows 1 .. 16 rows",
         ),
         (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"method": "gs"}, "method"),
-        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi_block_size": 0}, "block_size and max_iter must be"),
-        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi_threshold": -1.0}, "threshold must be >= 0"),
-        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi_init": "zeros"}, "init must be one of"),
+        (zeros(1, 4, 8, 8), zeros(1, 6, 32), {"jacobi": JacobiSettings(block_size=0)}, "block_size: must be"),
+        (
+            zeros(1, 4, 8, 8),
+            zeros(1, 6, 32),
+            {"jacobi": JacobiSettings(threshold=-1.0)},
+            "threshold: must be",
+        ),
+        (
+            zeros(1, 4, 8, 8),
+            zeros(1, 6, 32),
+            {"jacobi": JacobiSettings(init="zeros")},
+            "init: must be one of",
+        ),
         (
             zeros(1, 4, 8, 8),
             zeros(1, 6, 32),
             {"shallow_jacobi": JacobiSettings(max_iter=0)},
-            "shallow_jacobi: block_size and max_iter",
+            "shallow_jacobi.max_iter: must be",
         ),
     ],
 )
 def test_bad_input_is_refused_before_any_work(pipe, noise, y, kwargs, message):
+    y_uncond = kwargs.pop("y_uncond", None)
     with pytest.raises(StarflowError, match=message):
-        pipe.sample(noise, y, **kwargs)
+        pipe.sample(noise, y, y_uncond, SampleOptions(**kwargs))
 
 
 def test_missing_or_tampered_graph_is_refused(fixture_artifacts, tmp_path):
@@ -240,15 +258,15 @@ def test_caches_are_allocated_once(pipe):
     noise = np.zeros((1, 4, 8, 8), np.float32)
     y = np.zeros((1, 6, 32), np.float32)
     pipe.sample(noise, y)
-    caches = {k: id(v[0]) for k, v in pipe._caches.items()}
+    caches = {(b.index, k): id(v[0]) for b in pipe.blocks for k, v in b._caches.items()}
     pipe.sample(noise + 1, y)
-    assert {k: id(v[0]) for k, v in pipe._caches.items()} == caches
+    assert {(b.index, k): id(v[0]) for b in pipe.blocks for k, v in b._caches.items()} == caches
 
 
 def test_block_order_is_deep_first(pipe):
-    assert [p.index for p in pipe.plans] == [2, 1, 0]
-    assert pipe.plans[0].deep and pipe.plans[0].text_conditioned
-    assert replace(load_config("tiny-t2i")).num_blocks == len(pipe.plans)
+    assert [b.index for b in pipe.blocks] == [2, 1, 0]
+    assert pipe.blocks[0].deep and pipe.blocks[0].text_conditioned
+    assert replace(load_config("tiny-t2i")).num_blocks == len(pipe.blocks)
 
 
 def test_forward_graphs_match_golden_density(pipe, golden):
@@ -260,13 +278,15 @@ def test_forward_graphs_match_golden_density(pipe, golden):
 
 
 def test_bench_rows_on_the_fixture_artifacts(fixture_artifacts):
-    from starflow.bench import format_table, run_bench
+    from starflow.bench import BenchOptions, format_table, run_bench
 
-    result = run_bench(
+    sampling = SampleOptions(guidance=1.5, jacobi=JacobiSettings(block_size=16))
+    options = BenchOptions(
         preset=str(T2I / "config.yaml"), artifacts=fixture_artifacts, checkpoint=T2I / "checkpoint.pth",
-        guidance=1.5, jacobi_block_size=16, throughput_batch=2, repeats=1, log=lambda line: None,
-        shallow_jacobi=JacobiSettings(block_size=64),
+        sampling=sampling, options_row=replace(sampling, shallow_jacobi=JacobiSettings(block_size=64)),
+        throughput_batch=2, repeats=1,
     )  # fmt: skip
+    result = run_bench(options, log=lambda line: None)
     rows = {(r["engine"], r["name"]): r for r in result["rows"]}
     assert len(rows) == 7
     assert result["options"]["shallow_jacobi"]["block_size"] == 64

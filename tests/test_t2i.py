@@ -1,8 +1,8 @@
 """Text to image end to end: tiny random T5 + latent flow + tiny AutoencoderKL, export vs PyTorch.
 
 The acceptance check of the components: the same prompts and seed through `starflow export onnx`
-+ the runtime `Generator` and through the PyTorch pipeline (`starflow.t2i.text_to_image`) give
-the same images within 1e-4.
++ the runtime `Generator` and through the PyTorch pipeline (`starflow.t2i.ReferenceGenerator`)
+give the same images within 1e-4.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from conftest import T5_WORDS  # noqa: E402
 from starflow.checkpoint import save_model  # noqa: E402
 from starflow.config import StarFlowConfig, load_config  # noqa: E402
 from starflow.errors import StarflowError  # noqa: E402
-from starflow.export import export_onnx  # noqa: E402
-from starflow.export.manifest import load_manifest  # noqa: E402
+from starflow.export.manifest import Manifest  # noqa: E402
+from starflow.export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from starflow.runtime.generator import Generator  # noqa: E402
-from starflow.t2i import text_to_image  # noqa: E402
+from starflow.sampler import SampleOptions  # noqa: E402
+from starflow.t2i import ReferenceGenerator  # noqa: E402
 from starflow.testing import random_model  # noqa: E402
-from starflow.text_encoder import HFTextEncoder  # noqa: E402
-from starflow.vae import load_vae  # noqa: E402
 
 TXT_SIZE = 8
 LONG = " ".join(T5_WORDS)  # 20 words: truncated to 8 tokens
@@ -58,56 +57,53 @@ def latent_model(tmp_path_factory: pytest.TempPathFactory):
 def t2i_export(latent_model, t5_dir: Path, vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     _, checkpoint = latent_model
     out = tmp_path_factory.mktemp("t2i-export") / "artifacts"
-    return export_onnx(checkpoint, out, precisions=("fp32",), text_encoder=t5_dir, vae=vae_dir)
+    export_onnx(checkpoint, out, ExportOptions(precisions=("fp32",), text_encoder=t5_dir, vae=vae_dir))
+    return out
 
 
 def test_manifest_names_every_component(t2i_export: Path) -> None:
-    manifest = load_manifest(t2i_export)
-    component = manifest["text"]["component"]
-    assert component["kind"] == "hf-encoder" and component["token_length"] == TXT_SIZE
-    assert (t2i_export / component["tokenizer"]).is_file()
-    assert [f["file"] for f in manifest["files"]] == [component["tokenizer"]]
-    assert manifest["decoder"]["kind"] == "sd-vae" and manifest["decoder"]["scale"] == 0.18215
-    assert manifest["denoise"]["kind"] == "nll-gradient"
-    kinds = {g["kind"] for g in manifest["graphs"] if g["block"] is None}
-    assert kinds == {"text_encoder", "decoder", "denoise"}
+    manifest = Manifest.load(t2i_export)
+    component = manifest.text.component
+    assert component.kind == "hf-encoder" and component.token_length == TXT_SIZE
+    assert (t2i_export / component.tokenizer).is_file()
+    assert [f.file for f in manifest.files] == [component.tokenizer]
+    assert manifest.decoder.kind == "sd-vae" and manifest.decoder.scale == 0.18215
+    assert manifest.denoise.kind == "nll-gradient"
+    assert {g.kind for g in manifest.graphs if g.block is None} == {"text_encoder", "decoder", "denoise"}
 
 
 @pytest.mark.parametrize("aspect_ratio", [None, "16:9"])
 def test_runtime_equals_pytorch_end_to_end(latent_model, t2i_export, t5_dir, vae_dir, aspect_ratio) -> None:
-    model, _ = latent_model
+    model, checkpoint = latent_model
     generator = Generator.load(t2i_export)
-    prompts = ["a red cat", "the small dog on a tree"]
-    settings = dict(prompts=prompts, num_images=1, guidance=1.5, seed=11, negative_prompt="blue sky")
+    reference = ReferenceGenerator.load(checkpoint, text_encoder=t5_dir, vae=vae_dir)
+    reference.batch_size = generator.images_per_batch(1.5)
     latent_size = generator.latent_size(aspect_ratio)
-    deployed = generator.generate(latent_size=latent_size, **settings)
-    reference = text_to_image(
-        model,
-        HFTextEncoder.from_directory(t5_dir, TXT_SIZE),
-        vae=load_vae(vae_dir),
-        latent_size=latent_size,
-        batch_size=generator.images_per_batch(1.5),
-        **settings,
-    )
+    assert reference.latent_size(aspect_ratio) == latent_size
+    settings = dict(num_images=1, seed=11, negative_prompt="blue sky", sampling=SampleOptions(guidance=1.5))
+    prompts = ["a red cat", "the small dog on a tree"]
+    deployed = generator.generate(prompts, latent_size=latent_size, **settings)
+    expected = reference.generate(prompts, latent_size=latent_size, **settings).images
     f = generator.factor
-    assert deployed.images.shape == reference.shape == (2, latent_size[0] * f, latent_size[1] * f, 3)
-    assert np.abs(deployed.images - reference).max() < 1e-4
+    assert deployed.images.shape == expected.shape == (2, latent_size[0] * f, latent_size[1] * f, 3)
+    assert np.abs(deployed.images - expected).max() < 1e-4
     assert deployed.images.std() > 0.01  # not a constant image
 
 
 def test_long_prompt_is_truncated_with_a_warning(t2i_export: Path) -> None:
     generator = Generator.load(t2i_export)
     with pytest.warns(UserWarning, match="it was truncated"):
-        generator.generate([LONG], guidance=0.0, denoise=False)
+        generator.generate([LONG], sampling=SampleOptions(guidance=0.0), denoise=False)
 
 
 def test_export_without_a_vae_cannot_decode(latent_model, t5_dir: Path, tmp_path: Path) -> None:
     _, checkpoint = latent_model
-    out = export_onnx(checkpoint, tmp_path / "a", precisions=("fp32",), text_encoder=t5_dir, denoise=False)
+    out = tmp_path / "a"
+    export_onnx(checkpoint, out, ExportOptions(precisions=("fp32",), text_encoder=t5_dir, denoise=False))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["decoder"]["graph"] is None and manifest["denoise"] is None
     generator = Generator.load(out)
-    with pytest.raises(StarflowError, match="no decoder; re-export with --vae"):
+    with pytest.raises(StarflowError, match="no decoder; re-export with vae=DIR"):
         generator.generate(["a cat"], denoise=False)
     with pytest.raises(StarflowError, match="no denoise graph"):
         generator.generate(["a cat"])
@@ -117,5 +113,9 @@ def test_text_encoder_of_the_wrong_width_is_refused(t5_dir: Path, tmp_path: Path
     config = StarFlowConfig(**{**load_config("tiny-t2i").to_dict(), "txt_dim": 48})
     save_model(random_model(config), tmp_path / "m.safetensors")
     with pytest.raises(StarflowError, match="hidden size 32"):
-        export_onnx(tmp_path / "m.safetensors", tmp_path / "out", precisions=("fp32",), text_encoder=t5_dir)
+        export_onnx(
+            tmp_path / "m.safetensors",
+            tmp_path / "out",
+            ExportOptions(precisions=("fp32",), text_encoder=t5_dir),
+        )
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,6 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,10 +23,11 @@ pytest.importorskip("onnxruntime")
 
 from starflow.errors import StarflowError  # noqa: E402
 from starflow.export import text_encoder as export_text  # noqa: E402
-from starflow.export.manifest import GraphSpec  # noqa: E402
+from starflow.export.graphs import GraphSpec  # noqa: E402
+from starflow.export.manifest import TextComponent  # noqa: E402
 from starflow.export.text_encoder import export_text_encoder  # noqa: E402
 from starflow.label_encoder import LabelEncoder  # noqa: E402
-from starflow.runtime.backends import open_runner  # noqa: E402
+from starflow.runtime.backends import OrtRunner  # noqa: E402
 from starflow.runtime.text import TextEncoderRunner  # noqa: E402
 from starflow.text_encoder import HFTextEncoder, LabelTextEncoder  # noqa: E402
 
@@ -44,7 +44,9 @@ def t5(t5_dir: Path) -> HFTextEncoder:
 
 
 @pytest.fixture(scope="module")
-def t5_export(t5: HFTextEncoder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GraphSpec, dict]:
+def t5_export(
+    t5: HFTextEncoder, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, GraphSpec, TextComponent]:
     directory = tmp_path_factory.mktemp("t5-export")
     spec, component = export_text_encoder(t5, directory)
     return directory, spec, component
@@ -57,16 +59,17 @@ def labels() -> LabelTextEncoder:
 
 
 @pytest.fixture(scope="module")
-def label_export(labels: LabelTextEncoder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def label_export(
+    labels: LabelTextEncoder, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, TextComponent]:
     directory = tmp_path_factory.mktemp("label-export")
     _, component = export_text_encoder(labels, directory)
     return directory, component
 
 
-def runtime(directory: Path, component: dict[str, Any]) -> TextEncoderRunner:
-    name = component["graph"]
+def runtime(directory: Path, component: TextComponent) -> TextEncoderRunner:
     return TextEncoderRunner(
-        directory, component, open_runner("onnxruntime", name, directory / f"{name}.onnx")
+        directory, component, OrtRunner(component.graph, directory / f"{component.graph}.onnx")
     )
 
 
@@ -83,15 +86,15 @@ def test_t5_export_writes_graph_tokenizer_and_component(t5_export):
         ("attention_mask", "int64", ("batch", MAX_LENGTH)),
         ("embeddings", "float32", ("batch", MAX_LENGTH, 32)),
     ]
-    assert component == {
-        "kind": "hf-encoder",
-        "graph": "text_encoder.fp32",
-        "tokenizer": "tokenizer.json",
-        "token_length": MAX_LENGTH,
-        "pad_id": 0,
-        "classes": None,
-        "source": "tiny-t5",
-    }
+    assert component == TextComponent(
+        kind="hf-encoder",
+        graph="text_encoder.fp32",
+        tokenizer="tokenizer.json",
+        token_length=MAX_LENGTH,
+        pad_id=0,
+        classes=None,
+        source="tiny-t5",
+    )
     assert sorted(p.name for p in directory.iterdir()) == ["text_encoder.fp32.onnx", "tokenizer.json"]
 
 
@@ -144,9 +147,9 @@ def test_validation_reports_each_prompt(t5, t5_export):
 # ---- class-label table ---------------------------------------------------------------------------
 def test_label_export_matches_torch_and_empty_prompt_is_the_null_row(labels, label_export):
     directory, component = label_export
-    assert component["kind"] == "label-table" and component["classes"] == CLASSES
-    assert component["token_length"] == 1 and component["pad_id"] == 10
-    assert component["source"] == "label encoder"
+    assert component.kind == "label-table" and component.classes == tuple(CLASSES)
+    assert component.token_length == 1 and component.pad_id == 10
+    assert component.source == "label encoder"
     text = runtime(directory, component)
     prompts = ["", "3", "7", ""]
     ids, mask = text.tokenize(prompts)
@@ -231,12 +234,13 @@ def test_runtime_text_imports_neither_torch_nor_transformers(t5_export):
         f"""
         import sys
         from pathlib import Path
-        from starflow.runtime.backends import open_runner
+        from starflow.export.manifest import TextComponent
+        from starflow.runtime.backends import OrtRunner
         from starflow.runtime.text import TextEncoderRunner
 
         component = {component!r}
         directory = Path({str(directory)!r})
-        runner = open_runner("onnxruntime", "text", directory / "text_encoder.fp32.onnx")
+        runner = OrtRunner("text", directory / "text_encoder.fp32.onnx")
         out = TextEncoderRunner(directory, component, runner).encode(["a cat", ""])
         assert out.shape == (2, {MAX_LENGTH}, 32)
         assert "torch" not in sys.modules and "transformers" not in sys.modules, "heavy import"

@@ -14,7 +14,8 @@ import pytest
 
 from starflow.errors import StarflowError
 from starflow.export import trt
-from starflow.runtime import Pipeline
+from starflow.export.manifest import Range
+from starflow.runtime import Pipeline, SampleOptions
 from tests.conftest import T2I
 
 pytestmark = [
@@ -30,16 +31,14 @@ def artifacts(fixture_artifacts: Path) -> Path:
     return fixture_artifacts
 
 
-def _inputs(pipeline: Pipeline, batch: int = 2) -> dict[str, np.ndarray | float]:
+def _inputs(pipeline: Pipeline, batch: int = 2) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
-    side = pipeline.manifest["latent"]["train"][0]
-    dim, length = pipeline.text["dim"], pipeline.text["max_length"]
-    return {
-        "noise": rng.standard_normal((batch, pipeline.channels, side, side), dtype=np.float32),
-        "y": rng.standard_normal((batch, length, dim), dtype=np.float32),
-        "y_uncond": np.zeros((batch, length, dim), np.float32),
-        "guidance": 1.5,
-    }
+    latent, text = pipeline.manifest.latent, pipeline.manifest.text
+    return [
+        rng.standard_normal((batch, latent.channels, *latent.train), dtype=np.float32),
+        rng.standard_normal((batch, text.max_length, text.dim), dtype=np.float32),
+        np.zeros((batch, text.max_length, text.dim), np.float32),
+    ]
 
 
 def _compare(directory: Path, precision: str, **load: object) -> None:
@@ -47,8 +46,8 @@ def _compare(directory: Path, precision: str, **load: object) -> None:
     candidate = Pipeline.load(directory, precision=precision, **load)
     inputs = _inputs(reference)
     for method in ("sequential", "jacobi"):
-        expected = reference.sample(**inputs, method=method)
-        got = candidate.sample(**inputs, method=method)
+        expected = reference.sample(*inputs, SampleOptions(guidance=1.5, method=method))
+        got = candidate.sample(*inputs, SampleOptions(guidance=1.5, method=method))
         assert np.abs(got - expected).max() <= TOLERANCE[precision], (method, precision)
 
 
@@ -65,19 +64,19 @@ def test_tensorrt_backend_matches_onnxruntime(artifacts, tmp_path, precision):
     directory = tmp_path / "artifacts"
     shutil.copytree(artifacts, directory)
     targets = [capability] if builder.rtx else []
-    trt.build_engines(
-        directory,
+    options = trt.EngineOptions(
         precisions=(precision,),
         profiles=("default", "sequential"),
-        grids=[(8, 8)],
-        batch=(1, 2, 4),
+        grids=((8, 8),),
+        batch=Range(1, 2, 4),
         optimization_level=1,
-        compute_capabilities=targets,
+        compute_capabilities=tuple(targets),
     )
+    trt.build_engines(directory, options)
     _compare(directory, precision, backend="tensorrt")
     pipeline = Pipeline.load(directory, precision=precision, backend="tensorrt")
     with pytest.raises(StarflowError, match="outside every optimization profile.*batch 1..4"):
-        pipeline.sample(**_inputs(pipeline, batch=3))  # 6 rows under guidance; engines stop at 4
+        pipeline.sample(*_inputs(pipeline, batch=3), SampleOptions(guidance=1.5))  # 6 rows; engines stop at 4
 
 
 @pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "TensorrtExecutionProvider"])

@@ -1,0 +1,55 @@
+"""What the commands show while they work: one line per step, and progress bars per flow block."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def step_lines(prefix: str = "") -> Callable[[str, int, int], None]:
+    """A (what, done, total) callback printing one line per new step, with the seconds elapsed,
+    to stderr: visible in logs and pipes, where a transient progress bar shows nothing."""
+    began = time.perf_counter()
+    seen: set[str] = set()
+
+    def report(what: str, done: int, total: int) -> None:
+        if what not in seen and what != "done":
+            seen.add(what)
+            typer.echo(f"{prefix}[{done + 1}/{total}] {what} ({time.perf_counter() - began:.1f} s)", err=True)
+
+    return report
+
+
+@contextmanager
+def block_bars(batches: int) -> Iterator[Callable[[int, int, int], None]]:
+    """One bar per flow block (tokens done, over every batch); yields the sampler's callback.
+
+    Blocks report in sampling order, so the first is the deep block. The bars appear with the
+    first report: an error before any sampling prints only itself.
+    """
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*columns, transient=True)
+    tasks: dict[int, Any] = {}
+    finished: dict[int, int] = {}  # tokens of the batches already done, per block
+
+    def report(block: int, done: int, tokens: int) -> None:
+        if not tasks:
+            bar.start()
+        if block not in tasks:
+            role = "shallow" if tasks else "deep"
+            tasks[block] = bar.add_task(f"block {block} ({role})", total=tokens * batches)
+            finished[block] = 0
+        bar.update(tasks[block], completed=finished[block] + done)
+        if done == tokens:
+            finished[block] += tokens
+
+    try:
+        yield report
+    finally:
+        if tasks:
+            bar.stop()

@@ -1,0 +1,383 @@
+"""The sampling algorithm, written once for PyTorch tensors and numpy arrays alike.
+
+A flow is inverted block by block, deep block first: permute the noise into the block's token
+order, prefill the text keys/values, then produce the tokens autoregressively,
+`x_t = z_t * sigma_t + mu_t`, one at a time (sequential) or a chunk at a time iterated to a
+fixed point (block-wise Jacobi, the official stop test and cache rewind), with the official
+guidance formula on a `[cond ; uncond]` batch. The loop is written against the array API
+standard (through array-api-compat), so the PyTorch reference (`StarFlow.sample`, CUDA tensors
+included, never copied to numpy) and the torch-free runtime (`Pipeline.sample`) run this same
+code; they differ only in how a block computes one chunk (a `Block`'s step function).
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from array_api_compat import array_namespace
+
+from starflow.errors import StarflowError
+
+Array = Any  # a torch.Tensor or a numpy array: whatever the caller samples with
+METHODS = ("jacobi", "sequential")
+# First guess of a Jacobi chunk. "noise": the chunk's input z (the reference). "chunk-mean": z
+# through the previous chunk's mean affine map, x = mean(mu) + mean(sigma) * z, per row and channel.
+JACOBI_INITS = ("noise", "chunk-mean")
+Progress = Callable[[int, int, int], None]  # (block index, tokens done, tokens in the block)
+# run(x, past_keys, past_values, start) -> mu, sigma, new_keys, new_values: one block's step graph
+StepFunction = Callable[[Array, Array, Array, int], tuple[Array, Array, Array, Array]]
+
+
+# ---- settings and statistics -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class JacobiSettings:
+    """How block-wise Jacobi solves one block; the defaults are the official image script's."""
+
+    block_size: int = 16  # tokens per chunk
+    max_iter: int = 32  # iterations per chunk at most
+    threshold: float = 1e-3  # stop when mean((new - old)^2) / mean(new^2) < threshold
+    init: str = "noise"  # the first guess: see JACOBI_INITS
+
+    def check(self, name: str) -> None:
+        for key in ("block_size", "max_iter"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StarflowError(f"{name}.{key}: must be an integer >= 1, got {value!r}")
+        if not isinstance(self.threshold, int | float) or not self.threshold >= 0:  # NaN fails
+            raise StarflowError(f"{name}.threshold: must be a number >= 0, got {self.threshold!r}")
+        if self.init not in JACOBI_INITS:
+            raise StarflowError(f"{name}.init: must be one of {list(JACOBI_INITS)}, got {self.init!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """How to invert the flow: guidance weight, solver, and the Jacobi settings per block kind."""
+
+    guidance: float = 0.0  # classifier-free guidance weight; 0 samples without y_uncond
+    method: str = "jacobi"  # or "sequential": one token per step, the exact inverse
+    jacobi: JacobiSettings = JacobiSettings()
+    shallow_jacobi: JacobiSettings | None = None  # the shallow blocks' own settings; None: `jacobi`
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise StarflowError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
+        if (
+            not isinstance(self.guidance, int | float)
+            or not math.isfinite(self.guidance)
+            or self.guidance < 0
+        ):
+            raise StarflowError(f"guidance: must be a finite number >= 0, got {self.guidance!r}")
+        self.jacobi.check("jacobi")
+        if self.shallow_jacobi is not None:
+            self.shallow_jacobi.check("shallow_jacobi")
+
+    def jacobi_for(self, deep: bool) -> JacobiSettings:
+        return self.jacobi if deep or self.shallow_jacobi is None else self.shallow_jacobi
+
+
+def with_overrides(defaults: SampleOptions, **given: Any) -> SampleOptions:
+    """`defaults` with every setting that is not None replaced: guidance, method, and the Jacobi
+    settings block_size, max_iter, threshold, init (applied to `jacobi`).
+
+    Options a user left unset keep the model's defaults (the manifest's, or the checkpoint's cfg).
+    """
+    unknown = set(given) - {"guidance", "method"} - {f.name for f in dataclasses.fields(JacobiSettings)}
+    if unknown:
+        raise StarflowError(f"unknown sampling setting(s) {sorted(unknown)}")
+    given = {k: v for k, v in given.items() if v is not None}
+    top = {k: given.pop(k) for k in ("guidance", "method") if k in given}
+    return dataclasses.replace(defaults, **top, jacobi=dataclasses.replace(defaults.jacobi, **given))
+
+
+@dataclasses.dataclass
+class BlockStats:
+    """What sampling one flow block cost: chunks, Jacobi iterations per chunk, network calls."""
+
+    block: int  # index in forward order (the deep block is the last)
+    method: str
+    iterations: list[int] = dataclasses.field(default_factory=list)  # per chunk; all 1 for sequential
+    evaluations: int = 0  # transformer calls over image tokens (the text prefill not counted)
+    tokens: int = 0  # image tokens those calls processed, summed over rows ([cond ; uncond])
+    seconds: float = 0.0
+
+    @property
+    def chunks(self) -> int:
+        return len(self.iterations)
+
+    @property
+    def mean_iterations(self) -> float:
+        return sum(self.iterations) / max(len(self.iterations), 1)
+
+
+# ---- what a flow block must offer ------------------------------------------------------------------
+class CachedStep:
+    """One block's step function over a preallocated key/value cache, for one batch of rows.
+
+    The cache `(layers, rows, kv_heads, text + tokens, head_dim)` holds the text's keys/values at
+    [0, text) and each chunk's at text + [start, start + c): running a chunk writes its entries,
+    and running the same positions again overwrites them, which is the Jacobi rewind. Nothing is
+    allocated here: the block hands in its buffers (and may reuse them for the next batch).
+    """
+
+    def __init__(self, run: StepFunction, keys: Array, values: Array, text_length: int = 0):
+        self.run, self.keys, self.values, self.text_length = run, keys, values, text_length
+
+    def prefill(self, keys: Array, values: Array) -> None:
+        """Store the text's keys/values (a block's prefill output) at [0, text)."""
+        self.keys[:, :, :, : self.text_length] = keys
+        self.values[:, :, :, : self.text_length] = values
+
+    def __call__(self, x: Array, start: int) -> tuple[Array, Array]:
+        """Inputs x (rows, c, D) at block positions [start, start + c) -> mu, sigma (rows, c, D)."""
+        past = self.text_length + start
+        mu, sigma, keys, values = self.run(x, self.keys[:, :, :, :past], self.values[:, :, :, :past], start)
+        self.keys[:, :, :, past : past + x.shape[1]] = keys
+        self.values[:, :, :, past : past + x.shape[1]] = values
+        return mu, sigma
+
+
+class Block(Protocol):
+    """A flow block as the sampler sees it: a PyTorch `FlowBlock` or an exported block's graphs."""
+
+    index: int  # position in forward (training) order
+    deep: bool  # the last block in forward order, sampled first
+    flip: bool  # its token order is the reverse of raster order
+    text_conditioned: bool
+
+    @property
+    def sos(self) -> Array | None:
+        """The (1, 1, D) float32 start-of-sequence input; None: token 0 passes unchanged."""
+
+    def open(self, rows: int, grid: tuple[int, int], text: Array | None) -> CachedStep:
+        """A step over a fresh cache for `rows` sequences on an h x w token grid, text prefilled."""
+
+
+# ---- shapes and inputs -------------------------------------------------------------------------------
+def patchify(x: Array, p: int) -> Array:
+    """(B, C, H, W) -> (B, T, p*p*C): channel order (p1 p2 c), tokens row-major over (H/p, W/p)."""
+    xp = array_namespace(x)
+    B, C = x.shape[0], x.shape[1]
+    h, w = x.shape[2] // p, x.shape[3] // p
+    x = xp.reshape(x[:, :, : h * p, : w * p], (B, C, h, p, w, p))  # the slice keeps H, W symbolic
+    return xp.reshape(xp.permute_dims(x, (0, 2, 4, 3, 5, 1)), (B, h * w, p * p * C))
+
+
+def unpatchify(x: Array, p: int, h: int, w: int) -> Array:
+    """(B, T, p*p*C) -> (B, C, h*p, w*p), the inverse of `patchify`."""
+    xp = array_namespace(x)
+    B = x.shape[0]
+    x = xp.permute_dims(xp.reshape(x, (B, h, w, p, p, -1)), (0, 5, 1, 3, 2, 4))
+    return xp.reshape(x, (B, -1, h * p, w * p))
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+
+
+def check_latent(x: Array, channels: int, patch_size: int, name: str) -> tuple[int, int]:
+    """A (B, C, H, W) batch with the model's channels and whole patches; returns the grid (h, w)."""
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+        raise StarflowError(f"{name}: expected a (B, C, H, W) latent array, got {_shape(x)}")
+    B, C, H, W = x.shape
+    if C != channels:
+        raise StarflowError(f"{name}: expected {channels} latent channels, got shape {_shape(x)}")
+    if B == 0:
+        raise StarflowError(f"{name}: the batch is empty, shape {_shape(x)}")
+    if H == 0 or W == 0 or H % patch_size or W % patch_size:
+        raise StarflowError(
+            f"{name}: latent size {H}x{W} is not a positive multiple of patch_size {patch_size}"
+        )
+    return H // patch_size, W // patch_size
+
+
+def check_text(y: Array | None, batch: int, dim: int, max_length: int | None, name: str) -> None:
+    """Text embeddings (B, L, dim) with 1 <= L (<= max_length), or None for a model without text."""
+    if dim == 0:
+        if y is not None:
+            raise StarflowError(f"{name}: this model is not text-conditioned; pass no text and no guidance")
+        return
+    if y is None:
+        raise StarflowError(
+            f"{name}: this model is text-conditioned; pass ({batch}, L, {dim}) text embeddings"
+        )
+    longest = max_length or math.inf
+    if (
+        not hasattr(y, "shape")
+        or len(y.shape) != 3
+        or y.shape[0] != batch
+        or y.shape[2] != dim
+        or not 1 <= y.shape[1] <= longest
+    ):
+        limit = f"1 <= L <= {max_length}" if max_length else "L >= 1"
+        raise StarflowError(
+            f"{name}: expected text embeddings of shape ({batch}, L, {dim}) with {limit}, got {_shape(y)}"
+        )
+
+
+def check_sample_inputs(
+    noise: Array,
+    y: Array | None,
+    y_uncond: Array | None,
+    options: SampleOptions,
+    *,
+    channels: int,
+    patch_size: int,
+    text_dim: int,
+    max_text_length: int | None = None,
+) -> tuple[int, int]:
+    """Everything a caller of `sample` can get wrong, before any work; returns the grid (h, w)."""
+    options.check()
+    grid = check_latent(noise, channels, patch_size, "noise")
+    check_text(y, noise.shape[0], text_dim, max_text_length, "y")
+    if options.guidance > 0:
+        if text_dim == 0:
+            raise StarflowError("guidance > 0 needs a text-conditioned model")
+        if y_uncond is None:
+            raise StarflowError("guidance > 0 needs y_uncond (the encoded empty prompt), same shape as y")
+        if tuple(y_uncond.shape) != tuple(y.shape):
+            raise StarflowError(f"y_uncond: expected shape {_shape(y)} (as y), got {_shape(y_uncond)}")
+    return grid
+
+
+# ---- the algorithm ----------------------------------------------------------------------------------
+def guide(mu: Array, sigma: Array, weight: float) -> tuple[Array, Array]:
+    """The official CFG on a `[cond ; uncond]` batch; both halves receive the guided values."""
+    xp = array_namespace(mu, sigma)
+    n = mu.shape[0] // 2
+    mu_c, mu_u, sigma_c, sigma_u = mu[:n], mu[n:], sigma[:n], sigma[n:]
+    s = xp.square(xp.minimum(sigma_c / sigma_u, 1.0))
+    denominator = 1 + weight - weight * s
+    sigma_g = sigma_c / xp.sqrt(denominator)
+    mu_g = ((1 + weight) * mu_c - (weight * s) * mu_u) / denominator
+    return xp.concat([mu_g, mu_g]), xp.concat([sigma_g, sigma_g])
+
+
+def solve_sequential(
+    step: CachedStep,
+    z: Array,
+    sos: Array | None,
+    guidance: float,
+    stats: BlockStats,
+    report: Callable[[int, int], None],
+) -> Array:
+    """Invert one block token by token (the official `reverse`); z and the result in block order."""
+    xp = array_namespace(z)
+    x = xp.asarray(z, copy=True)
+    rows, T, D = z.shape
+    first = 0 if sos is not None else 1  # without sos (TarFlow style) token 0 passes unchanged
+    for t in range(first, T):
+        inp = xp.broadcast_to(sos, (rows, 1, D)) if t == 0 else x[:, t - 1 : t]
+        mu, sigma = step(inp, t - first)
+        if guidance > 0:
+            mu, sigma = guide(mu, sigma, guidance)
+        x[:, t] = z[:, t] * sigma[:, 0] + mu[:, 0]
+        stats.iterations.append(1)
+        stats.evaluations += 1
+        stats.tokens += rows
+        report(t + 1, T)
+    return x
+
+
+def solve_jacobi(
+    step: CachedStep,
+    z: Array,
+    sos: Array | None,
+    guidance: float,
+    settings: JacobiSettings,
+    stats: BlockStats,
+    report: Callable[[int, int], None],
+    agree: Callable[[bool], bool] | None = None,
+) -> Array:
+    """Block-wise Jacobi (the official `jacobi`): iterate each chunk to a fixed point.
+
+    The noise is the first guess (or the chunk-mean map). Each iteration rewrites the chunk's
+    cache entries, so the cache ends one iterate behind the returned values, exactly as in the
+    official code. `agree(done)` makes every rank of a distributed run stop together.
+    """
+    if sos is None:
+        raise StarflowError("Jacobi sampling needs a model with `sos: 1`; use method='sequential'")
+    xp = array_namespace(z)
+    rows, T, D = z.shape
+    x_full = xp.concat([xp.broadcast_to(sos, (rows, 1, D)), z], axis=1)  # input position t: x_{t-1}
+    start, previous_map = 0, None  # the last (mu, sigma) of the previous chunk
+    while start < T:
+        c = min(settings.block_size, T - start)
+        target = z[:, start : start + c]
+        if settings.init == "chunk-mean" and previous_map is not None:
+            mu, sigma = previous_map
+            mean_mu, mean_sigma = xp.mean(mu, axis=1, keepdims=True), xp.mean(sigma, axis=1, keepdims=True)
+            x_full[:, start + 1 : start + 1 + c] = mean_mu + mean_sigma * target
+        for i in range(settings.max_iter):
+            mu, sigma = step(x_full[:, start : start + c], start)
+            if guidance > 0:
+                mu, sigma = guide(mu, sigma, guidance)
+            new = mu + sigma * target
+            old = x_full[:, start + 1 : start + 1 + c]
+            diff = xp.mean(xp.square(new - old)) / xp.mean(xp.square(new))
+            x_full[:, start + 1 : start + 1 + c] = new
+            stats.evaluations += 1
+            stats.tokens += rows * c
+            done = bool(diff < settings.threshold) or i == settings.max_iter - 1
+            if agree(done) if agree else done:
+                break
+        stats.iterations.append(i + 1)
+        previous_map = mu, sigma
+        start += c
+        report(start, T)
+    return x_full[:, 1:]
+
+
+def sample(
+    blocks: Sequence[Block],
+    noise: Array,
+    y: Array | None,
+    y_uncond: Array | None,
+    options: SampleOptions,
+    *,
+    patch_size: int,
+    guide_deep_only: bool,
+    progress: Progress | None = None,
+    agree: Callable[[bool], bool] | None = None,
+) -> tuple[Array, list[BlockStats]]:
+    """Invert the flow: noise (B, C, H, W) float32 -> latent, and stats per block (sampling order).
+
+    `blocks` come in sampling order (deep block first). With guidance the blocks run on
+    `[cond ; uncond]` (y then y_uncond); with `guide_deep_only` (`cond_top_only`) the uncond half
+    is dropped before the shallow blocks. Inputs must have passed `check_sample_inputs`.
+    """
+    xp = array_namespace(noise)
+    B, _, H, W = noise.shape
+    grid = (H // patch_size, W // patch_size)
+    guidance = options.guidance
+    text = xp.concat([y, y_uncond]) if guidance > 0 else y
+    x = patchify(noise, patch_size)
+    stats = []
+    for block in blocks:
+        if not block.deep and guide_deep_only and guidance > 0:
+            guidance, text = 0.0, y
+        z = xp.concat([x, x]) if guidance > 0 else x
+        record = BlockStats(block.index, options.method)
+        began = time.perf_counter()
+        step = block.open(z.shape[0], grid, text if block.text_conditioned else None)
+        z = xp.flip(z, axis=1) if block.flip else z
+        report = functools.partial(progress, block.index) if progress else _no_report
+        if options.method == "sequential":
+            x = solve_sequential(step, z, block.sos, guidance, record, report)
+        else:
+            settings = options.jacobi_for(block.deep)
+            x = solve_jacobi(step, z, block.sos, guidance, settings, record, report, agree)
+        x = (xp.flip(x, axis=1) if block.flip else x)[:B]
+        record.seconds = time.perf_counter() - began
+        stats.append(record)
+    return unpatchify(x, patch_size, *grid), stats
+
+
+def _no_report(done: int, total: int) -> None:
+    pass
