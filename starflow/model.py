@@ -9,6 +9,9 @@ A flow block's sampling direction is one pure function, `FlowBlock.step` (a chun
 against past keys/values -> mu, sigma and the chunk's keys/values), with every shape taken from
 tensors, so the same method is what `starflow export onnx` exports and what `starflow.sampler`
 drives here. Keys are cached after RoPE: each position is rotated once, when its chunk runs.
+
+One file on purpose (about 530 lines, over the project's ~400): like nanoGPT's model.py it reads
+top to bottom, and the step the exporter depends on stays beside the layers it runs.
 """
 
 from __future__ import annotations
@@ -209,11 +212,14 @@ class AttentionBlock(nn.Module):
         self.mlp = MLP(config, channels)
 
     def forward(
-        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None, cache: bool = True
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x after the `past` positions -> x, and the chunk's rotated keys and values if `cache`
+        (the teacher-forced pass keeps none: under FSDP every returned tensor gets a hook)."""
         out, k, v = self.attention(x, rope, past)
         x = x + out
-        return x + self.mlp(x), k, v
+        x = x + self.mlp(x)
+        return (x, k, v) if cache else (x, None, None)
 
 
 # ---- flow block ----------------------------------------------------------------------------
@@ -270,15 +276,22 @@ class FlowBlock(nn.Module):
         return pos_embed[start : start + length]
 
     def transformer(
-        self, h: Tensor, rope: Rope, past_keys: Tensor | None = None, past_values: Tensor | None = None
+        self,
+        h: Tensor,
+        rope: Rope,
+        past_keys: Tensor | None = None,
+        past_values: Tensor | None = None,
+        cache: bool = True,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Every layer on h (B, l, ch) after the cached positions -> h, per-layer rotated k and v."""
+        """Every layer on h (B, l, ch) after the cached positions -> h, per-layer rotated k and v
+        (empty lists without `cache`)."""
         keys, values = [], []
         for i, layer in enumerate(self.attn_blocks):
             past = None if past_keys is None else (past_keys[i].to(h.dtype), past_values[i].to(h.dtype))
-            h, k, v = layer(h, rope, past)
-            keys.append(k)
-            values.append(v)
+            h, k, v = layer(h, rope, past, cache)
+            if cache:
+                keys.append(k)
+                values.append(v)
         return h, keys, values
 
     def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -306,7 +319,7 @@ class FlowBlock(nn.Module):
             h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)  # (B, L + T, ch)
             text_length = text_length + text.size(1)
         rope = self.rope.tables(0, h.size(1), text_length, grid) if self.rope is not None else None
-        h, _, _ = self.transformer(h, rope)
+        h, _, _ = self.transformer(h, rope, cache=False)
         mu, sigma = self.head(h[:, h.size(1) - T :])
         if not self.use_sos:  # TarFlow style: token t is predicted from x_<t; token 0 passes
             mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], 1)

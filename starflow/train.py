@@ -5,6 +5,9 @@ differ only in how the process group starts. Every random draw (batch order, noi
 augmentation, label dropout) is made for the whole global batch from a generator seeded by
 (seed, step), and each rank takes its slice: N processes equal one process within float
 rounding, and a resumed run replays the uninterrupted one exactly.
+
+One file (about 440 lines): the options, the launch, the worker and the consolidation of its
+checkpoints share one checkpoint format, and read best together.
 """
 
 from __future__ import annotations

@@ -42,3 +42,15 @@ def test_runtime_imports_without_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_commands_write_to_different_default_files() -> None:
+    """`generate` must not overwrite the demo's grid (nor the reverse) when --out is left out."""
+    import typer
+
+    command = typer.main.get_command(app)
+    defaults = {
+        name: next(p.default for p in command.commands[name].params if p.name == "out")
+        for name in ("generate", "demo")
+    }
+    assert len({str(d) for d in defaults.values()}) == 2, defaults

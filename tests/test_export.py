@@ -98,6 +98,8 @@ def test_inspect_and_validate_commands(fixture_artifacts):
     result = runner.invoke(app, ["inspect", str(fixture_artifacts)])
     assert result.exit_code == 0, result.output
     assert "block2.step.fp32.onnx" in result.output and "sampling order" in result.output
+    assert "text: 32-wide embeddings, up to 6 tokens" in result.output
+    assert "{" not in result.output  # readable lines, not a Python dict
     result = runner.invoke(
         app, ["validate", str(fixture_artifacts), "--checkpoint", str(T2I / "checkpoint.pth")]
     )

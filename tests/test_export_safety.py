@@ -175,3 +175,19 @@ def test_a_previous_export_is_replaced_whole_without_force(tmp_path):
     (new / "manifest.json").write_text("{}")
     replace_dir(new, out)
     assert leftovers(out) == ["manifest.json"] and leftovers(tmp_path) == ["artifacts"]
+
+
+def test_export_prints_one_line_per_step_when_not_a_terminal(tmp_path):
+    """CliRunner's output is no terminal: every step still gets a line with the seconds elapsed."""
+    checkpoint = tmp_path / "one-block.safetensors"
+    starflow.save_model(random_model(config_from_dict(ONE_BLOCK)), checkpoint)
+    args = ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--precision", "fp32", "--no-denoise", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert [s.split(" (")[0] for s in steps] == [
+        "[1/2] export block0.step.fp32",
+        "[2/2] export block0.forward.fp32",
+    ]
+    assert all(s.endswith(" s)") for s in steps)
+    assert "wrote 2 graphs" in result.stdout

@@ -299,7 +299,7 @@ def test_corrupted_engine_is_detected_by_sha256_at_load(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensorrt_backend_without_a_gpu_says_so(built):
+def test_tensorrt_backend_without_a_gpu_says_so(built, tmp_path):
     pytest.importorskip("cuda.bindings")
     from cuda.bindings import runtime as cudart
 
@@ -307,6 +307,21 @@ def test_tensorrt_backend_without_a_gpu_says_so(built):
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(StarflowError, match="no CUDA device or driver found.*use backend 'onnxruntime'"):
         Pipeline.load(built[0], backend="tensorrt")
+    out = tmp_path / "x.png"
+    args = [
+        "generate",
+        "--artifacts",
+        str(built[0]),
+        "--backend",
+        "tensorrt",
+        "--prompt",
+        "",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "no CUDA device or driver found" in result.output and not out.exists()
 
 
 @pytest.mark.slow
