@@ -27,5 +27,5 @@ format: venv
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache artifacts
-	rm -f starflow-sample.npy starflow-demo.png
+	rm -f starflow-generate.png starflow-demo.png
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -260,6 +260,8 @@ def bench(
 
     --jacobi-init or a --shallow-* option adds one runtime row sampled with them.
     """
+    from dataclasses import replace
+
     from starflow.bench import BenchOptions, format_table, run_bench
     from starflow.runtime.outputs import check_writable, save_text
     from starflow.sampler import JacobiSettings, SampleOptions
@@ -267,15 +269,15 @@ def bench(
     with user_errors():
         jacobi = JacobiSettings(jacobi_block_size, jacobi_max_iter, jacobi_threshold)
         sampling = SampleOptions(guidance, "jacobi", jacobi)
-        row = None
+        row = None  # the options row: the first guess everywhere, the shallow blocks' own chunking
         if jacobi_init is not None or shallow_block_size is not None or shallow_threshold is not None:
-            shallow = JacobiSettings(
-                shallow_block_size or jacobi_block_size, jacobi_max_iter,
-                jacobi_threshold if shallow_threshold is None else shallow_threshold, jacobi_init or "noise",
-            )  # fmt: skip
-            row = SampleOptions(
-                guidance, "jacobi", JacobiSettings(**{**vars(jacobi), "init": shallow.init}), shallow
+            first_guess = replace(jacobi, init=jacobi_init or "noise")
+            shallow = replace(
+                first_guess,
+                block_size=shallow_block_size or jacobi_block_size,
+                threshold=jacobi_threshold if shallow_threshold is None else shallow_threshold,
             )
+            row = SampleOptions(guidance, "jacobi", first_guess, shallow)
         options = BenchOptions(
             preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats, threads
         )

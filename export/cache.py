@@ -34,7 +34,8 @@ def demo_artifacts(progress=None) -> Path:
     except ImportError as err:
         raise StarflowError(
             f"the demo model's artifacts are not in {directory} yet, and exporting them needs torch "
-            f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', or pass --artifacts"
+            f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', "
+            "or pass an export's directory"
         ) from None
     options = ExportOptions(precisions=("fp32",), density=False, force=True)
     export_onnx(DEMO_CHECKPOINT, directory, options, progress=progress)

@@ -41,7 +41,7 @@ class LabelEncoder(nn.Module):
     def label_of(self, prompt: str) -> int:
         """The class index of a prompt; the error lists the prompts this encoder knows."""
         if prompt not in self.classes:
-            raise StarflowError(f"--prompt {prompt!r}: this model knows the prompts {self.classes}")
+            raise StarflowError(f"prompt {prompt!r}: this model knows the prompts {self.classes}")
         return self.classes.index(prompt)
 
 

@@ -93,26 +93,26 @@ class Trainee(nn.Module):
 def check_setup(options: TrainOptions) -> tuple[StarFlowConfig, Dataset]:
     """Validate options, config and data together; the errors name what was asked and what exists."""
     if options.device not in ("auto", "cpu", "cuda"):
-        raise StarflowError(f"--device: expected auto, cpu or cuda, got {options.device!r}")
+        raise StarflowError(f"device: expected auto, cpu or cuda, got {options.device!r}")
     if options.device == "cuda" and not torch.cuda.is_available():
-        raise StarflowError("--device cuda: torch sees no CUDA device here")
+        raise StarflowError("device cuda: torch sees no CUDA device here")
     if options.precision not in PRECISIONS:
-        raise StarflowError(f"--precision: expected one of {list(PRECISIONS)}, got {options.precision!r}")
+        raise StarflowError(f"precision: expected one of {list(PRECISIONS)}, got {options.precision!r}")
     limit, unit = (
         (torch.cuda.device_count(), "CUDA devices")
         if _use_cuda(options)
         else (os.cpu_count() or 1, "CPU cores")
     )
     if not 1 <= options.nproc <= limit:
-        raise StarflowError(f"--nproc {options.nproc}: must be between 1 and {limit} (the {unit} here)")
+        raise StarflowError(f"nproc {options.nproc}: must be between 1 and {limit} (the {unit} here)")
     if options.batch_size % options.nproc:
         raise StarflowError(
-            f"--batch-size {options.batch_size} does not split evenly over --nproc {options.nproc}"
+            f"batch_size {options.batch_size} does not split evenly over nproc {options.nproc}"
         )
     if options.steps < 1 or options.checkpoint_every < 1 or options.log_every < 1:
-        raise StarflowError("--steps, --checkpoint-every and --log-every must be >= 1")
+        raise StarflowError("steps, checkpoint_every and log_every must be >= 1")
     if not 0 <= options.drop_label < 1:
-        raise StarflowError(f"--drop-label: must be in [0, 1), got {options.drop_label}")
+        raise StarflowError(f"drop_label: must be in [0, 1), got {options.drop_label}")
     config = load_config(options.config)
     data = open_dataset(options.data)
     want = (config.channel_size, config.latent_size, config.latent_size)
@@ -132,7 +132,7 @@ def check_setup(options: TrainOptions) -> tuple[StarFlowConfig, Dataset]:
             f"txt_dim is {config.txt_dim}"
         )
     if len(data) < options.batch_size:
-        raise StarflowError(f"dataset {options.data!r}: {len(data)} items, fewer than --batch-size")
+        raise StarflowError(f"dataset {options.data!r}: {len(data)} items, fewer than batch_size")
     return config, data
 
 
@@ -147,11 +147,11 @@ def train(options: TrainOptions) -> Path:
     """Run training (spawning `nproc` workers, or joining a torchrun job); returns the exported model."""
     check_setup(options)
     if options.resume and not checkpoints(Path(options.out)):
-        raise StarflowError(f"--resume: no complete checkpoint under {Path(options.out) / 'checkpoints'}")
+        raise StarflowError(f"resume: no complete checkpoint under {Path(options.out) / 'checkpoints'}")
     Path(options.out).mkdir(parents=True, exist_ok=True)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
         if options.nproc != 1:
-            raise StarflowError("--nproc: leave it at 1 under torchrun (torchrun's --nproc-per-node decides)")
+            raise StarflowError("nproc: leave it at 1 under torchrun (torchrun's --nproc-per-node decides)")
         dist.init_process_group(_backend(options))
         _run_worker(options)
     elif options.nproc == 1:
@@ -429,7 +429,7 @@ def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
             f".metadata; temp *.tmp directories are unfinished saves)"
         )
     if out.suffix != ".safetensors":
-        raise StarflowError(f"--out {out}: expected a .safetensors path")
+        raise StarflowError(f"out {out}: expected a .safetensors path")
     meta = json.loads((checkpoint / STATE_FILE).read_text())
     config = config_from_dict(meta["config"], f"checkpoint {checkpoint}")
     classes = meta["classes"]

@@ -90,7 +90,7 @@ def test_activation_checkpointing_changes_nothing(
 
 
 def test_resume_without_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
-    with pytest.raises(StarflowError, match="--resume: no complete checkpoint"):
+    with pytest.raises(StarflowError, match="resume: no complete checkpoint"):
         train(options(tiny_config, tmp_path, resume=True))
 
 
@@ -159,7 +159,7 @@ def test_nproc_too_large_via_cli(tiny_config: Path, tmp_path: Path) -> None:
     args = ["train", "--config", str(tiny_config), "--out", str(out), "--nproc", "100000"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "--nproc 100000: must be between 1 and" in result.output
+    assert "nproc 100000: must be between 1 and" in result.output
     assert not out.exists()
 
 
