@@ -164,11 +164,12 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         scale = self.head_dim**-0.5
-        if self.training:  # the fused kernel (flash attention on GPU); training has no cache
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        # Explicit math otherwise: the mask is built from aranges, so it stays symbolic in both
-        # lengths when exported, and scores/softmax are fp32 even in fp16 and bf16 copies.
         lq, lk = q.size(2), k.size(2)
+        if self.training and lq == lk:  # the fused kernel (flash attention on GPU) for training
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        # Explicit math otherwise (inference, export, a training run's sample grids): the mask is
+        # built from aranges, so it stays symbolic in both lengths when exported, and the scores
+        # and softmax are fp32 even in fp16 and bf16 copies.
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, lq, lk)
         rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
         mask = torch.arange(lk, device=q.device)[None, :] <= rows
@@ -376,10 +377,8 @@ class FlowBlock(nn.Module):
             text_length + grid[0] * grid[1],
             self.head_dim,
         )
-        keys, values = (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
+        keys = torch.zeros(shape, dtype=dtype, device=device)
+        values = torch.zeros_like(keys)
 
         def run(x: Tensor, past_keys: Tensor, past_values: Tensor, start: int):
             return self.step(x, past_keys, past_values, grid_tensor, start)

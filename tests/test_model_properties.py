@@ -184,3 +184,16 @@ def test_nll_and_denoise():
     assert (denoised - x).abs().max() > 1e-4
     # per-sample: denoising one sample alone gives the same result
     assert torch.allclose(model.denoise(x[:1], y[:1], noise_std), denoised[:1], atol=1e-5)
+
+
+def test_sampling_a_model_in_training_mode_equals_eval_mode():
+    """Training runs draw sample grids from a model in train mode: the fused causal kernel that
+    training uses must not serve a chunk against a cache (its mask would be misaligned)."""
+    model, noise, y = make_case({})
+    expected = model.sample(noise, y)
+    model.train()
+    try:
+        sampled = model.sample(noise, y)
+    finally:
+        model.eval()
+    assert (sampled - expected).abs().max() < 1e-5
