@@ -2,8 +2,8 @@
 
 Each command parses its flags, builds one options object, and calls the library; the library
 raises `StarflowError` for anything a user can fix, and `user_errors` alone turns that into a
-one-line message and exit code 2. Module-level imports stay light (no torch, no model code),
-so `starflow --help` is instant.
+one-line message and exit code 2. A command function is long only by its option declarations.
+Module-level imports stay light (no torch, no model code), so `starflow --help` is instant.
 """
 
 from __future__ import annotations
