@@ -105,10 +105,8 @@ def trt(
     ] = None,
 ) -> None:
     """Build a TensorRT engine per graph; engines whose cache key is unchanged are kept, not rebuilt."""
-    from rich.progress import Progress
-
     from starflow.cli.parse import parse_hw, parse_range
-    from starflow.cli.progress import step_lines
+    from starflow.cli.progress import phase_bar, step_lines
     from starflow.export.manifest import Manifest
     from starflow.export.trt import EngineOptions, build_engines, describe_engines
 
@@ -126,12 +124,7 @@ def trt(
             workspace_bytes=None if workspace is None else workspace << 20,
             compute_capabilities=tuple(compute_capability or ()),
         )
-        with Progress(transient=True) as bar:
-            phase = bar.add_task("", total=None, visible=False)
-
-            def report_phase(what: str, done: int, total: int) -> None:
-                bar.update(phase, description=f"  {what}", completed=done, total=total or None, visible=True)
-
+        with phase_bar() as report_phase:
             results = build_engines(directory, options, progress=step_lines(), phases=report_phase)
         summary = describe_engines(results, Manifest.load(directory, verify_files=False))
     typer.echo(summary)

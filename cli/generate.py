@@ -12,6 +12,7 @@ import typer
 
 from starflow.cli.progress import block_bars, step_lines
 from starflow.errors import StarflowError
+from starflow.limits import check_threads
 from starflow.sampler import Progress, SampleOptions
 
 ENGINES = ("runtime", "pytorch")
@@ -33,6 +34,7 @@ def open_generator(
     use), or the PyTorch `ReferenceGenerator` of a checkpoint; options of the other engine are refused."""
     if engine not in ENGINES:
         raise StarflowError(f"--engine: expected one of {list(ENGINES)}, got {engine!r}")
+    check_threads(threads)
     other_engine = {
         "pytorch": {
             "--artifacts": artifacts,

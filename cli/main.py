@@ -88,15 +88,20 @@ def generate(
     jacobi_max_iter: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
     jacobi_threshold: Annotated[float | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
     denoise: Annotated[bool, typer.Option(help="The self-denoise step after the flow.", **SAMPLING)] = True,
+    check_finite: Annotated[
+        bool, typer.Option(help="Fail (writing nothing) when a sample holds NaN or inf.", **SAMPLING)
+    ] = True,
 ) -> None:
     """Images from prompts: through an export (the torch-free runtime) or the PyTorch reference."""
     from starflow.cli.generate import open_generator, progress_bars
     from starflow.cli.parse import parse_hw
+    from starflow.runtime.generator import check_request
     from starflow.runtime.outputs import output_kind, save_images
     from starflow.sampler import with_overrides
 
     with user_errors():
-        output_kind(out)  # a bad or unwritable --out fails before any work
+        output_kind(out)  # a bad or unwritable --out, a bad count or seed fail before any work
+        check_request(prompt or [], num_images, seed)
         generator = open_generator(
             engine, artifacts=artifacts, checkpoint=checkpoint, config=config, text_encoder=text_encoder,
             vae=vae, backend=backend, precision=precision, threads=threads,
@@ -112,6 +117,7 @@ def generate(
             result = generator.generate(
                 prompts, num_images=num_images, negative_prompt=negative_prompt, seed=seed,
                 latent_size=latent_size, sampling=sampling, denoise=denoise, progress=report,
+                check_finite=check_finite,
             )  # fmt: skip
         files = save_images(out, result.images, columns=min(num_images, 8), prompts=result.prompts)
     h, w = result.images.shape[1:3]
@@ -219,11 +225,14 @@ def validate(
 def inspect(
     directory: Annotated[Path, typer.Argument(help="An export directory (holds manifest.json).")],
 ) -> None:
-    """Print a summary of an export: blocks, graphs, dims, precisions, validation."""
+    """Print a summary of an export: blocks, graphs, dims, precisions, validation; fails on a
+    broken export (a missing or tampered file, one outside the directory, an edited manifest)."""
     from starflow.export.manifest import Manifest
 
     with user_errors():
-        typer.echo(Manifest.load(directory, verify_files=False).summary())
+        manifest = Manifest.load(directory, verify_files=False)
+        typer.echo(manifest.summary())
+        manifest.verify_files(directory)  # a missing, tampered or outside file: exit code 2
 
 
 @app.command("bench")

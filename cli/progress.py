@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -33,7 +34,7 @@ def block_bars(batches: int) -> Iterator[Callable[[int, int, int], None]]:
     first report: an error before any sampling prints only itself.
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar = Progress(*columns, transient=True)
+    bar = _transient_bar(*columns)
     tasks: dict[int, Any] = {}
     finished: dict[int, int] = {}  # tokens of the batches already done, per block
 
@@ -53,3 +54,28 @@ def block_bars(batches: int) -> Iterator[Callable[[int, int, int], None]]:
     finally:
         if tasks:
             bar.stop()
+
+
+@contextmanager
+def phase_bar() -> Iterator[Callable[[str, int, int], None]]:
+    """One transient bar for the phases of the build in progress (TensorRT's progress monitor),
+    shown from the first report on."""
+    bar = _transient_bar()
+    task = bar.add_task("", total=None)
+
+    def report(what: str, done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, description=f"  {what}", completed=done, total=total or None)
+
+    try:
+        yield report
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+def _transient_bar(*columns: Any) -> Progress:
+    """Bars on stderr, shown only on a terminal (in a log or a pipe they would be noise)."""
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)

@@ -2,17 +2,24 @@
 
 `starflow generate` without `--artifacts` and `starflow demo` drive the embedded digits model
 through the runtime; its export is made on first use and reused while the checkpoint and the
-manifest schema are unchanged.
+manifest schema are unchanged. A file lock makes concurrent first uses export once; under it,
+a broken entry (a file where the directory belongs, a partial or tampered export) is replaced
+and the temporary directories of killed exports are removed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+from filelock import FileLock
 
 from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.export.manifest import SCHEMA_VERSION, Manifest, sha256
+
+LOCK_TIMEOUT_S = 3600  # another process's first-use export takes minutes, not hours
 
 
 def cache_dir() -> Path:
@@ -25,18 +32,36 @@ def demo_artifacts(progress=None) -> Path:
     digest = sha256(DEMO_CHECKPOINT)
     directory = cache_dir() / "demo" / f"digits-{digest[:12]}-schema{SCHEMA_VERSION}"
     try:
-        if Manifest.load(directory).source.sha256 == digest:
-            return directory
-    except StarflowError:
-        pass  # absent, partial or tampered: export it again
-    try:
-        from starflow.export.onnx_export import ExportOptions, export_onnx
-    except ImportError as err:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
         raise StarflowError(
-            f"the demo model's artifacts are not in {directory} yet, and exporting them needs torch "
-            f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', "
-            "or pass an export's directory"
+            f"cache {directory.parent}: cannot create it ({err.strerror}); set STARFLOW_CACHE"
         ) from None
-    options = ExportOptions(precisions=("fp32",), density=False, force=True)
-    export_onnx(DEMO_CHECKPOINT, directory, options, progress=progress)
+    with FileLock(directory.parent / f"{directory.name}.lock", timeout=LOCK_TIMEOUT_S):
+        try:
+            if Manifest.load(directory).source.sha256 == digest:
+                return directory
+        except StarflowError:
+            pass  # absent, partial or tampered: export it again
+        _clear(directory)
+        try:
+            from starflow.export.onnx_export import ExportOptions, export_onnx
+        except ImportError as err:
+            raise StarflowError(
+                f"the demo model's artifacts are not in {directory} yet, and exporting them needs torch "
+                f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', "
+                "or pass an export's directory"
+            ) from None
+        options = ExportOptions(precisions=("fp32",), density=False, force=True)
+        export_onnx(DEMO_CHECKPOINT, directory, options, progress=progress)
     return directory
+
+
+def _clear(directory: Path) -> None:
+    """Remove a broken entry and the leftovers of killed exports of it (the caller holds its lock)."""
+    for stale in directory.parent.glob(f".{directory.name}.*-*"):  # .partial-* and .old-* of export_onnx
+        shutil.rmtree(stale, ignore_errors=True)
+    if directory.is_symlink() or directory.is_file():
+        directory.unlink()
+    elif directory.exists():
+        shutil.rmtree(directory)

@@ -6,11 +6,21 @@ min/opt/max, and the rules outside the graphs (permutation, guidance, Jacobi def
 sizes). `manifest.schema.json` beside this file is the normative description of every field;
 these classes mirror it one to one, and every writer (ONNX export, TensorRT engines) and reader
 (the runtime, `starflow inspect`) goes through them. numpy-free and torch-free.
+
+What loading checks, so that a directory a service did not make cannot point it elsewhere or
+change its numbers unnoticed: the schema (unknown keys refused, every file a plain name), that
+every name refers to a graph of the right kind and every block to graphs of its own shape, that
+every file resolves inside the directory (symbolic links included) and matches its sha256, and
+`digest`: the sha256 of the fields that decide the numbers (everything but the validation
+record and the engines), written at export, so an edited manifest is refused. The digest
+detects edits, not forgery: whoever can write the directory can rewrite it (`starflow validate`
+compares the fields with the checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -44,8 +54,9 @@ from starflow.export.entries import (
     sha256,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST_NAME = "manifest.json"
+UNDIGESTED = ("digest", "validation", "engines")  # written after the export; no effect on samples
 VAE_SCALE = 0.18215  # SD-VAE latents are decoded at z / VAE_SCALE
 GUIDANCE_EXPRESSION = (
     "batch [cond ; uncond]; s = min(sigma_c/sigma_u, 1)^2; sigma = sigma_c / sqrt(1 + w - w*s); "
@@ -58,6 +69,7 @@ __all__ = [  # the whole contract, entries included
     "VAE_SCALE",
     "Manifest",
     "check_schema",
+    "inside",
     "is_starflow_export",
     "schema",
     "Block",
@@ -105,6 +117,7 @@ class Manifest:
     graphs: tuple[Graph, ...]
     validation: tuple[Comparison, ...]
     engines: tuple[Engine, ...] = ()
+    digest: str = ""  # sha256 of every field but UNDIGESTED; `write` fills it in
 
     # -- lookups --
     def graph(self, name: str) -> Graph:
@@ -144,9 +157,60 @@ class Manifest:
             )
         check_schema(data, source)
         try:
-            return dacite.from_dict(cls, data, config=dacite.Config(cast=[tuple], strict=True))
+            manifest = dacite.from_dict(cls, data, config=dacite.Config(cast=[tuple], strict=True))
         except dacite.DaciteError as err:  # the schema admits something the classes do not
             raise StarflowError(f"{source}: {err}") from None
+        if manifest.digest != manifest.semantic_digest():
+            raise StarflowError(
+                f"{source}: its fields changed since the export (digest mismatch): the graphs would be "
+                "driven by settings they were not validated with; re-export instead of editing"
+            )
+        manifest.check_references(source)
+        return manifest
+
+    def semantic_digest(self) -> str:
+        """sha256 over the canonical JSON of every field that decides the numbers."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in UNDIGESTED}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def check_references(self, source: str) -> None:
+        """Every name refers to a graph of the right kind; every block's graphs have its shape."""
+        graphs = {g.name: g for g in self.graphs}
+
+        def refer(name: str | None, kind: str, owner: str) -> Graph | None:
+            if name is None:
+                return None
+            if name not in graphs or graphs[name].kind != kind:
+                raise StarflowError(f"{source}: {owner} names graph {name!r}, which is no {kind} graph here")
+            return graphs[name]
+
+        D = self.latent.token_dim
+        for block in self.blocks:
+            if len(block.sos_embed) != D:
+                raise StarflowError(
+                    f"{source}: block {block.index} sos_embed has {len(block.sos_embed)} values, not {D}"
+                )
+            for precision, kinds in block.graphs.items():
+                if precision not in self.precisions:
+                    raise StarflowError(
+                        f"{source}: block {block.index} has {precision} graphs, a precision not listed"
+                    )
+                for kind, name in kinds.items():
+                    graph = refer(name, kind, f"block {block.index}")
+                    if graph.block != block.index or graph.precision != precision:
+                        raise StarflowError(
+                            f"{source}: block {block.index} names graph {name} of another block"
+                        )
+                    _check_block_shapes(block, graph, D, source)
+        text = self.text.component if self.text else None
+        refer(text.graph if text else None, "text_encoder", "text")
+        refer(self.decoder.graph, "decoder", "decoder")
+        refer(self.denoise.graph if self.denoise else None, "denoise", "denoise")
+        for engine in self.engines:
+            if engine.graph not in graphs or graphs[engine.graph].block is None:
+                raise StarflowError(
+                    f"{source}: engine {engine.file} names {engine.graph!r}, no flow-block graph here"
+                )
 
     @classmethod
     def load(cls, directory: str | Path, verify_files: bool = True) -> Manifest:
@@ -168,7 +232,7 @@ class Manifest:
         """Every graph, external-data and other file exists and matches its sha256."""
         owned = [(f"graph {g.name}", e) for g in self.graphs for e in (g, *g.external_data)]
         for owner, entry in owned + [(f"file {f.file}", f) for f in self.files]:
-            path = directory / entry.file
+            path = inside(directory, entry.file)
             if not path.is_file():
                 raise StarflowError(f"{owner}: file {path} is missing")
             if sha256(path) != entry.sha256:
@@ -177,12 +241,19 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
 
-    def write(self, directory: Path) -> None:
-        """Validate against the schema, then write atomically."""
-        data = self.to_dict()
+    def write(self, directory: Path) -> Manifest:
+        """Fill in the digest, validate against the schema, write atomically; returns what was written."""
+        manifest = dataclasses.replace(self, digest=self.semantic_digest())
+        data = manifest.to_dict()
         check_schema(data, str(directory / MANIFEST_NAME))
-        with atomic_path(directory / MANIFEST_NAME) as tmp:
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
+        try:
+            with atomic_path(directory / MANIFEST_NAME) as tmp:
+                tmp.write_text(json.dumps(data, indent=2) + "\n")
+        except OSError as err:
+            raise StarflowError(
+                f"{directory / MANIFEST_NAME}: cannot write ({err.strerror or err})"
+            ) from None
+        return manifest
 
     def summary(self) -> str:
         """A human-readable summary (what `starflow inspect` prints)."""
@@ -230,6 +301,25 @@ class Manifest:
         return "\n".join(lines)
 
 
+def _check_block_shapes(block: Block, graph: Graph, token_dim: int, source: str) -> None:
+    """The block's layers, kv_heads, head_dim and token width are its graph's (checked here, not
+    at run time by a backend's error)."""
+    expected = {
+        "past_keys": (block.layers, "batch", block.kv_heads, "past", block.head_dim),
+        "keys": (block.layers, "batch", block.kv_heads, "text", block.head_dim),
+    }
+    for tensor in graph.inputs + graph.outputs:
+        want = expected.get(tensor.name)
+        if tensor.name == "x":
+            want = tensor.shape[:-1] + (token_dim,)
+        if want is not None and tensor.shape != want:
+            raise StarflowError(
+                f"{source}: block {block.index} (layers {block.layers}, kv_heads {block.kv_heads}, head_dim "
+                f"{block.head_dim}, token_dim {token_dim}) does not fit graph {graph.name}: "
+                f"{tensor.name} is {list(tensor.shape)}"
+            )
+
+
 def _describe_text(text: Text | None) -> str:
     if text is None:
         return "none (unconditional model)"
@@ -258,6 +348,14 @@ def _plain(value: Any) -> Any:
 
 
 # ---- files and schema ----------------------------------------------------------------------------------
+def inside(directory: Path, name: str) -> Path:
+    """`directory/name`, refused unless it resolves inside `directory` (symbolic links followed)."""
+    path = Path(directory) / name
+    if not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise StarflowError(f"{directory}: {name!r} leads outside the export directory; refused")
+    return path
+
+
 def schema() -> dict[str, Any]:
     return json.loads(resources.files("starflow.export").joinpath("manifest.schema.json").read_text())
 

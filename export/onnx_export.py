@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import tempfile
@@ -103,7 +104,14 @@ def check_exportable(model: StarFlow) -> None:
 
 
 def check_out(out: Path, force: bool) -> None:
-    """Refuse a file, or a non-empty directory that is not a previous export (unless `force`)."""
+    """Refuse a file, a non-empty directory that is not a previous export (unless `force`), or a
+    place where nothing can be written."""
+    from starflow.runtime.outputs import check_writable
+
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check_writable(existing, f"out {out}")
     if out.exists() and not out.is_dir():
         raise StarflowError(f"out {out}: is a file, expected a directory")
     if out.is_dir() and any(out.iterdir()) and not force and not is_starflow_export(out):
@@ -159,13 +167,13 @@ def export_onnx(
         entries = components.export(model, work, options.opset, report)
         graphs += [spec.entry(work, dims) for spec in entries.graphs]
         manifest = build_manifest(model, checkpoint, graphs, dims, latent, options, entries, work)
-        manifest.write(work)
+        manifest = manifest.write(work)
         if options.validate:
             report("validate against PyTorch")
             results = validate_export(work, model, manifest)
             check_results(results)
             manifest = dataclasses.replace(manifest, validation=tuple(results))
-            manifest.write(work)
+            manifest = manifest.write(work)
         if progress:
             progress("done", total, total)
         replace_dir(work, out)
@@ -199,7 +207,7 @@ def build_manifest(
 
     config = model.config
     used = [p for p in PRECISIONS if any(g.precision == p and g.block is not None for g in graphs)]
-    blocks = tuple(_block_entry(model, block, graphs, used) for block in model.sampling_blocks())
+    blocks = tuple(block_entry(model, block, graphs, used) for block in model.sampling_blocks())
     text = None
     if config.txt_dim > 0:
         text = Text(config.text, config.txt_dim, config.txt_size, components.text)
@@ -235,7 +243,7 @@ def build_manifest(
     )
 
 
-def _block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisions: list[str]) -> Block:
+def block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisions: list[str]) -> Block:
     heads, kv_heads = model.config.heads(block.proj_in.out_features)
     names = {
         p: {g.kind: g.name for g in graphs if g.block == block.index and g.precision == p} for p in precisions
@@ -271,12 +279,24 @@ def staging_directory(out: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)  # gone already when it was moved into place
 
 
-def replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is renamed aside first and deleted after."""
-    if not out.exists():
-        os.replace(new, out)
-        return
+def replace_dir(new: Path, out: Path, attempts: int = 5) -> None:
+    """Move `new` to `out`; an existing `out` is renamed aside first and deleted after.
+
+    Another process may put a directory at `out` between the two renames (two exports to one
+    place): then the rename is retried, and the last export to finish wins, whole.
+    """
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / "previous")
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        for attempt in range(attempts):
+            if out.exists() or out.is_symlink():
+                os.replace(out, old / f"previous-{attempt}")
+            try:
+                os.replace(new, out)
+                return
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == attempts - 1:
+                    raise StarflowError(
+                        f"out {out}: cannot move the export into place ({err.strerror})"
+                    ) from None
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

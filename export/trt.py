@@ -26,6 +26,7 @@ from typing import Any
 
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
+from starflow.runtime.outputs import check_writable
 from starflow.export.manifest import Engine, EngineBuilder, EngineProfile, Graph, Manifest, Range, sha256
 from starflow.export.trt_profiles import (
     BuildSettings,
@@ -289,6 +290,7 @@ def build_engines(
     directory = Path(directory)
     manifest = Manifest.load(directory)
     options.check(manifest, directory)
+    check_writable(directory, f"engines in {directory}")
     chunk = options.jacobi_chunk if options.jacobi_chunk is not None else manifest.jacobi.block_size
     chosen = derive_profiles(
         manifest.dims, manifest.latent, chunk, options.profiles, options.grids, options.batch
@@ -314,8 +316,11 @@ def build_engines(
         began = time.perf_counter()
         blob = build_engine(trt, directory / graph.file, graph, mine, settings, timing_cache, phases)
         seconds = time.perf_counter() - began
-        with atomic_path(directory / file) as tmp:
-            tmp.write_bytes(blob)
+        try:
+            with atomic_path(directory / file) as tmp:
+                tmp.write_bytes(blob)
+        except OSError as err:
+            raise StarflowError(f"engine {directory / file}: cannot write ({err.strerror or err})") from None
         strongly_typed = hasattr(trt.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
         entry = Engine(
             graph.name, file, hashlib.sha256(blob).hexdigest(), len(blob),
@@ -324,7 +329,7 @@ def build_engines(
             options.workspace_bytes, key,
         )  # fmt: skip
         manifest = _with_engine(manifest, entry)
-        manifest.write(directory)  # after each engine: an interrupted build keeps what it finished
+        manifest = manifest.write(directory)  # after each engine: an interrupted build keeps its work
         results.append(EngineResult(graph.name, file, True, seconds, len(blob)))
     if progress:
         progress("done", len(graphs), len(graphs))

@@ -189,6 +189,42 @@ def describe_results(results: tuple[Comparison, ...] | list[Comparison]) -> str:
     )
 
 
+def check_manifest(manifest: Manifest, model: StarFlow) -> None:
+    """The manifest's own fields against the checkpoint: block order, roles, permutations, shapes,
+    sos_embed, latent and text sizes, guidance and noise (the graphs are compared separately)."""
+    from starflow.export.onnx_export import block_entry
+
+    config = model.config
+    expected = [
+        block_entry(model, b, list(manifest.graphs), list(manifest.precisions))
+        for b in model.sampling_blocks()
+    ]
+    problems = []
+    if len(expected) != len(manifest.blocks):
+        problems.append(f"{len(manifest.blocks)} blocks, the checkpoint has {len(expected)}")
+    for position, (want, got) in enumerate(zip(expected, manifest.blocks, strict=False)):  # counted above
+        for field in ("index", "role", "permutation", "layers", "width", "heads", "kv_heads", "head_dim",
+                      "text_conditioned", "sos_embed"):  # fmt: skip
+            if getattr(got, field) != getattr(want, field):
+                problems.append(f"block {position} in sampling order: {field} differs from the checkpoint's")
+    latent, text = manifest.latent, manifest.text
+    facts = {
+        "latent channels": (latent.channels, config.channel_size),
+        "patch_size": (latent.patch_size, config.patch_size),
+        "latent train size": (latent.train, (config.latent_size, config.latent_size)),
+        "text dim": (text.dim if text else 0, config.txt_dim),
+        "guidance blocks": (manifest.guidance.blocks, "deep" if config.cond_top_only else "all"),
+        "noise_std": (manifest.noise_std, config.noise_std),
+    }
+    problems += [
+        f"{name} is {got!r}, the checkpoint gives {want!r}"
+        for name, (got, want) in facts.items()
+        if got != want
+    ]
+    if problems:
+        raise StarflowError(f"manifest does not describe this checkpoint: {'; '.join(problems)}")
+
+
 def validate_directory(
     directory: str | Path, checkpoint: str | Path, config: str | Path | None = None
 ) -> list[Comparison]:
@@ -198,6 +234,8 @@ def validate_directory(
 
     manifest = Manifest.load(directory)  # checks every sha256 once
     model_config = config if config is not None else config_from_dict(manifest.model, "manifest model")
-    results = validate_export(directory, load_model(model_config, checkpoint), manifest)
+    model = load_model(model_config, checkpoint)
+    check_manifest(manifest, model)
+    results = validate_export(directory, model, manifest)
     check_results(results)
     return results

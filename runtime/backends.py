@@ -13,7 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from starflow.errors import StarflowError
-from starflow.export.manifest import Engine, Graph
+from starflow.export.manifest import Engine, Graph, inside
+from starflow.limits import check_threads
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -43,6 +44,7 @@ class OrtRunner:
     """An ONNX Runtime session created once, with the thread settings chosen at load."""
 
     def __init__(self, name: str, path: Path, providers: list[Any] | None = None, threads: int | None = None):
+        check_threads(threads)
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,7 +90,7 @@ def open_runner(
     """A runner for `graph` of the export in `directory`: its ONNX file, or its TensorRT engine."""
     check_backend(backend)
     if backend == "onnxruntime":
-        return OrtRunner(graph.name, directory / graph.file, providers, threads)
+        return OrtRunner(graph.name, inside(directory, graph.file), providers, threads)
     if providers is not None:
         raise StarflowError("providers apply to backend 'onnxruntime' only, not 'tensorrt'")
     if engine is None:

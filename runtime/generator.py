@@ -19,7 +19,8 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from starflow.errors import StarflowError
-from starflow.export.manifest import Manifest
+from starflow.export.manifest import Manifest, inside
+from starflow.limits import check_fits
 from starflow.runtime.backends import OrtRunner
 from starflow.runtime.image import Decoder, Denoiser, to_unit_images
 from starflow.runtime.pipeline import Pipeline
@@ -28,10 +29,14 @@ from starflow.runtime.text import TextEncoderRunner
 from starflow.sampler import Array, BlockStats, Progress, SampleOptions
 
 
-def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The prior sample both engines use: standard normal float32 from numpy's default generator."""
+def check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise StarflowError(f"seed: must be an integer >= 0, got {seed!r}")
+
+
+def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The prior sample both engines use: standard normal float32 from numpy's default generator."""
+    check_seed(seed)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
@@ -64,7 +69,9 @@ class ImageGenerator:
     factor: int
 
     # ---- the stages ----------------------------------------------------------------------------
-    def check(self, prompts: list[str], num_images: int, sampling: SampleOptions, denoise: bool) -> None:
+    def check(
+        self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
+    ) -> None:
         """Everything a caller can get wrong, before any work."""
         raise NotImplementedError
 
@@ -114,12 +121,19 @@ class ImageGenerator:
         sampling: SampleOptions | None = None,
         denoise: bool = True,
         progress: Progress | None = None,
+        check_finite: bool = False,
     ) -> Generation:
-        """`num_images` images per prompt; the unconditional text is the negative prompt or ""."""
+        """`num_images` images per prompt; the unconditional text is the negative prompt or "".
+
+        With `check_finite`, NaN or inf anywhere in the result ends with a StarflowError.
+        """
         options = sampling or self.default_sampling()
-        self.check(prompts, num_images, options, denoise)
+        self.check(prompts, num_images, seed, options, denoise)
         H, W = latent_size or self.latent_size()
         per_image = [p for p in prompts for _ in range(num_images)]
+        # noise, latents and images are held whole; the working set of one batch is far smaller
+        pixels = len(per_image) * H * W * (self.channels * 2 + 3 * self.factor**2)
+        check_fits(4 * pixels, f"{len(per_image)} images of {H}x{W} latent pixels")
         noise = self.noise(seed, (len(per_image), self.channels, H, W))
         xp = array_namespace(noise)
         seconds = dict.fromkeys(("text", "flow", "denoise", "decode"), 0.0)
@@ -147,16 +161,27 @@ class ImageGenerator:
         latent = xp.concat(latents)
         image = timed("decode", self.decode, latent)
         seconds["total"] = time.perf_counter() - began
-        images = to_unit_images(self.to_numpy(image))
-        return Generation(images, self.to_numpy(latent), per_image, stats, seconds)
+        latents, images = self.to_numpy(latent), self.to_numpy(image)
+        if check_finite and not (np.isfinite(latents).all() and np.isfinite(images).all()):
+            raise StarflowError(
+                "the sampled latents or images contain NaN or inf: the model overflowed on these inputs "
+                "(nothing was written)"
+            )
+        return Generation(to_unit_images(images), latents, per_image, stats, seconds)
 
 
-def check_prompts(prompts: list[str], num_images: int, guidance: float, text_model: bool) -> None:
-    """What every engine refuses before any work."""
+def check_request(prompts: list[str], num_images: int, seed: int) -> None:
+    """What any generator refuses, known before one is loaded (the command line checks it first)."""
     if not prompts:
         raise StarflowError('prompts: pass at least one ("" is the unconditional prompt)')
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise StarflowError(f"num_images: must be an integer >= 1, got {num_images!r}")
+    check_seed(seed)
+
+
+def check_prompts(prompts: list[str], num_images: int, seed: int, guidance: float, text_model: bool) -> None:
+    """`check_request`, and no prompt text or guidance for a model without text."""
+    check_request(prompts, num_images, seed)
     if not text_model and (any(prompts) or guidance > 0):
         raise StarflowError("this model is unconditional: give no prompt text and no guidance")
 
@@ -198,7 +223,7 @@ class Generator(ImageGenerator):
         def runner(name: str) -> OrtRunner:
             # components have no engines: with backend tensorrt they run on ONNX Runtime's CPU EP
             ort_providers = providers if backend == "onnxruntime" else None
-            return OrtRunner(name, directory / manifest.graph(name).file, ort_providers, threads)
+            return OrtRunner(name, inside(directory, manifest.graph(name).file), ort_providers, threads)
 
         text, latent, denoise, decoding = manifest.text, manifest.latent, manifest.denoise, manifest.decoder
         component = text.component if text else None
@@ -211,10 +236,12 @@ class Generator(ImageGenerator):
         decoder = Decoder(runner(decoding.graph), latent.channels) if decoding.graph else None
         return cls(pipeline, text_runner, denoiser, decoder)
 
-    def check(self, prompts: list[str], num_images: int, sampling: SampleOptions, denoise: bool) -> None:
+    def check(
+        self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
+    ) -> None:
         manifest, directory = self.manifest, self.pipeline.directory
         sampling.check()
-        check_prompts(prompts, num_images, sampling.guidance, manifest.text is not None)
+        check_prompts(prompts, num_images, seed, sampling.guidance, manifest.text is not None)
         if manifest.text is not None and self.text is None:
             raise StarflowError(
                 f"{directory}: this export has no text encoder; re-export with text_encoder=DIR "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from starflow.errors import StarflowError
-from starflow.export.manifest import TextComponent
+from starflow.export.manifest import TextComponent, inside
 from starflow.runtime.backends import Runner
 
 KINDS = ("hf-encoder", "label-table")
@@ -61,7 +61,7 @@ class TextEncoderRunner:
         self.classes = component.classes
         self.token_length = component.token_length
         self.runner = runner
-        path = Path(directory) / component.tokenizer
+        path = inside(Path(directory), component.tokenizer)
         if not path.is_file():
             raise StarflowError(f"text encoder: tokenizer file {path} is missing")
         try:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from starflow.errors import StarflowError
-from starflow.export.manifest import Engine, Graph, Range, TensorSpec, sha256
+from starflow.export.manifest import Engine, Graph, Range, TensorSpec, inside, sha256
 
 INSTALL = {
     "tensorrt": "pip install tensorrt",
@@ -107,7 +107,7 @@ class TrtRunner:
     """A deserialised engine with one execution context, a stream and preallocated buffers."""
 
     def __init__(self, directory: Path, graph: Graph, engine: Engine):
-        path = directory / engine.file
+        path = inside(directory, engine.file)
         if not path.is_file():
             raise StarflowError(
                 f"engine {graph.name}: file {path} is missing; rerun `starflow export trt {directory}`"

@@ -26,6 +26,7 @@ from starflow.checkpoint import load_model, save_model
 from starflow.config import load_config
 from starflow.errors import StarflowError
 from starflow.export.manifest import SCHEMA_VERSION
+from starflow.limits import check_threads
 from starflow.model import StarFlow
 from starflow.sampler import JacobiSettings, SampleOptions
 from starflow.testing import random_model
@@ -57,6 +58,7 @@ class BenchOptions:
                 raise StarflowError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.throughput_batch < 0:
             raise StarflowError(f"throughput_batch: must be >= 0, got {self.throughput_batch}")
+        check_threads(self.threads)
         if self.artifacts is not None and self.checkpoint is None:
             raise StarflowError("artifacts needs checkpoint too: the PyTorch rows run that checkpoint")
 

@@ -1,20 +1,27 @@
-"""Loading official `.pth` state dicts and our `.safetensors` (config embedded), strictly.
+"""Loading official `.pth` state dicts and our `.safetensors` (config embedded), strictly, and
+reading training checkpoints without trusting them.
 
 The official loader uses `strict=False`, which hides mistakes. Here every missing or unexpected
-key is an error, except the deprecated buffers official checkpoints still carry.
+key is an error, except the deprecated buffers official checkpoints still carry. Pickles are
+never trusted: `.pth` files load with `torch.load(weights_only=True)`, and a distributed
+checkpoint's `.metadata` (a pickle that torch reads with plain `pickle.load`) through
+`SafeCheckpointReader`, which admits only the classes torch's checkpoint format writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from starflow.atomic import atomic_path
 from starflow.config import StarFlowConfig, config_from_dict, load_config
@@ -41,7 +48,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], StarFlow
         config = None
         if CONFIG_METADATA_KEY in metadata:
             try:
-                config = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY]), f"checkpoint {path}")
+                config = config_from_dict(
+                    json.loads(metadata[CONFIG_METADATA_KEY]), f"checkpoint {path} config"
+                )
             except json.JSONDecodeError as err:
                 raise StarflowError(f"checkpoint {path}: embedded config is not valid JSON ({err})") from None
         return tensors, config
@@ -129,3 +138,63 @@ def save_model(model: StarFlow, path: str | Path) -> None:
     metadata = {CONFIG_METADATA_KEY: json.dumps(config)}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
+
+
+# ---- distributed (training) checkpoints -----------------------------------------------------------
+_CHECKPOINT_CLASSES = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+_CHECKPOINT_MODULE = "torch.distributed.checkpoint.metadata"  # its dataclasses and enums
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only what torch's checkpoint metadata holds; anything else (an os.system call) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in _CHECKPOINT_CLASSES or module == _CHECKPOINT_MODULE
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def read_checkpoint_metadata(checkpoint: Path) -> Any:
+    """A distributed checkpoint's `.metadata`, through the restricted unpickler.
+
+    Call it before `dcp.load` for a clear error: inside a load, torch wraps a reader's errors.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(checkpoint) / ".metadata"
+    try:
+        with open(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+    except OSError as err:
+        raise StarflowError(f"checkpoint {checkpoint}: cannot read its .metadata ({err.strerror})") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as err:
+        raise StarflowError(f"checkpoint {checkpoint}: refused its .metadata ({err})") from None
+    if not isinstance(metadata, Metadata):
+        raise StarflowError(f"checkpoint {checkpoint}: its .metadata holds a {type(metadata).__name__}")
+    return metadata
+
+
+class SafeCheckpointReader(FileSystemReader):
+    """torch's FileSystemReader with `.metadata` read by the restricted unpickler (torch's own
+    reader uses plain `pickle.load`, which runs whatever a crafted file asks)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if kwargs.get("rank") is not None:  # rank-local metadata: our checkpoints have none
+            raise FileNotFoundError(f"{self.path}: no rank-local metadata")
+        metadata = read_checkpoint_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

@@ -5,15 +5,21 @@ Field names are the official training arguments (`channel_size`, `img_size`, `la
 
 - official: a list under `arguments:` of `- key: value` items, lists as space-separated strings;
   every other top-level key (for example a fixture's `fixture:` section) is ignored;
-- ours: a mapping under `model:` with the same keys, lists as YAML lists.
+- ours: a mapping under `model:` with the same keys, lists as YAML lists; any other settings
+  under a sibling `extra:` mapping.
 
-Keys that are not model options (training and data settings such as `lr`, `batch_size`) are
-accepted and kept in `StarFlowConfig.extra`, because official configs mix them in.
+In the official form, keys that are not model options (training and data settings such as `lr`,
+`batch_size`) are accepted and kept in `StarFlowConfig.extra`, because official configs mix them
+in; under `model:` an unknown key is a typo and is refused with the nearest known names. Every
+value is range-checked when the config is made, and YAML files are read with the safe loader
+under a size and alias bound (a small file must not expand into gigabytes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,10 @@ SEQ_ORDERS = ("L2R", "R2L")
 
 # Spatial downsampling of the VAEs the official configs name (pixels per latent pixel).
 VAE_DOWNSAMPLE = {"sd-vae": 8, "sdxl-vae": 8, "Wan2.1": 8, "Wan2.2": 16}
+MAX_YAML_BYTES = 1 << 20  # configs are a few KB
+# The released models have at most 24 layers in a block; 100000 (a typo) would build for minutes.
+MAX_LAYERS_PER_BLOCK = 1024
+MAX_YAML_ALIASES = 64  # official configs use none; an alias bomb uses thousands
 
 
 @dataclasses.dataclass
@@ -119,6 +129,21 @@ class StarFlowConfig:
         num_heads = self.num_heads or width // self.head_dim
         return num_heads, self.num_kv_heads or num_heads
 
+    def estimated_parameters(self) -> int:
+        """The model's parameter count from the config alone (weights and biases of the linear
+        layers, the norms and embeddings are left out: under 1% for real configs)."""
+        D, hd = self.token_dim, self.head_dim
+        total = 0
+        for i, layers in enumerate(self.block_layers):
+            deep = i == self.num_blocks - 1
+            width = self.deep_channels if deep else self.channels
+            heads, kv_heads = self.heads(width)
+            mlp = (3 if self.use_swiglu else 2) * 4 * width * width
+            per_layer = width * (heads + 2 * kv_heads) * hd + heads * hd * width + mlp
+            text = self.txt_dim if deep or not self.cond_top_only else 0
+            total += layers * per_layer + (3 * D + text) * width if layers else 0
+        return total
+
     def block_flips(self) -> list[bool]:
         """Whether block i (forward order) reverses the token order (the `seq_order` rule)."""
         n = self.num_blocks
@@ -137,11 +162,27 @@ class StarFlowConfig:
             raise bad("norm_type", f"got {self.norm_type!r}, allowed values are {list(NORM_TYPES)}")
         if self.seq_order not in SEQ_ORDERS:
             raise bad("seq_order", f"got {self.seq_order!r}, allowed values are {list(SEQ_ORDERS)}")
-        for key in ("channel_size", "img_size", "patch_size", "channels", "head_dim"):
+        for key in ("channel_size", "img_size", "patch_size", "channels", "head_dim", "blocks"):
             if getattr(self, key) <= 0:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)}")
+        for key in ("num_heads", "num_kv_heads", "top_block_channels", "pt_seq_len"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise bad(key, f"must be a positive integer when set, got {getattr(self, key)}")
+        for key in ("txt_size", "txt_dim"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("noise_std", "cfg", "soft_clip"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise bad(key, f"must be a finite number >= 0, got {value}")
         if not self.layers_per_block or any(n < 0 for n in self.layers_per_block):
             raise bad("layers_per_block", f"must be non-negative integers, got {self.layers_per_block}")
+        if max(self.layers_per_block) > MAX_LAYERS_PER_BLOCK:
+            raise bad(
+                "layers_per_block",
+                f"{max(self.layers_per_block)} layers in one block, "
+                f"more than {MAX_LAYERS_PER_BLOCK} (a typo?)",
+            )
         if self.num_blocks < 1:
             raise bad("blocks", f"must be at least 1, got {self.num_blocks}")
         if self.block_layers[-1] == 0:
@@ -163,8 +204,6 @@ class StarFlowConfig:
                     f"num_heads={heads} must be a positive multiple of num_kv_heads={kv_heads} "
                     f"(block width {width_key}={width})",
                 )
-        if self.soft_clip < 0:
-            raise bad("soft_clip", f"must be >= 0, got {self.soft_clip}")
         if self.latent_size % self.patch_size:
             raise bad(
                 "patch_size",
@@ -242,7 +281,7 @@ def _coerce(key: str, value: Any) -> Any:
                 value = value[0]
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         raise StarflowError(
             f"config key '{key}': expected {getattr(base, '__name__', base)}, got {value!r}"
         ) from None
@@ -258,17 +297,29 @@ def _to_int(value: Any) -> int:
     return int(value)
 
 
-def config_from_dict(options: dict[str, Any], source: str = "config") -> StarFlowConfig:
-    """Typed config from a flat mapping; keys that are not model options go to `extra`."""
+def config_from_dict(options: Any, source: str = "config", strict: bool = False) -> StarFlowConfig:
+    """Typed config from a flat mapping. Keys that are not model options go to `extra`, or,
+    with `strict`, are refused naming the nearest known keys (a typo)."""
+    if not isinstance(options, dict):
+        raise StarflowError(f"{source}: expected a mapping of config keys, got {type(options).__name__}")
     known, extra = {}, {}
     for key, value in options.items():
         if key in _FIELDS:
-            known[key] = _coerce(key, value)
+            try:
+                known[key] = _coerce(key, value)
+            except StarflowError as err:
+                raise StarflowError(f"{source}: {err}") from None
+        elif strict:
+            near = difflib.get_close_matches(str(key), _FIELDS, n=3)
+            hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+            raise StarflowError(
+                f"{source}: unknown config key {key!r}{hint} (other settings go under 'extra:')"
+            )
         else:
             extra[key] = value
     try:
         return StarFlowConfig(**known, extra=extra)
-    except StarflowError as err:
+    except (StarflowError, TypeError) as err:
         raise StarflowError(f"{source}: {err}") from None
 
 
@@ -280,28 +331,48 @@ def load_config(path_or_preset: str | Path) -> StarFlowConfig:
     path = Path(name)
     if not path.is_file():
         raise StarflowError(f"config {name!r}: no such file and not a preset; presets are {sorted(PRESETS)}")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise StarflowError(f"config {path}: not valid YAML ({err})") from None
+    document = read_yaml(path, "config")
+    source = f"config {path}"
     if isinstance(document, dict) and isinstance(document.get("arguments"), list):
         options: dict[str, Any] = {}
         for item in document["arguments"]:
             if not isinstance(item, dict):
                 raise StarflowError(
-                    f"config {path}: every item under 'arguments:' must be 'key: value', got {item!r}"
+                    f"{source}: every item under 'arguments:' must be 'key: value', got {item!r}"
                 )
             options.update(item)
-    elif isinstance(document, dict) and isinstance(document.get("model"), dict):
-        options = document["model"]
-    else:
-        raise StarflowError(f"config {path}: expected an official 'arguments:' list or a 'model:' mapping")
-    return config_from_dict(options, source=f"config {path}")
+        return config_from_dict(options, source)
+    if isinstance(document, dict) and isinstance(document.get("model"), dict):
+        extra = document.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise StarflowError(f"{source}: 'extra:' must be a mapping, got {type(extra).__name__}")
+        config = config_from_dict(document["model"], source, strict=True)
+        return dataclasses.replace(config, extra=dict(extra))
+    raise StarflowError(f"{source}: expected an official 'arguments:' list or a 'model:' mapping")
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML document through the safe loader, refused when over MAX_YAML_BYTES or when it uses
+    more than MAX_YAML_ALIASES aliases (counted on the event stream, before anything expands)."""
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise StarflowError(f"{what} {path}: {path.stat().st_size} bytes, more than a config needs")
+        text = path.read_text()
+        aliases = sum(
+            isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)
+        )
+        if aliases > MAX_YAML_ALIASES:
+            raise StarflowError(f"{what} {path}: {aliases} YAML aliases (at most {MAX_YAML_ALIASES})")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise StarflowError(f"{what} {path}: not valid YAML ({err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise StarflowError(f"{what} {path}: cannot read ({err})") from None
 
 
 def save_config(config: StarFlowConfig, path: str | Path) -> None:
-    """Write our YAML form (`model:` mapping); `extra` keys are kept."""
+    """Write our YAML form (`model:` mapping, the other settings under `extra:`)."""
     options = {k: v for k, v in config.to_dict().items() if k != "extra"}
-    options.update(config.extra)
+    document = {"model": options} | ({"extra": dict(config.extra)} if config.extra else {})
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump({"model": options}, sort_keys=False))
+        tmp.write_text(yaml.safe_dump(document, sort_keys=False))

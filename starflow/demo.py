@@ -13,7 +13,8 @@ import torch
 
 from starflow.errors import StarflowError
 from starflow.export.cache import demo_artifacts
-from starflow.runtime.generator import Generation, Generator
+from starflow.limits import check_threads
+from starflow.runtime.generator import Generation, Generator, check_seed
 from starflow.runtime.outputs import output_kind, save_png
 from starflow.t2i import ReferenceGenerator
 
@@ -53,6 +54,8 @@ def run_demo(
     output_kind(out)
     if isinstance(per_digit, bool) or not isinstance(per_digit, int) or per_digit < 1:
         raise StarflowError(f"per_digit: must be an integer >= 1, got {per_digit!r}")
+    check_threads(threads)
+    check_seed(seed)
     if threads:
         torch.set_num_threads(threads)
     generator = Generator.load(demo_artifacts(export_progress), threads=threads or torch.get_num_threads())

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from starflow import sampler
 from starflow.config import StarFlowConfig
 from starflow.errors import StarflowError
+from starflow.limits import check_fits
 from starflow.sampler import BlockStats, CachedStep, SampleOptions
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(a + this) == 1 at a == 0
@@ -422,6 +423,10 @@ class StarFlow(nn.Module):
                 "config has txt_size > 0 but no txt_dim (the text encoder's width): set txt_dim, "
                 "or load with a checkpoint so it is read from the proj_txt weight"
             )
+        check_fits(
+            4 * config.estimated_parameters(),
+            f"a model of {config.estimated_parameters():,} parameters (fp32)",
+        )
         self.config = config
         n = config.num_blocks
         blocks: list[nn.Module] = []

@@ -243,6 +243,10 @@ def check_sample_inputs(
             raise StarflowError("guidance > 0 needs y_uncond (the encoded empty prompt), same shape as y")
         if tuple(y_uncond.shape) != tuple(y.shape):
             raise StarflowError(f"y_uncond: expected shape {_shape(y)} (as y), got {_shape(y_uncond)}")
+    xp = array_namespace(noise)
+    for name, array in (("noise", noise), ("y", y), ("y_uncond", y_uncond if options.guidance > 0 else None)):
+        if array is not None and not bool(xp.all(xp.isfinite(array))):
+            raise StarflowError(f"{name}: contains NaN or inf values; the sample would be NaN")
     return grid
 
 

@@ -73,10 +73,12 @@ class ReferenceGenerator(ImageGenerator):
             check_channels(loaded_vae, cfg.channel_size)
         return cls(model, encoder, loaded_vae, batch_size)
 
-    def check(self, prompts: list[str], num_images: int, sampling: SampleOptions, denoise: bool) -> None:
+    def check(
+        self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
+    ) -> None:
         sampling.check()
         model, cfg = self.model, self.model.config
-        check_prompts(prompts, num_images, sampling.guidance, model.text_dim > 0)
+        check_prompts(prompts, num_images, seed, sampling.guidance, model.text_dim > 0)
         if model.text_dim and self.encoder is None:
             raise StarflowError(
                 "this model is text-conditioned: load it with text_encoder=DIR (or its label table)"

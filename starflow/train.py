@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
+from starflow.checkpoint import SafeCheckpointReader, read_checkpoint_metadata
 from starflow.config import StarFlowConfig, load_config
 from starflow.data import Dataset, LatentShards, open_dataset
 from starflow.errors import StarflowError
@@ -37,7 +38,12 @@ from starflow.model import FlowBlock, StarFlow
 
 PRECISIONS = ("auto", "fp32", "bf16")
 KEEP_CHECKPOINTS = 2  # older sharded checkpoints are deleted once a newer one is complete
-STATE_FILE = "starflow.json"  # config, classes and step, inside each checkpoint directory
+STATE_FILE = "starflow.json"  # config, classes, step and options, inside each checkpoint directory
+# Options a resumed run may change: they decide how and where it runs, not what it computes.
+RESUMABLE = frozenset(
+    {"steps", "resume", "nproc", "device", "threads", "progress", "checkpoint_every", "sample_every",
+     "log_every", "export_ema", "activation_checkpointing", "out", "config"}  # config: by content
+)  # fmt: skip
 CKPT_PREFIX = "_checkpoint_wrapped_module."
 
 
@@ -145,10 +151,19 @@ def _free_port() -> int:
 
 def train(options: TrainOptions) -> Path:
     """Run training (spawning `nproc` workers, or joining a torchrun job); returns the exported model."""
-    check_setup(options)
-    if options.resume and not checkpoints(Path(options.out)):
-        raise StarflowError(f"resume: no complete checkpoint under {Path(options.out) / 'checkpoints'}")
-    Path(options.out).mkdir(parents=True, exist_ok=True)
+    from starflow.runtime.outputs import check_writable
+
+    config, _ = check_setup(options)
+    out = Path(options.out)
+    if options.resume:
+        if not checkpoints(out):
+            raise StarflowError(f"resume: no complete checkpoint under {out / 'checkpoints'}")
+        check_resume(options, config, checkpoints(out)[-1])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StarflowError(f"out {out}: cannot create it ({err.strerror or err})") from None
+    check_writable(out, f"out {out}")
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
         if options.nproc != 1:
             raise StarflowError("nproc: leave it at 1 under torchrun (torchrun's --nproc-per-node decides)")
@@ -162,6 +177,48 @@ def train(options: TrainOptions) -> Path:
 
         mp.spawn(_spawned, args=(options, _free_port()), nprocs=options.nproc, join=True)
     return Path(options.out) / "model.safetensors"
+
+
+def read_state(checkpoint: Path) -> dict:
+    """The step, config, classes and options a checkpoint was saved with (its STATE_FILE)."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StarflowError(f"checkpoint {checkpoint}: unreadable {STATE_FILE} ({err})") from None
+    kinds = {"step": int, "config": dict, "classes": (list, type(None)), "options": dict}
+    wrong = [
+        k
+        for k, kind in kinds.items()
+        if not isinstance(state.get(k) if isinstance(state, dict) else None, kind)
+    ]
+    if wrong:
+        raise StarflowError(f"checkpoint {checkpoint}: {STATE_FILE} lacks or mistypes {wrong}")
+    return state
+
+
+def check_resume(options: TrainOptions, config: StarFlowConfig, checkpoint: Path) -> None:
+    """A resumed run must compute what the saved one did: same model, data and optimisation;
+    and its checkpoint's metadata must pass the restricted unpickler."""
+    state = read_state(checkpoint)
+    read_checkpoint_metadata(checkpoint)
+    saved = state["options"]
+    changed = [
+        f"{key} {saved[key]!r} -> {value!r}"
+        for key, value in dataclasses.asdict(options).items()
+        if key not in RESUMABLE and key in saved and saved[key] != value
+    ]
+    model = {k: v for k, v in config.to_dict().items() if k != "extra"}
+    model = json.loads(json.dumps(model))  # tuples as lists, as the saved JSON holds them
+    changed += [
+        f"config {key} {state['config'].get(key)!r} -> {value!r}"
+        for key, value in model.items()
+        if state["config"].get(key) != value
+    ]
+    if changed:
+        raise StarflowError(
+            f"resume: {checkpoint} was saved with other settings ({'; '.join(changed)}); resume with the "
+            "saved ones, or train into a new out directory"
+        )
 
 
 def _use_cuda(options: TrainOptions) -> bool:
@@ -334,11 +391,11 @@ class Trainer:
 
         found = checkpoints(self.out)
         state = self._state()
-        dcp.load(state, checkpoint_id=str(found[-1]))
+        dcp.load(state, storage_reader=SafeCheckpointReader(found[-1]))
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
-        self.step = json.loads((found[-1] / STATE_FILE).read_text())["step"]
+        self.step = read_state(found[-1])["step"]
 
     # -- records --
     @torch.no_grad()
@@ -430,7 +487,8 @@ def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
         )
     if out.suffix != ".safetensors":
         raise StarflowError(f"out {out}: expected a .safetensors path")
-    meta = json.loads((checkpoint / STATE_FILE).read_text())
+    meta = read_state(checkpoint)
+    read_checkpoint_metadata(checkpoint)  # refused before torch reads it (its errors come wrapped)
     config = config_from_dict(meta["config"], f"checkpoint {checkpoint}")
     classes = meta["classes"]
     labels = LabelEncoder(classes, config.txt_size, config.txt_dim) if classes else None
@@ -439,9 +497,12 @@ def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
     key = "ema" if ema else "model"
     with warnings.catch_warnings():  # "assuming ... a single process": exactly what is meant here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({key: state}, checkpoint_id=str(checkpoint), no_dist=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if labels is not None:
-        save_label_encoder(labels, labels_path(out))
-    save_model(model.flow.eval(), out)
+        dcp.load({key: state}, storage_reader=SafeCheckpointReader(checkpoint), no_dist=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if labels is not None:
+            save_label_encoder(labels, labels_path(out))
+        save_model(model.flow.eval(), out)
+    except OSError as err:
+        raise StarflowError(f"out {out}: cannot write ({err.strerror or err}); nothing was written") from None
     return out

@@ -89,7 +89,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
         out = locked / "out"
     result = export_cli("--out", str(out))
     assert result.exit_code != 0
-    assert "cannot write there" in result.output
+    assert "cannot write in" in result.output
     assert not out.exists()
 
 

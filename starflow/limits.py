@@ -1,0 +1,29 @@
+"""Sizes refused before any work: a request that would need more memory than the machine has
+fails with the estimate, instead of a MemoryError (or the OOM killer) minutes later."""
+
+from __future__ import annotations
+
+import os
+
+from starflow.errors import StarflowError
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(needed: int, what: str) -> None:
+    """Refuse `what` when it needs more bytes than the machine's physical memory."""
+    available = machine_memory()
+    if needed > available:
+        raise StarflowError(
+            f"{what} needs about {needed / 2**30:.1f} GiB, "
+            f"more than this machine's {available / 2**30:.1f} GiB"
+        )
+
+
+def check_threads(threads: int | None) -> None:
+    """None (all cores) or a positive count."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise StarflowError(f"threads: must be an integer >= 1 (or unset for all cores), got {threads!r}")
