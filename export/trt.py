@@ -26,7 +26,6 @@ from typing import Any
 
 from starflow.atomic import atomic_path
 from starflow.errors import StarflowError
-from starflow.runtime.outputs import check_writable
 from starflow.export.manifest import Engine, EngineBuilder, EngineProfile, Graph, Manifest, Range, sha256
 from starflow.export.trt_profiles import (
     BuildSettings,
@@ -35,6 +34,7 @@ from starflow.export.trt_profiles import (
     graph_profiles,
     input_shapes,
 )
+from starflow.runtime.outputs import check_writable
 
 Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
 
