@@ -442,3 +442,33 @@ def test_a_broken_entry_heals_and_stale_partials_go(counted_exports):
     stale.mkdir()
     assert cache.demo_artifacts() == entry and entry.is_dir()
     assert not stale.exists() and len(calls) == 2
+
+
+def test_two_exports_into_one_place_never_fail_halfway(tmp_path):
+    """Both renames of `replace_dir` race with another process's: the last export wins, whole."""
+    from starflow.export.onnx_export import replace_dir
+
+    out = tmp_path / "artifacts"
+    for trial in range(40):
+        errors: list[BaseException] = []
+        news = []
+        for side in range(2):
+            new = tmp_path / f"new-{trial}-{side}"
+            new.mkdir()
+            (new / "manifest.json").write_text(str(side))
+            news.append(new)
+
+        def move(new: Path, errors: list[BaseException] = errors) -> None:
+            try:
+                replace_dir(new, out)
+            except BaseException as err:  # noqa: BLE001 (collected for the assert)
+                errors.append(err)
+
+        threads = [threading.Thread(target=move, args=(new,)) for new in news]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
