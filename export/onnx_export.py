@@ -288,8 +288,10 @@ def replace_dir(new: Path, out: Path, attempts: int = 5) -> None:
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
     try:
         for attempt in range(attempts):
-            if out.exists() or out.is_symlink():
+            try:
                 os.replace(out, old / f"previous-{attempt}")
+            except FileNotFoundError:
+                pass  # nothing there, or another export has just moved it aside
             try:
                 os.replace(new, out)
                 return

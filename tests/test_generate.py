@@ -181,7 +181,18 @@ def test_generate_refuses_options_of_the_other_engine(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "--checkpoint: not an option of the runtime engine" in result.output
     result = runner.invoke(
-        app, ["generate", "--engine", "pytorch", "--backend", "tensorrt", "--out", str(tmp_path / "x.png")]
+        app,
+        [
+            "generate",
+            "--engine",
+            "pytorch",
+            "--prompt",
+            "3",
+            "--backend",
+            "tensorrt",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
     )
     assert result.exit_code == 2 and "--backend: not an option of the pytorch engine" in result.output
 
