@@ -3,7 +3,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test lint format clean cpp cpp-asan
 
 venv: $(STAMP)
 
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/starflow demo
 
-test: venv
+test: venv cpp cpp-asan
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/pytest -q
+
+cpp: venv
+	scripts/build_cpp.sh build/cpp
+
+cpp-asan: venv
+	scripts/build_cpp.sh build/cpp-asan -DSTARFLOW_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

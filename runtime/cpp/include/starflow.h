@@ -1,0 +1,126 @@
+/* libstarflow: the STARFlow sampler over exported graphs, through ONNX Runtime's C API.
+ *
+ * Reads the directory `starflow export onnx` writes (manifest.json + ONNX graphs) and samples
+ * with the numbers of the Python runtime (`starflow.runtime.Pipeline` / `Generator`).
+ *
+ * Errors: every call that can fail returns an `sf_status*`: NULL on success, otherwise an error
+ * the caller owns (read it with sf_status_message, free it with sf_status_free). Bad input never
+ * aborts or exits the process.
+ *
+ * Lifetimes: every object made by a `*_create`, `*_load` or an `out` parameter belongs to the
+ * caller and is released by its `*_free` function (NULL is accepted). A pipeline does not keep
+ * pointers to the config, sampling options or tensors passed to it; they may be freed at once.
+ * Strings returned by `sf_*_message`, `sf_pipeline_stats` and `sf_pipeline_describe` stay valid
+ * until their owner is freed (stats: until the next call on the pipeline).
+ *
+ * Threads: different pipelines may be used from different threads at the same time; one
+ * pipeline runs one call at a time (calls on the same pipeline must not overlap). Tensors,
+ * configs and sampling options are plain values without locks. Loading the ONNX Runtime library
+ * is thread-safe; a process uses one ONNX Runtime library (the first one loaded).
+ */
+#ifndef STARFLOW_H
+#define STARFLOW_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SF_API __attribute__((visibility("default")))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+SF_API const char* sf_version(void);
+
+/* ---- errors ---------------------------------------------------------------------------------- */
+typedef struct sf_status sf_status;
+SF_API const char* sf_status_message(const sf_status* status);
+SF_API void sf_status_free(sf_status* status);
+
+/* ---- tensors: dense row-major arrays (the element codes are ONNX's) ---------------------------- */
+typedef enum { SF_FLOAT32 = 1, SF_INT64 = 7, SF_FLOAT16 = 10 } sf_dtype;
+typedef struct sf_tensor sf_tensor;
+/* A zero-filled tensor. */
+SF_API sf_status* sf_tensor_create(sf_dtype dtype, const int64_t* shape, size_t rank, sf_tensor** out);
+/* A .npy file (little-endian float32, float16 or int64, C order), or a .npy written from it. */
+SF_API sf_status* sf_tensor_load_npy(const char* path, sf_tensor** out);
+SF_API sf_status* sf_tensor_save_npy(const sf_tensor* tensor, const char* path);
+/* Standard normal float32 noise from `seed` (starflow's own stream: SplitMix64 + Box-Muller; it
+ * is not numpy's, so pass numpy's noise as a tensor to reproduce a Python run exactly). */
+SF_API sf_status* sf_tensor_noise(uint64_t seed, const int64_t* shape, size_t rank, sf_tensor** out);
+SF_API sf_dtype sf_tensor_dtype(const sf_tensor* tensor);
+SF_API size_t sf_tensor_rank(const sf_tensor* tensor);
+SF_API const int64_t* sf_tensor_shape(const sf_tensor* tensor);
+SF_API void* sf_tensor_data(sf_tensor* tensor);
+SF_API void sf_tensor_free(sf_tensor* tensor);
+/* Image `index` of an (N, H, W, C) float32 batch in [0, 1] (C = 1 or 3) as an 8-bit PNG. */
+SF_API sf_status* sf_image_save_png(const sf_tensor* images, size_t index, const char* path);
+
+/* ---- how to load: precision, threads, the ONNX Runtime library, execution providers ------------ */
+typedef struct sf_config sf_config;
+SF_API sf_status* sf_config_create(sf_config** out);
+/* "fp32" (default) or "fp16": which of the export's graph sets to run. */
+SF_API sf_status* sf_config_set_precision(sf_config* config, const char* precision);
+/* Intra-op threads per graph; 0 (default): all cores. */
+SF_API sf_status* sf_config_set_threads(sf_config* config, int threads);
+/* Path of libonnxruntime.so.1.*; NULL (default): the one beside libstarflow, then the system's. */
+SF_API sf_status* sf_config_set_onnxruntime_library(sf_config* config, const char* path);
+/* An ONNX Runtime execution provider by name, with its string options, tried in the order added
+ * before the CPU one: "CUDA", "TensorRT", or any name ONNX Runtime's generic
+ * SessionOptionsAppendExecutionProvider accepts. Built, not run: no GPU verified these here. */
+SF_API sf_status* sf_config_add_provider(sf_config* config, const char* name, const char* const* keys,
+                                         const char* const* values, size_t count);
+SF_API void sf_config_free(sf_config* config);
+
+/* ---- a loaded export --------------------------------------------------------------------------- */
+typedef struct sf_pipeline sf_pipeline;
+/* Checks manifest.json (schema version, digest, names, paths inside the directory, references)
+ * and every file's sha256, then opens each graph once. `config` NULL: the defaults. */
+SF_API sf_status* sf_pipeline_load(const char* artifacts_dir, const sf_config* config, sf_pipeline** out);
+SF_API void sf_pipeline_free(sf_pipeline* pipeline);
+/* JSON: latent channels, patch, sizes, text dim, max rows, images per batch, defaults. */
+SF_API const char* sf_pipeline_describe(const sf_pipeline* pipeline);
+
+/* ---- sampling options: start from the export's defaults, change what you need ------------------ */
+typedef struct sf_sampling sf_sampling;
+SF_API sf_status* sf_sampling_create(const sf_pipeline* pipeline, sf_sampling** out);
+SF_API sf_status* sf_sampling_set_guidance(sf_sampling* sampling, double weight); /* >= 0; 0: none */
+SF_API sf_status* sf_sampling_set_method(sf_sampling* sampling, const char* method); /* jacobi|sequential */
+SF_API sf_status* sf_sampling_set_block_size(sf_sampling* sampling, int block_size);   /* >= 1 */
+SF_API sf_status* sf_sampling_set_max_iter(sf_sampling* sampling, int max_iter);       /* >= 1 */
+SF_API sf_status* sf_sampling_set_threshold(sf_sampling* sampling, double threshold);  /* >= 0 */
+SF_API void sf_sampling_free(sf_sampling* sampling);
+
+/* ---- the stages -------------------------------------------------------------------------------- */
+/* noise (B, C, H, W) float32 [, text (B, L, dim) float32 [, text_uncond, same shape]] -> latent.
+ * Guidance > 0 needs text_uncond (the encoded empty prompt). */
+SF_API sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* sampling, const sf_tensor* noise,
+                                     const sf_tensor* text, const sf_tensor* text_uncond, sf_tensor** latent);
+/* JSON list, one entry per block of the last sample call: block, method, iterations per chunk,
+ * evaluations, tokens, seconds. "[]" before the first call. */
+SF_API const char* sf_pipeline_stats(const sf_pipeline* pipeline);
+/* Prompts -> text embeddings (count, L, dim). Label-table exports are tokenised here; exports
+ * with a subword tokenizer need sf_pipeline_encode_tokens. */
+SF_API sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* const* prompts, size_t count,
+                                             sf_tensor** embeddings);
+/* Token ids and attention mask, int64 (B, token_length) -> text embeddings. */
+SF_API sf_status* sf_pipeline_encode_tokens(sf_pipeline* pipeline, const sf_tensor* ids, const sf_tensor* mask,
+                                            sf_tensor** embeddings);
+/* The self-denoise step x - noise_std^2 * grad (needs the export's denoise graph). */
+SF_API sf_status* sf_pipeline_denoise(sf_pipeline* pipeline, const sf_tensor* latent, const sf_tensor* text,
+                                      sf_tensor** out);
+/* Latents -> (N, H, W, C) float32 images in [0, 1] (the decoder graph, or identity). */
+SF_API sf_status* sf_pipeline_decode(sf_pipeline* pipeline, const sf_tensor* latent, sf_tensor** images);
+/* Prompts -> images, as Generator.generate: one image per prompt with its row of `noise`
+ * (count, C, H, W); the uncond text is `negative_prompt` or ""; batches of the export's size;
+ * self-denoise when `denoise` is non-zero. `latents` may be NULL. */
+SF_API sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampling,
+                                       const char* const* prompts, size_t count, const char* negative_prompt,
+                                       const sf_tensor* noise, int denoise, sf_tensor** images,
+                                       sf_tensor** latents);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STARFLOW_H */

@@ -1,0 +1,379 @@
+// manifest.json -> Manifest, refusing anything the Python loader refuses that changes what runs.
+#include "manifest.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <climits>
+#include <cstdlib>
+#include <regex>
+
+#include <nlohmann/json.hpp>
+
+namespace starflow {
+namespace {
+
+using json = nlohmann::json;
+constexpr std::size_t kMaxManifestBytes = 64u << 20;
+const char* const kUndigested[] = {"digest", "validation", "engines"};
+
+// ---- the digest: sha256 of json.dumps(fields, sort_keys=True) as Python writes it ----------------
+void dump_string(const std::string& text, std::string& out) {  // ensure_ascii=True
+  static const char* hex = "0123456789abcdef";
+  auto escape = [&](unsigned code) {
+    out += "\\u";
+    for (int shift = 12; shift >= 0; shift -= 4) out.push_back(hex[code >> shift & 15]);
+  };
+  out.push_back('"');
+  for (std::size_t i = 0; i < text.size();) {
+    auto byte = static_cast<unsigned char>(text[i]);
+    unsigned code = byte;
+    int extra = byte >= 0xf0 ? 3 : byte >= 0xe0 ? 2 : byte >= 0xc0 ? 1 : 0;
+    if (extra) code = byte & (0x3f >> extra);
+    for (int k = 1; k <= extra && i + k < text.size(); ++k) code = code << 6 | (text[i + k] & 0x3f);
+    i += 1 + extra;
+    switch (code) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (code < 0x20 || code > 0x7e) {
+          if (code > 0xffff) {  // a surrogate pair, as Python writes it
+            code -= 0x10000;
+            escape(0xd800 | (code >> 10));
+            escape(0xdc00 | (code & 0x3ff));
+          } else {
+            escape(code);
+          }
+        } else {
+          out.push_back(static_cast<char>(code));
+        }
+    }
+  }
+  out.push_back('"');
+}
+
+// repr(float): the shortest round-trip digits, fixed notation for 1e-4 <= |x| < 1e16.
+void dump_float(double value, std::string& out) {
+  char buffer[64];
+  auto result = std::to_chars(buffer, buffer + sizeof buffer, value, std::chars_format::scientific);
+  std::string text(buffer, result.ptr);
+  std::string sign = text[0] == '-' ? "-" : "";
+  if (!sign.empty()) text.erase(0, 1);
+  auto e = text.find('e');
+  std::string digits = text.substr(0, e);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  int point = std::stoi(text.substr(e + 1)) + 1;  // value = 0.digits * 10^point
+  auto n = static_cast<int>(digits.size());
+  out += sign;
+  if (point > -4 && point <= 16) {
+    if (point <= 0) out += "0." + std::string(-point, '0') + digits;
+    else if (point >= n) out += digits + std::string(point - n, '0') + ".0";
+    else out += digits.substr(0, point) + "." + digits.substr(point);
+  } else {
+    out += digits.substr(0, 1) + (n > 1 ? "." + digits.substr(1) : "") + "e";
+    int exponent = point - 1;
+    out += exponent < 0 ? "-" : "+";
+    std::string magnitude = std::to_string(std::abs(exponent));
+    out += (magnitude.size() < 2 ? "0" : "") + magnitude;
+  }
+}
+
+void dump_python(const json& value, std::string& out) {
+  switch (value.type()) {
+    case json::value_t::object: {
+      out.push_back('{');
+      bool first = true;
+      for (const auto& [key, item] : value.items()) {  // std::map: sorted like sort_keys=True
+        if (!first) out += ", ";
+        first = false;
+        dump_string(key, out);
+        out += ": ";
+        dump_python(item, out);
+      }
+      out.push_back('}');
+      break;
+    }
+    case json::value_t::array: {
+      out.push_back('[');
+      for (std::size_t i = 0; i < value.size(); ++i) {
+        if (i) out += ", ";
+        dump_python(value[i], out);
+      }
+      out.push_back(']');
+      break;
+    }
+    case json::value_t::string: dump_string(value.get_ref<const std::string&>(), out); break;
+    case json::value_t::boolean: out += value.get<bool>() ? "true" : "false"; break;
+    case json::value_t::number_float: dump_float(value.get<double>(), out); break;
+    case json::value_t::null: out += "null"; break;
+    default: out += value.dump(); break;  // integers
+  }
+}
+
+// ---- reading fields with errors that name the key ---------------------------------------------------
+struct Reader {
+  std::string source;  // the manifest's path, for messages
+
+  [[noreturn]] void fail(const std::string& key, const std::string& expected) const {
+    throw Error(source + ": key '" + key + "' " + expected);
+  }
+  const json& at(const json& object, const std::string& key, const std::string& where) const {
+    if (!object.is_object() || !object.contains(key)) fail(where + key, "is missing");
+    return object.at(key);
+  }
+  std::string text(const json& object, const std::string& key, const std::string& where) const {
+    const json& v = at(object, key, where);
+    if (!v.is_string()) fail(where + key, "must be a string");
+    return v.get<std::string>();
+  }
+  int64_t integer(const json& object, const std::string& key, const std::string& where) const {
+    const json& v = at(object, key, where);
+    if (!v.is_number_integer()) fail(where + key, "must be an integer");
+    return v.get<int64_t>();
+  }
+  int small(const json& object, const std::string& key, const std::string& where, int low = 0) const {
+    int64_t v = integer(object, key, where);
+    if (v < low || v > INT_MAX) fail(where + key, "must be an integer in [" + std::to_string(low) + ", INT_MAX]");
+    return static_cast<int>(v);
+  }
+  double number(const json& object, const std::string& key, const std::string& where) const {
+    const json& v = at(object, key, where);
+    if (!v.is_number()) fail(where + key, "must be a number");
+    return v.get<double>();
+  }
+  bool flag(const json& object, const std::string& key, const std::string& where) const {
+    const json& v = at(object, key, where);
+    if (!v.is_boolean()) fail(where + key, "must be true or false");
+    return v.get<bool>();
+  }
+  const json& list(const json& object, const std::string& key, const std::string& where) const {
+    const json& v = at(object, key, where);
+    if (!v.is_array()) fail(where + key, "must be a list");
+    return v;
+  }
+  std::string name(const json& object, const std::string& key, const std::string& where) const {
+    static const std::regex plain("[A-Za-z0-9_][A-Za-z0-9._-]{0,199}");
+    std::string v = text(object, key, where);
+    if (!std::regex_match(v, plain))
+      fail(where + key, "is '" + v + "': not a plain file or graph name (letters, digits, . _ -; no paths)");
+    return v;
+  }
+  TensorSpec spec(const json& item, const std::string& where) const {
+    TensorSpec s{text(item, "name", where), dtype_of(text(item, "dtype", where), source + ": " + where + "dtype"), {}};
+    for (const json& d : list(item, "shape", where)) {
+      if (d.is_number_integer()) s.dims.push_back(std::to_string(d.get<int64_t>()));
+      else if (d.is_string()) s.dims.push_back(d.get<std::string>());
+      else fail(where + "shape", "must hold integers and dim names");
+    }
+    return s;
+  }
+  FileEntry file(const json& item, const std::string& where) const {
+    std::string hash = text(item, "sha256", where);
+    if (hash.size() != 64 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
+      fail(where + "sha256", "must be 64 lowercase hex digits");
+    return {name(item, "file", where), hash};
+  }
+};
+
+void check_references(const Manifest& m, const Reader& r) {
+  auto refer = [&](const std::string& name, const std::string& kind, const std::string& owner) -> const GraphEntry& {
+    auto found = m.graphs.find(name);
+    if (found == m.graphs.end() || found->second.kind != kind)
+      throw Error(r.source + ": " + owner + " names graph '" + name + "', which is no " + kind + " graph here");
+    return found->second;
+  };
+  int token_dim = m.channels * m.patch_size * m.patch_size;
+  for (const BlockEntry& block : m.blocks) {
+    std::string owner = "block " + std::to_string(block.index);
+    if (static_cast<int>(block.sos.size()) != token_dim)
+      throw Error(r.source + ": " + owner + " sos_embed has " + std::to_string(block.sos.size()) + " values, not " +
+                  std::to_string(token_dim));
+    for (const auto& [precision, kinds] : block.graphs) {
+      if (std::find(m.precisions.begin(), m.precisions.end(), precision) == m.precisions.end())
+        throw Error(r.source + ": " + owner + " has " + precision + " graphs, a precision not listed");
+      for (const auto& [kind, name] : kinds) {
+        const GraphEntry& g = refer(name, kind, owner);
+        if (g.precision != precision) throw Error(r.source + ": " + owner + " names graph " + name + " of another precision");
+      }
+      if (!kinds.count("step")) throw Error(r.source + ": " + owner + " has no " + precision + " step graph");
+      if (block.text_conditioned && !kinds.count("prefill"))
+        throw Error(r.source + ": " + owner + " is text-conditioned but has no " + precision + " prefill graph");
+    }
+  }
+  if (m.text_component) refer(m.text_component->graph, "text_encoder", "text");
+  if (m.decoder_graph) refer(*m.decoder_graph, "decoder", "decoder");
+  if (m.denoise_graph) refer(*m.denoise_graph, "denoise", "denoise");
+}
+
+}  // namespace
+
+const TensorSpec& GraphEntry::input(const std::string& wanted) const {
+  for (const TensorSpec& spec : inputs)
+    if (spec.name == wanted) return spec;
+  throw Error("graph " + name + " has no input '" + wanted + "'");
+}
+
+const GraphEntry& Manifest::graph(const std::string& name) const {
+  auto found = graphs.find(name);
+  if (found == graphs.end()) throw Error(directory + ": no graph named '" + name + "' in manifest.json");
+  return found->second;
+}
+
+const GraphEntry& Manifest::block_graph(const BlockEntry& block, const std::string& kind,
+                                        const std::string& precision) const {
+  auto per_precision = block.graphs.find(precision);
+  if (per_precision == block.graphs.end() || !per_precision->second.count(kind))
+    throw Error(directory + ": block " + std::to_string(block.index) + " has no " + precision + " " + kind + " graph");
+  return graph(per_precision->second.at(kind));
+}
+
+std::string Manifest::path(const std::string& file) const {
+  std::string joined = directory + "/" + file;
+  char resolved_dir[PATH_MAX], resolved[PATH_MAX];
+  if (!::realpath(directory.c_str(), resolved_dir)) throw Error(directory + ": cannot resolve the export directory");
+  if (!::realpath(joined.c_str(), resolved)) throw Error(directory + ": file " + joined + " is missing");
+  std::string base = std::string(resolved_dir) + "/";
+  if (std::string(resolved).compare(0, base.size(), base) != 0)
+    throw Error(directory + ": '" + file + "' leads outside the export directory; refused");
+  return joined;
+}
+
+void Manifest::verify_files() const {
+  auto verify = [&](const std::string& owner, const FileEntry& entry) {
+    std::string actual = sha256_file(path(entry.file));
+    if (actual != entry.sha256)
+      throw Error(owner + ": file " + directory + "/" + entry.file + " does not match its sha256 in manifest.json "
+                  "(changed since the export; re-export)");
+  };
+  for (const auto& [name, g] : graphs) {
+    verify("graph " + name, {g.file, g.sha256});
+    for (const FileEntry& e : g.external_data) verify("graph " + name, e);
+  }
+  for (const FileEntry& f : files) verify("file " + f.file, f);
+}
+
+Manifest load_manifest(const std::string& directory) {
+  Reader r{directory + "/manifest.json"};
+  json doc;
+  try {
+    doc = json::parse(read_file(r.source, kMaxManifestBytes));
+  } catch (const json::exception& err) {
+    throw Error(r.source + ": not valid JSON (" + err.what() + ")");
+  } catch (const Error& err) {
+    throw Error(directory + ": no readable manifest.json; not a starflow export directory (" + err.what() + ")");
+  }
+  if (!doc.is_object()) throw Error(r.source + ": expected a JSON object");
+  if (!doc.contains("schema_version") || doc["schema_version"] != kSchemaVersion)
+    throw Error(r.source + ": schema_version " + (doc.contains("schema_version") ? doc["schema_version"].dump() : "missing") +
+                ", this libstarflow reads " + std::to_string(kSchemaVersion));
+  json fields = doc;
+  for (const char* key : kUndigested) fields.erase(key);
+  std::string canonical;
+  dump_python(fields, canonical);
+  if (r.text(doc, "digest", "") != sha256_bytes(canonical))
+    throw Error(r.source + ": its fields changed since the export (digest mismatch): the graphs would be driven by "
+                "settings they were not validated with; re-export instead of editing");
+
+  Manifest m;
+  m.directory = directory;
+  const json& latent = r.at(doc, "latent", "");
+  m.channels = r.small(latent, "channels", "latent.", 1);
+  m.patch_size = r.small(latent, "patch_size", "latent.", 1);
+  m.multiple_of = r.small(latent, "multiple_of", "latent.", 1);
+  for (auto [key, target] : {std::pair{"train", m.train}, {"min", m.min_size}, {"max", m.max_size}}) {
+    const json& pair = r.list(latent, key, "latent.");
+    if (pair.size() != 2 || !pair[0].is_number_integer() || !pair[1].is_number_integer())
+      r.fail(std::string("latent.") + key, "must be [height, width]");
+    target[0] = pair[0].get<int>();
+    target[1] = pair[1].get<int>();
+  }
+  if (doc.contains("text") && !doc["text"].is_null()) {
+    const json& text = doc["text"];
+    m.text_dim = r.small(text, "dim", "text.", 1);
+    m.text_max_length = r.small(text, "max_length", "text.", 1);
+    if (text.contains("component") && !text["component"].is_null()) {
+      const json& c = text["component"];
+      TextComponent component{r.text(c, "kind", "text.component."), r.name(c, "graph", "text.component."),
+                              r.name(c, "tokenizer", "text.component."), r.small(c, "token_length", "text.component.", 1),
+                              r.integer(c, "pad_id", "text.component."), std::nullopt};
+      if (c.contains("classes") && !c["classes"].is_null()) {
+        component.classes.emplace();
+        for (const json& label : r.list(c, "classes", "text.component.")) {
+          if (!label.is_string()) r.fail("text.component.classes", "must be a list of strings");
+          component.classes->push_back(label.get<std::string>());
+        }
+      }
+      m.text_component = component;
+    }
+  }
+  const json& decoder = r.at(doc, "decoder", "");
+  m.decoder_kind = r.text(decoder, "kind", "decoder.");
+  if (decoder.contains("graph") && !decoder["graph"].is_null()) m.decoder_graph = r.name(decoder, "graph", "decoder.");
+  if (doc.contains("denoise") && !doc["denoise"].is_null()) {
+    m.denoise_graph = r.name(doc["denoise"], "graph", "denoise.");
+    m.denoise_noise_std = r.number(doc["denoise"], "noise_std", "denoise.");
+  }
+  const json& guidance = r.at(doc, "guidance", "");
+  m.default_guidance = r.number(guidance, "default_weight", "guidance.");
+  m.guide_deep_only = r.text(guidance, "blocks", "guidance.") == "deep";
+  const json& jacobi = r.at(doc, "jacobi", "");
+  m.block_size = r.small(jacobi, "block_size", "jacobi.", 1);
+  m.max_iter = r.small(jacobi, "max_iter", "jacobi.", 1);
+  m.threshold = r.number(jacobi, "threshold", "jacobi.");
+  const json& dims = r.at(doc, "dims", "");
+  if (!dims.is_object()) r.fail("dims", "must be an object");
+  for (const auto& [name, range] : dims.items())
+    m.dims[name] = {r.integer(range, "min", "dims." + name + "."), r.integer(range, "opt", "dims." + name + "."),
+                    r.integer(range, "max", "dims." + name + ".")};
+  if (!m.dims.count("batch")) r.fail("dims.batch", "is missing");
+  const json& precisions = r.at(doc, "precisions", "");
+  if (!precisions.is_object()) r.fail("precisions", "must be an object");
+  for (const auto& [name, info] : precisions.items()) m.precisions.push_back(name);
+  for (const json& item : r.list(doc, "graphs", "")) {
+    GraphEntry g;
+    g.name = r.name(item, "name", "graphs[].");
+    std::string where = "graphs[" + g.name + "].";
+    g.kind = r.text(item, "kind", where);
+    g.precision = r.text(item, "precision", where);
+    FileEntry main = r.file(item, where);
+    g.file = main.file;
+    g.sha256 = main.sha256;
+    for (const json& e : r.list(item, "external_data", where)) g.external_data.push_back(r.file(e, where + "external_data[]."));
+    for (const json& s : r.list(item, "inputs", where)) g.inputs.push_back(r.spec(s, where + "inputs[]."));
+    for (const json& s : r.list(item, "outputs", where)) g.outputs.push_back(r.spec(s, where + "outputs[]."));
+    if (!m.graphs.emplace(g.name, g).second) r.fail(where + "name", "is listed twice");
+  }
+  for (const json& item : r.list(doc, "files", "")) m.files.push_back(r.file(item, "files[]."));
+  for (const json& item : r.list(doc, "blocks", "")) {
+    BlockEntry b;
+    b.index = r.small(item, "index", "blocks[].");
+    std::string where = "blocks[" + std::to_string(b.index) + "].";
+    b.deep = r.text(item, "role", where) == "deep";
+    b.flip = r.text(item, "permutation", where) == "flip";
+    b.text_conditioned = r.flag(item, "text_conditioned", where);
+    b.layers = r.small(item, "layers", where, 1);
+    b.kv_heads = r.small(item, "kv_heads", where, 1);
+    b.head_dim = r.small(item, "head_dim", where, 1);
+    for (const json& v : r.list(item, "sos_embed", where)) {
+      if (!v.is_number()) r.fail(where + "sos_embed", "must hold numbers");
+      b.sos.push_back(v.get<float>());
+    }
+    const json& graphs = r.at(item, "graphs", where);
+    for (const auto& [precision, kinds] : graphs.items())
+      for (const auto& [kind, name] : kinds.items()) {
+        if (!name.is_string()) r.fail(where + "graphs." + precision + "." + kind, "must be a graph name");
+        b.graphs[precision][kind] = name.get<std::string>();
+      }
+    m.blocks.push_back(std::move(b));
+  }
+  if (m.blocks.empty() || !m.blocks.front().deep) r.fail("blocks", "must list the deep block first (sampling order)");
+  if (m.text_dim == 0 && m.text_component) r.fail("text.component", "needs text.dim");
+  check_references(m, r);
+  return m;
+}
+
+}  // namespace starflow

@@ -1,0 +1,82 @@
+// The export's contract (manifest.json, schema 4) as C++ values, checked as the Python loader
+// checks it: schema version, digest of the semantic fields, plain file names resolving inside the
+// directory, references between blocks and graphs, and (on request) every file's sha256.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tensor.hpp"
+
+namespace starflow {
+
+constexpr int kSchemaVersion = 4;
+
+struct Range {
+  int64_t min = 0, opt = 0, max = 0;
+};
+
+struct TensorSpec {
+  std::string name;
+  DType dtype;
+  std::vector<std::string> dims;  // a number as text, or a symbolic dim named in `dims`
+};
+
+struct FileEntry {
+  std::string file, sha256;
+};
+
+struct GraphEntry {
+  std::string name, kind, precision, file, sha256;
+  std::vector<FileEntry> external_data;
+  std::vector<TensorSpec> inputs, outputs;
+  const TensorSpec& input(const std::string& name) const;
+};
+
+struct BlockEntry {
+  int index = 0;
+  bool deep = false, flip = false, text_conditioned = false;
+  int layers = 0, kv_heads = 0, head_dim = 0;
+  std::vector<float> sos;
+  std::map<std::string, std::map<std::string, std::string>> graphs;  // precision -> kind -> graph
+};
+
+struct TextComponent {
+  std::string kind, graph, tokenizer;
+  int token_length = 0;
+  int64_t pad_id = 0;
+  std::optional<std::vector<std::string>> classes;
+};
+
+struct Manifest {
+  std::string directory;  // as given by the caller
+  int channels = 0, patch_size = 1, multiple_of = 1;
+  int train[2]{}, min_size[2]{}, max_size[2]{};
+  int text_dim = 0, text_max_length = 0;  // 0: no text
+  std::optional<TextComponent> text_component;
+  std::string decoder_kind;
+  std::optional<std::string> decoder_graph;
+  std::optional<std::string> denoise_graph;
+  double denoise_noise_std = 0;
+  double default_guidance = 0;
+  bool guide_deep_only = true;
+  int block_size = 16, max_iter = 32;
+  double threshold = 1e-3;
+  std::map<std::string, Range> dims;
+  std::vector<std::string> precisions;
+  std::vector<BlockEntry> blocks;  // sampling order: deep block first
+  std::map<std::string, GraphEntry> graphs;
+  std::vector<FileEntry> files;
+
+  int64_t max_rows() const { return dims.at("batch").max; }
+  const GraphEntry& graph(const std::string& name) const;
+  const GraphEntry& block_graph(const BlockEntry& block, const std::string& kind, const std::string& precision) const;
+  std::string path(const std::string& file) const;  // directory/file, refused unless inside
+  void verify_files() const;                         // every graph, external-data and other file's sha256
+};
+
+Manifest load_manifest(const std::string& directory);
+
+}  // namespace starflow

@@ -1,0 +1,436 @@
+// The export's graphs behind the sampler and the generator's stages.
+#include "pipeline.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
+namespace starflow {
+namespace {
+
+using json = nlohmann::json;
+
+Sequence as_sequence(const Tensor& t) {
+  Sequence s(t.shape[0], t.shape[1], t.shape[2]);
+  std::memcpy(s.data.data(), t.f32(), t.bytes.size());
+  return s;
+}
+
+void check_finite(const Tensor& t, const std::string& name) {
+  const float* v = t.f32();
+  for (std::size_t i = 0; i < t.size(); ++i)
+    if (!std::isfinite(v[i])) throw Error(name + ": contains NaN or inf values; the sample would be NaN");
+}
+
+void check_float32(const Tensor& t, const std::string& name) {
+  if (t.dtype != DType::f32) throw Error(name + ": expected float32, got " + dtype_name(t.dtype));
+}
+
+// Rows [first, first + count) of a tensor's leading dimension.
+Tensor rows_of(const Tensor& t, int64_t first, int64_t count) {
+  Shape shape = t.shape;
+  shape[0] = count;
+  Tensor out(t.dtype, shape);
+  std::size_t row = t.bytes.size() / static_cast<std::size_t>(t.shape[0]);
+  std::memcpy(out.bytes.data(), t.bytes.data() + first * row, count * row);
+  return out;
+}
+
+Tensor concat_rows(const std::vector<Tensor>& parts) {
+  Shape shape = parts.front().shape;
+  shape[0] = 0;
+  for (const Tensor& p : parts) shape[0] += p.shape[0];
+  Tensor out(parts.front().dtype, shape);
+  std::size_t at = 0;
+  for (const Tensor& p : parts) {
+    std::memcpy(out.bytes.data() + at, p.bytes.data(), p.bytes.size());
+    at += p.bytes.size();
+  }
+  return out;
+}
+
+void expect_output(const Output& out, DType dtype, const Shape& shape, const std::string& what) {
+  if (out.dtype() != dtype || out.shape() != shape)
+    throw Error(what + ": the graph gave " + dtype_name(out.dtype()) + " " + shape_text(out.shape()) + ", expected " +
+                dtype_name(dtype) + " " + shape_text(shape));
+}
+
+}  // namespace
+
+// One exported flow block: its step (and prefill) session and a key/value cache per batch size.
+class GraphBlock : public SamplerBlock {
+ public:
+  GraphBlock(const BlockEntry& entry, std::unique_ptr<Session> step, std::unique_ptr<Session> prefill, DType cache)
+      : entry_(entry), step_(std::move(step)), prefill_(std::move(prefill)), cache_dtype_(cache) {}
+
+  int index() const override { return entry_.index; }
+  bool deep() const override { return entry_.deep; }
+  bool flip() const override { return entry_.flip; }
+  bool text_conditioned() const override { return entry_.text_conditioned; }
+  const std::vector<float>& sos() const override { return entry_.sos; }
+
+  void open(int64_t rows, int64_t h, int64_t w, const Sequence* text) override {
+    rows_ = rows;
+    text_length_ = text ? text->length : 0;
+    length_ = text_length_ + h * w;
+    grid_[0] = h;
+    grid_[1] = w;
+    auto& cache = caches_[{rows, length_}];  // allocated once per size, reused by later calls
+    if (cache.first.empty()) {
+      Tensor zeros(cache_dtype_, cache_shape(length_));
+      cache = {zeros.bytes, zeros.bytes};
+    }
+    keys_ = cache.first.data();
+    values_ = cache.second.data();
+    if (text) {
+      auto out = prefill_->run({{"text", DType::f32, {text->rows, text->length, text->dim}, text->data.data()}});
+      for (const char* name : {"keys", "values"}) {
+        const Output& o = out[prefill_->index_of(name)];
+        expect_output(o, cache_dtype_, cache_shape(text_length_), "graph " + prefill_->name() + " output " + name);
+        scatter(std::strcmp(name, "keys") == 0 ? keys_ : values_, o.data(), 0, text_length_);
+      }
+    }
+  }
+
+  void step(const Sequence& x, int64_t start, Sequence& mu, Sequence& sigma) override {
+    const int64_t past = text_length_ + start, c = x.length;
+    gather(keys_, past_keys_, past);
+    gather(values_, past_values_, past);
+    int64_t position = start;
+    auto out = step_->run({
+        {"x", DType::f32, {x.rows, c, x.dim}, x.data.data()},
+        {"past_keys", cache_dtype_, cache_shape(past), past_keys_.data()},
+        {"past_values", cache_dtype_, cache_shape(past), past_values_.data()},
+        {"grid", DType::i64, {2}, grid_},
+        {"start", DType::i64, {}, &position},
+    });
+    const std::string& name = step_->name();
+    for (auto [output, target] : {std::pair{"mu", &mu}, {"sigma", &sigma}}) {
+      const Output& o = out[step_->index_of(output)];
+      expect_output(o, DType::f32, {x.rows, c, x.dim}, "graph " + name + " output " + output);
+      *target = Sequence(x.rows, c, x.dim);
+      std::memcpy(target->data.data(), o.data(), target->data.size() * sizeof(float));
+    }
+    for (const char* output : {"new_keys", "new_values"}) {
+      const Output& o = out[step_->index_of(output)];
+      expect_output(o, cache_dtype_, cache_shape(c), "graph " + name + " output " + output);
+      scatter(std::strcmp(output, "new_keys") == 0 ? keys_ : values_, o.data(), past, c);
+    }
+  }
+
+ private:
+  Shape cache_shape(int64_t positions) const {
+    return {entry_.layers, rows_, entry_.kv_heads, positions, entry_.head_dim};
+  }
+  // The cache is (layers, rows, kv_heads, length, head_dim): a graph's (..., n, head_dim) tensor
+  // goes to positions [at, at + n) of every (layer, row, head), and the first `past` come out.
+  std::size_t lanes() const { return static_cast<std::size_t>(entry_.layers * rows_ * entry_.kv_heads); }
+  std::size_t position_bytes() const { return entry_.head_dim * itemsize(cache_dtype_); }
+  void scatter(unsigned char* cache, const void* source, int64_t at, int64_t n) const {
+    auto* from = static_cast<const unsigned char*>(source);
+    const std::size_t p = position_bytes();
+    for (std::size_t lane = 0; lane < lanes(); ++lane)
+      std::memcpy(cache + (lane * length_ + at) * p, from + lane * n * p, n * p);
+  }
+  void gather(const unsigned char* cache, std::vector<unsigned char>& out, int64_t past) const {
+    const std::size_t p = position_bytes();
+    out.resize(std::max<std::size_t>(lanes() * past * p, 1));
+    for (std::size_t lane = 0; lane < lanes(); ++lane)
+      std::memcpy(out.data() + lane * past * p, cache + lane * length_ * p, past * p);
+  }
+
+  const BlockEntry& entry_;
+  std::unique_ptr<Session> step_, prefill_;
+  DType cache_dtype_;
+  std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<unsigned char>, std::vector<unsigned char>>> caches_;
+  unsigned char *keys_ = nullptr, *values_ = nullptr;
+  std::vector<unsigned char> past_keys_, past_values_;  // the contiguous [:past] view fed to the graph
+  int64_t rows_ = 0, text_length_ = 0, length_ = 0, grid_[2]{};
+};
+
+Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
+    : manifest_(load_manifest(directory)), settings_(settings) {
+  const std::string& precision = settings.precision;
+  if (std::find(manifest_.precisions.begin(), manifest_.precisions.end(), precision) == manifest_.precisions.end()) {
+    std::string have;
+    for (const std::string& p : manifest_.precisions) have += (have.empty() ? "" : ", ") + p;
+    throw Error(directory + ": no " + precision + " graphs; this export has " + have);
+  }
+  manifest_.verify_files();
+  library_ = &OrtLibrary::get(settings.onnxruntime_library);
+  auto open = [&](const GraphEntry& g) {
+    return std::make_unique<Session>(*library_, g.name, manifest_.path(g.file), settings.session);
+  };
+  for (const BlockEntry& entry : manifest_.blocks) {
+    const GraphEntry& step = manifest_.block_graph(entry, "step", precision);
+    std::unique_ptr<Session> prefill;
+    if (entry.text_conditioned) prefill = open(manifest_.block_graph(entry, "prefill", precision));
+    blocks_.push_back(std::make_unique<GraphBlock>(entry, open(step), std::move(prefill), step.input("past_keys").dtype));
+  }
+  // the components run their fp32 graphs, as in the Python Generator
+  for (const std::optional<std::string>& graph :
+       {manifest_.text_component ? std::optional(manifest_.text_component->graph) : std::nullopt,
+        manifest_.denoise_graph, manifest_.decoder_graph})
+    if (graph) components_[*graph] = open(manifest_.graph(*graph));
+  if (manifest_.text_component && manifest_.text_component->kind == "label-table") {
+    std::string path = manifest_.path(manifest_.text_component->tokenizer);
+    try {
+      json tokenizer = json::parse(read_file(path, 64u << 20));
+      for (const auto& [token, id] : tokenizer.at("model").at("vocab").items()) vocabulary_[token] = id.get<int64_t>();
+    } catch (const json::exception& err) {
+      throw Error("text encoder: cannot read the label table in " + path + ": " + err.what());
+    }
+  }
+}
+
+Pipeline::~Pipeline() = default;
+
+Sampling Pipeline::defaults() const {
+  Sampling s;
+  s.guidance = manifest_.default_guidance;
+  s.block_size = manifest_.block_size;
+  s.max_iter = manifest_.max_iter;
+  s.threshold = manifest_.threshold;
+  return s;
+}
+
+std::string Pipeline::describe() const {
+  const Manifest& m = manifest_;
+  json d = {
+      {"directory", m.directory},
+      {"precision", settings_.precision},
+      {"onnxruntime_library", library_->path()},
+      {"channels", m.channels},
+      {"patch_size", m.patch_size},
+      {"multiple_of", m.multiple_of},
+      {"train", {m.train[0], m.train[1]}},
+      {"min", {m.min_size[0], m.min_size[1]}},
+      {"max", {m.max_size[0], m.max_size[1]}},
+      {"text_dim", m.text_dim},
+      {"text_max_length", m.text_max_length},
+      {"text_encoder", m.text_component ? json(m.text_component->kind) : json(nullptr)},
+      {"classes", m.text_component && m.text_component->classes ? json(*m.text_component->classes) : json(nullptr)},
+      {"max_rows", m.max_rows()},
+      {"denoise", m.denoise_graph.has_value()},
+      {"decoder", m.decoder_kind},
+      {"default_guidance", m.default_guidance},
+      {"jacobi", {{"block_size", m.block_size}, {"max_iter", m.max_iter}, {"threshold", m.threshold}}},
+  };
+  return d.dump();
+}
+
+void Pipeline::check_inputs(const Tensor& noise, const Tensor* y, const Tensor* y_uncond,
+                            const Sampling& options) const {
+  const Manifest& m = manifest_;
+  options.check();
+  const std::string wanted = "(B, " + std::to_string(m.channels) + ", H, W) float32";
+  if (noise.shape.size() != 4 || noise.shape[1] != m.channels || noise.dtype != DType::f32)
+    throw Error("noise: expected a " + wanted + " latent array, got " + dtype_name(noise.dtype) + " " +
+                shape_text(noise.shape));
+  const int64_t B = noise.shape[0], H = noise.shape[2], W = noise.shape[3];
+  if (B == 0) throw Error("noise: the batch is empty, shape " + shape_text(noise.shape));
+  if (H == 0 || W == 0 || H % m.patch_size || W % m.patch_size)
+    throw Error("noise: latent size " + std::to_string(H) + "x" + std::to_string(W) +
+                " is not a positive multiple of patch_size " + std::to_string(m.patch_size));
+  if (m.text_dim == 0) {
+    if (y) throw Error("y: this model is not text-conditioned; pass no text and no guidance");
+  } else {
+    if (!y) throw Error("y: this model is text-conditioned; pass (" + std::to_string(B) + ", L, " +
+                        std::to_string(m.text_dim) + ") text embeddings");
+    if (y->shape.size() != 3 || y->shape[0] != B || y->shape[2] != m.text_dim || y->shape[1] < 1 ||
+        y->shape[1] > m.text_max_length || y->dtype != DType::f32)
+      throw Error("y: expected float32 text embeddings of shape (" + std::to_string(B) + ", L, " +
+                  std::to_string(m.text_dim) + ") with 1 <= L <= " + std::to_string(m.text_max_length) + ", got " +
+                  dtype_name(y->dtype) + " " + shape_text(y->shape));
+  }
+  if (options.guidance > 0) {
+    if (m.text_dim == 0) throw Error("guidance > 0 needs a text-conditioned model");
+    if (!y_uncond) throw Error("guidance > 0 needs y_uncond (the encoded empty prompt), same shape as y");
+    check_float32(*y_uncond, "y_uncond");
+    if (y_uncond->shape != y->shape)
+      throw Error("y_uncond: expected shape " + shape_text(y->shape) + " (as y), got " + shape_text(y_uncond->shape));
+  }
+  check_finite(noise, "noise");
+  if (y) check_finite(*y, "y");
+  if (options.guidance > 0) check_finite(*y_uncond, "y_uncond");
+  const int64_t h = H, w = W;
+  if (h < m.min_size[0] || h > m.max_size[0] || w < m.min_size[1] || w > m.max_size[1])
+    throw Error("noise: latent " + std::to_string(h) + "x" + std::to_string(w) + " is outside this export's range " +
+                std::to_string(m.min_size[0]) + "x" + std::to_string(m.min_size[1]) + " .. " +
+                std::to_string(m.max_size[0]) + "x" + std::to_string(m.max_size[1]) +
+                " (re-export with min_latent/max_latent to cover it)");
+  const int64_t rows = B * (options.guidance > 0 ? 2 : 1);
+  if (rows > m.max_rows())
+    throw Error("noise: batch " + std::to_string(B) + " runs as " + std::to_string(rows) +
+                " graph rows (guidance doubles the batch); this export allows 1 .. " + std::to_string(m.max_rows()) +
+                " rows");
+}
+
+Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_uncond, const Sampling& options) {
+  check_inputs(noise, y, y_uncond, options);
+  std::optional<Sequence> text, text_uncond;
+  if (y) text = as_sequence(*y);
+  if (options.guidance > 0) text_uncond = as_sequence(*y_uncond);
+  std::vector<SamplerBlock*> blocks;
+  for (auto& block : blocks_) blocks.push_back(block.get());
+  std::vector<BlockStats> stats;
+  stats_ = "[]";
+  Tensor latent = starflow::sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
+                                   options, manifest_.patch_size, manifest_.guide_deep_only, stats);
+  json record = json::array();
+  for (const BlockStats& s : stats)
+    record.push_back({{"block", s.block}, {"method", s.method}, {"iterations", s.iterations},
+                      {"evaluations", s.evaluations}, {"tokens", s.tokens}, {"seconds", s.seconds}});
+  stats_ = record.dump();
+  return latent;
+}
+
+Session& Pipeline::component(const std::string& graph) { return *components_.at(graph); }
+
+Tensor Pipeline::encode_tokens(const Tensor& ids, const Tensor& mask) {
+  if (!manifest_.text_component)
+    throw Error(manifest_.directory + ": this export has no text encoder graph" +
+                (manifest_.text_dim ? "; pass text embeddings instead" : " (the model is unconditional)"));
+  const TextComponent& c = *manifest_.text_component;
+  for (auto [tensor, name] : {std::pair{&ids, "input_ids"}, {&mask, "attention_mask"}})
+    if (tensor->dtype != DType::i64 || tensor->shape.size() != 2 || tensor->shape[0] < 1 ||
+        tensor->shape[1] != c.token_length || tensor->shape != ids.shape)
+      throw Error(std::string(name) + ": expected int64 (B, " + std::to_string(c.token_length) + ") with B >= 1, got " +
+                  dtype_name(tensor->dtype) + " " + shape_text(tensor->shape));
+  Session& session = component(c.graph);
+  auto out = session.run({{"input_ids", DType::i64, ids.shape, ids.bytes.data()},
+                          {"attention_mask", DType::i64, mask.shape, mask.bytes.data()}});
+  const Output& embeddings = out[session.index_of("embeddings")];
+  if (embeddings.dtype() != DType::f32 || embeddings.shape().size() != 3 || embeddings.shape()[2] != manifest_.text_dim)
+    throw Error("graph " + session.name() + ": embeddings " + shape_text(embeddings.shape()) + ", expected (B, L, " +
+                std::to_string(manifest_.text_dim) + ") float32");
+  return embeddings.to_tensor();
+}
+
+Tensor Pipeline::encode_prompts(const std::vector<std::string>& prompts) {
+  if (prompts.empty()) throw Error("prompts: pass at least one (\"\" is the unconditional prompt)");
+  if (!manifest_.text_component)
+    throw Error(manifest_.directory + ": this export has no text encoder graph" +
+                (manifest_.text_dim ? "; pass text embeddings instead" : " (the model is unconditional)"));
+  const TextComponent& c = *manifest_.text_component;
+  if (c.kind != "label-table")
+    throw Error(manifest_.directory + ": this export's text encoder (" + c.kind + ") needs its subword tokenizer, "
+                "which libstarflow does not implement; tokenise with the `tokenizers` library and pass the ids "
+                "(sf_pipeline_encode_tokens, starflow-run --token-ids)");
+  Tensor ids(DType::i64, {static_cast<int64_t>(prompts.size()), c.token_length}), mask(DType::i64, ids.shape);
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    std::fill(ids.i64() + i * c.token_length, ids.i64() + (i + 1) * c.token_length, c.pad_id);
+    if (prompts[i].empty()) continue;  // the unconditional prompt: padding only
+    bool known = !c.classes || std::count(c.classes->begin(), c.classes->end(), prompts[i]);
+    auto token = vocabulary_.find(prompts[i]);
+    if (!known || token == vocabulary_.end()) {
+      std::string labels;
+      for (const std::string& label : c.classes.value_or(std::vector<std::string>{}))
+        labels += (labels.empty() ? "'" : ", '") + label + "'";
+      throw Error("prompt '" + prompts[i] + "': this model knows the prompts [" + labels + "]");
+    }
+    ids.i64()[i * c.token_length] = token->second;
+    mask.i64()[i * c.token_length] = 1;
+  }
+  return encode_tokens(ids, mask);
+}
+
+Tensor Pipeline::denoise(const Tensor& latent, const Tensor* text) {
+  if (!manifest_.denoise_graph)
+    throw Error(manifest_.directory + ": this export has no denoise graph; skip denoising or re-export with it");
+  const Manifest& m = manifest_;
+  if (latent.dtype != DType::f32 || latent.shape.size() != 4 || latent.shape[1] != m.channels || latent.shape[0] < 1 ||
+      latent.shape[2] < 1 || latent.shape[3] < 1 || latent.shape[2] % m.multiple_of || latent.shape[3] % m.multiple_of)
+    throw Error("x: expected a float32 (B, " + std::to_string(m.channels) + ", H, W) latent batch in multiples of " +
+                std::to_string(m.multiple_of) + ", got " + dtype_name(latent.dtype) + " " + shape_text(latent.shape));
+  std::vector<Feed> feeds = {{"x", DType::f32, latent.shape, latent.bytes.data()}};
+  if (m.text_dim) {
+    if (!text || text->dtype != DType::f32 || text->shape.size() != 3 || text->shape[0] != latent.shape[0] ||
+        text->shape[1] < 1 || text->shape[2] != m.text_dim)
+      throw Error("text: expected (" + std::to_string(latent.shape[0]) + ", L, " + std::to_string(m.text_dim) +
+                  ") float32 text embeddings with L >= 1" +
+                  (text ? ", got " + dtype_name(text->dtype) + " " + shape_text(text->shape) : std::string()));
+    feeds.push_back({"text", DType::f32, text->shape, text->bytes.data()});
+  } else if (text) {
+    throw Error("text: this model is not text-conditioned; pass none");
+  }
+  Session& session = component(*m.denoise_graph);
+  auto out = session.run(feeds);
+  const Output& grad = out[session.index_of("grad")];
+  expect_output(grad, DType::f32, latent.shape, "graph " + session.name() + " output grad");
+  const float scale = static_cast<float>(m.denoise_noise_std * m.denoise_noise_std);
+  Tensor result(DType::f32, latent.shape);
+  for (std::size_t i = 0; i < latent.size(); ++i) result.f32()[i] = latent.f32()[i] - scale * grad.f32()[i];
+  return result;
+}
+
+Tensor Pipeline::decode(const Tensor& latent) {
+  const Manifest& m = manifest_;
+  if (latent.dtype != DType::f32 || latent.shape.size() != 4 || latent.shape[1] != m.channels)
+    throw Error("latent: expected a float32 (B, " + std::to_string(m.channels) + ", H, W) batch, got " +
+                dtype_name(latent.dtype) + " " + shape_text(latent.shape));
+  if (m.decoder_kind != "identity" && !m.decoder_graph)
+    throw Error(m.directory + ": this latent model's export has no decoder graph; re-export with vae=DIR");
+  Tensor image = latent;
+  if (m.decoder_graph) {
+    Session& session = component(*m.decoder_graph);
+    auto out = session.run({{"latent", DType::f32, latent.shape, latent.bytes.data()}});
+    image = out[session.index_of("image")].to_tensor();
+    check_float32(image, "graph " + session.name() + " output image");
+  }
+  // (N, C, H, W) in [-1, 1] -> (N, H, W, C) in [0, 1], as runtime.image.to_unit_images
+  const int64_t N = image.shape[0], C = image.shape[1], H = image.shape[2], W = image.shape[3];
+  Tensor unit(DType::f32, {N, H, W, C});
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < H * W; ++i) {
+        float v = std::min(std::max(image.f32()[(n * C + c) * H * W + i], -1.0f), 1.0f);
+        unit.f32()[(n * H * W + i) * C + c] = (v + 1.0f) / 2.0f;
+      }
+  return unit;
+}
+
+Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::string& negative_prompt,
+                          const Tensor& noise, const Sampling& options, bool denoise, Tensor* latents) {
+  const Manifest& m = manifest_;
+  options.check();
+  if (prompts.empty()) throw Error("prompts: pass at least one (\"\" is the unconditional prompt)");
+  if (noise.shape.empty() || noise.shape[0] != static_cast<int64_t>(prompts.size()))
+    throw Error("noise: expected one row per prompt (" + std::to_string(prompts.size()) + ", C, H, W), got " +
+                shape_text(noise.shape));
+  bool any_text = std::any_of(prompts.begin(), prompts.end(), [](const std::string& p) { return !p.empty(); });
+  if (!m.text_dim && (any_text || options.guidance > 0))
+    throw Error("this model is unconditional: give no prompt text and no guidance");
+  if (m.text_dim && !m.text_component)
+    throw Error(m.directory + ": this export has no text encoder; pass text embeddings to sf_pipeline_sample");
+  if (denoise && !m.denoise_graph)
+    throw Error(m.directory + ": this export has no denoise graph; generate without denoising or re-export with it");
+  std::optional<Tensor> y, y_uncond;
+  if (m.text_dim) {
+    y = encode_prompts(prompts);
+    if (options.guidance > 0) {
+      Tensor one = encode_prompts({negative_prompt});
+      std::vector<Tensor> copies(prompts.size(), one);
+      y_uncond = concat_rows(copies);
+    }
+  }
+  const int64_t per_batch = options.guidance > 0 ? m.max_rows() / 2 : m.max_rows();
+  std::vector<Tensor> parts;
+  for (int64_t first = 0; first < noise.shape[0]; first += per_batch) {
+    const int64_t n = std::min(per_batch, noise.shape[0] - first);
+    std::optional<Tensor> cond, uncond;
+    if (y) cond = rows_of(*y, first, n);
+    if (y_uncond) uncond = rows_of(*y_uncond, first, n);
+    Tensor x = sample(rows_of(noise, first, n), cond ? &*cond : nullptr, uncond ? &*uncond : nullptr, options);
+    parts.push_back(denoise ? this->denoise(x, cond ? &*cond : nullptr) : std::move(x));
+  }
+  Tensor latent = concat_rows(parts);
+  Tensor images = decode(latent);
+  for (const Tensor* t : {&latent, &images}) check_finite(*t, "the sampled latents or images (the model overflowed)");
+  if (latents) *latents = std::move(latent);
+  return images;
+}
+
+}  // namespace starflow

@@ -1,0 +1,58 @@
+// A loaded export: the flow blocks' graphs driven by the sampler, and the stages around it
+// (text encoder, self-denoise, decoder), as starflow.runtime.Pipeline and Generator.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "manifest.hpp"
+#include "ort.hpp"
+#include "sampler.hpp"
+
+namespace starflow {
+
+struct LoadSettings {
+  std::string precision = "fp32";
+  std::string onnxruntime_library;  // empty: beside libstarflow
+  SessionSettings session;
+};
+
+class GraphBlock;
+
+class Pipeline {
+ public:
+  Pipeline(const std::string& directory, const LoadSettings& settings);
+  ~Pipeline();
+
+  const Manifest& manifest() const { return manifest_; }
+  Sampling defaults() const;
+  std::string describe() const;          // JSON
+  const std::string& stats() const { return stats_; }  // JSON of the last sample call
+
+  // noise (B, C, H, W) float32, text (B, L, dim) or null, text_uncond as text or null -> latent.
+  Tensor sample(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options);
+  Tensor encode_prompts(const std::vector<std::string>& prompts);
+  Tensor encode_tokens(const Tensor& ids, const Tensor& mask);
+  Tensor denoise(const Tensor& latent, const Tensor* text);
+  Tensor decode(const Tensor& latent);  // (N, H, W, C) in [0, 1]
+  // Generator.generate: one image per prompt, its noise row; returns images, fills `latents`.
+  Tensor generate(const std::vector<std::string>& prompts, const std::string& negative_prompt, const Tensor& noise,
+                  const Sampling& options, bool denoise, Tensor* latents);
+
+ private:
+  void check_inputs(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options) const;
+  Session& component(const std::string& graph);
+
+  Manifest manifest_;
+  LoadSettings settings_;
+  OrtLibrary* library_;
+  std::vector<std::unique_ptr<GraphBlock>> blocks_;  // sampling order
+  std::map<std::string, std::unique_ptr<Session>> components_;  // opened on first use
+  std::map<std::string, int64_t> vocabulary_;  // label-table exports
+  std::string stats_ = "[]";
+};
+
+}  // namespace starflow

@@ -1,0 +1,323 @@
+// Tensors and the files they travel in: .npy in and out, PNG out, sha256 of inputs.
+#include "tensor.hpp"
+
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <sstream>
+
+namespace starflow {
+namespace {
+
+constexpr std::size_t kMaxTensorBytes = std::size_t{1} << 36;  // 64 GiB: past that a shape is a typo
+
+std::string quoted(const std::string& path) { return "'" + path + "'"; }
+
+// Writes through a temporary name in the same directory, renamed over `path` when complete.
+void write_atomically(const std::string& path, const std::string& data) {
+  std::string temporary = path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error("cannot write " + quoted(path) + ": " + std::strerror(errno));
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+    out.close();
+    if (!out) {
+      std::remove(temporary.c_str());
+      throw Error("cannot write " + quoted(path) + ": " + std::strerror(errno));
+    }
+  }
+  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+    std::string reason = std::strerror(errno);
+    std::remove(temporary.c_str());
+    throw Error("cannot write " + quoted(path) + ": " + reason);
+  }
+}
+
+// The value of `key` in a .npy header dict: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".
+std::string header_field(const std::string& header, const std::string& key, const std::string& path) {
+  auto at = header.find("'" + key + "'");
+  if (at == std::string::npos) throw Error(path + ": not a .npy file (no '" + key + "' in its header)");
+  at = header.find(':', at);
+  if (at == std::string::npos) throw Error(path + ": malformed .npy header");
+  ++at;
+  while (at < header.size() && header[at] == ' ') ++at;
+  std::size_t end = at;
+  if (header[at] == '(') {
+    end = header.find(')', at);
+    if (end == std::string::npos) throw Error(path + ": malformed .npy shape");
+    return header.substr(at, end - at + 1);
+  }
+  while (end < header.size() && header[end] != ',' && header[end] != '}') ++end;
+  return header.substr(at, end - at);
+}
+
+}  // namespace
+
+std::size_t itemsize(DType dtype) { return dtype == DType::f16 ? 2 : dtype == DType::f32 ? 4 : 8; }
+
+std::string dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return "float32";
+    case DType::f16: return "float16";
+    case DType::i64: return "int64";
+  }
+  return "unknown";
+}
+
+DType dtype_of(const std::string& name, const std::string& where) {
+  if (name == "float32") return DType::f32;
+  if (name == "float16") return DType::f16;
+  if (name == "int64") return DType::i64;
+  throw Error(where + ": dtype '" + name + "' is not one of float32, float16, int64");
+}
+
+std::string shape_text(const Shape& shape) {
+  std::ostringstream out;
+  out << '(';
+  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+std::size_t count(const Shape& shape) {
+  std::size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<std::size_t>(d);
+  return n;
+}
+
+Tensor::Tensor(DType dtype_, Shape shape_) : dtype(dtype_), shape(std::move(shape_)) {
+  std::size_t n = itemsize(dtype);
+  for (int64_t d : shape) {
+    if (d < 0) throw Error("tensor shape " + shape_text(shape) + " has a negative dimension");
+    if (d && n > kMaxTensorBytes / static_cast<std::size_t>(d))
+      throw Error("tensor shape " + shape_text(shape) + " is too large (over 64 GiB)");
+    n *= static_cast<std::size_t>(d);
+  }
+  bytes.assign(n, 0);
+}
+
+float* Tensor::f32() { return reinterpret_cast<float*>(bytes.data()); }
+const float* Tensor::f32() const { return reinterpret_cast<const float*>(bytes.data()); }
+int64_t* Tensor::i64() { return reinterpret_cast<int64_t*>(bytes.data()); }
+const int64_t* Tensor::i64() const { return reinterpret_cast<const int64_t*>(bytes.data()); }
+
+std::string read_file(const std::string& path, std::size_t limit) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read " + quoted(path) + ": " + std::strerror(errno));
+  in.seekg(0, std::ios::end);
+  auto size = static_cast<std::size_t>(in.tellg());
+  if (size > limit) throw Error(quoted(path) + " is " + std::to_string(size) + " bytes; over the limit of " +
+                                std::to_string(limit));
+  in.seekg(0);
+  std::string data(size, '\0');
+  in.read(data.data(), static_cast<std::streamsize>(size));
+  if (!in) throw Error("cannot read " + quoted(path));
+  return data;
+}
+
+Tensor load_npy(const std::string& path) {
+  std::string data = read_file(path, kMaxTensorBytes);
+  if (data.size() < 10 || data.compare(0, 6, "\x93NUMPY") != 0) throw Error(path + ": not a .npy file");
+  int major = static_cast<unsigned char>(data[6]);
+  std::size_t length, offset;
+  if (major == 1) {
+    length = static_cast<unsigned char>(data[8]) | static_cast<std::size_t>(static_cast<unsigned char>(data[9])) << 8;
+    offset = 10;
+  } else if (major == 2 || major == 3) {
+    if (data.size() < 12) throw Error(path + ": truncated .npy header");
+    length = 0;
+    for (int i = 3; i >= 0; --i) length = length << 8 | static_cast<unsigned char>(data[8 + i]);
+    offset = 12;
+  } else {
+    throw Error(path + ": .npy format version " + std::to_string(major) + " is not supported");
+  }
+  if (offset + length > data.size()) throw Error(path + ": truncated .npy header");
+  std::string header = data.substr(offset, length);
+  std::string descr = header_field(header, "descr", path);
+  std::string fortran = header_field(header, "fortran_order", path);
+  std::string shape_field = header_field(header, "shape", path);
+  DType dtype;
+  if (descr == "'<f4'") dtype = DType::f32;
+  else if (descr == "'<f2'") dtype = DType::f16;
+  else if (descr == "'<i8'") dtype = DType::i64;
+  else throw Error(path + ": dtype " + descr + " is not supported; expected float32 ('<f4'), float16 or int64");
+  if (fortran != "False") throw Error(path + ": Fortran-ordered arrays are not supported; save a C-ordered copy");
+  Shape shape;
+  std::string inner = shape_field.substr(1, shape_field.size() - 2);
+  std::stringstream items(inner);
+  for (std::string item; std::getline(items, item, ',');) {
+    if (item.find_first_not_of(' ') == std::string::npos) continue;
+    try {
+      shape.push_back(std::stoll(item));
+    } catch (const std::exception&) {
+      throw Error(path + ": malformed .npy shape " + shape_field);
+    }
+  }
+  Tensor tensor(dtype, shape);
+  if (data.size() - offset - length != tensor.bytes.size())
+    throw Error(path + ": holds " + std::to_string(data.size() - offset - length) + " data bytes; shape " +
+                shape_text(shape) + " needs " + std::to_string(tensor.bytes.size()));
+  std::memcpy(tensor.bytes.data(), data.data() + offset + length, tensor.bytes.size());
+  return tensor;
+}
+
+void save_npy(const Tensor& tensor, const std::string& path) {
+  const char* descr = tensor.dtype == DType::f32 ? "<f4" : tensor.dtype == DType::f16 ? "<f2" : "<i8";
+  std::string header = std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': " +
+                       shape_text(tensor.shape) + ", }";
+  std::size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header.push_back('\n');
+  std::string data("\x93NUMPY\x01\x00", 8);
+  data.push_back(static_cast<char>(header.size() & 0xff));
+  data.push_back(static_cast<char>(header.size() >> 8));
+  data += header;
+  data.append(reinterpret_cast<const char*>(tensor.bytes.data()), tensor.bytes.size());
+  write_atomically(path, data);
+}
+
+namespace {
+
+uint32_t crc32(const unsigned char* data, std::size_t n, uint32_t crc = 0) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  crc = ~crc;
+  for (std::size_t i = 0; i < n; ++i) crc = table[(crc ^ data[i]) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+void put32(std::string& out, uint32_t v) {
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<char>(v >> shift & 0xff));
+}
+
+void chunk(std::string& out, const char* type, const std::string& body) {
+  put32(out, static_cast<uint32_t>(body.size()));
+  std::string typed = std::string(type, 4) + body;
+  out += typed;
+  put32(out, crc32(reinterpret_cast<const unsigned char*>(typed.data()), typed.size()));
+}
+
+}  // namespace
+
+void save_png(const Tensor& images, std::size_t index, const std::string& path) {
+  if (images.dtype != DType::f32 || images.shape.size() != 4 || (images.shape[3] != 1 && images.shape[3] != 3))
+    throw Error("images: expected (N, H, W, C) float32 with C = 1 or 3, got " + dtype_name(images.dtype) + " " +
+                shape_text(images.shape));
+  if (index >= static_cast<std::size_t>(images.shape[0]))
+    throw Error("images: index " + std::to_string(index) + " is outside a batch of " +
+                std::to_string(images.shape[0]));
+  auto h = static_cast<std::size_t>(images.shape[1]), w = static_cast<std::size_t>(images.shape[2]);
+  auto c = static_cast<std::size_t>(images.shape[3]);
+  const float* pixels = images.f32() + index * h * w * c;
+  std::string raw;  // each row: filter type 0, then the row's bytes
+  for (std::size_t y = 0; y < h; ++y) {
+    raw.push_back('\0');
+    for (std::size_t i = 0; i < w * c; ++i) {
+      float v = std::min(std::max(pixels[y * w * c + i], 0.0f), 1.0f) * 255.0f;
+      raw.push_back(static_cast<char>(static_cast<unsigned char>(std::nearbyint(v))));  // numpy's round
+    }
+  }
+  std::string zlib("\x78\x01", 2);
+  for (std::size_t at = 0; at < raw.size() || at == 0; at += 65535) {
+    std::size_t n = std::min<std::size_t>(65535, raw.size() - at);
+    zlib.push_back(at + n >= raw.size() ? 1 : 0);  // BFINAL on the last stored block
+    zlib.push_back(static_cast<char>(n & 0xff));
+    zlib.push_back(static_cast<char>(n >> 8));
+    zlib.push_back(static_cast<char>(~n & 0xff));
+    zlib.push_back(static_cast<char>(~n >> 8 & 0xff));
+    zlib.append(raw, at, n);
+    if (raw.empty()) break;
+  }
+  uint32_t a = 1, b = 0;  // adler32
+  for (unsigned char byte : raw) {
+    a = (a + byte) % 65521;
+    b = (b + a) % 65521;
+  }
+  put32(zlib, b << 16 | a);
+  std::string ihdr;
+  put32(ihdr, static_cast<uint32_t>(w));
+  put32(ihdr, static_cast<uint32_t>(h));
+  ihdr += std::string{8, static_cast<char>(c == 3 ? 2 : 0), 0, 0, 0};
+  std::string png("\x89PNG\r\n\x1a\n", 8);
+  chunk(png, "IHDR", ihdr);
+  chunk(png, "IDAT", zlib);
+  chunk(png, "IEND", "");
+  write_atomically(path, png);
+}
+
+Tensor normal_noise(uint64_t seed, const Shape& shape) {
+  Tensor noise(DType::f32, shape);
+  uint64_t state = seed;
+  auto next = [&state] {  // SplitMix64
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  auto uniform = [&next] { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; };  // (0, 1)
+  float* out = noise.f32();
+  const double two_pi = 6.283185307179586;
+  for (std::size_t i = 0; i < noise.size(); i += 2) {
+    double radius = std::sqrt(-2.0 * std::log(uniform())), angle = two_pi * uniform();
+    out[i] = static_cast<float>(radius * std::cos(angle));
+    if (i + 1 < noise.size()) out[i + 1] = static_cast<float>(radius * std::sin(angle));
+  }
+  return noise;
+}
+
+namespace {
+
+// Lowercase hex sha256 of everything `feed` passes to its callback.
+template <typename Feed>
+std::string sha256_of(Feed feed) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> context(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1) throw Error("sha256: OpenSSL failed");
+  feed([&](const char* data, std::size_t n) { EVP_DigestUpdate(context.get(), data, n); });
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(context.get(), digest, &length);
+  static const char* hex = "0123456789abcdef";
+  std::string text;
+  for (unsigned int i = 0; i < length; ++i) {
+    text.push_back(hex[digest[i] >> 4]);
+    text.push_back(hex[digest[i] & 15]);
+  }
+  return text;
+}
+
+}  // namespace
+
+std::string sha256_bytes(const std::string& data) {
+  return sha256_of([&](auto update) { update(data.data(), data.size()); });
+}
+
+std::string sha256_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read " + quoted(path) + ": " + std::strerror(errno));
+  std::string hash = sha256_of([&](auto update) {
+    std::vector<char> buffer(1 << 20);
+    while (in) {
+      in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+      if (in.gcount() > 0) update(buffer.data(), static_cast<std::size_t>(in.gcount()));
+    }
+  });
+  if (in.bad()) throw Error("cannot read " + quoted(path));
+  return hash;
+}
+
+}  // namespace starflow

@@ -1,0 +1,257 @@
+// starflow-run: sample an export from the command line through libstarflow's C API.
+//
+// Latent mode: --noise N.npy [--text Y.npy --text-uncond Y0.npy] -> --out latent.npy
+// Prompt mode: --prompt P ... [--num-images N --seed S | --noise N.npy] -> --out images.npy / .png
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "starflow.hpp"
+
+namespace {
+
+const char* kUsage = R"(usage: starflow-run --artifacts DIR --out OUT [options]
+
+Samples a starflow export (the directory `starflow export onnx` writes) with libstarflow.
+
+Latent mode (writes the sampled latent, (B, C, H, W) float32 .npy):
+  --noise N.npy            prior noise, (B, C, H, W) float32
+  --text Y.npy             text embeddings (B, L, dim) float32 (text-conditioned models)
+  --text-uncond Y0.npy     the empty prompt's embeddings, as --text (needed when guidance > 0)
+  --token-ids IDS.npy      instead of --text: int64 (B, token_length) ids for the text encoder graph,
+  --attention-mask M.npy     with their mask (default: all ones)
+  --uncond-token-ids U.npy   and the empty prompt's ids (mask: --uncond-attention-mask, default ones)
+
+Prompt mode (label-table exports, e.g. the embedded digits model; writes images):
+  --prompt P               a prompt (repeat for more); "" is the unconditional prompt
+  --num-images N           images per prompt (default 1)
+  --seed S                 noise seed (default 0); starflow-run's own stream, not numpy's
+  --noise N.npy            instead of --seed: (prompts*N, C, H, W) noise, e.g. numpy's
+  --negative-prompt P      the unconditional text under guidance (default "")
+  --no-denoise             skip the self-denoise step
+  --latents-out L.npy      also write the latents
+  OUT ending in .npy: (N, H, W, C) float32 in [0, 1]; in .png: one PNG per image (OUT, or OUT-i.png)
+
+Sampling (default: the export's):
+  --guidance G  --method jacobi|sequential  --block-size N  --max-iter N  --threshold T
+
+Running:
+  --precision fp32|fp16    graph set (default fp32)
+  --threads N              intra-op threads per graph (default: all cores)
+  --onnxruntime PATH       libonnxruntime.so.1.* (default: the one beside libstarflow)
+  --provider NAME[:k=v,...] an ONNX Runtime execution provider (CUDA, TensorRT, ...; built, not run)
+  --stats FILE.json        per-block iterations, calls and seconds of the last sample call
+  --repeat N               sample N times (latent mode), print each run's seconds (benchmarks)
+  --help
+)";
+
+struct Arguments {
+  std::map<std::string, std::string> values;
+  std::vector<std::string> prompts;
+  std::vector<std::string> providers;
+  std::set<std::string> flags;
+  bool has(const std::string& key) const { return values.count(key) > 0; }
+  std::string get(const std::string& key, const std::string& fallback = "") const {
+    auto found = values.find(key);
+    return found == values.end() ? fallback : found->second;
+  }
+};
+
+Arguments parse(int argc, char** argv) {
+  static const std::set<std::string> valued = {
+      "--artifacts", "--out", "--noise", "--text", "--text-uncond", "--token-ids", "--attention-mask",
+      "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
+      "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
+      "--threads", "--onnxruntime", "--stats", "--repeat"};
+  static const std::set<std::string> switches = {"--no-denoise", "--help"};
+  Arguments args;
+  for (int i = 1; i < argc; ++i) {
+    std::string key = argv[i];
+    if (switches.count(key)) {
+      args.flags.insert(key);
+      continue;
+    }
+    if (!valued.count(key) && key != "--prompt" && key != "--provider")
+      throw starflow::Error("unknown option '" + key + "' (see --help)");
+    if (i + 1 >= argc) throw starflow::Error("option " + key + " needs a value");
+    std::string value = argv[++i];
+    if (key == "--prompt") args.prompts.push_back(value);
+    else if (key == "--provider") args.providers.push_back(value);
+    else if (!args.values.emplace(key, value).second) throw starflow::Error("option " + key + " given twice");
+  }
+  return args;
+}
+
+long long integer(const Arguments& args, const std::string& key, long long fallback, long long low) {
+  if (!args.has(key)) return fallback;
+  std::string text = args.get(key);
+  char* end = nullptr;
+  long long value = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end || value < low)
+    throw starflow::Error(key + ": expected an integer >= " + std::to_string(low) + ", got '" + text + "'");
+  return value;
+}
+
+double number(const Arguments& args, const std::string& key) {
+  std::string text = args.get(key);
+  char* end = nullptr;
+  double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end) throw starflow::Error(key + ": expected a number, got '" + text + "'");
+  return value;
+}
+
+starflow::Tensor ones_like(const starflow::Tensor& ids) {
+  starflow::Tensor mask = starflow::Tensor::zeros(SF_INT64, ids.shape());
+  auto* data = static_cast<int64_t*>(sf_tensor_data(mask.get()));
+  std::size_t n = 1;
+  for (int64_t d : ids.shape()) n *= static_cast<std::size_t>(d);
+  for (std::size_t i = 0; i < n; ++i) data[i] = 1;
+  return mask;
+}
+
+starflow::Tensor encode_tokens(starflow::Pipeline& pipeline, const Arguments& args, const std::string& ids_key,
+                               const std::string& mask_key) {
+  starflow::Tensor ids = starflow::Tensor::load(args.get(ids_key));
+  starflow::Tensor mask = args.has(mask_key) ? starflow::Tensor::load(args.get(mask_key)) : ones_like(ids);
+  sf_tensor* out = nullptr;
+  starflow::check(sf_pipeline_encode_tokens(pipeline.get(), ids.get(), mask.get(), &out));
+  return starflow::Tensor(out);
+}
+
+void write_stats(const starflow::Pipeline& pipeline, const Arguments& args) {
+  if (!args.has("--stats")) return;
+  std::string path = args.get("--stats"), temporary = path + ".tmp";
+  std::FILE* file = std::fopen(temporary.c_str(), "w");
+  if (!file) throw starflow::Error("--stats: cannot write '" + path + "'");
+  std::string stats = pipeline.stats();
+  bool written = std::fputs(stats.c_str(), file) >= 0;
+  written = std::fclose(file) == 0 && written;
+  if (!written || std::rename(temporary.c_str(), path.c_str()) != 0)
+    throw starflow::Error("--stats: cannot write '" + path + "'");
+}
+
+bool ends_with(const std::string& text, const std::string& tail) {
+  return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+int run(const Arguments& args) {
+  for (const char* key : {"--artifacts", "--out"})
+    if (!args.has(key)) throw starflow::Error(std::string("missing ") + key + " (see --help)");
+  bool prompt_mode = !args.prompts.empty();
+  if (!prompt_mode && !args.has("--noise"))
+    throw starflow::Error("pass --noise N.npy (latent mode) or --prompt P (prompt mode); see --help");
+  for (const char* key : {"--text", "--text-uncond", "--token-ids", "--uncond-token-ids", "--repeat"})
+    if (prompt_mode && args.has(key)) throw starflow::Error(std::string(key) + " applies to latent mode, not --prompt");
+  for (const char* key : {"--num-images", "--seed", "--negative-prompt", "--latents-out"})
+    if (!prompt_mode && args.has(key)) throw starflow::Error(std::string(key) + " applies to --prompt mode");
+  if (args.has("--text") && args.has("--token-ids"))
+    throw starflow::Error("pass --text or --token-ids, not both");
+  if (prompt_mode && args.has("--noise") && args.has("--seed")) throw starflow::Error("pass --noise or --seed, not both");
+
+  starflow::Config config;
+  if (args.has("--precision")) config.precision(args.get("--precision"));
+  config.threads(static_cast<int>(integer(args, "--threads", 0, 1)));
+  if (args.has("--onnxruntime")) config.onnxruntime_library(args.get("--onnxruntime"));
+  for (const std::string& spec : args.providers) {
+    std::string name = spec.substr(0, spec.find(':'));
+    std::vector<std::string> keys, values;
+    if (spec.find(':') != std::string::npos) {
+      std::string rest = spec.substr(spec.find(':') + 1);
+      for (std::size_t at = 0; at <= rest.size();) {
+        std::size_t comma = rest.find(',', at);
+        std::string pair = rest.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+        std::size_t equals = pair.find('=');
+        if (equals == std::string::npos) throw starflow::Error("--provider " + spec + ": options are key=value");
+        keys.push_back(pair.substr(0, equals));
+        values.push_back(pair.substr(equals + 1));
+        if (comma == std::string::npos) break;
+        at = comma + 1;
+      }
+    }
+    config.provider(name, keys, values);
+  }
+  starflow::Pipeline pipeline(args.get("--artifacts"), &config);
+  starflow::Sampling sampling(pipeline);
+  if (args.has("--guidance")) sampling.guidance(number(args, "--guidance"));
+  if (args.has("--method")) sampling.method(args.get("--method"));
+  if (args.has("--block-size")) sampling.block_size(static_cast<int>(integer(args, "--block-size", 0, 1)));
+  if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(integer(args, "--max-iter", 0, 1)));
+  if (args.has("--threshold")) sampling.threshold(number(args, "--threshold"));
+  std::string out = args.get("--out");
+
+  if (!prompt_mode) {
+    if (!ends_with(out, ".npy")) throw starflow::Error("--out: latent mode writes a .npy file, got '" + out + "'");
+    starflow::Tensor noise = starflow::Tensor::load(args.get("--noise"));
+    starflow::Tensor text, uncond;
+    if (args.has("--text")) text = starflow::Tensor::load(args.get("--text"));
+    if (args.has("--text-uncond")) uncond = starflow::Tensor::load(args.get("--text-uncond"));
+    if (args.has("--token-ids")) text = encode_tokens(pipeline, args, "--token-ids", "--attention-mask");
+    if (args.has("--uncond-token-ids"))
+      uncond = encode_tokens(pipeline, args, "--uncond-token-ids", "--uncond-attention-mask");
+    starflow::Tensor latent;
+    for (long long i = 0, n = integer(args, "--repeat", 1, 1); i < n; ++i) {
+      auto began = std::chrono::steady_clock::now();
+      latent = pipeline.sample(sampling, noise, text, uncond);
+      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+      if (args.has("--repeat")) std::printf("sample %lld: %.6f s\n", i + 1, seconds);
+    }
+    latent.save(out);
+    write_stats(pipeline, args);
+    return 0;
+  }
+
+  if (!ends_with(out, ".npy") && !ends_with(out, ".png"))
+    throw starflow::Error("--out: prompt mode writes images to a .npy or .png path, got '" + out + "'");
+  nlohmann::json info = nlohmann::json::parse(pipeline.describe());
+  long long per_prompt = integer(args, "--num-images", 1, 1);
+  std::vector<std::string> prompts;
+  for (const std::string& p : args.prompts)
+    for (long long i = 0; i < per_prompt; ++i) prompts.push_back(p);
+  auto count = static_cast<int64_t>(prompts.size());
+  starflow::Tensor noise =
+      args.has("--noise") ? starflow::Tensor::load(args.get("--noise"))
+                          : starflow::Tensor::noise(static_cast<uint64_t>(integer(args, "--seed", 0, 0)),
+                                                    {count, info["channels"], info["train"][0], info["train"][1]});
+  std::vector<const char*> pointers;
+  for (const std::string& p : prompts) pointers.push_back(p.c_str());
+  std::string negative = args.get("--negative-prompt");
+  sf_tensor *images = nullptr, *latents = nullptr;
+  starflow::check(sf_pipeline_generate(pipeline.get(), sampling.get(), pointers.data(), pointers.size(),
+                                       negative.c_str(), noise.get(), !args.flags.count("--no-denoise"), &images,
+                                       args.has("--latents-out") ? &latents : nullptr));
+  starflow::Tensor owned_images(images), owned_latents(latents);
+  if (owned_latents) owned_latents.save(args.get("--latents-out"));
+  if (ends_with(out, ".npy")) {
+    owned_images.save(out);
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      std::string path = count == 1 ? out : out.substr(0, out.size() - 4) + "-" + std::to_string(i) + ".png";
+      starflow::check(sf_image_save_png(owned_images.get(), static_cast<std::size_t>(i), path.c_str()));
+    }
+  }
+  write_stats(pipeline, args);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    Arguments args = parse(argc, argv);
+    if (args.flags.count("--help") || argc == 1) {
+      std::fputs(kUsage, argc == 1 ? stderr : stdout);
+      return argc == 1 ? 2 : 0;
+    }
+    return run(args);
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "starflow-run: error: %s\n", err.what());
+    return 1;
+  }
+}
