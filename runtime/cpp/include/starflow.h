@@ -89,6 +89,12 @@ SF_API sf_status* sf_sampling_set_method(sf_sampling* sampling, const char* meth
 SF_API sf_status* sf_sampling_set_block_size(sf_sampling* sampling, int block_size);   /* >= 1 */
 SF_API sf_status* sf_sampling_set_max_iter(sf_sampling* sampling, int max_iter);       /* >= 1 */
 SF_API sf_status* sf_sampling_set_threshold(sf_sampling* sampling, double threshold);  /* >= 0 */
+/* A Jacobi chunk's first guess: "noise" (the official) or "chunk-mean" (the previous chunk's mean
+ * affine map applied to the chunk's noise). */
+SF_API sf_status* sf_sampling_set_init(sf_sampling* sampling, const char* init);
+/* Separate Jacobi settings for the shallow blocks (the setters above then apply to the deep one). */
+SF_API sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* sampling, int block_size, int max_iter,
+                                                 double threshold, const char* init);
 SF_API void sf_sampling_free(sf_sampling* sampling);
 
 /* ---- the stages -------------------------------------------------------------------------------- */

@@ -61,7 +61,11 @@ class Tensor {
 
 class Config {
  public:
-  Config() { check(sf_config_create(&raw_)), handle_.reset(raw_); }
+  Config() {
+    sf_config* c = nullptr;
+    check(sf_config_create(&c));
+    handle_.reset(c);
+  }
   Config& precision(const std::string& p) { return check(sf_config_set_precision(get(), p.c_str())), *this; }
   Config& threads(int n) { return check(sf_config_set_threads(get(), n)), *this; }
   Config& onnxruntime_library(const std::string& path) {
@@ -78,7 +82,6 @@ class Config {
   sf_config* get() const { return handle_.get(); }
 
  private:
-  sf_config* raw_ = nullptr;
   std::unique_ptr<sf_config, Deleter<sf_config, sf_config_free>> handle_;
 };
 
@@ -92,6 +95,10 @@ class Sampling {
   Sampling& block_size(int n) { return check(sf_sampling_set_block_size(get(), n)), *this; }
   Sampling& max_iter(int n) { return check(sf_sampling_set_max_iter(get(), n)), *this; }
   Sampling& threshold(double t) { return check(sf_sampling_set_threshold(get(), t)), *this; }
+  Sampling& init(const std::string& first_guess) { return check(sf_sampling_set_init(get(), first_guess.c_str())), *this; }
+  Sampling& shallow_jacobi(int block_size, int max_iter, double threshold, const std::string& first_guess) {
+    return check(sf_sampling_set_shallow_jacobi(get(), block_size, max_iter, threshold, first_guess.c_str())), *this;
+  }
   sf_sampling* get() const { return handle_.get(); }
 
  private:

@@ -10,17 +10,17 @@ struct sf_status {
   std::string message;
 };
 struct sf_tensor {
-  starflow::Tensor tensor;
+  starflow::native::Tensor tensor;
 };
 struct sf_config {
-  starflow::LoadSettings settings;
+  starflow::native::LoadSettings settings;
 };
 struct sf_pipeline {
-  std::unique_ptr<starflow::Pipeline> pipeline;
+  std::unique_ptr<starflow::native::Pipeline> pipeline;
   std::string description;
 };
 struct sf_sampling {
-  starflow::Sampling sampling;
+  starflow::native::Sampling sampling;
 };
 
 namespace {
@@ -41,7 +41,7 @@ sf_status* guarded(const char* function, Body body) {
   try {
     body(function);
     return nullptr;
-  } catch (const starflow::Error& err) {
+  } catch (const starflow::native::Error& err) {
     return failure(err.what());
   } catch (const std::bad_alloc&) {
     return failure(std::string(function) + ": out of memory");
@@ -53,23 +53,23 @@ sf_status* guarded(const char* function, Body body) {
 }
 
 void require(const void* pointer, const char* function, const char* name) {
-  if (!pointer) throw starflow::Error(std::string(function) + ": " + name + " is NULL");
+  if (!pointer) throw starflow::native::Error(std::string(function) + ": " + name + " is NULL");
 }
 
-starflow::Shape shape_of(const int64_t* shape, size_t rank, const char* function) {
-  if (rank && !shape) throw starflow::Error(std::string(function) + ": shape is NULL");
-  if (rank > 8) throw starflow::Error(std::string(function) + ": rank " + std::to_string(rank) + " is over 8");
-  return starflow::Shape(shape, shape + rank);
+starflow::native::Shape shape_of(const int64_t* shape, size_t rank, const char* function) {
+  if (rank && !shape) throw starflow::native::Error(std::string(function) + ": shape is NULL");
+  if (rank > 8) throw starflow::native::Error(std::string(function) + ": rank " + std::to_string(rank) + " is over 8");
+  return starflow::native::Shape(shape, shape + rank);
 }
 
-starflow::DType dtype_of(sf_dtype dtype) {
+starflow::native::DType dtype_of(sf_dtype dtype) {
   if (dtype != SF_FLOAT32 && dtype != SF_FLOAT16 && dtype != SF_INT64)
-    throw starflow::Error("sf_tensor_create: dtype " + std::to_string(static_cast<int>(dtype)) +
+    throw starflow::native::Error("sf_tensor_create: dtype " + std::to_string(static_cast<int>(dtype)) +
                           " is not SF_FLOAT32, SF_FLOAT16 or SF_INT64");
-  return static_cast<starflow::DType>(dtype);
+  return static_cast<starflow::native::DType>(dtype);
 }
 
-const starflow::Tensor* optional(const sf_tensor* t) { return t ? &t->tensor : nullptr; }
+const starflow::native::Tensor* optional(const sf_tensor* t) { return t ? &t->tensor : nullptr; }
 
 }  // namespace
 
@@ -87,7 +87,7 @@ void sf_status_free(sf_status* status) {
 sf_status* sf_tensor_create(sf_dtype dtype, const int64_t* shape, size_t rank, sf_tensor** out) {
   return guarded(__func__, [&](const char* fn) {
     require(out, fn, "out");
-    *out = new sf_tensor{starflow::Tensor(dtype_of(dtype), shape_of(shape, rank, fn))};
+    *out = new sf_tensor{starflow::native::Tensor(dtype_of(dtype), shape_of(shape, rank, fn))};
   });
 }
 
@@ -95,7 +95,7 @@ sf_status* sf_tensor_load_npy(const char* path, sf_tensor** out) {
   return guarded(__func__, [&](const char* fn) {
     require(path, fn, "path");
     require(out, fn, "out");
-    *out = new sf_tensor{starflow::load_npy(path)};
+    *out = new sf_tensor{starflow::native::load_npy(path)};
   });
 }
 
@@ -103,14 +103,14 @@ sf_status* sf_tensor_save_npy(const sf_tensor* tensor, const char* path) {
   return guarded(__func__, [&](const char* fn) {
     require(tensor, fn, "tensor");
     require(path, fn, "path");
-    starflow::save_npy(tensor->tensor, path);
+    starflow::native::save_npy(tensor->tensor, path);
   });
 }
 
 sf_status* sf_tensor_noise(uint64_t seed, const int64_t* shape, size_t rank, sf_tensor** out) {
   return guarded(__func__, [&](const char* fn) {
     require(out, fn, "out");
-    *out = new sf_tensor{starflow::normal_noise(seed, shape_of(shape, rank, fn))};
+    *out = new sf_tensor{starflow::native::normal_noise(seed, shape_of(shape, rank, fn))};
   });
 }
 
@@ -124,7 +124,7 @@ sf_status* sf_image_save_png(const sf_tensor* images, size_t index, const char* 
   return guarded(__func__, [&](const char* fn) {
     require(images, fn, "images");
     require(path, fn, "path");
-    starflow::save_png(images->tensor, index, path);
+    starflow::native::save_png(images->tensor, index, path);
   });
 }
 
@@ -141,7 +141,7 @@ sf_status* sf_config_set_precision(sf_config* config, const char* precision) {
     require(config, fn, "config");
     require(precision, fn, "precision");
     std::string p = precision;
-    if (p != "fp32" && p != "fp16") throw starflow::Error("precision: expected 'fp32' or 'fp16', got '" + p + "'");
+    if (p != "fp32" && p != "fp16") throw starflow::native::Error("precision: expected 'fp32' or 'fp16', got '" + p + "'");
     config->settings.precision = p;
   });
 }
@@ -150,7 +150,7 @@ sf_status* sf_config_set_threads(sf_config* config, int threads) {
   return guarded(__func__, [&](const char* fn) {
     require(config, fn, "config");
     if (threads < 0 || threads > 1024)
-      throw starflow::Error("threads: must be 0 (all cores) or 1 .. 1024, got " + std::to_string(threads));
+      throw starflow::native::Error("threads: must be 0 (all cores) or 1 .. 1024, got " + std::to_string(threads));
     config->settings.session.threads = threads;
   });
 }
@@ -167,8 +167,8 @@ sf_status* sf_config_add_provider(sf_config* config, const char* name, const cha
   return guarded(__func__, [&](const char* fn) {
     require(config, fn, "config");
     require(name, fn, "name");
-    if (count && (!keys || !values)) throw starflow::Error("sf_config_add_provider: keys or values is NULL");
-    starflow::Provider provider{name, {}, {}};
+    if (count && (!keys || !values)) throw starflow::native::Error("sf_config_add_provider: keys or values is NULL");
+    starflow::native::Provider provider{name, {}, {}};
     for (size_t i = 0; i < count; ++i) {
       require(keys[i], fn, "a key");
       require(values[i], fn, "a value");
@@ -187,8 +187,8 @@ sf_status* sf_pipeline_load(const char* artifacts_dir, const sf_config* config, 
     require(artifacts_dir, fn, "artifacts_dir");
     require(out, fn, "out");
     *out = nullptr;
-    starflow::LoadSettings settings = config ? config->settings : starflow::LoadSettings{};
-    auto pipeline = std::make_unique<starflow::Pipeline>(artifacts_dir, settings);
+    starflow::native::LoadSettings settings = config ? config->settings : starflow::native::LoadSettings{};
+    auto pipeline = std::make_unique<starflow::native::Pipeline>(artifacts_dir, settings);
     std::string description = pipeline->describe();
     *out = new sf_pipeline{std::move(pipeline), std::move(description)};
   });
@@ -217,7 +217,7 @@ sf_status* sf_sampling_set_guidance(sf_sampling* s, double weight) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
     if (!std::isfinite(weight) || weight < 0)
-      throw starflow::Error("guidance: must be a finite number >= 0, got " + std::to_string(weight));
+      throw starflow::native::Error("guidance: must be a finite number >= 0, got " + std::to_string(weight));
     s->sampling.guidance = weight;
   });
 }
@@ -226,7 +226,7 @@ sf_status* sf_sampling_set_method(sf_sampling* s, const char* method) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
     require(method, fn, "method");
-    starflow::Sampling changed = s->sampling;
+    starflow::native::Sampling changed = s->sampling;
     changed.method = method;
     changed.check();
     s->sampling = changed;
@@ -236,8 +236,8 @@ sf_status* sf_sampling_set_method(sf_sampling* s, const char* method) {
 sf_status* sf_sampling_set_block_size(sf_sampling* s, int block_size) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
-    starflow::Sampling changed = s->sampling;
-    changed.block_size = block_size;
+    starflow::native::Sampling changed = s->sampling;
+    changed.jacobi.block_size = block_size;
     changed.check();
     s->sampling = changed;
   });
@@ -246,8 +246,8 @@ sf_status* sf_sampling_set_block_size(sf_sampling* s, int block_size) {
 sf_status* sf_sampling_set_max_iter(sf_sampling* s, int max_iter) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
-    starflow::Sampling changed = s->sampling;
-    changed.max_iter = max_iter;
+    starflow::native::Sampling changed = s->sampling;
+    changed.jacobi.max_iter = max_iter;
     changed.check();
     s->sampling = changed;
   });
@@ -256,8 +256,31 @@ sf_status* sf_sampling_set_max_iter(sf_sampling* s, int max_iter) {
 sf_status* sf_sampling_set_threshold(sf_sampling* s, double threshold) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
-    starflow::Sampling changed = s->sampling;
-    changed.threshold = threshold;
+    starflow::native::Sampling changed = s->sampling;
+    changed.jacobi.threshold = threshold;
+    changed.check();
+    s->sampling = changed;
+  });
+}
+
+sf_status* sf_sampling_set_init(sf_sampling* s, const char* init) {
+  return guarded(__func__, [&](const char* fn) {
+    require(s, fn, "sampling");
+    require(init, fn, "init");
+    starflow::native::Sampling changed = s->sampling;
+    changed.jacobi.init = init;
+    changed.check();
+    s->sampling = changed;
+  });
+}
+
+sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* s, int block_size, int max_iter, double threshold,
+                                          const char* init) {
+  return guarded(__func__, [&](const char* fn) {
+    require(s, fn, "sampling");
+    require(init, fn, "init");
+    starflow::native::Sampling changed = s->sampling;
+    changed.shallow_jacobi = starflow::native::Jacobi{block_size, max_iter, threshold, init};
     changed.check();
     s->sampling = changed;
   });
@@ -272,7 +295,7 @@ sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* sampling
     require(pipeline, fn, "pipeline");
     require(noise, fn, "noise");
     require(latent, fn, "latent");
-    starflow::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
+    starflow::native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
     *latent = new sf_tensor{pipeline->pipeline->sample(noise->tensor, optional(text), optional(text_uncond), options)};
   });
 }
@@ -328,9 +351,9 @@ sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampli
     if (count) require(prompts, fn, "prompts");
     std::vector<std::string> list;
     for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
-    starflow::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
-    starflow::Tensor latent;
-    starflow::Tensor result = pipeline->pipeline->generate(list, negative_prompt ? negative_prompt : "",
+    starflow::native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
+    starflow::native::Tensor latent;
+    starflow::native::Tensor result = pipeline->pipeline->generate(list, negative_prompt ? negative_prompt : "",
                                                            noise->tensor, options, denoise != 0, &latent);
     auto* image_handle = new sf_tensor{std::move(result)};
     if (latents) {

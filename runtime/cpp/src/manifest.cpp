@@ -9,7 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace starflow {
+namespace starflow::native {
 namespace {
 
 using json = nlohmann::json;
@@ -376,4 +376,4 @@ Manifest load_manifest(const std::string& directory) {
   return m;
 }
 
-}  // namespace starflow
+}  // namespace starflow::native

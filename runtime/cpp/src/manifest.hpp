@@ -10,7 +10,7 @@
 
 #include "tensor.hpp"
 
-namespace starflow {
+namespace starflow::native {
 
 constexpr int kSchemaVersion = 4;
 
@@ -79,4 +79,4 @@ struct Manifest {
 
 Manifest load_manifest(const std::string& directory);
 
-}  // namespace starflow
+}  // namespace starflow::native

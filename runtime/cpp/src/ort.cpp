@@ -9,7 +9,7 @@
 #include <mutex>
 #include <thread>
 
-namespace starflow {
+namespace starflow::native {
 namespace {
 
 std::string directory_of_this_library() {
@@ -241,4 +241,4 @@ std::vector<Output> Session::run(const std::vector<Feed>& feeds) const {
   }
 }
 
-}  // namespace starflow
+}  // namespace starflow::native

@@ -15,7 +15,7 @@ struct OrtSessionOptions;
 struct OrtMemoryInfo;
 struct OrtValue;
 
-namespace starflow {
+namespace starflow::native {
 
 struct Provider {
   std::string name;
@@ -95,4 +95,4 @@ class Session {
   std::vector<std::string> inputs_, outputs_;
 };
 
-}  // namespace starflow
+}  // namespace starflow::native

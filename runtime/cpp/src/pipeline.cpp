@@ -7,7 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace starflow {
+namespace starflow::native {
 namespace {
 
 using json = nlohmann::json;
@@ -190,9 +190,9 @@ Pipeline::~Pipeline() = default;
 Sampling Pipeline::defaults() const {
   Sampling s;
   s.guidance = manifest_.default_guidance;
-  s.block_size = manifest_.block_size;
-  s.max_iter = manifest_.max_iter;
-  s.threshold = manifest_.threshold;
+  s.jacobi.block_size = manifest_.block_size;
+  s.jacobi.max_iter = manifest_.max_iter;
+  s.jacobi.threshold = manifest_.threshold;
   return s;
 }
 
@@ -277,7 +277,7 @@ Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_un
   for (auto& block : blocks_) blocks.push_back(block.get());
   std::vector<BlockStats> stats;
   stats_ = "[]";
-  Tensor latent = starflow::sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
+  Tensor latent = sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
                                    options, manifest_.patch_size, manifest_.guide_deep_only, stats);
   json record = json::array();
   for (const BlockStats& s : stats)
@@ -433,4 +433,4 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
   return images;
 }
 
-}  // namespace starflow
+}  // namespace starflow::native

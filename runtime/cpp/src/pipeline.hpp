@@ -12,7 +12,7 @@
 #include "ort.hpp"
 #include "sampler.hpp"
 
-namespace starflow {
+namespace starflow::native {
 
 struct LoadSettings {
   std::string precision = "fp32";
@@ -55,4 +55,4 @@ class Pipeline {
   std::string stats_ = "[]";
 };
 
-}  // namespace starflow
+}  // namespace starflow::native

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstring>
 
-namespace starflow {
+namespace starflow::native {
 namespace {
 
 // Rows [first, first + count) of every position in [from, from + length) into a fresh (count, length, D).
@@ -49,7 +49,22 @@ Sequence solve_sequential(SamplerBlock& block, const Sequence& z, double guidanc
   return x;
 }
 
-Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, const Sampling& options,
+// mean over the chunk's positions of the previous chunk's (mu, sigma) applied to the new targets
+void chunk_mean_guess(Sequence& full, const Sequence& mu, const Sequence& sigma, const Sequence& z, int64_t start,
+                      int64_t c) {
+  for (int64_t r = 0; r < z.rows; ++r)
+    for (int64_t d = 0; d < z.dim; ++d) {
+      float sum_mu = 0, sum_sigma = 0;
+      for (int64_t t = 0; t < mu.length; ++t) {
+        sum_mu += mu.at(r, t)[d];
+        sum_sigma += sigma.at(r, t)[d];
+      }
+      const float mean_mu = sum_mu / static_cast<float>(mu.length), mean_sigma = sum_sigma / static_cast<float>(mu.length);
+      for (int64_t t = 0; t < c; ++t) full.at(r, start + 1 + t)[d] = mean_mu + mean_sigma * z.at(r, start + t)[d];
+    }
+}
+
+Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, const Jacobi& options,
                       BlockStats& stats) {
   const std::vector<float>& sos = block.sos();
   if (sos.empty()) throw Error("Jacobi sampling needs a model with `sos: 1`; use method 'sequential'");
@@ -61,6 +76,7 @@ Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, c
   }
   for (int64_t start = 0; start < T;) {
     const int64_t c = std::min<int64_t>(options.block_size, T - start);
+    if (options.init == "chunk-mean" && start > 0) chunk_mean_guess(full, mu, sigma, z, start, c);
     int i = 0;
     for (; i < options.max_iter; ++i) {
       block.step(slice(full, 0, rows, start, c), start, mu, sigma);
@@ -91,14 +107,21 @@ Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, c
 
 }  // namespace
 
+void Jacobi::check(const std::string& name) const {
+  if (block_size < 1) throw Error(name + ".block_size: must be an integer >= 1, got " + std::to_string(block_size));
+  if (max_iter < 1) throw Error(name + ".max_iter: must be an integer >= 1, got " + std::to_string(max_iter));
+  if (!(threshold >= 0)) throw Error(name + ".threshold: must be a number >= 0, got " + std::to_string(threshold));
+  if (init != "noise" && init != "chunk-mean")
+    throw Error(name + ".init: expected 'noise' or 'chunk-mean', got '" + init + "'");
+}
+
 void Sampling::check() const {
   if (method != "jacobi" && method != "sequential")
     throw Error("method: expected 'jacobi' or 'sequential', got '" + method + "'");
   if (!std::isfinite(guidance) || guidance < 0)
     throw Error("guidance: must be a finite number >= 0, got " + std::to_string(guidance));
-  if (block_size < 1) throw Error("jacobi.block_size: must be an integer >= 1, got " + std::to_string(block_size));
-  if (max_iter < 1) throw Error("jacobi.max_iter: must be an integer >= 1, got " + std::to_string(max_iter));
-  if (!(threshold >= 0)) throw Error("jacobi.threshold: must be a number >= 0, got " + std::to_string(threshold));
+  jacobi.check("jacobi");
+  if (shallow_jacobi) shallow_jacobi->check("shallow_jacobi");
 }
 
 Sequence patchify(const Tensor& latent, int p) {
@@ -173,7 +196,7 @@ Tensor sample(const std::vector<SamplerBlock*>& blocks, const Tensor& noise, con
     block->open(z.rows, h, w, block->text_conditioned() ? rows_text : nullptr);
     if (block->flip()) flip(z);
     x = options.method == "sequential" ? solve_sequential(*block, z, guidance, record)
-                                       : solve_jacobi(*block, z, guidance, options, record);
+                                       : solve_jacobi(*block, z, guidance, options.jacobi_for(block->deep()), record);
     if (block->flip()) flip(x);
     if (x.rows != B) x = slice(x, 0, B, 0, x.length);
     record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
@@ -182,4 +205,4 @@ Tensor sample(const std::vector<SamplerBlock*>& blocks, const Tensor& noise, con
   return unpatchify(x, patch, h, w);
 }
 
-}  // namespace starflow
+}  // namespace starflow::native

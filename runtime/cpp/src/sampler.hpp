@@ -3,20 +3,29 @@
 // The numbers follow the Python runtime operation for operation in float32.
 #pragma once
 
-#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "tensor.hpp"
 
-namespace starflow {
+namespace starflow::native {
+
+// How block-wise Jacobi solves one block (starflow.sampler.JacobiSettings).
+struct Jacobi {
+  int block_size = 16, max_iter = 32;
+  double threshold = 1e-3;
+  std::string init = "noise";  // first guess: "noise" (official) or "chunk-mean"
+  void check(const std::string& name) const;
+};
 
 struct Sampling {
   double guidance = 0;
   std::string method = "jacobi";  // or "sequential"
-  int block_size = 16, max_iter = 32;
-  double threshold = 1e-3;
+  Jacobi jacobi;
+  std::optional<Jacobi> shallow_jacobi;  // the shallow blocks' own settings; none: `jacobi`
   void check() const;
+  const Jacobi& jacobi_for(bool deep) const { return deep || !shallow_jacobi ? jacobi : *shallow_jacobi; }
 };
 
 struct BlockStats {
@@ -61,4 +70,4 @@ Tensor sample(const std::vector<SamplerBlock*>& blocks, const Tensor& noise, con
               const Sequence* text_uncond, const Sampling& options, int patch, bool guide_deep_only,
               std::vector<BlockStats>& stats);
 
-}  // namespace starflow
+}  // namespace starflow::native

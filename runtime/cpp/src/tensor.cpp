@@ -14,7 +14,7 @@
 #include <memory>
 #include <sstream>
 
-namespace starflow {
+namespace starflow::native {
 namespace {
 
 constexpr std::size_t kMaxTensorBytes = std::size_t{1} << 36;  // 64 GiB: past that a shape is a typo
@@ -320,4 +320,4 @@ std::string sha256_file(const std::string& path) {
   return hash;
 }
 
-}  // namespace starflow
+}  // namespace starflow::native

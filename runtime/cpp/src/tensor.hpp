@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-namespace starflow {
+namespace starflow::native {
 
 // Every failure is one of these; the C API turns it into an sf_status.
 struct Error : std::runtime_error {
@@ -50,4 +50,4 @@ std::string sha256_file(const std::string& path);
 std::string sha256_bytes(const std::string& data);
 std::string read_file(const std::string& path, std::size_t limit);
 
-}  // namespace starflow
+}  // namespace starflow::native

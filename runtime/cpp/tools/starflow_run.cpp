@@ -41,6 +41,8 @@ Prompt mode (label-table exports, e.g. the embedded digits model; writes images)
 
 Sampling (default: the export's):
   --guidance G  --method jacobi|sequential  --block-size N  --max-iter N  --threshold T
+  --init noise|chunk-mean  a Jacobi chunk's first guess (default noise, the official)
+  --shallow-jacobi B,M,T[,INIT]  the shallow blocks' own block size, max iterations, threshold
 
 Running:
   --precision fp32|fp16    graph set (default fp32)
@@ -69,7 +71,7 @@ Arguments parse(int argc, char** argv) {
       "--artifacts", "--out", "--noise", "--text", "--text-uncond", "--token-ids", "--attention-mask",
       "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
-      "--threads", "--onnxruntime", "--stats", "--repeat"};
+      "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi"};
   static const std::set<std::string> switches = {"--no-denoise", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
@@ -184,6 +186,25 @@ int run(const Arguments& args) {
   if (args.has("--block-size")) sampling.block_size(static_cast<int>(integer(args, "--block-size", 0, 1)));
   if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(integer(args, "--max-iter", 0, 1)));
   if (args.has("--threshold")) sampling.threshold(number(args, "--threshold"));
+  if (args.has("--init")) sampling.init(args.get("--init"));
+  if (args.has("--shallow-jacobi")) {
+    std::string spec = args.get("--shallow-jacobi");
+    std::vector<std::string> parts;
+    for (std::size_t at = 0;;) {
+      std::size_t comma = spec.find(',', at);
+      parts.push_back(spec.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
+      if (comma == std::string::npos) break;
+      at = comma + 1;
+    }
+    if (parts.size() < 3 || parts.size() > 4)
+      throw starflow::Error("--shallow-jacobi: expected BLOCK_SIZE,MAX_ITER,THRESHOLD[,INIT], got '" + spec + "'");
+    Arguments one;
+    one.values = {{"--shallow-jacobi block size", parts[0]}, {"--shallow-jacobi max_iter", parts[1]},
+                  {"--shallow-jacobi threshold", parts[2]}};
+    sampling.shallow_jacobi(static_cast<int>(integer(one, "--shallow-jacobi block size", 0, 1)),
+                            static_cast<int>(integer(one, "--shallow-jacobi max_iter", 0, 1)),
+                            number(one, "--shallow-jacobi threshold"), parts.size() == 4 ? parts[3] : "noise");
+  }
   std::string out = args.get("--out");
 
   if (!prompt_mode) {

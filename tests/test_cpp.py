@@ -1,0 +1,301 @@
+"""libstarflow (runtime/cpp, built by `make cpp` / `make cpp-asan`) against the Python runtime.
+
+`starflow-run` must give `Pipeline.sample`'s numbers (1e-5 in fp32, the same Jacobi iteration
+counts), the official goldens, and `starflow generate`'s images; the C API must refuse bad input
+with a status (runtime/cpp/tests/api_tests.cpp), also under AddressSanitizer + UBSan. Without a
+build these tests skip, except under CI (CI=true), where a missing build is a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from starflow.checkpoint import save_model
+from starflow.config import config_from_dict
+from starflow.export.manifest import UNDIGESTED
+from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
+from starflow.runtime.generator import make_noise
+from starflow.testing import random_model
+from tests.conftest import T2I
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD, ASAN_BUILD = ROOT / "build" / "cpp", ROOT / "build" / "cpp-asan"
+FIXTURE_JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)
+FP16_TOLERANCE = 2e-3  # the Python runtime's fp16 limit (tests/test_runtime.py)
+# GQA, SwiGLU, RMSNorm, patch 2, text in every block: latent 16x24 is an 8x12 token grid.
+GQA_SWIGLU_PATCH2 = dict(
+    channel_size=2, img_size=16, patch_size=2, channels=64, layers_per_block=[1, 2],
+    head_dim=16, num_heads=4, num_kv_heads=2, rope=True, sos=True, txt_size=4, txt_dim=8,
+    cond_top_only=False, use_softplus=True, use_final_norm=True, soft_clip=3.0,
+    seq_order="L2R", norm_type="rms_norm", use_swiglu=True,
+)  # fmt: skip
+
+
+def built(build: Path) -> Path:
+    if not (build / "starflow-run").is_file():
+        message = (
+            f"{build}/starflow-run is not built (run `make cpp`, or `make cpp-asan` for {ASAN_BUILD.name})"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return build
+
+
+def run(program: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def cpp_sample(
+    artifacts: Path,
+    work: Path,
+    noise: np.ndarray,
+    y: np.ndarray | None,
+    y_uncond: np.ndarray | None,
+    options: SampleOptions,
+    *extra: str,
+    build: Path = BUILD,
+) -> tuple[np.ndarray, list[dict]]:
+    """`starflow-run` in latent mode with `options` spelt out as flags; returns (latent, stats)."""
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "noise.npy", noise)
+    args = ["--artifacts", artifacts, "--noise", work / "noise.npy", "--out", work / "out.npy"]
+    args += ["--stats", work / "stats.json", "--threads", "1", "--guidance", str(options.guidance)]
+    args += ["--method", options.method, "--block-size", str(options.jacobi.block_size)]
+    args += ["--max-iter", str(options.jacobi.max_iter), "--threshold", repr(options.jacobi.threshold)]
+    args += ["--init", options.jacobi.init]
+    if options.shallow_jacobi:
+        s = options.shallow_jacobi
+        args += ["--shallow-jacobi", f"{s.block_size},{s.max_iter},{s.threshold!r},{s.init}"]
+    for name, array in (("text", y), ("text-uncond", y_uncond)):
+        if array is not None:
+            np.save(work / f"{name}.npy", array)
+            args += [f"--{name}", work / f"{name}.npy"]
+    result = run(built(build) / "starflow-run", *args, *extra)
+    assert result.returncode == 0, result.stderr
+    return np.load(work / "out.npy"), json.loads((work / "stats.json").read_text())
+
+
+def same_counts(cpp_stats: list[dict], stats: list) -> bool:
+    ours = [(s["block"], s["iterations"], s["evaluations"], s["tokens"]) for s in cpp_stats]
+    return ours == [(s.block, s.iterations, s.evaluations, s.tokens) for s in stats]
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cpp-random")
+    model = random_model(config_from_dict(GQA_SWIGLU_PATCH2), seed=5)
+    save_model(model, work / "model.safetensors")
+    options = ExportOptions(precisions=("fp32",), validate=False, denoise=False, max_latent=(16, 24))
+    export_onnx(work / "model.safetensors", work / "artifacts", options)
+    return work / "artifacts"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("method", ["sequential", "jacobi"])
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_random_config_matches_the_python_runtime(random_export, tmp_path, batch, method, guidance):
+    rng = np.random.default_rng(batch)
+    noise = rng.standard_normal((batch, 2, 16, 24), dtype=np.float32)
+    y = rng.standard_normal((batch, 4, 8), dtype=np.float32)
+    y_null = np.zeros_like(y) if guidance else None
+    options = SampleOptions(guidance, method, JacobiSettings(block_size=8, threshold=1e-5))
+    ref, stats = Pipeline.load(random_export, threads=1).sample(noise, y, y_null, options, return_stats=True)
+    ours, cpp_stats = cpp_sample(random_export, tmp_path, noise, y, y_null, options)
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert same_counts(cpp_stats, stats)
+
+
+def test_jacobi_options_match_the_python_runtime(random_export, tmp_path):
+    """The chunk-mean first guess and separate shallow-block settings, as the Python runtime."""
+    rng = np.random.default_rng(9)
+    noise = rng.standard_normal((2, 2, 16, 16), dtype=np.float32)
+    y = rng.standard_normal((2, 4, 8), dtype=np.float32)
+    options = SampleOptions(
+        1.5,
+        jacobi=JacobiSettings(block_size=8, max_iter=6, threshold=1e-4, init="chunk-mean"),
+        shallow_jacobi=JacobiSettings(block_size=32, max_iter=3, threshold=1e-2, init="chunk-mean"),
+    )
+    ref, stats = Pipeline.load(random_export, threads=1).sample(
+        noise, y, np.zeros_like(y), options, return_stats=True
+    )
+    ours, cpp_stats = cpp_sample(random_export, tmp_path, noise, y, np.zeros_like(y), options)
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert same_counts(cpp_stats, stats)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    if not T2I.is_dir():
+        pytest.skip(f"shared fixtures not found at {T2I}")
+    return load_file(T2I / "golden.safetensors")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("method", ["sequential", "jacobi"])
+@pytest.mark.parametrize("cfg", [False, True])
+def test_official_goldens_through_starflow_run(fixture_artifacts, golden, tmp_path, precision, method, cfg):
+    options = SampleOptions(1.5 if cfg else 0.0, method, FIXTURE_JACOBI)
+    y_null = golden["y_null"] if cfg else None
+    ours, cpp_stats = cpp_sample(
+        fixture_artifacts, tmp_path, golden["noise"], golden["y"], y_null, options, "--precision", precision
+    )
+    pipe = Pipeline.load(fixture_artifacts, precision=precision, threads=1)
+    ref, stats = pipe.sample(golden["noise"], golden["y"], y_null, options, return_stats=True)
+    key = f"reverse.{method}" + (".cfg" if cfg else "")
+    if precision == "fp32":
+        assert np.abs(ours - ref).max() <= 1e-5 and same_counts(cpp_stats, stats)
+        assert np.abs(ours - golden[key]).max() <= 1e-4
+    else:  # fp16 graphs: the Python runtime's fp16 tolerance against the official fp32 numbers
+        assert np.abs(ours - golden[key]).max() <= FP16_TOLERANCE
+        assert np.abs(ours - ref).max() <= FP16_TOLERANCE
+
+
+def test_digits_model_end_to_end_equals_starflow_generate(demo_export, tmp_path):
+    """prompt -> label id -> text encoder -> flow (guidance) -> self-denoise -> image, in C++."""
+    generator = Generator.load(demo_export, threads=1)
+    prompts = ["3", "7", ""]
+    generation = generator.generate(prompts, num_images=2, seed=11)
+    noise = make_noise(11, (6, 1, *generator.latent_size()))
+    np.save(tmp_path / "noise.npy", noise)
+    args = ["--artifacts", demo_export, "--noise", tmp_path / "noise.npy", "--threads", "1"]
+    for prompt in prompts:
+        args += ["--prompt", prompt]
+    args += ["--num-images", "2", "--latents-out", tmp_path / "latents.npy"]
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "images.npy")
+    assert result.returncode == 0, result.stderr
+    assert np.abs(np.load(tmp_path / "images.npy") - generation.images).max() <= 1e-4
+    assert np.abs(np.load(tmp_path / "latents.npy") - generation.latents).max() <= 1e-4
+
+    result = run(BUILD / "starflow-run", *args, "--out", tmp_path / "digit.png")
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "digit-5.png") as image:
+        pixels = np.asarray(image)
+    assert pixels.shape == generation.images.shape[1:3]
+    expected = np.round(np.clip(generation.images[5, ..., 0], 0, 1) * 255)
+    assert np.abs(pixels.astype(int) - expected).max() <= 1
+
+
+def test_seeded_prompt_mode_is_deterministic(demo_export, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        args = ["--artifacts", demo_export, "--prompt", "4", "--seed", "5", "--threads", "1"]
+        result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / f"{name}.npy")
+        assert result.returncode == 0, result.stderr
+        outs.append(np.load(tmp_path / f"{name}.npy"))
+    assert outs[0].shape == (1, 8, 8, 1) and np.array_equal(outs[0], outs[1])
+    assert 0 <= outs[0].min() and outs[0].max() <= 1
+
+
+def _set_digest(directory: Path, data: dict) -> None:
+    """Rewrite manifest.json with `data` and a matching digest (the digest only detects edits)."""
+    fields = {k: v for k, v in data.items() if k not in UNDIGESTED}
+    data["digest"] = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(data, indent=2))
+
+
+def _bad_exports(good: Path, root: Path) -> Path:
+    """Broken copies of `good`, each with the phrase its load error must contain."""
+    root.mkdir()
+    step = json.loads((good / "manifest.json").read_text())["blocks"][0]["graphs"]["fp32"]["step"] + ".onnx"
+
+    def case(name: str, phrase: str) -> tuple[Path, dict]:
+        directory = root / name
+        shutil.copytree(good, directory)
+        (directory / "expect.txt").write_text(phrase)
+        return directory, json.loads((directory / "manifest.json").read_text())
+
+    directory, _ = case("missing-graph", "is missing")
+    (directory / step).unlink()
+    directory, _ = case("tampered-graph", "does not match its sha256")
+    with open(directory / step, "ab") as graph:
+        graph.write(b"\0")
+    directory, data = case("schema-version", "schema_version 3, this libstarflow reads 4")
+    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 3}))
+    directory, data = case("edited-field", "digest mismatch")
+    data["jacobi"]["threshold"] = 0.5
+    (directory / "manifest.json").write_text(json.dumps(data))
+    directory, data = case("path-outside", "not a plain file or graph name")
+    data["graphs"][0]["file"] = "../outside.onnx"
+    _set_digest(directory, data)
+    directory, _ = case("symlink-outside", "leads outside the export directory")
+    outside = root.parent / "outside.onnx"
+    shutil.copy(directory / step, outside)
+    (directory / step).unlink()
+    (directory / step).symlink_to(outside)
+    return root
+
+
+@pytest.mark.parametrize("build", [BUILD, ASAN_BUILD], ids=["release", "asan-ubsan"])
+def test_c_api_refuses_bad_input(demo_export, tmp_path, build):
+    result = run(built(build) / "starflow-tests", demo_export, _bad_exports(demo_export, tmp_path / "bad"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed: 0 failure(s)" in result.stdout
+    assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr
+
+
+def test_sampling_under_sanitizers_matches_release(demo_export, tmp_path):
+    generator = Generator.load(demo_export, threads=1)
+    y = generator.encode(["2", "8"])
+    y_null = np.ascontiguousarray(np.broadcast_to(generator.encode([""]), y.shape))
+    noise = make_noise(3, (2, 1, 8, 8))
+    options = SampleOptions(1.0, "jacobi", JacobiSettings(8, 16, 1e-3, init="chunk-mean"))
+    release, _ = cpp_sample(demo_export, tmp_path / "release", noise, y, y_null, options)
+    checked, _ = cpp_sample(
+        demo_export, tmp_path / "asan", noise, y, y_null, options, build=built(ASAN_BUILD)
+    )
+    assert np.abs(release - checked).max() <= 1e-6
+
+
+def test_c_example_samples_with_guidance(demo_export, tmp_path):
+    example = built(BUILD) / "examples" / "sample_c"  # built through find_package(starflow)
+    generator = Generator.load(demo_export, threads=1)
+    y = generator.encode(["1", "9"])
+    y_null = np.ascontiguousarray(np.broadcast_to(generator.encode([""]), y.shape))
+    noise = make_noise(4, (2, 1, 8, 8))
+    for name, array in (("noise", noise), ("y", y), ("y_null", y_null)):
+        np.save(tmp_path / f"{name}.npy", array)
+    inputs = [tmp_path / f"{name}.npy" for name in ("noise", "y", "y_null")]
+    result = run(example, demo_export, *inputs, "1.5", tmp_path / "latent.npy")
+    assert result.returncode == 0, result.stderr
+    ref = generator.pipeline.sample(
+        noise, y, y_null, SampleOptions(1.5, jacobi=generator.manifest.jacobi.settings())
+    )
+    assert np.abs(np.load(tmp_path / "latent.npy") - ref).max() <= 1e-5
+
+
+def test_driver_errors_are_one_line_and_write_nothing(demo_export, tmp_path):
+    program = built(BUILD) / "starflow-run"
+    assert run(program).returncode == 2
+    help_text = run(program, "--help")
+    assert help_text.returncode == 0 and "--artifacts DIR" in help_text.stdout
+    np.save(tmp_path / "noise.npy", np.zeros((1, 3, 8, 8), np.float32))
+    noise, out = ("--noise", tmp_path / "noise.npy"), ("--out", tmp_path / "o.npy")
+    cases = [
+        (("--frobnicate", "1"), "unknown option '--frobnicate'"),
+        (("--artifacts", demo_export, *noise, *out), "noise: expected a (B, 1, H, W)"),
+        (("--artifacts", tmp_path, *noise, *out), "no readable manifest.json"),
+        (("--artifacts", demo_export, "--prompt", "3", *out, "--block-size", "0"), "--block-size: expected"),
+        (("--artifacts", demo_export, "--prompt", "cat", *out), "this model knows the prompts"),
+        (
+            ("--artifacts", demo_export, "--prompt", "3", "--out", tmp_path / "o.txt"),
+            "prompt mode writes images",
+        ),
+    ]
+    for args, phrase in cases:
+        result = run(program, *args)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith("starflow-run: error: ") and phrase in result.stderr, result.stderr
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.txt").exists()
