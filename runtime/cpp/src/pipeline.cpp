@@ -277,7 +277,7 @@ Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_un
   for (auto& block : blocks_) blocks.push_back(block.get());
   std::vector<BlockStats> stats;
   stats_ = "[]";
-  Tensor latent = sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
+  Tensor latent = native::sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
                                    options, manifest_.patch_size, manifest_.guide_deep_only, stats);
   json record = json::array();
   for (const BlockStats& s : stats)
