@@ -299,3 +299,39 @@ def test_driver_errors_are_one_line_and_write_nothing(demo_export, tmp_path):
         assert result.returncode == 1, args
         assert result.stderr.startswith("starflow-run: error: ") and phrase in result.stderr, result.stderr
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.txt").exists()
+
+
+def test_token_ids_drive_the_text_encoder_graph(demo_export, tmp_path):
+    """--token-ids: ids and mask straight to the text encoder graph (what a service with its own
+    tokenizer passes), then the flow; equal to the Python runtime on the same embeddings."""
+    generator = Generator.load(demo_export, threads=1)
+    ids, mask = generator.text.tokenize(["6", "0"])
+    uncond_ids, uncond_mask = generator.text.tokenize(["", ""])
+    for name, array in (
+        ("ids", ids),
+        ("mask", mask),
+        ("uncond_ids", uncond_ids),
+        ("uncond_mask", uncond_mask),
+    ):
+        np.save(tmp_path / f"{name}.npy", array)
+    noise = make_noise(8, (2, 1, 8, 8))
+    y, y_null = generator.encode(["6", "0"]), generator.encode(["", ""])
+    options = SampleOptions(1.0, jacobi=generator.manifest.jacobi.settings())
+    tokens = ["--token-ids", tmp_path / "ids.npy", "--attention-mask", tmp_path / "mask.npy"]
+    tokens += [
+        "--uncond-token-ids",
+        tmp_path / "uncond_ids.npy",
+        "--uncond-attention-mask",
+        tmp_path / "uncond_mask.npy",
+    ]
+    ours, _ = cpp_sample(demo_export, tmp_path, noise, None, None, options, *map(str, tokens))
+    assert np.abs(ours - generator.pipeline.sample(noise, y, y_null, options)).max() <= 1e-5
+
+
+def test_tensorrt_adapter_option_fails_configuration_clearly(tmp_path):
+    headers = ROOT / "build" / "cpp-deps" / "onnxruntime-dev" / "usr" / "include" / "onnxruntime"
+    built(BUILD)
+    command = ["cmake", "-S", ROOT / "runtime" / "cpp", "-B", tmp_path, "-G", "Ninja"]
+    command += [f"-DONNXRUNTIME_INCLUDE_DIR={headers}", "-DSTARFLOW_TENSORRT=ON"]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "NvInfer.h" in result.stdout + result.stderr
