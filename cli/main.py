@@ -262,7 +262,9 @@ def bench(
     ] = None,
     throughput_batch: Annotated[int, typer.Option(help="Batch of the throughput row; 0 skips it.")] = 8,
     repeats: Annotated[int, typer.Option(help="Timed runs per Jacobi/forward row (median).")] = 3,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
+    threads: Annotated[
+        str, typer.Option(help="CPU thread counts, comma-separated: the whole bench runs at each.")
+    ] = "1,2",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """PyTorch reference vs runtime, side by side: forward pass, sequential and Jacobi sampling.
@@ -272,6 +274,7 @@ def bench(
     from dataclasses import replace
 
     from starflow.bench import BenchOptions, format_table, run_bench
+    from starflow.cli.parse import parse_threads
     from starflow.runtime.outputs import check_writable, save_text
     from starflow.sampler import JacobiSettings, SampleOptions
 
@@ -287,13 +290,17 @@ def bench(
                 threshold=jacobi_threshold if shallow_threshold is None else shallow_threshold,
             )
             row = SampleOptions(guidance, "jacobi", first_guess, shallow)
-        options = BenchOptions(
-            preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats, threads
-        )
-        options.check()
+        counts = parse_threads(threads)
+        options = BenchOptions(preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats)
+        for count in counts:
+            replace(options, threads=count).check()
         if json_out is not None:
             check_writable(json_out.parent, f"--json {json_out}")
-        result = run_bench(options, log=lambda line: typer.echo(line, err=True))
+        results = []
+        for count in counts:
+            results.append(
+                run_bench(replace(options, threads=count), log=lambda line: typer.echo(line, err=True))
+            )
+            typer.echo(format_table(results[-1]))
         if json_out is not None:
-            save_text(json_out, json.dumps(result, indent=2) + "\n")
-    typer.echo(format_table(result))
+            save_text(json_out, json.dumps(results, indent=2) + "\n")

@@ -30,3 +30,16 @@ def parse_range(text: str, option: str) -> Range:
     if len(values) != 3 or not 0 < values[0] <= values[1] <= values[2]:
         raise StarflowError(f"{option}: expected N or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX, got {text!r}")
     return Range(*values)
+
+
+def parse_threads(text: str) -> list[int]:
+    """'1,2' -> [1, 2]: distinct thread counts >= 1, for `bench --threads`."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise StarflowError(
+            f"--threads: expected distinct counts >= 1 separated by commas (e.g. 1,2), got {text!r}"
+        )
+    return counts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ class BenchOptions:
     options_row: SampleOptions | None = None  # one more runtime row, sampled with these
     throughput_batch: int = 8  # 0 skips the throughput row
     repeats: int = 3  # timed runs per Jacobi/forward row (median)
-    threads: int | None = None  # CPU threads of both engines; None: torch's default
+    threads: int | None = None  # CPU threads of both engines (set explicitly); None: every core
     seed: int = 0
 
     def check(self) -> None:
@@ -123,11 +124,14 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     from starflow.runtime import Pipeline
 
     options.check()
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    # torch's default OpenMP threads collapse when other jobs share the cores: both engines get
+    # the same explicit count
+    threads = options.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     log(f"preparing {options.artifacts or options.preset} ...")
     model, artifacts = prepare(options)
-    engines = Engines(model, Pipeline.load(artifacts, threads=options.threads or torch.get_num_threads()))
+    engines = Engines(model, Pipeline.load(artifacts, threads=threads))
+    load_before = os.getloadavg()[0]
     guided = options.sampling if model.text_dim else dataclasses.replace(options.sampling, guidance=0.0)
     inputs = engines.inputs(options.batch, guided.guidance, options.seed)
     rows = forward_rows(engines, inputs, options.repeats)
@@ -145,7 +149,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         "guidance": guided.guidance,
         "jacobi": dataclasses.asdict(guided.jacobi),
         "options": None if options.options_row is None else dataclasses.asdict(options.options_row),
-        "threads": options.threads or torch.get_num_threads(),
+        "threads": threads,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "cores": os.cpu_count(),
         "rows": [dataclasses.asdict(r) for r in rows],
         "runtime_jacobi_speedup_vs_pytorch_jacobi": speedup,
         "throughput": throughput,
@@ -259,7 +265,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"runtime Jacobi is {result['runtime_jacobi_speedup_vs_pytorch_jacobi']:.2f}x faster than "
         "PyTorch Jacobi "
         f"(block {result['jacobi']['block_size']}, threshold {result['jacobi']['threshold']}, "
-        f"guidance {result['guidance']}, batch {result['batch']}, {result['threads']} threads)"
+        f"guidance {result['guidance']}, batch {result['batch']}, {result['threads']} threads; "
+        f"load average {result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f} "
+        f"on {result['cores']} cores)"
     )
     if result["options"]:
         lines.append(f"options row: {result['options']}")

@@ -4,13 +4,14 @@ runtime, and timed against the PyTorch reference on the same noise."""
 from __future__ import annotations
 
 import dataclasses
-import time
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from starflow.bench import interleaved
 from starflow.errors import StarflowError
 from starflow.export.cache import demo_artifacts
 from starflow.limits import check_threads
@@ -26,17 +27,23 @@ class DemoResult:
     out: Path
     per_digit: int
     runtime: Generation
+    runtime_seconds: float  # median of the interleaved rounds
     reference_seconds: float
     max_difference: float  # max |runtime - reference| over every pixel
+    threads: int  # both engines'
+    rounds: int
+    load: tuple[float, float]  # the 1-minute load average before and after the timing
 
     def lines(self) -> list[str]:
-        n, s = len(self.runtime.images), self.runtime.seconds["total"]
+        n, r = len(self.runtime.images), self.runtime_seconds
         return [
             f"wrote {self.out.resolve()}: {self.per_digit} samples of each digit 0-9 (columns), "
             "through the runtime",
             f"PyTorch reference: {self.reference_seconds:.2f} s; runtime (ONNX Runtime, no torch): "
-            f"{s:.2f} s for the same {n} images ({self.reference_seconds / s:.2f}x); "
+            f"{r:.2f} s for the same {n} images ({self.reference_seconds / r:.2f}x); "
             f"max pixel difference {self.max_difference:.1e}",
+            f"timing: medians of {self.rounds} interleaved rounds, {self.threads} threads each, "
+            f"load average {self.load[0]:.2f} -> {self.load[1]:.2f} on {os.cpu_count()} cores",
             "runtime " + self.runtime.summary(),
         ]
 
@@ -47,8 +54,12 @@ def run_demo(
     seed: int = 0,
     threads: int | None = None,
     export_progress: Callable[[str, int, int], None] | None = None,
+    rounds: int = 3,
 ) -> DemoResult:
-    """Draw `per_digit` samples of every digit into the PNG grid `out` (column = digit)."""
+    """Draw `per_digit` samples of every digit into the PNG grid `out` (column = digit), and time
+    both engines at the same explicit thread count (default: every core) in `rounds` alternating
+    rounds: torch's default OpenMP threads collapse when other jobs share the cores, which made
+    one-shot timings of the two engines incomparable."""
     if out.suffix != ".png":
         raise StarflowError(f"out {out}: the demo writes a .png grid")
     output_kind(out)
@@ -56,22 +67,27 @@ def run_demo(
         raise StarflowError(f"per_digit: must be an integer >= 1, got {per_digit!r}")
     check_threads(threads)
     check_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    generator = Generator.load(demo_artifacts(export_progress), threads=threads or torch.get_num_threads())
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    generator = Generator.load(demo_artifacts(export_progress), threads=threads)
     sampling = generator.default_sampling()
     settings = dict(num_images=per_digit, seed=seed, sampling=sampling)
-    generator.generate(DIGITS, **{**settings, "num_images": 1})  # warm-up: sessions, caches
-    runtime = generator.generate(DIGITS, **settings)
-
     reference = ReferenceGenerator.load(batch_size=generator.manifest.images_per_batch(sampling.guidance))
-    reference.generate(DIGITS, **{**settings, "num_images": 1})  # warm-up
-    began = time.perf_counter()
-    expected = reference.generate(DIGITS, **settings)
-    reference_seconds = time.perf_counter() - began
+    engines = {
+        "runtime": lambda: generator.generate(DIGITS, **settings),
+        "pytorch": lambda: reference.generate(DIGITS, **settings),
+    }
+    for engine in (generator, reference):  # warm-up: sessions, caches
+        engine.generate(DIGITS, **{**settings, "num_images": 1})
+    before = os.getloadavg()[0]
+    timed = interleaved(engines, rounds)
+    load = (before, os.getloadavg()[0])
+    (runtime_seconds, runtime), (reference_seconds, expected) = timed["runtime"], timed["pytorch"]
 
     images = runtime.images
     by_digit = images.reshape(10, per_digit, *images.shape[1:]).swapaxes(0, 1)  # row = sample
     save_png(out, by_digit.reshape(-1, *images.shape[1:]), columns=10)
     difference = float(np.abs(images - expected.images).max())
-    return DemoResult(out, per_digit, runtime, reference_seconds, difference)
+    return DemoResult(
+        out, per_digit, runtime, runtime_seconds, reference_seconds, difference, threads, rounds, load
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,7 @@ def test_demo_writes_the_grid_and_the_timing(tmp_path: Path, demo_export: Path) 
     assert result.exit_code == 0, result.output
     assert str(out.resolve()) in result.output
     assert "PyTorch reference:" in result.output and "runtime (ONNX Runtime, no torch)" in result.output
+    assert f"medians of 3 interleaved rounds, {os.cpu_count()} threads each, load average" in result.output
     difference = float(result.output.split("max pixel difference ")[1].split()[0])
     assert difference < 1e-4
     with Image.open(out) as picture:

@@ -370,6 +370,14 @@ def test_bench_refuses_a_bad_first_guess_before_any_work():
     assert time.perf_counter() - began < 30
 
 
+@pytest.mark.parametrize("threads", ["0", "1,1", "two"])
+def test_bench_refuses_bad_thread_counts_before_any_work(threads):
+    result = runner.invoke(app, ["bench", "--threads", threads])
+    one_line_error(
+        result, f"--threads: expected distinct counts >= 1 separated by commas (e.g. 1,2), got {threads!r}"
+    )
+
+
 def test_a_full_disk_leaves_nothing_half_written(demo_export, tmp_path, monkeypatch):
     import starflow.atomic
 

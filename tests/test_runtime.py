@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -287,6 +288,8 @@ def test_bench_rows_on_the_fixture_artifacts(fixture_artifacts):
         throughput_batch=2, repeats=1,
     )  # fmt: skip
     result = run_bench(options, log=lambda line: None)
+    assert result["threads"] == os.cpu_count() and len(result["load_average"]) == 2  # explicit, not torch's
+    assert "load average" in format_table(result)
     rows = {(r["engine"], r["name"]): r for r in result["rows"]}
     assert len(rows) == 7
     assert result["options"]["shallow_jacobi"]["block_size"] == 64
