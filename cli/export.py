@@ -47,6 +47,10 @@ def onnx(
     denoise: Annotated[
         bool, typer.Option(help="Export the self-denoise graph (gradient of the flow's NLL).")
     ] = True,
+    sampling_presets: Annotated[
+        Path | None,
+        typer.Option(help="JSON of named sampling presets calibrated for this model (generate --sampler)."),
+    ] = None,
 ) -> None:
     """Export every flow block to ONNX (step, prefill, forward graphs) and the pipeline components.
 
@@ -57,6 +61,7 @@ def onnx(
     from starflow.cli.progress import step_lines
     from starflow.export.onnx_export import ExportOptions, export_onnx
     from starflow.export.validate import describe_results
+    from starflow.presets import load_presets
 
     with user_errors():
         latent = [parse_hw(v, flag, "latent pixels", "32x48", square=True) if v else None
@@ -64,6 +69,7 @@ def onnx(
         options = ExportOptions(
             ("fp32", "fp16") if precision == "both" else (precision,), opset, max_batch, latent[0], latent[1],
             density, denoise, text_encoder, vae, validate, force,
+            load_presets(sampling_presets) if sampling_presets else {},
         )  # fmt: skip
         manifest = export_onnx(checkpoint, out, options, config=config, progress=step_lines())
     typer.echo(

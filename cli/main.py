@@ -80,6 +80,10 @@ def generate(
     ] = "onnxruntime",
     precision: Annotated[str, typer.Option(help="runtime: fp32 or fp16 flow graphs.")] = "fp32",
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    sampler: Annotated[
+        str,
+        typer.Option(help="official (the model's settings) or a calibrated preset, e.g. fast.", **SAMPLING),
+    ] = "official",
     guidance: Annotated[
         float | None, typer.Option(help="CFG weight; default: the model's.", **SAMPLING)
     ] = None,
@@ -107,7 +111,7 @@ def generate(
             vae=vae, backend=backend, precision=precision, threads=threads,
         )  # fmt: skip
         sampling = with_overrides(
-            generator.default_sampling(), guidance=guidance, method=method, block_size=jacobi_block_size,
+            generator.sampling(sampler), guidance=guidance, method=method, block_size=jacobi_block_size,
             max_iter=jacobi_max_iter, threshold=jacobi_threshold,
         )  # fmt: skip
         pixels = parse_hw(size, "--size", "image pixels", "256x384") if size else None
@@ -123,7 +127,8 @@ def generate(
     h, w = result.images.shape[1:3]
     where = out if len(files) == 1 else f"{out}/ ({len(files)} PNGs)"
     typer.echo(
-        f"generated {len(result.images)} images {h}x{w} with the {engine} engine ({sampling.method}, "
+        f"generated {len(result.images)} images {h}x{w} with the {engine} engine ({sampler} sampler, "
+        f"{sampling.method}, "
         f"guidance "
         f"{sampling.guidance:g}, seed {seed}) -> {where}\n{result.summary()}"
     )

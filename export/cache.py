@@ -18,6 +18,7 @@ from filelock import FileLock
 from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.export.manifest import SCHEMA_VERSION, Manifest, sha256
+from starflow.presets import DIGITS_PRESETS, load_presets
 
 LOCK_TIMEOUT_S = 3600  # another process's first-use export takes minutes, not hours
 
@@ -28,9 +29,11 @@ def cache_dir() -> Path:
 
 def demo_artifacts(progress=None) -> Path:
     """The embedded model's fp32 sampling export: step/prefill graphs, label-table text encoder,
-    denoise graph (no density graphs: sampling does not use them)."""
+    denoise graph (no density graphs: sampling does not use them), and its calibrated sampling
+    presets."""
     digest = sha256(DEMO_CHECKPOINT)
-    directory = cache_dir() / "demo" / f"digits-{digest[:12]}-schema{SCHEMA_VERSION}"
+    presets = sha256(DIGITS_PRESETS)[:8] if DIGITS_PRESETS.is_file() else "none"
+    directory = cache_dir() / "demo" / f"digits-{digest[:12]}-presets{presets}-schema{SCHEMA_VERSION}"
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -52,7 +55,8 @@ def demo_artifacts(progress=None) -> Path:
                 f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', "
                 "or pass an export's directory"
             ) from None
-        options = ExportOptions(precisions=("fp32",), density=False, force=True)
+        calibrated = load_presets(DIGITS_PRESETS) if DIGITS_PRESETS.is_file() else {}
+        options = ExportOptions(precisions=("fp32",), density=False, force=True, sampling_presets=calibrated)
         export_onnx(DEMO_CHECKPOINT, directory, options, progress=progress)
     return directory
 

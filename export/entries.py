@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from starflow.errors import StarflowError
-from starflow.sampler import JacobiSettings
+from starflow.sampler import JacobiSettings, SampleOptions
 
 frozen = dataclasses.dataclass(frozen=True)
 
@@ -189,6 +189,42 @@ class Jacobi:
 
     def settings(self) -> JacobiSettings:
         return JacobiSettings(self.block_size, self.max_iter, self.threshold)
+
+
+@frozen
+class JacobiPreset:
+    """One block kind's Jacobi settings in a sampling preset (starflow.sampler.JacobiSettings)."""
+
+    block_size: int
+    max_iter: int
+    threshold: float
+    init: str
+
+    def settings(self) -> JacobiSettings:
+        return JacobiSettings(self.block_size, self.max_iter, self.threshold, self.init)
+
+
+@frozen
+class SamplingPreset:
+    """Named sampling settings calibrated for this model (opt-in; `jacobi` stays the default)."""
+
+    guidance: float
+    method: str
+    jacobi: JacobiPreset
+    shallow_jacobi: JacobiPreset | None
+
+    def options(self) -> SampleOptions:
+        shallow = self.shallow_jacobi.settings() if self.shallow_jacobi else None
+        return SampleOptions(self.guidance, self.method, self.jacobi.settings(), shallow)
+
+    @classmethod
+    def of(cls, options: SampleOptions) -> SamplingPreset:
+        def preset(s: JacobiSettings | None) -> JacobiPreset | None:
+            return None if s is None else JacobiPreset(s.block_size, s.max_iter, float(s.threshold), s.init)
+
+        return cls(
+            float(options.guidance), options.method, preset(options.jacobi), preset(options.shallow_jacobi)
+        )
 
 
 @frozen

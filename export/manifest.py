@@ -42,10 +42,12 @@ from starflow.export.entries import (
     Graph,
     Guidance,
     Jacobi,
+    JacobiPreset,
     Latent,
     PrecisionInfo,
     Producer,
     Range,
+    SamplingPreset,
     Source,
     TensorSpec,
     Text,
@@ -53,8 +55,9 @@ from starflow.export.entries import (
     Tolerance,
     sha256,
 )
+from starflow.sampler import SampleOptions
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MANIFEST_NAME = "manifest.json"
 UNDIGESTED = ("digest", "validation", "engines")  # written after the export; no effect on samples
 VAE_SCALE = 0.18215  # SD-VAE latents are decoded at z / VAE_SCALE
@@ -83,10 +86,12 @@ __all__ = [  # the whole contract, entries included
     "Graph",
     "Guidance",
     "Jacobi",
+    "JacobiPreset",
     "Latent",
     "PrecisionInfo",
     "Producer",
     "Range",
+    "SamplingPreset",
     "Source",
     "TensorSpec",
     "Text",
@@ -110,6 +115,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
     guidance: Guidance
     jacobi: Jacobi
+    sampling_presets: dict[str, SamplingPreset]  # opt-in, calibrated for this model; {} for most
     noise_std: float
     dims: dict[str, Range]
     precisions: dict[str, PrecisionInfo]
@@ -134,6 +140,17 @@ class Manifest:
                 "re-export with it"
             )
         return self.graph(names[kind])
+
+    def sampling(self, preset: str = "official") -> SampleOptions:
+        """The export's default settings ("official": its guidance weight and Jacobi settings) or
+        one of its named sampling presets."""
+        if preset == "official":
+            return SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi.settings())
+        if preset not in self.sampling_presets:
+            raise StarflowError(
+                f"sampler {preset!r}: this export has the presets {['official', *self.sampling_presets]}"
+            )
+        return self.sampling_presets[preset].options()
 
     def engine(self, graph: str) -> Engine | None:
         return next((e for e in self.engines if e.graph == graph), None)
@@ -176,6 +193,15 @@ class Manifest:
     def check_references(self, source: str) -> None:
         """Every name refers to a graph of the right kind; every block's graphs have its shape."""
         graphs = {g.name: g for g in self.graphs}
+        for name, preset in self.sampling_presets.items():
+            if name == "official" or not name.isidentifier():
+                raise StarflowError(
+                    f"{source}: sampling preset name {name!r} is reserved or not a plain word"
+                )
+            try:
+                preset.options().check()
+            except StarflowError as err:
+                raise StarflowError(f"{source}: sampling preset {name!r}: {err}") from None
 
         def refer(name: str | None, kind: str, owner: str) -> Graph | None:
             if name is None:
@@ -268,8 +294,16 @@ class Manifest:
             f"{guidance.default_weight:g}; jacobi: block {self.jacobi.block_size}, max_iter "
             f"{self.jacobi.max_iter}, threshold {self.jacobi.threshold:g}",
             "dims: " + ", ".join(f"{d} {r.min}/{r.opt}/{r.max}" for d, r in self.dims.items()),
-            "blocks (sampling order):",
         ]
+        for name, preset in self.sampling_presets.items():
+            deep, shallow = preset.jacobi, preset.shallow_jacobi or preset.jacobi
+            lines.append(
+                f"sampler {name!r} (--sampler {name}): {preset.method}, guidance {preset.guidance:g}; "
+                f"deep block {deep.block_size} x {deep.max_iter} ({deep.init}), shallow blocks "
+                f"{shallow.block_size} x {shallow.max_iter} ({shallow.init}), "
+                f"threshold {deep.threshold:g}/{shallow.threshold:g}"
+            )
+        lines.append("blocks (sampling order):")
         for b in self.blocks:
             lines.append(
                 f"  block {b.index} {b.role:7} {b.permutation:8} layers {b.layers} width {b.width} "

@@ -36,13 +36,14 @@ from starflow.export.manifest import (
     PrecisionInfo,
     Producer,
     Range,
+    SamplingPreset,
     Source,
     Text,
     is_starflow_export,
     sha256,
 )
 from starflow.model import FlowBlock, StarFlow
-from starflow.sampler import JacobiSettings
+from starflow.sampler import JacobiSettings, SampleOptions
 
 # fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
 # difference on the fixture, 2.7e-3 vs 3.0e-3 (mu) and 5.7e-3 vs 5.3e-3 (z) relative on the
@@ -69,8 +70,14 @@ class ExportOptions:
     vae: Path | None = None
     validate: bool = True  # compare every graph with PyTorch; a miss fails the export
     force: bool = False  # replace a non-empty `out` that holds no starflow export
+    # opt-in sampling settings calibrated for this model (`generate --sampler NAME`)
+    sampling_presets: dict[str, SampleOptions] = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
+        for name, preset in self.sampling_presets.items():
+            if name == "official" or not name.isidentifier():
+                raise StarflowError(f"sampling preset name {name!r}: reserved or not a plain word")
+            preset.check()
         if self.opset not in SUPPORTED_OPSETS:
             raise StarflowError(
                 f"opset {self.opset}: unsupported; choose "
@@ -234,6 +241,7 @@ def build_manifest(
             "starflow-cfg", GUIDANCE_EXPRESSION, config.cfg, "deep" if config.cond_top_only else "all"
         ),
         jacobi=Jacobi(defaults.block_size, defaults.max_iter, defaults.threshold),
+        sampling_presets={name: SamplingPreset.of(o) for name, o in options.sampling_presets.items()},
         noise_std=config.noise_std,
         dims=dims,
         precisions={p: PrecisionInfo(TOLERANCES[p], PRECISIONS[p].fp32_ops()) for p in used},

@@ -78,6 +78,10 @@ class ImageGenerator:
     def default_sampling(self) -> SampleOptions:
         raise NotImplementedError
 
+    def sampling(self, preset: str = "official") -> SampleOptions:
+        """The model's default settings ("official") or one of its calibrated presets."""
+        raise NotImplementedError
+
     def images_per_batch(self, guidance: float) -> int:
         raise NotImplementedError
 
@@ -259,9 +263,10 @@ class Generator(ImageGenerator):
 
     def default_sampling(self) -> SampleOptions:
         """The export's defaults: its guidance weight and Jacobi settings."""
-        return SampleOptions(
-            guidance=self.manifest.guidance.default_weight, jacobi=self.manifest.jacobi.settings()
-        )
+        return self.manifest.sampling("official")
+
+    def sampling(self, preset: str = "official") -> SampleOptions:
+        return self.manifest.sampling(preset)
 
     def images_per_batch(self, guidance: float) -> int:
         """The export's batch profile (halved under guidance)."""

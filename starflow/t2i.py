@@ -20,6 +20,7 @@ from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.export.manifest import VAE_SCALE
 from starflow.model import StarFlow
+from starflow.presets import DIGITS_PRESETS, OFFICIAL, load_presets
 from starflow.runtime.generator import ImageGenerator, check_prompts, make_noise
 from starflow.sampler import BlockStats, Progress, SampleOptions
 from starflow.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
@@ -35,6 +36,7 @@ class ReferenceGenerator(ImageGenerator):
         self, model: StarFlow, encoder: TextEncoder | None, vae: Any = None, batch_size: int | None = None
     ):
         self.model, self.encoder, self.vae, self.batch_size = model, encoder, vae, batch_size
+        self.presets: dict[str, SampleOptions] = {}  # calibrated sampling presets, by name
         config = model.config
         self.channels = config.channel_size
         self.train_side, self.multiple_of = config.latent_size, config.patch_size
@@ -71,7 +73,10 @@ class ReferenceGenerator(ImageGenerator):
 
             loaded_vae = load_vae(Path(vae)).to(device)
             check_channels(loaded_vae, cfg.channel_size)
-        return cls(model, encoder, loaded_vae, batch_size)
+        generator = cls(model, encoder, loaded_vae, batch_size)
+        if checkpoint == DEMO_CHECKPOINT and DIGITS_PRESETS.is_file():
+            generator.presets = load_presets(DIGITS_PRESETS)
+        return generator
 
     def check(
         self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
@@ -89,6 +94,14 @@ class ReferenceGenerator(ImageGenerator):
     def default_sampling(self) -> SampleOptions:
         """The checkpoint's guidance weight (its config's cfg) and the official Jacobi settings."""
         return SampleOptions(guidance=self.model.config.cfg)
+
+    def sampling(self, preset: str = OFFICIAL) -> SampleOptions:
+        """The defaults, or a preset calibrated for this checkpoint (the embedded model's)."""
+        if preset == OFFICIAL:
+            return self.default_sampling()
+        if preset not in self.presets:
+            raise StarflowError(f"sampler {preset!r}: this model has the presets {[OFFICIAL, *self.presets]}")
+        return self.presets[preset]
 
     def images_per_batch(self, guidance: float) -> int:
         return self.batch_size or 2**31

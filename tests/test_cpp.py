@@ -222,8 +222,8 @@ def _bad_exports(good: Path, root: Path) -> Path:
     directory, _ = case("tampered-graph", "does not match its sha256")
     with open(directory / step, "ab") as graph:
         graph.write(b"\0")
-    directory, data = case("schema-version", "schema_version 3, this libstarflow reads 4")
-    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 3}))
+    directory, data = case("schema-version", "schema_version 4, this libstarflow reads 5")
+    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 4}))
     directory, data = case("edited-field", "digest mismatch")
     data["jacobi"]["threshold"] = 0.5
     (directory / "manifest.json").write_text(json.dumps(data))
@@ -335,3 +335,26 @@ def test_tensorrt_adapter_option_fails_configuration_clearly(tmp_path):
     command += [f"-DONNXRUNTIME_INCLUDE_DIR={headers}", "-DSTARFLOW_TENSORRT=ON"]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "NvInfer.h" in result.stdout + result.stderr
+
+
+def test_sampler_presets_from_the_manifest(demo_export, tmp_path):
+    """--sampler fast: the preset the export carries, as the Python runtime reads it."""
+    generator = Generator.load(demo_export, threads=1)
+    y = generator.encode(["5", "2"])
+    y_null = np.ascontiguousarray(np.broadcast_to(generator.encode([""]), y.shape))
+    noise = make_noise(6, (2, 1, 8, 8))
+    fast = generator.sampling("fast")
+    ref, stats = generator.pipeline.sample(noise, y, y_null, fast, return_stats=True)
+    for name, array in (("noise", noise), ("y", y), ("y_null", y_null)):
+        np.save(tmp_path / f"{name}.npy", array)
+    args = ["--artifacts", demo_export, "--noise", tmp_path / "noise.npy", "--text", tmp_path / "y.npy"]
+    args += ["--text-uncond", tmp_path / "y_null.npy", "--threads", "1", "--stats", tmp_path / "stats.json"]
+    result = run(built(BUILD) / "starflow-run", *args, "--sampler", "fast", "--out", tmp_path / "out.npy")
+    assert result.returncode == 0, result.stderr
+    assert np.abs(np.load(tmp_path / "out.npy") - ref).max() <= 1e-5
+    assert same_counts(json.loads((tmp_path / "stats.json").read_text()), stats)
+    result = run(BUILD / "starflow-run", *args, "--sampler", "nope", "--out", tmp_path / "x.npy")
+    assert (
+        result.returncode == 1
+        and "sampler 'nope': this export has the presets ['official', 'fast']" in result.stderr
+    )

@@ -84,6 +84,9 @@ SF_API const char* sf_pipeline_describe(const sf_pipeline* pipeline);
 /* ---- sampling options: start from the export's defaults, change what you need ------------------ */
 typedef struct sf_sampling sf_sampling;
 SF_API sf_status* sf_sampling_create(const sf_pipeline* pipeline, sf_sampling** out);
+/* A preset the export carries ("official": the defaults, as sf_sampling_create; others, e.g.
+ * "fast", are calibrated for the model on sample quality; sf_pipeline_describe lists them). */
+SF_API sf_status* sf_sampling_create_preset(const sf_pipeline* pipeline, const char* name, sf_sampling** out);
 SF_API sf_status* sf_sampling_set_guidance(sf_sampling* sampling, double weight); /* >= 0; 0: none */
 SF_API sf_status* sf_sampling_set_method(sf_sampling* sampling, const char* method); /* jacobi|sequential */
 SF_API sf_status* sf_sampling_set_block_size(sf_sampling* sampling, int block_size);   /* >= 1 */

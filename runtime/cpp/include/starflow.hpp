@@ -89,7 +89,7 @@ class Pipeline;
 
 class Sampling {
  public:
-  explicit Sampling(const Pipeline& pipeline);
+  explicit Sampling(const Pipeline& pipeline, const std::string& preset = "official");
   Sampling& guidance(double w) { return check(sf_sampling_set_guidance(get(), w)), *this; }
   Sampling& method(const std::string& m) { return check(sf_sampling_set_method(get(), m.c_str())), *this; }
   Sampling& block_size(int n) { return check(sf_sampling_set_block_size(get(), n)), *this; }
@@ -143,9 +143,9 @@ class Pipeline {
   std::unique_ptr<sf_pipeline, Deleter<sf_pipeline, sf_pipeline_free>> handle_;
 };
 
-inline Sampling::Sampling(const Pipeline& pipeline) {
+inline Sampling::Sampling(const Pipeline& pipeline, const std::string& preset) {
   sf_sampling* s = nullptr;
-  check(sf_sampling_create(pipeline.get(), &s));
+  check(sf_sampling_create_preset(pipeline.get(), preset.c_str(), &s));
   handle_.reset(s);
 }
 

@@ -213,6 +213,15 @@ sf_status* sf_sampling_create(const sf_pipeline* pipeline, sf_sampling** out) {
   });
 }
 
+sf_status* sf_sampling_create_preset(const sf_pipeline* pipeline, const char* name, sf_sampling** out) {
+  return guarded(__func__, [&](const char* fn) {
+    require(pipeline, fn, "pipeline");
+    require(name, fn, "name");
+    require(out, fn, "out");
+    *out = new sf_sampling{pipeline->pipeline->preset(name)};
+  });
+}
+
 sf_status* sf_sampling_set_guidance(sf_sampling* s, double weight) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");

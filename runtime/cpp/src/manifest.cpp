@@ -324,6 +324,27 @@ Manifest load_manifest(const std::string& directory) {
   m.block_size = r.small(jacobi, "block_size", "jacobi.", 1);
   m.max_iter = r.small(jacobi, "max_iter", "jacobi.", 1);
   m.threshold = r.number(jacobi, "threshold", "jacobi.");
+  const json& presets = r.at(doc, "sampling_presets", "");
+  if (!presets.is_object()) r.fail("sampling_presets", "must be an object");
+  for (const auto& [name, item] : presets.items()) {
+    std::string where = "sampling_presets." + name + ".";
+    auto jacobi = [&](const json& j, const std::string& at) {
+      return Jacobi{r.small(j, "block_size", at, 1), r.small(j, "max_iter", at, 1), r.number(j, "threshold", at),
+                    r.text(j, "init", at)};
+    };
+    Sampling preset;
+    preset.guidance = r.number(item, "guidance", where);
+    preset.method = r.text(item, "method", where);
+    preset.jacobi = jacobi(r.at(item, "jacobi", where), where + "jacobi.");
+    const json& shallow = r.at(item, "shallow_jacobi", where);
+    if (!shallow.is_null()) preset.shallow_jacobi = jacobi(shallow, where + "shallow_jacobi.");
+    try {
+      preset.check();
+    } catch (const Error& err) {
+      r.fail(where.substr(0, where.size() - 1), std::string("is not a valid preset: ") + err.what());
+    }
+    m.presets[name] = preset;
+  }
   const json& dims = r.at(doc, "dims", "");
   if (!dims.is_object()) r.fail("dims", "must be an object");
   for (const auto& [name, range] : dims.items())

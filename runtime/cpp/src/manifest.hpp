@@ -1,4 +1,4 @@
-// The export's contract (manifest.json, schema 4) as C++ values, checked as the Python loader
+// The export's contract (manifest.json, schema 5) as C++ values, checked as the Python loader
 // checks it: schema version, digest of the semantic fields, plain file names resolving inside the
 // directory, references between blocks and graphs, and (on request) every file's sha256.
 #pragma once
@@ -8,11 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "sampler.hpp"
 #include "tensor.hpp"
 
 namespace starflow::native {
 
-constexpr int kSchemaVersion = 4;
+constexpr int kSchemaVersion = 5;
 
 struct Range {
   int64_t min = 0, opt = 0, max = 0;
@@ -64,6 +65,7 @@ struct Manifest {
   bool guide_deep_only = true;
   int block_size = 16, max_iter = 32;
   double threshold = 1e-3;
+  std::map<std::string, Sampling> presets;  // calibrated, opt-in sampling settings by name
   std::map<std::string, Range> dims;
   std::vector<std::string> precisions;
   std::vector<BlockEntry> blocks;  // sampling order: deep block first

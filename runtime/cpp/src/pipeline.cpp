@@ -196,6 +196,17 @@ Sampling Pipeline::defaults() const {
   return s;
 }
 
+Sampling Pipeline::preset(const std::string& name) const {
+  if (name == "official") return defaults();
+  auto found = manifest_.presets.find(name);
+  if (found == manifest_.presets.end()) {
+    std::string names = "'official'";
+    for (const auto& [known, unused] : manifest_.presets) names += ", '" + known + "'";
+    throw Error("sampler '" + name + "': this export has the presets [" + names + "]");
+  }
+  return found->second;
+}
+
 std::string Pipeline::describe() const {
   const Manifest& m = manifest_;
   json d = {
@@ -217,7 +228,9 @@ std::string Pipeline::describe() const {
       {"decoder", m.decoder_kind},
       {"default_guidance", m.default_guidance},
       {"jacobi", {{"block_size", m.block_size}, {"max_iter", m.max_iter}, {"threshold", m.threshold}}},
+      {"presets", json::array()},
   };
+  for (const auto& [name, unused] : m.presets) d["presets"].push_back(name);
   return d.dump();
 }
 

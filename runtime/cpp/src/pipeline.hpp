@@ -29,6 +29,7 @@ class Pipeline {
 
   const Manifest& manifest() const { return manifest_; }
   Sampling defaults() const;
+  Sampling preset(const std::string& name) const;  // "official" (the defaults) or a manifest preset
   std::string describe() const;          // JSON
   const std::string& stats() const { return stats_; }  // JSON of the last sample call
 

@@ -39,7 +39,8 @@ Prompt mode (label-table exports, e.g. the embedded digits model; writes images)
   --latents-out L.npy      also write the latents
   OUT ending in .npy: (N, H, W, C) float32 in [0, 1]; in .png: one PNG per image (OUT, or OUT-i.png)
 
-Sampling (default: the export's):
+Sampling (default: the export's; the options below change the chosen settings):
+  --sampler NAME           official (default) or a preset the export carries, e.g. fast
   --guidance G  --method jacobi|sequential  --block-size N  --max-iter N  --threshold T
   --init noise|chunk-mean  a Jacobi chunk's first guess (default noise, the official)
   --shallow-jacobi B,M,T[,INIT]  the shallow blocks' own block size, max iterations, threshold
@@ -71,7 +72,7 @@ Arguments parse(int argc, char** argv) {
       "--artifacts", "--out", "--noise", "--text", "--text-uncond", "--token-ids", "--attention-mask",
       "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
-      "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi"};
+      "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler"};
   static const std::set<std::string> switches = {"--no-denoise", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
@@ -180,7 +181,7 @@ int run(const Arguments& args) {
     config.provider(name, keys, values);
   }
   starflow::Pipeline pipeline(args.get("--artifacts"), &config);
-  starflow::Sampling sampling(pipeline);
+  starflow::Sampling sampling(pipeline, args.get("--sampler", "official"));
   if (args.has("--guidance")) sampling.guidance(number(args, "--guidance"));
   if (args.has("--method")) sampling.method(args.get("--method"));
   if (args.has("--block-size")) sampling.block_size(static_cast<int>(integer(args, "--block-size", 0, 1)));

@@ -1,0 +1,66 @@
+"""Calibrated sampling presets: stored with the model, carried by the manifest, opt-in at sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from starflow.cli.main import app
+from starflow.errors import StarflowError
+from starflow.export.manifest import Manifest
+from starflow.export.onnx_export import ExportOptions
+from starflow.presets import DIGITS_PRESETS, load_presets, preset_from_json, preset_to_json
+from starflow.runtime.generator import Generator
+from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.t2i import ReferenceGenerator
+
+runner = CliRunner()
+FAST_LIKE = SampleOptions(
+    1.0, "jacobi", JacobiSettings(16, 32, 1e-3), JacobiSettings(64, 2, 1e-3, "chunk-mean")
+)
+
+
+def test_preset_json_round_trip_and_refusals(tmp_path: Path) -> None:
+    assert preset_from_json(preset_to_json(FAST_LIKE), "x") == FAST_LIKE
+    broken = preset_to_json(FAST_LIKE) | {"method": "euler"}
+    with pytest.raises(StarflowError, match="x: method: expected one of"):
+        preset_from_json(broken, "x")
+    (tmp_path / "p.json").write_text(json.dumps({"official": preset_to_json(FAST_LIKE)}))
+    with pytest.raises(StarflowError, match="not named 'official'"):
+        load_presets(tmp_path / "p.json")
+    with pytest.raises(StarflowError, match="sampling preset name 'official'"):
+        ExportOptions(sampling_presets={"official": FAST_LIKE}).check()
+
+
+def test_the_embedded_model_ships_a_calibrated_fast_preset() -> None:
+    fast = load_presets(DIGITS_PRESETS)["fast"]
+    official = ReferenceGenerator.load().sampling()
+    assert fast.guidance == official.guidance  # calibrated budgets, not a different model setting
+    assert ReferenceGenerator.load().sampling("fast") == fast
+
+
+def test_the_export_carries_the_presets_and_fast_costs_fewer_calls(demo_export: Path) -> None:
+    manifest = Manifest.load(demo_export)
+    assert manifest.sampling("fast") == load_presets(DIGITS_PRESETS)["fast"]
+    with pytest.raises(
+        StarflowError, match=r"sampler 'nope': this export has the presets \['official', 'fast'\]"
+    ):
+        manifest.sampling("nope")
+    generator = Generator.load(demo_export)
+    calls = {}
+    for name in ("official", "fast"):
+        result = generator.generate([str(d) for d in range(10)], seed=3, sampling=generator.sampling(name))
+        calls[name] = sum(s.evaluations for s in result.stats)
+    assert calls["fast"] * 2 <= calls["official"]
+
+
+def test_generate_sampler_option(demo_export: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fast.npy"
+    result = runner.invoke(app, ["generate", "--prompt", "3", "--sampler", "fast", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fast sampler" in result.output and out.is_file()
+    result = runner.invoke(app, ["generate", "--prompt", "3", "--sampler", "nope", "--out", str(out)])
+    assert result.exit_code == 2 and "sampler 'nope': this export has the presets" in result.output
