@@ -218,6 +218,8 @@ void save_png(const Tensor& images, std::size_t index, const std::string& path) 
   if (images.dtype != DType::f32 || images.shape.size() != 4 || (images.shape[3] != 1 && images.shape[3] != 3))
     throw Error("images: expected (N, H, W, C) float32 with C = 1 or 3, got " + dtype_name(images.dtype) + " " +
                 shape_text(images.shape));
+  if (images.shape[1] < 1 || images.shape[2] < 1)
+    throw Error("images: an image needs at least one pixel, got shape " + shape_text(images.shape));
   if (index >= static_cast<std::size_t>(images.shape[0]))
     throw Error("images: index " + std::to_string(index) + " is outside a batch of " +
                 std::to_string(images.shape[0]));
@@ -232,16 +234,15 @@ void save_png(const Tensor& images, std::size_t index, const std::string& path) 
       raw.push_back(static_cast<char>(static_cast<unsigned char>(std::nearbyint(v))));  // numpy's round
     }
   }
-  std::string zlib("\x78\x01", 2);
-  for (std::size_t at = 0; at < raw.size() || at == 0; at += 65535) {
+  std::string zlib("\x78\x01", 2);  // a zlib stream of stored (uncompressed) deflate blocks
+  for (std::size_t at = 0; at < raw.size(); at += 65535) {
     std::size_t n = std::min<std::size_t>(65535, raw.size() - at);
-    zlib.push_back(at + n >= raw.size() ? 1 : 0);  // BFINAL on the last stored block
+    zlib.push_back(at + n == raw.size() ? 1 : 0);  // BFINAL on the last block
     zlib.push_back(static_cast<char>(n & 0xff));
     zlib.push_back(static_cast<char>(n >> 8));
     zlib.push_back(static_cast<char>(~n & 0xff));
     zlib.push_back(static_cast<char>(~n >> 8 & 0xff));
     zlib.append(raw, at, n);
-    if (raw.empty()) break;
   }
   uint32_t a = 1, b = 0;  // adler32
   for (unsigned char byte : raw) {
