@@ -55,6 +55,7 @@ from starflow.export.entries import (
     Tolerance,
     sha256,
 )
+from starflow.presets import OFFICIAL, check_preset_name
 from starflow.sampler import SampleOptions
 
 SCHEMA_VERSION = 5
@@ -141,14 +142,14 @@ class Manifest:
             )
         return self.graph(names[kind])
 
-    def sampling(self, preset: str = "official") -> SampleOptions:
+    def sampling(self, preset: str = OFFICIAL) -> SampleOptions:
         """The export's default settings ("official": its guidance weight and Jacobi settings) or
         one of its named sampling presets."""
-        if preset == "official":
+        if preset == OFFICIAL:
             return SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi.settings())
         if preset not in self.sampling_presets:
             raise StarflowError(
-                f"sampler {preset!r}: this export has the presets {['official', *self.sampling_presets]}"
+                f"sampler {preset!r}: this export has the presets {[OFFICIAL, *self.sampling_presets]}"
             )
         return self.sampling_presets[preset].options()
 
@@ -194,10 +195,7 @@ class Manifest:
         """Every name refers to a graph of the right kind; every block's graphs have its shape."""
         graphs = {g.name: g for g in self.graphs}
         for name, preset in self.sampling_presets.items():
-            if name == "official" or not name.isidentifier():
-                raise StarflowError(
-                    f"{source}: sampling preset name {name!r} is reserved or not a plain word"
-                )
+            check_preset_name(name, source)
             try:
                 preset.options().check()
             except StarflowError as err:

@@ -43,6 +43,7 @@ from starflow.export.manifest import (
     sha256,
 )
 from starflow.model import FlowBlock, StarFlow
+from starflow.presets import check_preset_name
 from starflow.sampler import JacobiSettings, SampleOptions
 
 # fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
@@ -75,8 +76,7 @@ class ExportOptions:
 
     def check(self) -> None:
         for name, preset in self.sampling_presets.items():
-            if name == "official" or not name.isidentifier():
-                raise StarflowError(f"sampling preset name {name!r}: reserved or not a plain word")
+            check_preset_name(name, "sampling_presets")
             preset.check()
         if self.opset not in SUPPORTED_OPSETS:
             raise StarflowError(

@@ -20,6 +20,12 @@ DIGITS_PRESETS = Path(__file__).resolve().parent / "assets" / "digits-presets.js
 OFFICIAL = "official"  # the name of the default: the export's own guidance and Jacobi settings
 
 
+def check_preset_name(name: str, where: str) -> None:
+    """A preset is named by a plain word; "official" names the export's own defaults."""
+    if name == OFFICIAL or not name.isidentifier():
+        raise StarflowError(f"{where}: sampling preset name {name!r} is reserved or not a plain word")
+
+
 def preset_to_json(options: SampleOptions) -> dict[str, Any]:
     return dataclasses.asdict(options)
 
@@ -50,6 +56,8 @@ def load_presets(path: Path) -> dict[str, SampleOptions]:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise StarflowError(f"{path}: cannot read sampling presets ({err})") from None
-    if not isinstance(data, dict) or OFFICIAL in data:
-        raise StarflowError(f"{path}: expected an object of named presets (not named {OFFICIAL!r})")
+    if not isinstance(data, dict):
+        raise StarflowError(f"{path}: expected an object of named presets")
+    for name in data:
+        check_preset_name(name, str(path))
     return {name: preset_from_json(value, f"{path}: preset {name!r}") for name, value in data.items()}

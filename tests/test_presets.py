@@ -29,10 +29,10 @@ def test_preset_json_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(StarflowError, match="x: method: expected one of"):
         preset_from_json(broken, "x")
     (tmp_path / "p.json").write_text(json.dumps({"official": preset_to_json(FAST_LIKE)}))
-    with pytest.raises(StarflowError, match="not named 'official'"):
+    with pytest.raises(StarflowError, match="p.json: sampling preset name 'official' is reserved"):
         load_presets(tmp_path / "p.json")
-    with pytest.raises(StarflowError, match="sampling preset name 'official'"):
-        ExportOptions(sampling_presets={"official": FAST_LIKE}).check()
+    with pytest.raises(StarflowError, match="sampling preset name 'no good' is reserved or not a plain word"):
+        ExportOptions(sampling_presets={"no good": FAST_LIKE}).check()
 
 
 def test_the_embedded_model_ships_a_calibrated_fast_preset() -> None:
