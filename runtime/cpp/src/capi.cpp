@@ -6,21 +6,23 @@
 #include "pipeline.hpp"
 #include "starflow.h"
 
+namespace native = starflow::native;
+
 struct sf_status {
   std::string message;
 };
 struct sf_tensor {
-  starflow::native::Tensor tensor;
+  native::Tensor tensor;
 };
 struct sf_config {
-  starflow::native::LoadSettings settings;
+  native::LoadSettings settings;
 };
 struct sf_pipeline {
-  std::unique_ptr<starflow::native::Pipeline> pipeline;
+  std::unique_ptr<native::Pipeline> pipeline;
   std::string description;
 };
 struct sf_sampling {
-  starflow::native::Sampling sampling;
+  native::Sampling sampling;
 };
 
 namespace {
@@ -41,7 +43,7 @@ sf_status* guarded(const char* function, Body body) {
   try {
     body(function);
     return nullptr;
-  } catch (const starflow::native::Error& err) {
+  } catch (const native::Error& err) {
     return failure(err.what());
   } catch (const std::bad_alloc&) {
     return failure(std::string(function) + ": out of memory");
@@ -53,23 +55,23 @@ sf_status* guarded(const char* function, Body body) {
 }
 
 void require(const void* pointer, const char* function, const char* name) {
-  if (!pointer) throw starflow::native::Error(std::string(function) + ": " + name + " is NULL");
+  if (!pointer) throw native::Error(std::string(function) + ": " + name + " is NULL");
 }
 
-starflow::native::Shape shape_of(const int64_t* shape, size_t rank, const char* function) {
-  if (rank && !shape) throw starflow::native::Error(std::string(function) + ": shape is NULL");
-  if (rank > 8) throw starflow::native::Error(std::string(function) + ": rank " + std::to_string(rank) + " is over 8");
-  return starflow::native::Shape(shape, shape + rank);
+native::Shape shape_of(const int64_t* shape, size_t rank, const char* function) {
+  if (rank && !shape) throw native::Error(std::string(function) + ": shape is NULL");
+  if (rank > 8) throw native::Error(std::string(function) + ": rank " + std::to_string(rank) + " is over 8");
+  return native::Shape(shape, shape + rank);
 }
 
-starflow::native::DType dtype_of(sf_dtype dtype) {
+native::DType dtype_of(sf_dtype dtype) {
   if (dtype != SF_FLOAT32 && dtype != SF_FLOAT16 && dtype != SF_INT64)
-    throw starflow::native::Error("sf_tensor_create: dtype " + std::to_string(static_cast<int>(dtype)) +
+    throw native::Error("sf_tensor_create: dtype " + std::to_string(static_cast<int>(dtype)) +
                           " is not SF_FLOAT32, SF_FLOAT16 or SF_INT64");
-  return static_cast<starflow::native::DType>(dtype);
+  return static_cast<native::DType>(dtype);
 }
 
-const starflow::native::Tensor* optional(const sf_tensor* t) { return t ? &t->tensor : nullptr; }
+const native::Tensor* optional(const sf_tensor* t) { return t ? &t->tensor : nullptr; }
 
 }  // namespace
 
@@ -87,7 +89,7 @@ void sf_status_free(sf_status* status) {
 sf_status* sf_tensor_create(sf_dtype dtype, const int64_t* shape, size_t rank, sf_tensor** out) {
   return guarded(__func__, [&](const char* fn) {
     require(out, fn, "out");
-    *out = new sf_tensor{starflow::native::Tensor(dtype_of(dtype), shape_of(shape, rank, fn))};
+    *out = new sf_tensor{native::Tensor(dtype_of(dtype), shape_of(shape, rank, fn))};
   });
 }
 
@@ -95,7 +97,7 @@ sf_status* sf_tensor_load_npy(const char* path, sf_tensor** out) {
   return guarded(__func__, [&](const char* fn) {
     require(path, fn, "path");
     require(out, fn, "out");
-    *out = new sf_tensor{starflow::native::load_npy(path)};
+    *out = new sf_tensor{native::load_npy(path)};
   });
 }
 
@@ -103,14 +105,14 @@ sf_status* sf_tensor_save_npy(const sf_tensor* tensor, const char* path) {
   return guarded(__func__, [&](const char* fn) {
     require(tensor, fn, "tensor");
     require(path, fn, "path");
-    starflow::native::save_npy(tensor->tensor, path);
+    native::save_npy(tensor->tensor, path);
   });
 }
 
 sf_status* sf_tensor_noise(uint64_t seed, const int64_t* shape, size_t rank, sf_tensor** out) {
   return guarded(__func__, [&](const char* fn) {
     require(out, fn, "out");
-    *out = new sf_tensor{starflow::native::normal_noise(seed, shape_of(shape, rank, fn))};
+    *out = new sf_tensor{native::normal_noise(seed, shape_of(shape, rank, fn))};
   });
 }
 
@@ -124,7 +126,7 @@ sf_status* sf_image_save_png(const sf_tensor* images, size_t index, const char* 
   return guarded(__func__, [&](const char* fn) {
     require(images, fn, "images");
     require(path, fn, "path");
-    starflow::native::save_png(images->tensor, index, path);
+    native::save_png(images->tensor, index, path);
   });
 }
 
@@ -141,7 +143,7 @@ sf_status* sf_config_set_precision(sf_config* config, const char* precision) {
     require(config, fn, "config");
     require(precision, fn, "precision");
     std::string p = precision;
-    if (p != "fp32" && p != "fp16") throw starflow::native::Error("precision: expected 'fp32' or 'fp16', got '" + p + "'");
+    if (p != "fp32" && p != "fp16") throw native::Error("precision: expected 'fp32' or 'fp16', got '" + p + "'");
     config->settings.precision = p;
   });
 }
@@ -150,7 +152,7 @@ sf_status* sf_config_set_threads(sf_config* config, int threads) {
   return guarded(__func__, [&](const char* fn) {
     require(config, fn, "config");
     if (threads < 0 || threads > 1024)
-      throw starflow::native::Error("threads: must be 0 (all cores) or 1 .. 1024, got " + std::to_string(threads));
+      throw native::Error("threads: must be 0 (all cores) or 1 .. 1024, got " + std::to_string(threads));
     config->settings.session.threads = threads;
   });
 }
@@ -167,8 +169,8 @@ sf_status* sf_config_add_provider(sf_config* config, const char* name, const cha
   return guarded(__func__, [&](const char* fn) {
     require(config, fn, "config");
     require(name, fn, "name");
-    if (count && (!keys || !values)) throw starflow::native::Error("sf_config_add_provider: keys or values is NULL");
-    starflow::native::Provider provider{name, {}, {}};
+    if (count && (!keys || !values)) throw native::Error("sf_config_add_provider: keys or values is NULL");
+    native::Provider provider{name, {}, {}};
     for (size_t i = 0; i < count; ++i) {
       require(keys[i], fn, "a key");
       require(values[i], fn, "a value");
@@ -187,8 +189,8 @@ sf_status* sf_pipeline_load(const char* artifacts_dir, const sf_config* config, 
     require(artifacts_dir, fn, "artifacts_dir");
     require(out, fn, "out");
     *out = nullptr;
-    starflow::native::LoadSettings settings = config ? config->settings : starflow::native::LoadSettings{};
-    auto pipeline = std::make_unique<starflow::native::Pipeline>(artifacts_dir, settings);
+    native::LoadSettings settings = config ? config->settings : native::LoadSettings{};
+    auto pipeline = std::make_unique<native::Pipeline>(artifacts_dir, settings);
     std::string description = pipeline->describe();
     *out = new sf_pipeline{std::move(pipeline), std::move(description)};
   });
@@ -226,7 +228,7 @@ sf_status* sf_sampling_set_guidance(sf_sampling* s, double weight) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
     if (!std::isfinite(weight) || weight < 0)
-      throw starflow::native::Error("guidance: must be a finite number >= 0, got " + std::to_string(weight));
+      throw native::Error("guidance: must be a finite number >= 0, got " + std::to_string(weight));
     s->sampling.guidance = weight;
   });
 }
@@ -235,7 +237,7 @@ sf_status* sf_sampling_set_method(sf_sampling* s, const char* method) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
     require(method, fn, "method");
-    starflow::native::Sampling changed = s->sampling;
+    native::Sampling changed = s->sampling;
     changed.method = method;
     changed.check();
     s->sampling = changed;
@@ -245,7 +247,7 @@ sf_status* sf_sampling_set_method(sf_sampling* s, const char* method) {
 sf_status* sf_sampling_set_block_size(sf_sampling* s, int block_size) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
-    starflow::native::Sampling changed = s->sampling;
+    native::Sampling changed = s->sampling;
     changed.jacobi.block_size = block_size;
     changed.check();
     s->sampling = changed;
@@ -255,7 +257,7 @@ sf_status* sf_sampling_set_block_size(sf_sampling* s, int block_size) {
 sf_status* sf_sampling_set_max_iter(sf_sampling* s, int max_iter) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
-    starflow::native::Sampling changed = s->sampling;
+    native::Sampling changed = s->sampling;
     changed.jacobi.max_iter = max_iter;
     changed.check();
     s->sampling = changed;
@@ -265,7 +267,7 @@ sf_status* sf_sampling_set_max_iter(sf_sampling* s, int max_iter) {
 sf_status* sf_sampling_set_threshold(sf_sampling* s, double threshold) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
-    starflow::native::Sampling changed = s->sampling;
+    native::Sampling changed = s->sampling;
     changed.jacobi.threshold = threshold;
     changed.check();
     s->sampling = changed;
@@ -276,7 +278,7 @@ sf_status* sf_sampling_set_init(sf_sampling* s, const char* init) {
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
     require(init, fn, "init");
-    starflow::native::Sampling changed = s->sampling;
+    native::Sampling changed = s->sampling;
     changed.jacobi.init = init;
     changed.check();
     s->sampling = changed;
@@ -288,8 +290,8 @@ sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* s, int block_size, int ma
   return guarded(__func__, [&](const char* fn) {
     require(s, fn, "sampling");
     require(init, fn, "init");
-    starflow::native::Sampling changed = s->sampling;
-    changed.shallow_jacobi = starflow::native::Jacobi{block_size, max_iter, threshold, init};
+    native::Sampling changed = s->sampling;
+    changed.shallow_jacobi = native::Jacobi{block_size, max_iter, threshold, init};
     changed.check();
     s->sampling = changed;
   });
@@ -304,7 +306,7 @@ sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* sampling
     require(pipeline, fn, "pipeline");
     require(noise, fn, "noise");
     require(latent, fn, "latent");
-    starflow::native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
+    native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
     *latent = new sf_tensor{pipeline->pipeline->sample(noise->tensor, optional(text), optional(text_uncond), options)};
   });
 }
@@ -360,9 +362,9 @@ sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampli
     if (count) require(prompts, fn, "prompts");
     std::vector<std::string> list;
     for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
-    starflow::native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
-    starflow::native::Tensor latent;
-    starflow::native::Tensor result = pipeline->pipeline->generate(list, negative_prompt ? negative_prompt : "",
+    native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
+    native::Tensor latent;
+    native::Tensor result = pipeline->pipeline->generate(list, negative_prompt ? negative_prompt : "",
                                                            noise->tensor, options, denoise != 0, &latent);
     auto* image_handle = new sf_tensor{std::move(result)};
     if (latents) {
