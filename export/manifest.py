@@ -55,7 +55,7 @@ from starflow.export.entries import (
     Tolerance,
     sha256,
 )
-from starflow.presets import OFFICIAL, check_preset_name
+from starflow.presets import OFFICIAL, check_preset_name, choose
 from starflow.sampler import SampleOptions
 
 SCHEMA_VERSION = 5
@@ -145,13 +145,9 @@ class Manifest:
     def sampling(self, preset: str = OFFICIAL) -> SampleOptions:
         """The export's default settings ("official": its guidance weight and Jacobi settings) or
         one of its named sampling presets."""
-        if preset == OFFICIAL:
-            return SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi.settings())
-        if preset not in self.sampling_presets:
-            raise StarflowError(
-                f"sampler {preset!r}: this export has the presets {[OFFICIAL, *self.sampling_presets]}"
-            )
-        return self.sampling_presets[preset].options()
+        official = SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi.settings())
+        presets = {name: p.options() for name, p in self.sampling_presets.items()}
+        return choose(preset, official, presets, "this export")
 
     def engine(self, graph: str) -> Engine | None:
         return next((e for e in self.engines if e.graph == graph), None)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_demo import mean_pairwise_distance, train_classifier  # noqa: E402
+from eval_demo import score_digit, train_classifier  # noqa: E402
 
 from starflow.bench import interleaved  # noqa: E402
 from starflow.data import DIGITS_LEVELS, digits_split  # noqa: E402
@@ -58,14 +58,12 @@ def evaluate(generator: Generator, sampling: SampleOptions, per_digit: int, clas
     began = time.perf_counter()
     for digit in range(10):
         result = generator.generate([str(digit)], num_images=per_digit, seed=1 + digit, sampling=sampling)
-        images = result.images[..., 0]
         calls += sum(s.evaluations for s in result.stats)
-        with torch.no_grad():
-            predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
-        accuracies.append((predicted == digit).float().mean().item())
-        ratios.append(
-            mean_pairwise_distance(images) / mean_pairwise_distance(real_images[real_labels == digit])
+        accuracy, ratio = score_digit(
+            classifier, result.images[..., 0], digit, real_images[real_labels == digit]
         )
+        accuracies.append(accuracy)
+        ratios.append(ratio)
     return {
         "accuracy": float(np.mean(accuracies)),
         "diversity": float(np.mean(ratios)),

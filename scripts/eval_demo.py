@@ -54,6 +54,17 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
     return (d.sum() / (n * (n - 1))).item()
 
 
+def score_digit(
+    classifier: nn.Module, images: np.ndarray, digit: int, real_digits: np.ndarray
+) -> tuple[float, float]:
+    """Samples (N, 8, 8) of one digit -> (share the classifier reads as `digit`, diversity ratio:
+    their mean pairwise distance over that of the real digits of that class)."""
+    with torch.no_grad():
+        predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
+    accuracy = (predicted == digit).float().mean().item()
+    return accuracy, mean_pairwise_distance(images) / mean_pairwise_distance(real_digits)
+
+
 @torch.no_grad()
 def test_bits_per_dim(model, labels, noise_std: float, seed: int = 0) -> float:
     images, classes = digits_split("test")
@@ -107,10 +118,9 @@ def main() -> None:
         )
         images, stats = result.images[..., 0], stats + result.stats
         per_digit_samples.append(images)
-        with torch.no_grad():
-            predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
-        accuracies.append((predicted == digit).float().mean().item())
-        ratios.append(mean_pairwise_distance(images) / mean_pairwise_distance(real[real_labels == digit]))
+        accuracy, ratio = score_digit(classifier, images, digit, real[real_labels == digit])
+        accuracies.append(accuracy)
+        ratios.append(ratio)
         print(f"digit {digit}: accuracy {accuracies[-1]:.3f}, diversity ratio {ratios[-1]:.3f}")
     seconds = time.perf_counter() - began
     iters = [i for s in stats for i in s.iterations]

@@ -26,6 +26,17 @@ def check_preset_name(name: str, where: str) -> None:
         raise StarflowError(f"{where}: sampling preset name {name!r} is reserved or not a plain word")
 
 
+def choose(
+    name: str, official: SampleOptions, presets: dict[str, SampleOptions], owner: str
+) -> SampleOptions:
+    """`official` for "official", else the named preset; the error lists what `owner` has."""
+    if name == OFFICIAL:
+        return official
+    if name not in presets:
+        raise StarflowError(f"sampler {name!r}: {owner} has the presets {[OFFICIAL, *presets]}")
+    return presets[name]
+
+
 def preset_to_json(options: SampleOptions) -> dict[str, Any]:
     return dataclasses.asdict(options)
 

@@ -20,7 +20,7 @@ from starflow.config import DEMO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.export.manifest import VAE_SCALE
 from starflow.model import StarFlow
-from starflow.presets import DIGITS_PRESETS, OFFICIAL, load_presets
+from starflow.presets import DIGITS_PRESETS, OFFICIAL, choose, load_presets
 from starflow.runtime.generator import ImageGenerator, check_prompts, make_noise
 from starflow.sampler import BlockStats, Progress, SampleOptions
 from starflow.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
@@ -97,11 +97,7 @@ class ReferenceGenerator(ImageGenerator):
 
     def sampling(self, preset: str = OFFICIAL) -> SampleOptions:
         """The defaults, or a preset calibrated for this checkpoint (the embedded model's)."""
-        if preset == OFFICIAL:
-            return self.default_sampling()
-        if preset not in self.presets:
-            raise StarflowError(f"sampler {preset!r}: this model has the presets {[OFFICIAL, *self.presets]}")
-        return self.presets[preset]
+        return choose(preset, self.default_sampling(), self.presets, "this model")
 
     def images_per_batch(self, guidance: float) -> int:
         return self.batch_size or 2**31

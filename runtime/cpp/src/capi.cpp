@@ -73,6 +73,23 @@ native::DType dtype_of(sf_dtype dtype) {
 
 const native::Tensor* optional(const sf_tensor* t) { return t ? &t->tensor : nullptr; }
 
+std::string text(const char* value, const char* function, const char* name) {
+  require(value, function, name);
+  return value;
+}
+
+// A sampling setter: `edit` a copy, check it, keep it only when it passes.
+template <typename Edit>
+sf_status* change(sf_sampling* s, const char* function, Edit edit) {
+  return guarded(function, [&](const char* fn) {
+    require(s, fn, "sampling");
+    native::Sampling changed = s->sampling;
+    edit(changed);
+    changed.check();
+    s->sampling = changed;
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -225,75 +242,33 @@ sf_status* sf_sampling_create_preset(const sf_pipeline* pipeline, const char* na
 }
 
 sf_status* sf_sampling_set_guidance(sf_sampling* s, double weight) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    if (!std::isfinite(weight) || weight < 0)
-      throw native::Error("guidance: must be a finite number >= 0, got " + std::to_string(weight));
-    s->sampling.guidance = weight;
-  });
+  return change(s, __func__, [&](native::Sampling& x) { x.guidance = weight; });
 }
 
 sf_status* sf_sampling_set_method(sf_sampling* s, const char* method) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    require(method, fn, "method");
-    native::Sampling changed = s->sampling;
-    changed.method = method;
-    changed.check();
-    s->sampling = changed;
-  });
+  return change(s, __func__, [&](native::Sampling& x) { x.method = text(method, __func__, "method"); });
 }
 
 sf_status* sf_sampling_set_block_size(sf_sampling* s, int block_size) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    native::Sampling changed = s->sampling;
-    changed.jacobi.block_size = block_size;
-    changed.check();
-    s->sampling = changed;
-  });
+  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.block_size = block_size; });
 }
 
 sf_status* sf_sampling_set_max_iter(sf_sampling* s, int max_iter) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    native::Sampling changed = s->sampling;
-    changed.jacobi.max_iter = max_iter;
-    changed.check();
-    s->sampling = changed;
-  });
+  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.max_iter = max_iter; });
 }
 
 sf_status* sf_sampling_set_threshold(sf_sampling* s, double threshold) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    native::Sampling changed = s->sampling;
-    changed.jacobi.threshold = threshold;
-    changed.check();
-    s->sampling = changed;
-  });
+  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.threshold = threshold; });
 }
 
 sf_status* sf_sampling_set_init(sf_sampling* s, const char* init) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    require(init, fn, "init");
-    native::Sampling changed = s->sampling;
-    changed.jacobi.init = init;
-    changed.check();
-    s->sampling = changed;
-  });
+  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.init = text(init, __func__, "init"); });
 }
 
 sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* s, int block_size, int max_iter, double threshold,
                                           const char* init) {
-  return guarded(__func__, [&](const char* fn) {
-    require(s, fn, "sampling");
-    require(init, fn, "init");
-    native::Sampling changed = s->sampling;
-    changed.shallow_jacobi = native::Jacobi{block_size, max_iter, threshold, init};
-    changed.check();
-    s->sampling = changed;
+  return change(s, __func__, [&](native::Sampling& x) {
+    x.shallow_jacobi = native::Jacobi{block_size, max_iter, threshold, text(init, __func__, "init")};
   });
 }
 

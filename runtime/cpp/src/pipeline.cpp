@@ -51,9 +51,11 @@ Tensor concat_rows(const std::vector<Tensor>& parts) {
   return out;
 }
 
-void expect_output(const Output& out, DType dtype, const Shape& shape, const std::string& what) {
+// Output `name` of `session` must have this dtype and shape (the message is built only on failure:
+// this runs on every step call).
+void expect_output(const Output& out, DType dtype, const Shape& shape, const Session& session, const char* name) {
   if (out.dtype() != dtype || out.shape() != shape)
-    throw Error(what + ": the graph gave " + dtype_name(out.dtype()) + " " + shape_text(out.shape()) + ", expected " +
+    throw Error("graph " + session.name() + " output " + name + ": the graph gave " + dtype_name(out.dtype()) + " " + shape_text(out.shape()) + ", expected " +
                 dtype_name(dtype) + " " + shape_text(shape));
 }
 
@@ -88,7 +90,7 @@ class GraphBlock : public SamplerBlock {
       auto out = prefill_->run({{"text", DType::f32, {text->rows, text->length, text->dim}, text->data.data()}});
       for (const char* name : {"keys", "values"}) {
         const Output& o = out[prefill_->index_of(name)];
-        expect_output(o, cache_dtype_, cache_shape(text_length_), "graph " + prefill_->name() + " output " + name);
+        expect_output(o, cache_dtype_, cache_shape(text_length_), *prefill_, name);
         scatter(std::strcmp(name, "keys") == 0 ? keys_ : values_, o.data(), 0, text_length_);
       }
     }
@@ -106,16 +108,15 @@ class GraphBlock : public SamplerBlock {
         {"grid", DType::i64, {2}, grid_},
         {"start", DType::i64, {}, &position},
     });
-    const std::string& name = step_->name();
     for (auto [output, target] : {std::pair{"mu", &mu}, {"sigma", &sigma}}) {
       const Output& o = out[step_->index_of(output)];
-      expect_output(o, DType::f32, {x.rows, c, x.dim}, "graph " + name + " output " + output);
-      *target = Sequence(x.rows, c, x.dim);
-      std::memcpy(target->data.data(), o.data(), target->data.size() * sizeof(float));
+      expect_output(o, DType::f32, {x.rows, c, x.dim}, *step_, output);
+      target->rows = x.rows, target->length = c, target->dim = x.dim;
+      target->data.assign(o.f32(), o.f32() + x.rows * c * x.dim);  // reuses the caller's buffer
     }
     for (const char* output : {"new_keys", "new_values"}) {
       const Output& o = out[step_->index_of(output)];
-      expect_output(o, cache_dtype_, cache_shape(c), "graph " + name + " output " + output);
+      expect_output(o, cache_dtype_, cache_shape(c), *step_, output);
       scatter(std::strcmp(output, "new_keys") == 0 ? keys_ : values_, o.data(), past, c);
     }
   }
@@ -372,7 +373,7 @@ Tensor Pipeline::denoise(const Tensor& latent, const Tensor* text) {
   Session& session = component(*m.denoise_graph);
   auto out = session.run(feeds);
   const Output& grad = out[session.index_of("grad")];
-  expect_output(grad, DType::f32, latent.shape, "graph " + session.name() + " output grad");
+  expect_output(grad, DType::f32, latent.shape, session, "grad");
   const float scale = static_cast<float>(m.denoise_noise_std * m.denoise_noise_std);
   Tensor result(DType::f32, latent.shape);
   for (std::size_t i = 0; i < latent.size(); ++i) result.f32()[i] = latent.f32()[i] - scale * grad.f32()[i];
