@@ -51,6 +51,11 @@ def onnx(
         Path | None,
         typer.Option(help="JSON of named sampling presets calibrated for this model (generate --sampler)."),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(help="Processes: 2 exports the denoise graph in a second one; default 2 when a core "
+                     "is spare and the weights are <= 1 GiB.", min=1),
+    ] = None,
 ) -> None:
     """Export every flow block to ONNX (step, prefill, forward graphs) and the pipeline components.
 
@@ -69,7 +74,7 @@ def onnx(
         options = ExportOptions(
             ("fp32", "fp16") if precision == "both" else (precision,), opset, max_batch, latent[0], latent[1],
             density, denoise, text_encoder, vae, validate, force,
-            load_presets(sampling_presets) if sampling_presets else {},
+            load_presets(sampling_presets) if sampling_presets else {}, jobs,
         )  # fmt: skip
         manifest = export_onnx(checkpoint, out, options, config=config, progress=step_lines())
     typer.echo(

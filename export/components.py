@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starflow.errors import StarflowError
 from starflow.export.graphs import GraphSpec
 from starflow.export.manifest import VAE_SCALE, Decoder, Denoise, TextComponent
 from starflow.model import StarFlow
+
+if TYPE_CHECKING:
+    from starflow.export.worker import DenoiseJob
 
 
 @dataclasses.dataclass
@@ -70,17 +73,24 @@ class Components:
         return cls(encoder, loaded_vae, Path(vae).name if vae is not None else None, denoise)
 
     def pending(self) -> list[str]:
+        """The graphs `export` writes, in order (the denoise graph may come from a `DenoiseJob`)."""
         names = ["text_encoder"] if self.text_encoder is not None else []
         names += ["decoder"] if self.vae is not None else []
         return names + (["denoise"] if self.denoise else [])
 
     def export(
-        self, model: StarFlow, work: Path, opset: int, progress: Callable[[str], None]
+        self,
+        model: StarFlow,
+        work: Path,
+        opset: int,
+        progress: Callable[[str], None],
+        denoise_job: DenoiseJob | None = None,
     ) -> ComponentEntries:
-        """Export (and validate: each exporter checks its graph against PyTorch) every component."""
+        """Export (and validate: each exporter checks its graph against PyTorch) every component;
+        the denoise graph is waited for when `denoise_job` already exports it."""
         entries = ComponentEntries()
         for name in self.pending():
-            progress(f"export {name}")
+            progress(f"{'wait for' if denoise_job and name == 'denoise' else 'export'} {name}")
             if name == "text_encoder":
                 from starflow.export.text_encoder import export_text_encoder
 
@@ -95,9 +105,13 @@ class Components:
                     "sd-vae", self.vae_source, VAE_SCALE, spec.name, upsampling(self.vae)
                 )
             else:
-                from starflow.export.denoise import export_denoise
+                from starflow.export.denoise import denoise_spec, export_denoise
 
-                spec = export_denoise(model, work / "denoise.fp32.onnx", opset)
+                spec = denoise_spec(model)
+                if denoise_job is None:
+                    export_denoise(model, work / spec.file, opset)
+                else:
+                    denoise_job.wait()
                 entries.denoise = Denoise("nll-gradient", spec.name, model.config.noise_std)
             entries.graphs.append(spec)
         config = model.config

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 import torch
+from torch import nn
 
 from starflow.errors import StarflowError
 from starflow.export.graphs import BlockGraph, GraphSpec, Precision
@@ -68,9 +70,92 @@ def export_block_graph(
     spec: GraphSpec, block: FlowBlock, precision: Precision, path: Path, opset: int
 ) -> None:
     """Export one block method (step, prefill or density) to `path`."""
-    module = BlockGraph(block, spec.kind, precision)
-    # BlockGraph.forward takes *args: torch.export sees one positional group holding them all
-    export_module(module, example_args(spec, precision), (dynamic_shapes_of(spec),), spec, path, opset)
+    BlockGraphExporter(opset).export(spec, block, precision, path)
+
+
+# Attributes of a FlowBlock that no exported method reads: its place in the model. The flip is
+# applied by the runtime, except to learned positions (rope: 0), which the graphs hold flipped.
+GRAPH_NEUTRAL_ATTRIBUTES = frozenset({"index", "deep", "training"})
+
+
+def structure_key(spec: GraphSpec, module: BlockGraph) -> tuple:
+    """What decides the traced graph of `module`: the graph's signature, every submodule's type and
+    plain attributes, and every weight's name, shape and dtype (but not its values)."""
+    neutral = GRAPH_NEUTRAL_ATTRIBUTES | ({"flip"} if module.block.rope is not None else set())
+    attributes = tuple(
+        (name, type(sub).__name__, tuple(sorted(
+            (k, v) for k, v in vars(sub).items()
+            if not k.startswith("_") and k not in neutral
+            and isinstance(v, (bool, int, float, str, tuple, type(None)))
+        )))
+        for name, sub in module.named_modules()
+    )  # fmt: skip
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in _named_tensors(module).items())
+    return (spec.kind, spec.precision, spec.inputs, spec.outputs, attributes, tensors)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (non-persistent ones too) by the names the exporter gives them."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
+class BlockGraphExporter:
+    """Exports block graphs, tracing each distinct block structure once.
+
+    Tracing dominates export time (about 10 s per graph even for the 64-wide demo model, most of it
+    torch.export's symbolic shape arithmetic), while a model's shallow blocks usually share one
+    structure. The first block of a structure is traced to an unoptimised ONNX graph, kept as a
+    template; a later block with the same `structure_key` gets a copy of it with its own weights
+    swapped in by initializer name, before onnxscript's optimizer runs (it folds weights into new
+    constants, so the swap must come first). The tests check the result is the file a trace of
+    that block gives.
+    """
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self._templates: dict[tuple, onnx.ModelProto] = {}
+
+    def export(self, spec: GraphSpec, block: FlowBlock, precision: Precision, path: Path) -> bool:
+        """Export `spec` of `block` to `path`; True when a template was reused (no trace)."""
+        module = BlockGraph(block, spec.kind, precision)
+        key = structure_key(spec, module)
+        tensors = _named_tensors(module)
+        reused = key in self._templates
+        if not reused:
+            args = example_args(spec, precision)
+            traced = trace_module(module, args, (dynamic_shapes_of(spec),), spec, self.opset)
+            self._templates[key] = _weightless(ir.serde.serialize_model(traced), tensors)
+        # traced and reused graphs take one path (the optimizer names the values it creates after
+        # the graph's history, so this keeps their files equal)
+        model = ir.serde.deserialize_model(self._templates[key])
+        _swap_weights(model, tensors, spec)
+        write_graph(model, spec, path, optimize=True, external_data=_bytes(module) > EXTERNAL_DATA_BYTES)
+        return reused
+
+
+def _weightless(proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    """The template keeps the weights' names, shapes and dtypes, not their data (a block's worth
+    per template would add up on billion-parameter models)."""
+    for initializer in proto.graph.initializer:
+        if initializer.name in tensors:
+            initializer.ClearField("raw_data")
+    return proto
+
+
+def _swap_weights(model: ir.Model, tensors: dict[str, torch.Tensor], spec: GraphSpec) -> None:
+    """Give every initializer named after a weight of the block that weight's values."""
+    for name, value in model.graph.initializers.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue  # a constant of the code (traced from no weight): the same for every block
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise StarflowError(f"graph {spec.name}: initializer {name} has shape {value.shape}, "
+                                f"the block's weight {tuple(tensor.shape)}")  # fmt: skip
+        value.const_value = ir.Tensor(tensor.detach().contiguous().numpy(), name=name)
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def export_module(
@@ -86,7 +171,18 @@ def export_module(
 
     `optimize=False` skips onnxscript's optimizer (ONNX Runtime optimises at load anyway).
     """
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    model = trace_module(module, args, dynamic_shapes, spec, opset)
+    write_graph(model, spec, path, optimize, external_data=_bytes(module) > EXTERNAL_DATA_BYTES)
+
+
+def trace_module(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    dynamic_shapes: tuple[Any, ...],
+    spec: GraphSpec,
+    opset: int,
+) -> ir.Model:
+    """`module` traced by torch.onnx (dynamo) with symbolic dims, not yet optimised."""
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
@@ -97,11 +193,24 @@ def export_module(
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 dynamo=True,
-                optimize=optimize,
+                optimize=False,
                 verbose=False,
             )
-            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     except Exception as err:  # the exporter raises many types; name the graph and keep the cause
+        raise StarflowError(f"export of graph {spec.name} failed: {type(err).__name__}: {err}") from err
+    return program.model
+
+
+def write_graph(model: ir.Model, spec: GraphSpec, path: Path, optimize: bool, external_data: bool) -> None:
+    """Optimise (onnxscript, as torch.onnx's `optimize=True` does) and save `model`, then run
+    `onnx.checker` and prove the I/O signature kept every symbolic dim."""
+    program = torch.onnx.ONNXProgram(model, None)
+    try:
+        with _quiet_exporter():
+            if optimize:
+                program.optimize()
+            program.save(str(path), external_data=external_data)
+    except Exception as err:  # the optimizer and serializer raise many types
         raise StarflowError(f"export of graph {spec.name} failed: {type(err).__name__}: {err}") from err
     try:
         onnx.checker.check_model(str(path), full_check=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 from starflow.atomic import current_umask
 from starflow.errors import StarflowError
 from starflow.export.components import ComponentEntries, Components
-from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, export_block_graph
+from starflow.export.worker import DenoiseJob
+from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_specs, profile_dims
 from starflow.export.manifest import (
     GUIDANCE_EXPRESSION,
@@ -53,6 +54,9 @@ from starflow.sampler import JacobiSettings, SampleOptions
 PRECISIONS = {"fp32": Precision("fp32"), "fp16": Precision("fp16", fp32_norms=True)}
 
 Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
+# A worker process exporting the denoise graph loads a second copy of the model: by default only
+# for models whose weights fit this (the 3B model's would double the export's peak memory).
+WORKER_MODEL_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,9 @@ class ExportOptions:
     force: bool = False  # replace a non-empty `out` that holds no starflow export
     # opt-in sampling settings calibrated for this model (`generate --sampler NAME`)
     sampling_presets: dict[str, SampleOptions] = dataclasses.field(default_factory=dict)
+    # processes: 2 exports the denoise graph in a worker beside the block graphs; None: 2 when
+    # there is a spare core and the model's weights are at most WORKER_MODEL_BYTES
+    jobs: int | None = None
 
     def check(self) -> None:
         for name, preset in self.sampling_presets.items():
@@ -96,6 +103,8 @@ class ExportOptions:
                 "RMSNorm of fp16 graphs into an RMSNormalization node that fails ONNX shape inference; "
                 "use opset 22 or lower, or fp32 graphs only"
             )
+        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
+            raise StarflowError(f"jobs: must be an integer >= 1, got {self.jobs!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise StarflowError(f"max_batch: must be an integer >= 1, got {self.max_batch!r}")
 
@@ -165,26 +174,55 @@ def export_onnx(
             progress(what, done, total)
         done += 1
 
-    with staging_directory(out) as work:
+    with staging_directory(out) as work, denoise_job(components, model, checkpoint, config, options, work) as job:
         graphs = []
+        exporter = BlockGraphExporter(options.opset)
         for spec, block in plan:
             report(f"export {spec.name}")
-            export_block_graph(spec, block, PRECISIONS[spec.precision], work / spec.file, options.opset)
+            exporter.export(spec, block, PRECISIONS[spec.precision], work / spec.file)
             graphs.append(spec.entry(work, dims))
-        entries = components.export(model, work, options.opset, report)
+        results = []
+        if options.validate:  # the block graphs, while a denoise job runs (components validate their own)
+            report("validate against PyTorch")
+            blocks_only = build_manifest(model, checkpoint, graphs, dims, latent, options, ComponentEntries(), work)
+            results = validate_export(work, model, blocks_only)
+            check_results(results)
+        entries = components.export(model, work, options.opset, report, job)
         graphs += [spec.entry(work, dims) for spec in entries.graphs]
         manifest = build_manifest(model, checkpoint, graphs, dims, latent, options, entries, work)
-        manifest = manifest.write(work)
-        if options.validate:
-            report("validate against PyTorch")
-            results = validate_export(work, model, manifest)
-            check_results(results)
-            manifest = dataclasses.replace(manifest, validation=tuple(results))
-            manifest = manifest.write(work)
+        manifest = dataclasses.replace(manifest, validation=tuple(results)).write(work)
         if progress:
             progress("done", total, total)
         replace_dir(work, out)
     return manifest
+
+
+@contextlib.contextmanager
+def denoise_job(
+    components: Components,
+    model: StarFlow,
+    checkpoint: Path,
+    config: str | Path | None,
+    options: ExportOptions,
+    work: Path,
+) -> Iterator[DenoiseJob | None]:
+    """The denoise graph's export started in a worker process, when there is one to export and
+    `options.jobs` (or, by default, a spare core and room for a second copy of the model) allows;
+    stopped if the export fails before it is waited for."""
+    jobs = options.jobs
+    if jobs is None:
+        small = sum(p.numel() * p.element_size() for p in model.parameters()) <= WORKER_MODEL_BYTES
+        jobs = min(os.cpu_count() or 1, 2) if small else 1
+    if not components.denoise or jobs < 2:
+        yield None
+        return
+    from starflow.export.denoise import denoise_spec
+
+    job = DenoiseJob(checkpoint, config, work / denoise_spec(model).file, options.opset)
+    try:
+        yield job
+    finally:
+        job.cancel()
 
 
 def plan_graphs(model: StarFlow, options: ExportOptions) -> list[tuple[GraphSpec, FlowBlock]]:

@@ -6,6 +6,7 @@ tested through the runtime, which drives only the graphs: tests/test_runtime.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -142,3 +143,36 @@ def test_typed_manifest_round_trips_its_json(fixture_artifacts):
     )  # 2 layers
     with pytest.raises(starflow.StarflowError, match="no graph named 'block9.step.fp32'"):
         manifest.graph("block9.step.fp32")
+
+
+def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
+    """Shallow blocks differing only in weights, index and flip share one trace; each file is
+    byte-for-byte the one a trace of that block gives, and a differently shaped block is traced."""
+    from starflow.config import StarFlowConfig
+    from starflow.export.exporter import BlockGraphExporter, structure_key
+    from starflow.export.graphs import BlockGraph, Precision, block_specs
+    from starflow.testing import random_model
+
+    config = StarFlowConfig(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16,
+                            layers_per_block=[1, 1, 2], txt_size=2, txt_dim=8, cond_top_only=True, rope=True)  # fmt: skip
+    model = random_model(config)
+    deep, middle, first = model.sampling_blocks()
+    assert middle.flip != first.flip
+    shared, reused = BlockGraphExporter(20), {}
+    for block in (deep, middle, first):
+        for spec in block_specs(config, block, "fp32", density=False):
+            reused[spec.name] = shared.export(spec, block, Precision("fp32"), tmp_path / spec.file)
+    assert reused == {"block2.step.fp32": False, "block2.prefill.fp32": False,
+                      "block1.step.fp32": False, "block0.step.fp32": True}  # fmt: skip
+    spec = block_specs(config, first, "fp32", density=False)[0]
+    BlockGraphExporter(20).export(spec, first, Precision("fp32"), tmp_path / "traced.onnx")
+    assert (tmp_path / spec.file).read_bytes() == (tmp_path / "traced.onnx").read_bytes()
+    x = np.random.default_rng(0).standard_normal((1, 3, 2), dtype=np.float32)
+    cache = np.zeros((1, 1, middle.num_kv_heads, 0, middle.head_dim), np.float32)
+    feeds = {"x": x, "past_keys": cache, "past_values": cache, "grid": np.array([4, 4]), "start": np.array(0)}
+    outputs = [ort.InferenceSession(str(tmp_path / f"block{i}.step.fp32.onnx")).run(["mu"], feeds)[0] for i in (0, 1)]
+    assert not np.allclose(*outputs)  # each file carries its own block's weights
+    # learned positions (rope: 0) are held flipped inside the graph: a flip is a new structure
+    learned = random_model(dataclasses.replace(config, rope=False))
+    keys = {structure_key(spec, BlockGraph(b, "step", Precision("fp32"))) for b in learned.sampling_blocks()[1:]}
+    assert len(keys) == 2

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from starflow.checkpoint import save_model
 from starflow.config import PRESETS, StarFlowConfig, load_config
 from starflow.errors import StarflowError
 from starflow.export.denoise import NLLGradient, denoise_spec, export_denoise
+from starflow.export.exporter import DEFAULT_OPSET
 from starflow.export.manifest import VAE_SCALE, TensorSpec
+from starflow.export.worker import DenoiseJob
 from starflow.model import StarFlow
 from starflow.runtime.backends import OrtRunner
 from starflow.runtime.image import Decoder, Denoiser, to_unit_images
@@ -108,13 +111,38 @@ def t2i() -> StarFlow:
 
 
 @pytest.fixture(scope="module")
-def denoiser(t2i, tmp_path_factory: pytest.TempPathFactory) -> Denoiser:
+def denoise_graph(t2i, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("denoise") / "denoise.fp32.onnx"
     spec = export_denoise(t2i, path)
     assert spec == denoise_spec(t2i)
     assert [t.name for t in spec.inputs] == ["x", "text"] and spec.outputs[0].name == "grad"
     assert spec.inputs[1].shape == ("batch", "text", 32)
-    return Denoiser(OrtRunner(spec.name, path), channels=4, text_dim=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def denoiser(denoise_graph) -> Denoiser:
+    return Denoiser(OrtRunner("denoise.fp32", denoise_graph), channels=4, text_dim=32)
+
+
+def test_a_worker_process_exports_the_same_denoise_graph(t2i, denoise_graph, tmp_path):
+    """`export_onnx` runs the denoise export in a worker beside the block graphs: same file."""
+    checkpoint = tmp_path / "model.safetensors"
+    save_model(t2i, checkpoint)
+    job = DenoiseJob(checkpoint, None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
+    job.wait()
+    assert (tmp_path / "denoise.fp32.onnx").read_bytes() == denoise_graph.read_bytes()
+
+
+def test_a_failing_or_cancelled_worker(tmp_path):
+    job = DenoiseJob(tmp_path / "missing.safetensors", None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
+    with pytest.raises(StarflowError, match=r"graph denoise\.fp32 \(worker process\) failed: .*missing\.safetensors"):
+        job.wait()
+    checkpoint = tmp_path / "model.safetensors"
+    save_model(one_block_t2i(), checkpoint)
+    job = DenoiseJob(checkpoint, None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
+    job.cancel()  # at once: the export fails elsewhere
+    assert job._process.returncode is not None and not (tmp_path / "denoise.fp32.onnx").exists()
 
 
 @pytest.mark.parametrize("batch", [1, 3])
