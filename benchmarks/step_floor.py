@@ -1,8 +1,8 @@
 """How far each engine's Jacobi step is from the machine's matrix-multiply floor (bench-256).
 
 A Jacobi iteration of one block is one step call over a chunk. This script times, side by side in
-one process, one step call of the deep block (batch 2 = [cond ; uncond], 4 layers) and of a
-shallow block (batch 1, 1 layer) at chunk 64 with a half-full cache:
+one process, one step call of the deep block (2 rows per image = [cond ; uncond], 4 layers) and of
+a shallow block (1 row per image, 1 layer) at chunk 64 with a half-full cache, for `--batch` images:
 
 - ONNX Runtime running the exported step graph (what the runtime calls),
 - PyTorch running `FlowBlock.step` on the same feeds (what the reference sampler calls),
@@ -13,7 +13,7 @@ shallow block (batch 1, 1 layer) at chunk 64 with a half-full cache:
 It then multiplies by the block calls of one Jacobi sample (from the runtime's statistics) to
 show the best time any engine could reach at that iteration count.
 
-    python benchmarks/step_floor.py [--threads 2] [--repeats 50]
+    python benchmarks/step_floor.py [--threads 2] [--repeats 50] [--batch 8]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, artifacts = prepare(BenchOptions())
@@ -76,18 +77,18 @@ def main() -> None:
 
     # block calls of one Jacobi sample with the bench's settings, per block
     side = config.latent_size
-    noise = rng.standard_normal((1, config.channel_size, side, side), dtype=np.float32)
-    y = rng.standard_normal((1, config.txt_size, config.txt_dim), dtype=np.float32)
+    noise = rng.standard_normal((args.batch, config.channel_size, side, side), dtype=np.float32)
+    y = rng.standard_normal((args.batch, config.txt_size, config.txt_dim), dtype=np.float32)
     sampling = SampleOptions(guidance=2.0, jacobi=JacobiSettings(block_size=c, threshold=1e-3))
     _, stats = pipe.sample(noise, y, np.zeros_like(y), sampling, return_stats=True)
     calls = {s.block: s.evaluations for s in stats}
 
-    print(f"one step call, chunk {c}, cache half full, {args.threads} threads (milliseconds, median)")
+    print(f"one step call, {args.batch} images, chunk {c}, cache half full, {args.threads} threads (ms, median)")
     print(f"{'block':14} {'rows':>4} {'GFLOP':>6} {'ORT':>7} {'PyTorch':>8} {'floor':>7} {'calls':>6}")
     totals = {"ORT": 0.0, "PyTorch": 0.0, "floor": 0.0}
     for plan in pipe.blocks:
         block, entry = model.blocks[plan.index], plan.entry
-        batch = 2 if plan.deep else 1
+        batch = 2 * args.batch if plan.deep else args.batch
         text = config.txt_size if plan.text_conditioned else 0
         past = text + tokens // 2
         shape = (entry.layers, batch, entry.kv_heads, past, entry.head_dim)
