@@ -83,7 +83,9 @@ def main() -> None:
     _, stats = pipe.sample(noise, y, np.zeros_like(y), sampling, return_stats=True)
     calls = {s.block: s.evaluations for s in stats}
 
-    print(f"one step call, {args.batch} images, chunk {c}, cache half full, {args.threads} threads (ms, median)")
+    print(
+        f"one step call, {args.batch} images, chunk {c}, cache half full, {args.threads} threads (ms, median)"
+    )
     print(f"{'block':14} {'rows':>4} {'GFLOP':>6} {'ORT':>7} {'PyTorch':>8} {'floor':>7} {'calls':>6}")
     totals = {"ORT": 0.0, "PyTorch": 0.0, "floor": 0.0}
     for plan in pipe.blocks:

@@ -53,8 +53,11 @@ def onnx(
     ] = None,
     jobs: Annotated[
         int | None,
-        typer.Option(help="Processes: 2 exports the denoise graph in a second one; default 2 when a core "
-                     "is spare and the weights are <= 1 GiB.", min=1),
+        typer.Option(
+            help="Processes: 2 exports the denoise graph in a second one; default 2 when a core "
+            "is spare and the weights are <= 1 GiB.",
+            min=1,
+        ),
     ] = None,
 ) -> None:
     """Export every flow block to ONNX (step, prefill, forward graphs) and the pipeline components.

@@ -271,12 +271,21 @@ def bench(
         str, typer.Option(help="CPU thread counts, comma-separated: the whole bench runs at each.")
     ] = "1,2",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    quality: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: block calls and sample quality (classifier accuracy, diversity) of the "
+            "official settings and every calibrated preset of a digits export (default: the embedded one)."
+        ),
+    ] = False,
+    per_digit: Annotated[int, typer.Option(help="--quality: samples of each digit per setting.")] = 20,
 ) -> None:
     """PyTorch reference vs runtime, side by side: forward pass, sequential and Jacobi sampling.
 
-    --jacobi-init or a --shallow-* option adds one runtime row sampled with them.
+    --jacobi-init or a --shallow-* option adds one runtime row sampled with them. --quality
+    measures what the sampling presets cost and give instead.
     """
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from starflow.bench import BenchOptions, format_table, run_bench
     from starflow.cli.parse import parse_threads
@@ -296,11 +305,20 @@ def bench(
             )
             row = SampleOptions(guidance, "jacobi", first_guess, shallow)
         counts = parse_threads(threads)
+        if json_out is not None:
+            check_writable(json_out.parent, f"--json {json_out}")
+        if quality:
+            from starflow.quality import format_quality, quality_bench
+
+            qualities, held_out = quality_bench(artifacts, per_digit, max(counts))
+            typer.echo(format_quality(qualities, held_out))
+            if json_out is not None:
+                document = {"held_out_accuracy": held_out, "settings": [asdict(q) for q in qualities]}
+                save_text(json_out, json.dumps(document, indent=2) + "\n")
+            return
         options = BenchOptions(preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats)
         for count in counts:
             replace(options, threads=count).check()
-        if json_out is not None:
-            check_writable(json_out.parent, f"--json {json_out}")
         results = []
         for count in counts:
             results.append(

@@ -21,7 +21,6 @@ from pathlib import Path
 from starflow.atomic import current_umask
 from starflow.errors import StarflowError
 from starflow.export.components import ComponentEntries, Components
-from starflow.export.worker import DenoiseJob
 from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_specs, profile_dims
 from starflow.export.manifest import (
@@ -43,6 +42,7 @@ from starflow.export.manifest import (
     is_starflow_export,
     sha256,
 )
+from starflow.export.worker import DenoiseJob
 from starflow.model import FlowBlock, StarFlow
 from starflow.presets import check_preset_name
 from starflow.sampler import JacobiSettings, SampleOptions
@@ -103,7 +103,9 @@ class ExportOptions:
                 "RMSNorm of fp16 graphs into an RMSNormalization node that fails ONNX shape inference; "
                 "use opset 22 or lower, or fp32 graphs only"
             )
-        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
+        if self.jobs is not None and (
+            isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
+        ):
             raise StarflowError(f"jobs: must be an integer >= 1, got {self.jobs!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise StarflowError(f"max_batch: must be an integer >= 1, got {self.max_batch!r}")
@@ -174,7 +176,10 @@ def export_onnx(
             progress(what, done, total)
         done += 1
 
-    with staging_directory(out) as work, denoise_job(components, model, checkpoint, config, options, work) as job:
+    with (
+        staging_directory(out) as work,
+        denoise_job(components, model, checkpoint, config, options, work) as job,
+    ):
         graphs = []
         exporter = BlockGraphExporter(options.opset)
         for spec, block in plan:
@@ -184,7 +189,9 @@ def export_onnx(
         results = []
         if options.validate:  # the block graphs, while a denoise job runs (components validate their own)
             report("validate against PyTorch")
-            blocks_only = build_manifest(model, checkpoint, graphs, dims, latent, options, ComponentEntries(), work)
+            blocks_only = build_manifest(
+                model, checkpoint, graphs, dims, latent, options, ComponentEntries(), work
+            )
             results = validate_export(work, model, blocks_only)
             check_results(results)
         entries = components.export(model, work, options.opset, report, job)

@@ -17,22 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_demo import score_digit, train_classifier  # noqa: E402
-
-from starflow.bench import interleaved  # noqa: E402
-from starflow.data import DIGITS_LEVELS, digits_split  # noqa: E402
-from starflow.export.cache import demo_artifacts  # noqa: E402
-from starflow.presets import DIGITS_PRESETS, preset_to_json  # noqa: E402
-from starflow.runtime.generator import Generator  # noqa: E402
-from starflow.sampler import JacobiSettings, SampleOptions  # noqa: E402
+from starflow.bench import interleaved
+from starflow.export.cache import demo_artifacts
+from starflow.presets import DIGITS_PRESETS, preset_to_json
+from starflow.quality import DigitsJudge
+from starflow.runtime.generator import Generator
+from starflow.sampler import JacobiSettings, SampleOptions
 
 
 def candidates(official: SampleOptions) -> dict[str, SampleOptions]:
@@ -52,26 +45,6 @@ def candidates(official: SampleOptions) -> dict[str, SampleOptions]:
     return out
 
 
-def evaluate(generator: Generator, sampling: SampleOptions, per_digit: int, classifier, real) -> dict:
-    real_images, real_labels = real
-    accuracies, ratios, calls = [], [], 0
-    began = time.perf_counter()
-    for digit in range(10):
-        result = generator.generate([str(digit)], num_images=per_digit, seed=1 + digit, sampling=sampling)
-        calls += sum(s.evaluations for s in result.stats)
-        accuracy, ratio = score_digit(
-            classifier, result.images[..., 0], digit, real_images[real_labels == digit]
-        )
-        accuracies.append(accuracy)
-        ratios.append(ratio)
-    return {
-        "accuracy": float(np.mean(accuracies)),
-        "diversity": float(np.mean(ratios)),
-        "block_calls": calls,
-        "seconds": time.perf_counter() - began,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-digit", type=int, default=100)
@@ -79,28 +52,26 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="store the chosen policy as the 'fast' preset")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    classifier, held_out = train_classifier()
-    images, labels = digits_split("all")
-    real = (images.astype(np.float32) / DIGITS_LEVELS, labels)
+    judge = DigitsJudge()
     generator = Generator.load(demo_artifacts(), threads=args.threads)
     official = generator.default_sampling()
-    print(f"classifier held-out accuracy {held_out:.4f}; {10 * args.per_digit} samples per policy")
+    held_out, samples = judge.held_out_accuracy, 10 * args.per_digit
+    print(f"classifier held-out accuracy {held_out:.4f}; {samples} samples per policy")
     results = {}
     for name, sampling in candidates(official).items():
-        results[name] = evaluate(generator, sampling, args.per_digit, classifier, real)
-        r = results[name]
+        r = results[name] = judge.evaluate(name, generator, sampling, args.per_digit)
         print(
-            f"{name:32} block calls {r['block_calls']:6d}  accuracy {r['accuracy']:.4f}  "
-            f"diversity {r['diversity']:.4f}  ({r['seconds']:.1f} s)"
+            f"{name:32} block calls {r.block_calls:6d}  accuracy {r.accuracy:.4f}  "
+            f"diversity {r.diversity:.4f}  ({r.seconds:.1f} s)"
         )
     base = results["official"]
     eligible = [
         name
         for name, r in results.items()
-        if r["accuracy"] >= base["accuracy"] - 0.01 and abs(r["diversity"] - base["diversity"]) <= 0.03
+        if r.accuracy >= base.accuracy - 0.01 and abs(r.diversity - base.diversity) <= 0.03
     ]
-    chosen = min(eligible, key=lambda name: results[name]["block_calls"])
-    ratio = base["block_calls"] / results[chosen]["block_calls"]
+    chosen = min(eligible, key=lambda name: results[name].block_calls)
+    ratio = base.block_calls / results[chosen].block_calls
     print(f"chosen: {chosen} ({ratio:.2f}x fewer block calls than the official settings)")
     sampling = candidates(official)[chosen]
     # calls are not compute (a long chunk costs more per call): time both side by side

@@ -18,51 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from starflow.config import DEMO_CHECKPOINT
 from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
+from starflow.quality import score_digit, train_classifier
 from starflow.runtime.outputs import save_png
 from starflow.sampler import with_overrides
 from starflow.t2i import ReferenceGenerator
-
-
-def train_classifier(seed: int = 0) -> tuple[nn.Module, float]:
-    """An MLP on the real training digits (pixels in [0, 1]); returns it and its test accuracy."""
-    torch.manual_seed(seed)
-    (x_train, y_train), (x_test, y_test) = digits_split("train"), digits_split("test")
-    x_train = torch.from_numpy(x_train.reshape(-1, 64) / DIGITS_LEVELS).float()
-    x_test = torch.from_numpy(x_test.reshape(-1, 64) / DIGITS_LEVELS).float()
-    y_train, y_test = torch.from_numpy(y_train).long(), torch.from_numpy(y_test).long()
-    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
-    for _ in range(400):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x_train), y_train).backward()
-        opt.step()
-    net.eval()
-    with torch.no_grad():
-        accuracy = (net(x_test).argmax(1) == y_test).float().mean().item()
-    return net, accuracy
-
-
-def mean_pairwise_distance(x: np.ndarray) -> float:
-    """Mean L2 distance over all pairs of the flattened images."""
-    flat = torch.from_numpy(x.reshape(len(x), -1)).double()
-    d = torch.cdist(flat, flat)
-    n = len(x)
-    return (d.sum() / (n * (n - 1))).item()
-
-
-def score_digit(
-    classifier: nn.Module, images: np.ndarray, digit: int, real_digits: np.ndarray
-) -> tuple[float, float]:
-    """Samples (N, 8, 8) of one digit -> (share the classifier reads as `digit`, diversity ratio:
-    their mean pairwise distance over that of the real digits of that class)."""
-    with torch.no_grad():
-        predicted = classifier(torch.from_numpy(images.reshape(-1, 64))).argmax(1)
-    accuracy = (predicted == digit).float().mean().item()
-    return accuracy, mean_pairwise_distance(images) / mean_pairwise_distance(real_digits)
 
 
 @torch.no_grad()

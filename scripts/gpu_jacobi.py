@@ -119,7 +119,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     side = config.latent_size
     noise = torch.randn(args.batch, config.channel_size, side, side, generator=generator).to(device)
-    y = torch.randn(args.batch, config.txt_size, config.txt_dim, generator=generator).to(device, DTYPES[args.dtype])
+    y = torch.randn(args.batch, config.txt_size, config.txt_dim, generator=generator).to(
+        device, DTYPES[args.dtype]
+    )
     jacobi = SampleOptions(args.guidance, "jacobi", JacobiSettings(args.block_size, threshold=args.threshold))
 
     def sample(options: SampleOptions) -> Callable[[], Any]:
@@ -134,7 +136,9 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     rows = []
     with torch.no_grad():
-        official_row, official = run_variant("jacobi, official loop", sample(jacobi), device, args.repeats, None)
+        official_row, official = run_variant(
+            "jacobi, official loop", sample(jacobi), device, args.repeats, None
+        )
         rows.append(official_row)
         if not args.no_sequential:
             sequential = dataclasses.replace(jacobi, method="sequential")
@@ -145,7 +149,9 @@ def main() -> None:
                     continue
                 torch._dynamo.reset()
                 with compiled_steps(model, mode):
-                    rows.append(run_variant(f"jacobi, {label}", sample(jacobi), device, args.repeats, official)[0])
+                    rows.append(
+                        run_variant(f"jacobi, {label}", sample(jacobi), device, args.repeats, official)[0]
+                    )
     print(f"{'variant':40} {'s':>8} {'warm-up s':>10} {'calls':>6} {'max|diff|':>10}")
     for r in rows:
         if r.error:

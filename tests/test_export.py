@@ -153,8 +153,8 @@ def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     from starflow.export.graphs import BlockGraph, Precision, block_specs
     from starflow.testing import random_model
 
-    config = StarFlowConfig(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16,
-                            layers_per_block=[1, 1, 2], txt_size=2, txt_dim=8, cond_top_only=True, rope=True)  # fmt: skip
+    shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
+    config = StarFlowConfig(**shapes, layers_per_block=[1, 1, 2], rope=True, cond_top_only=True)
     model = random_model(config)
     deep, middle, first = model.sampling_blocks()
     assert middle.flip != first.flip
@@ -170,9 +170,13 @@ def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 3, 2), dtype=np.float32)
     cache = np.zeros((1, 1, middle.num_kv_heads, 0, middle.head_dim), np.float32)
     feeds = {"x": x, "past_keys": cache, "past_values": cache, "grid": np.array([4, 4]), "start": np.array(0)}
-    outputs = [ort.InferenceSession(str(tmp_path / f"block{i}.step.fp32.onnx")).run(["mu"], feeds)[0] for i in (0, 1)]
+    outputs = [
+        ort.InferenceSession(str(tmp_path / f"block{i}.step.fp32.onnx")).run(["mu"], feeds)[0] for i in (0, 1)
+    ]
     assert not np.allclose(*outputs)  # each file carries its own block's weights
     # learned positions (rope: 0) are held flipped inside the graph: a flip is a new structure
     learned = random_model(dataclasses.replace(config, rope=False))
-    keys = {structure_key(spec, BlockGraph(b, "step", Precision("fp32"))) for b in learned.sampling_blocks()[1:]}
+    keys = {
+        structure_key(spec, BlockGraph(b, "step", Precision("fp32"))) for b in learned.sampling_blocks()[1:]
+    }
     assert len(keys) == 2

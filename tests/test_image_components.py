@@ -136,7 +136,9 @@ def test_a_worker_process_exports_the_same_denoise_graph(t2i, denoise_graph, tmp
 
 def test_a_failing_or_cancelled_worker(tmp_path):
     job = DenoiseJob(tmp_path / "missing.safetensors", None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
-    with pytest.raises(StarflowError, match=r"graph denoise\.fp32 \(worker process\) failed: .*missing\.safetensors"):
+    with pytest.raises(
+        StarflowError, match=r"graph denoise\.fp32 \(worker process\) failed: .*missing\.safetensors"
+    ):
         job.wait()
     checkpoint = tmp_path / "model.safetensors"
     save_model(one_block_t2i(), checkpoint)

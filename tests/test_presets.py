@@ -64,3 +64,24 @@ def test_generate_sampler_option(demo_export: Path, tmp_path: Path) -> None:
     assert "fast sampler" in result.output and out.is_file()
     result = runner.invoke(app, ["generate", "--prompt", "3", "--sampler", "nope", "--out", str(out)])
     assert result.exit_code == 2 and "sampler 'nope': this export has the presets" in result.output
+
+
+def test_bench_quality_puts_calls_and_quality_side_by_side(demo_export: Path, tmp_path: Path) -> None:
+    out = tmp_path / "quality.json"
+    args = ["bench", "--quality", "--per-digit", "3", "--threads", "1", "--json", str(out)]
+    result = runner.invoke(app, [*args, "--artifacts", str(demo_export)])
+    assert result.exit_code == 0, result.output
+    assert "official" in result.output and "fast" in result.output
+    settings = {s["name"]: s for s in json.loads(out.read_text())["settings"]}
+    assert set(settings) == {"official", "fast"}
+    assert settings["fast"]["block_calls"] < settings["official"]["block_calls"]
+    for s in settings.values():
+        assert s["images"] == 30 and 0.0 <= s["accuracy"] <= 1.0 and s["diversity"] > 0
+
+
+def test_bench_quality_refuses_a_model_that_is_not_the_digits_one(fixture_artifacts: Path) -> None:
+    result = runner.invoke(app, ["bench", "--quality", "--artifacts", str(fixture_artifacts)])
+    assert result.exit_code != 0
+    assert "scores a digits model (prompts 0-9)" in result.output
+    result = runner.invoke(app, ["bench", "--quality", "--per-digit", "1"])
+    assert result.exit_code != 0 and "per_digit: must be an integer >= 2" in result.output
