@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config of --checkpoint (instead of a random preset model)")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed)")
+    parser.add_argument(
+        "--denoise", action="store_true", help="also the denoise graph (recorded runs: the 26 flow graphs)"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="starflow-export-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def main() -> None:
             report["make_checkpoint_s"] = round(time.perf_counter() - began, 1)
         command = [sys.executable, "-m", "starflow.cli", "export", "onnx", "--checkpoint", str(checkpoint)]
         command += ["--out", str(work / "export"), "--force"] + (["--config", config] if config else [])
+        command += [] if args.denoise else ["--no-denoise"]
         began = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         report["export_s"] = round(time.perf_counter() - began, 1)

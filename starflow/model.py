@@ -69,16 +69,19 @@ class RotaryEmbedding(nn.Module):
         self.with_text = with_text
         half = head_dim // 2
         spatial = half - TEXT_ROPE_DIMS if with_text else half
-        freqs = 1.0 / (10000 ** (torch.arange(0, spatial, 2)[: spatial // 2].float() / spatial))
+        # computed on the CPU even when the model is built on the meta device (checkpoint loading)
+        freqs = 1.0 / (10000 ** (torch.arange(0, spatial, 2, device="cpu")[: spatial // 2].float() / spatial))
         self.register_buffer("spatial_freqs", freqs, persistent=False)
-        text_freqs = 1.0 / (10000 ** (torch.arange(0, TEXT_ROPE_DIMS).float() / TEXT_ROPE_DIMS))
+        text_freqs = 1.0 / (10000 ** (torch.arange(TEXT_ROPE_DIMS, device="cpu").float() / TEXT_ROPE_DIMS))
         self.register_buffer("text_freqs", text_freqs, persistent=False)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
-        """Follow device moves, never dtype casts: the angles need fp32 frequencies."""
+        """Follow device moves, never dtype casts: the angles need fp32 frequencies (casting
+        back after the cast would keep bf16's rounding)."""
+        kept = {name: getattr(self, name) for name in ("spatial_freqs", "text_freqs")}
         super()._apply(fn, recurse)
-        for name in ("spatial_freqs", "text_freqs"):
-            setattr(self, name, getattr(self, name).float())
+        for name, frequencies in kept.items():
+            setattr(self, name, frequencies.to(getattr(self, name).device))
         return self
 
     def tables(self, first, length, text_length, grid: Tensor) -> tuple[Tensor, Tensor]:

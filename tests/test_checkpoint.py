@@ -38,6 +38,28 @@ def test_safetensors_round_trip_carries_the_config(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
 
 
+def test_loading_assigns_the_checkpoint_tensors_in_the_model_dtype(tmp_path):
+    """The model is built unallocated and given the checkpoint's tensors (no random init beside
+    them): nothing is left on the meta device, RoPE tables are computed, a bf16 checkpoint loads
+    as the fp32 model it configures, and the weights stay trainable in place."""
+    from starflow.testing import random_model
+
+    model = random_model(load_config("tiny-t2i"))
+    save_model(model.to(torch.bfloat16), tmp_path / "bf16.safetensors")
+    loaded = starflow.load_model(None, tmp_path / "bf16.safetensors")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    for (name, expected), actual in zip(model.named_buffers(), loaded.buffers(), strict=True):
+        assert torch.equal(expected, actual), name  # RoPE frequencies, fp32 under any cast
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor.float(), loaded.state_dict()[key]), key
+    weight = loaded.blocks[0].proj_in.weight
+    assert weight.requires_grad
+    weight.data.add_(1.0)  # the file stays as it was: the tensors are private to the model
+    again = starflow.load_model(None, tmp_path / "bf16.safetensors")
+    assert torch.equal(again.blocks[0].proj_in.weight + 1.0, weight)
+
+
 @needs_fixture
 def test_truncated_and_corrupt_checkpoints(tmp_path):
     data = (T2I / "checkpoint.pth").read_bytes()
