@@ -1,4 +1,4 @@
-"""The PyTorch reference's Jacobi on a GPU: the official loop, fewer host syncs, compiled steps.
+"""The PyTorch reference's Jacobi on a GPU: the official loop, sequential, compiled steps.
 
 Prepared for a lent GPU machine (PyTorch with CUDA only there: no TensorRT, no onnxruntime-gpu),
 to run once in a few minutes and be quoted in the README. On random weights of a preset's shapes
