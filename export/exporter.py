@@ -129,8 +129,9 @@ class BlockGraphExporter:
         # traced and reused graphs take one path (the optimizer names the values it creates after
         # the graph's history, so this keeps their files equal)
         model = ir.serde.deserialize_model(self._templates[key])
-        _swap_weights(model, tensors, spec)
-        write_graph(model, spec, path, optimize=True, external_data=_bytes(module) > EXTERNAL_DATA_BYTES)
+        _swap_weights(model, tensors)
+        external = weight_bytes(module) > EXTERNAL_DATA_BYTES
+        write_graph(model, spec, path, optimize=True, external_data=external)
         # the exporter's programs keep reference cycles around (fp16 copies of) the weights: freed
         # only by a collection, they piled up (0.8 GiB per graph of the 3B-shaped model)
         del model, module, tensors
@@ -147,19 +148,15 @@ def _weightless(proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> onn
     return proto
 
 
-def _swap_weights(model: ir.Model, tensors: dict[str, torch.Tensor], spec: GraphSpec) -> None:
-    """Give every initializer named after a weight of the block that weight's values."""
+def _swap_weights(model: ir.Model, tensors: dict[str, torch.Tensor]) -> None:
+    """Give every initializer named after a weight of the block that weight's values (the
+    structure key guarantees the shapes); the others are constants of the code, equal for all."""
     for name, value in model.graph.initializers.items():
-        tensor = tensors.get(name)
-        if tensor is None:
-            continue  # a constant of the code (traced from no weight): the same for every block
-        if tuple(value.shape) != tuple(tensor.shape):
-            raise StarflowError(f"graph {spec.name}: initializer {name} has shape {value.shape}, "
-                                f"the block's weight {tuple(tensor.shape)}")  # fmt: skip
-        value.const_value = ir.Tensor(tensor.detach().contiguous().numpy(), name=name)
+        if name in tensors:
+            value.const_value = ir.Tensor(tensors[name].detach().contiguous().numpy(), name=name)
 
 
-def _bytes(module: nn.Module) -> int:
+def weight_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
@@ -177,7 +174,7 @@ def export_module(
     `optimize=False` skips onnxscript's optimizer (ONNX Runtime optimises at load anyway).
     """
     model = trace_module(module, args, dynamic_shapes, spec, opset)
-    write_graph(model, spec, path, optimize, external_data=_bytes(module) > EXTERNAL_DATA_BYTES)
+    write_graph(model, spec, path, optimize, external_data=weight_bytes(module) > EXTERNAL_DATA_BYTES)
 
 
 def trace_module(

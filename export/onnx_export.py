@@ -21,7 +21,7 @@ from pathlib import Path
 from starflow.atomic import current_umask
 from starflow.errors import StarflowError
 from starflow.export.components import ComponentEntries, Components
-from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter
+from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter, weight_bytes
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_specs, profile_dims
 from starflow.export.manifest import (
     GUIDANCE_EXPRESSION,
@@ -218,8 +218,7 @@ def denoise_job(
     stopped if the export fails before it is waited for."""
     jobs = options.jobs
     if jobs is None:
-        small = sum(p.numel() * p.element_size() for p in model.parameters()) <= WORKER_MODEL_BYTES
-        jobs = min(os.cpu_count() or 1, 2) if small else 1
+        jobs = min(os.cpu_count() or 1, 2) if weight_bytes(model) <= WORKER_MODEL_BYTES else 1
     if not components.denoise or jobs < 2:
         yield None
         return

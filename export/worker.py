@@ -23,7 +23,6 @@ class DenoiseJob:
     """`export_denoise` of a checkpoint's model to `path`, running in a child process."""
 
     def __init__(self, checkpoint: Path, config: str | Path | None, path: Path, opset: int):
-        self.path = path
         self._log = tempfile.TemporaryFile()  # not a pipe: a chatty child must not block on it
         command = [sys.executable, "-m", "starflow.export.worker", str(checkpoint), str(path), str(opset)]
         command += ["--config", str(config)] if config is not None else []
