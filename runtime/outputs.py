@@ -1,32 +1,62 @@
-"""Writing images: a PNG grid, a folder of PNGs, or a .npy array; atomically, never half-written.
+"""Writing images and video clips: grids, folders of PNGs, .npy arrays, GIF and MP4; atomically.
 
 Shared by `starflow generate` (runtime and PyTorch engines), `starflow demo` and training sample
-grids; numpy + Pillow only. `output_kind` checks a destination before any work is done for it.
+grids; numpy + Pillow only, plus imageio (the `video` extra) for MP4. `output_kind` and
+`video_output_kind` check a destination before any work is done for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
+import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from starflow.atomic import atomic_path
+from starflow.atomic import atomic_path, current_umask
 from starflow.errors import StarflowError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 SUFFIXES = (".png", ".npy")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".npy")
+DEFAULT_FPS = 8.0  # clips are shown at this rate unless the export or the user says otherwise
+VIDEO_SIDE = 128  # clips are upscaled (nearest) until their short side is at least this many pixels
 
 
 def output_kind(path: Path) -> str:
     """'png' (grid), 'npy' or 'dir' (one PNG per image); the place must be writable, checked
     before any work by creating (and removing) a temporary file there."""
-    if path.suffix and path.suffix not in SUFFIXES:
-        raise StarflowError(
-            f"out {path}: expected a .png (grid), a .npy (N, H, W, C) array, or a folder (one PNG per image)"
-        )
+    return _destination_kind(
+        path, SUFFIXES, "a .png (grid), a .npy (N, H, W, C) array, or a folder (one PNG per image)"
+    )
+
+
+def video_output_kind(path: Path) -> str:
+    """'mp4', 'gif', 'npy' or 'dir' (one PNG per frame), checked like `output_kind`; an .mp4 also
+    needs imageio, so a missing install fails here rather than after the clips were generated."""
+    kind = _destination_kind(
+        path,
+        VIDEO_SUFFIXES,
+        "an .mp4 (H.264), a .gif, a .npy (N, T, H, W, C) uint8 array, or a folder (one PNG per frame)",
+    )
+    if kind == "mp4":
+        _imageio(path)
+    return kind
+
+
+def _destination_kind(path: Path, suffixes: tuple[str, ...], expected: str) -> str:
+    if path.suffix and path.suffix not in suffixes:
+        raise StarflowError(f"out {path}: expected {expected}")
     if not path.suffix and path.exists() and not path.is_dir():
         raise StarflowError(f"out {path}: exists and is not a folder")
     if path.suffix and path.is_dir():
@@ -48,13 +78,18 @@ def check_writable(directory: Path, what: str) -> None:
 
 def grid(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
     """(N, H, W, C) in [0, 1] -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, C) uint8 mosaic."""
-    n, h, w, c = images.shape
+    return _mosaic(to_uint8(images), columns, pad)
+
+
+def _mosaic(tiles: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
+    """`grid` for tiles that are uint8 already (video frames)."""
+    n, h, w, c = tiles.shape
     rows = -(-n // columns)
     canvas = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.uint8)
-    for i, image in enumerate(images):
+    for i, tile in enumerate(tiles):
         r, col = divmod(i, columns)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[top : top + h, left : left + w] = to_uint8(image)
+        canvas[top : top + h, left : left + w] = tile
     return canvas
 
 
@@ -72,14 +107,19 @@ def upscale(pixels: np.ndarray, factor: int) -> np.ndarray:
     return pixels.repeat(factor, 0).repeat(factor, 1)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            write(f)
+        yield
     except OSError as err:  # the disk filled up or the place became read-only since the check
         raise StarflowError(
             f"out {path}: cannot write ({err.strerror or err}); nothing was written"
         ) from None
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    with _write_errors(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_text(path: Path, text: str) -> None:
@@ -87,10 +127,15 @@ def save_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _png(path: Path, pixels: np.ndarray) -> None:
+def _picture(pixels: np.ndarray) -> Image.Image:
+    """(H, W, C) uint8 -> a Pillow image ('L' for one channel, 'RGB' for three)."""
     from PIL import Image
 
-    picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+def _png(path: Path, pixels: np.ndarray) -> None:
+    picture = _picture(pixels)
     _atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
@@ -121,3 +166,107 @@ def save_images(path: Path, images: np.ndarray, columns: int, prompts: list[str]
     for file, image in zip(files, images, strict=True):
         _png(file, upscale(to_uint8(image), visible_scale(*image.shape[:2])))
     return files
+
+
+# ---- video clips (STARFlow-V) -------------------------------------------------------------------------
+def write_video(clips: np.ndarray, path: Path, fps: float, columns: int | None = None) -> list[Path]:
+    """Write `clips` (N, T, H, W, C) uint8 as `video_output_kind(path)` says; returns the files written.
+
+    .npy keeps the array as is; .gif and .mp4 show the N clips as one grid (`columns` wide, at most 8
+    by default) per frame; a folder gets one PNG per clip and frame. Bad input fails before any work.
+    """
+    _check_clips(clips, fps)
+    kind = video_output_kind(path)
+    if kind != "npy" and clips.shape[-1] not in (1, 3):
+        raise StarflowError(
+            f"clips: {clips.shape[-1]} channels (shape {clips.shape}) can be written as .npy only; "
+            ".gif, .mp4 and PNG frames need 1 or 3"
+        )
+    if kind == "npy":
+        _atomic_write(path, lambda f: np.save(f, clips))
+        return [path]
+    if kind == "dir":
+        return _frame_folder(path, clips)
+    frames = _grid_frames(clips, columns or min(len(clips), 8))
+    if kind == "gif":
+        _atomic_write(path, lambda f: _gif(f, frames, fps))
+        return [path]
+    iio = _imageio(path)
+    with _write_errors(path), atomic_path(path) as tmp:
+        iio.imwrite(
+            tmp, frames, is_batch=True, plugin="FFMPEG", extension=".mp4", fps=fps, codec="libx264",
+            pixelformat="yuv420p", macro_block_size=1, output_params=["-f", "mp4"],  # tmp ends in .tmp
+        )  # fmt: skip
+    return [path]
+
+
+def _check_clips(clips: np.ndarray, fps: float) -> None:
+    shape = getattr(clips, "shape", None)
+    if not isinstance(clips, np.ndarray) or clips.ndim != 5:
+        raise StarflowError(f"clips: expected an (N, T, H, W, C) array, got shape {shape}")
+    if clips.dtype != np.uint8:
+        raise StarflowError(f"clips: expected uint8 pixels (0..255), got {clips.dtype}")
+    if min(shape[:4]) < 1:
+        raise StarflowError(f"clips: expected at least one clip, frame, row and column, got shape {shape}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (math.isfinite(fps) and fps > 0):
+        raise StarflowError(f"fps: expected a finite number > 0, got {fps!r}")
+
+
+def _imageio(path: Path) -> ModuleType:
+    """imageio.v3 with its ffmpeg plugin (imageio-ffmpeg ships the ffmpeg binary), imported only for .mp4."""
+    try:
+        import imageio.v3 as iio
+        import imageio_ffmpeg  # noqa: F401  the FFMPEG plugin needs it; fail here, not mid-write
+    except ImportError as err:
+        raise StarflowError(
+            f"out {path}: writing .mp4 needs imageio and imageio-ffmpeg ({err.name} is missing): "
+            "pip install 'starflow[video]'"
+        ) from None
+    return iio
+
+
+def _video_scale(height: int, width: int) -> int:
+    """The integer factor that brings a clip's short side to at least VIDEO_SIDE pixels."""
+    return -(-VIDEO_SIDE // min(height, width))
+
+
+def _grid_frames(clips: np.ndarray, columns: int) -> Iterator[np.ndarray]:
+    """Per time step, the N clips' frames as one upscaled grid, padded to even sides (H.264 yuv420p
+    stores colour at half resolution and refuses odd sizes); one frame at a time, for long clips."""
+    scale = _video_scale(*clips.shape[2:4])
+    for step in range(clips.shape[1]):
+        frame = upscale(_mosaic(clips[:, step], columns), scale)
+        yield np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)))
+
+
+def _gif(f: BinaryIO, frames: Iterator[np.ndarray], fps: float) -> None:
+    """An animated GIF that loops forever. GIF delays are whole 1/100 s; Pillow merges identical
+    consecutive frames (adding up their delays)."""
+    first, *rest = (_picture(frame) for frame in frames)
+    delay = 10 * max(1, round(100 / fps))  # in ms
+    first.save(f, format="GIF", save_all=True, append_images=rest, duration=delay, loop=0)
+
+
+def _frame_folder(path: Path, clips: np.ndarray) -> list[Path]:
+    """One PNG per clip and frame, `clip{n:03d}_frame{t:04d}.png`. They are written into a hidden sibling
+    folder first, so a failure leaves nothing behind; then that folder is renamed into place, or, when
+    the folder exists (reused, as for images), its files are moved in, replacing same-named ones."""
+    n, t, h, w, _ = clips.shape
+    scale = _video_scale(h, w)
+    names = [f"clip{i:03d}_frame{j:04d}.png" for i in range(n) for j in range(t)]
+    with _write_errors(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            for name, pixels in zip(names, clips.reshape(n * t, h, w, -1), strict=True):
+                _picture(upscale(pixels, scale)).save(tmp / name, format="PNG")
+            if path.is_dir():
+                for name in names:
+                    os.replace(tmp / name, path / name)
+                tmp.rmdir()
+            else:
+                os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is 0700
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return [path / name for name in names]
