@@ -51,6 +51,12 @@ def onnx(
         Path | None,
         typer.Option(help="JSON of named sampling presets calibrated for this model (generate --sampler)."),
     ] = None,
+    max_frames: Annotated[
+        int | None, typer.Option(help="Video models: the longest clip in latent frames (default 16).", min=1)
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(help="Video models: the frame rate samples are shown at (default 8).")
+    ] = None,
     jobs: Annotated[
         int | None,
         typer.Option(
@@ -75,9 +81,11 @@ def onnx(
         latent = [parse_hw(v, flag, "latent pixels", "32x48", square=True) if v else None
                   for v, flag in ((min_latent, "--min-latent"), (max_latent, "--max-latent"))]  # fmt: skip
         options = ExportOptions(
-            ("fp32", "fp16") if precision == "both" else (precision,), opset, max_batch, latent[0], latent[1],
-            density, denoise, text_encoder, vae, validate, force,
-            load_presets(sampling_presets) if sampling_presets else {}, jobs,
+            precisions=("fp32", "fp16") if precision == "both" else (precision,), opset=opset,
+            max_batch=max_batch, min_latent=latent[0], max_latent=latent[1], density=density,
+            denoise=denoise, text_encoder=text_encoder, vae=vae, validate=validate, force=force,
+            sampling_presets=load_presets(sampling_presets) if sampling_presets else {}, jobs=jobs,
+            max_frames=max_frames, fps=fps,
         )  # fmt: skip
         manifest = export_onnx(checkpoint, out, options, config=config, progress=step_lines())
     typer.echo(

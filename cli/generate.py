@@ -29,9 +29,11 @@ def open_generator(
     backend: str,
     precision: str,
     threads: int | None,
+    video: bool = False,
 ) -> Any:
     """The runtime `Generator` of an export (by default the embedded model's, exported on first
-    use), or the PyTorch `ReferenceGenerator` of a checkpoint; options of the other engine are refused."""
+    use: the digits model, or with `video` the moving-digits one), or the PyTorch
+    `ReferenceGenerator` of a checkpoint; options of the other engine are refused."""
     if engine not in ENGINES:
         raise StarflowError(f"--engine: expected one of {list(ENGINES)}, got {engine!r}")
     check_threads(threads)
@@ -58,6 +60,10 @@ def open_generator(
 
         if threads:
             torch.set_num_threads(threads)
+        if checkpoint is None and video:
+            from starflow.config import DEMO_VIDEO_CHECKPOINT
+
+            checkpoint = DEMO_VIDEO_CHECKPOINT
         return ReferenceGenerator.load(checkpoint, config, text_encoder, vae)
     from starflow.runtime import Generator
 
@@ -65,7 +71,7 @@ def open_generator(
         from starflow.export.cache import demo_artifacts
 
         began = time.perf_counter()
-        artifacts = demo_artifacts(step_lines("export: "))
+        artifacts = demo_artifacts(step_lines("export: "), video=video)
         if time.perf_counter() - began > 1:
             typer.echo(
                 f"exported the embedded demo model to {artifacts} ({time.perf_counter() - began:.1f} s)",
@@ -75,8 +81,11 @@ def open_generator(
 
 
 @contextlib.contextmanager
-def progress_bars(generator: Any, images: int, sampling: SampleOptions) -> Iterator[Progress]:
-    """Per-block bars over every batch the generator will sample."""
+def progress_bars(
+    generator: Any, images: int, sampling: SampleOptions, frame_tokens: int | None = None
+) -> Iterator[Progress]:
+    """Per-block bars over every batch the generator will sample (frames of clips, given the
+    tokens of one frame)."""
     batches = -(-images // generator.images_per_batch(sampling.guidance)) if images > 0 else 1
-    with block_bars(batches) as report:
+    with block_bars(batches, frame_tokens) as report:
         yield report

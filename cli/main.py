@@ -60,8 +60,18 @@ def generate(
     ] = None,
     size: Annotated[str | None, typer.Option(help="Image size HxW in pixels.")] = None,
     out: Annotated[
-        Path, typer.Option(help="A grid .png, a .npy (N, H, W, C) float32 in [0, 1], or a folder of PNGs.")
-    ] = Path("starflow-generate.png"),
+        Path | None,
+        typer.Option(
+            help="Images: a grid .png (default starflow-generate.png), a .npy (N, H, W, C) float32 in "
+            "[0, 1], or a folder of PNGs. Clips: a .gif (default starflow-generate.gif), an .mp4, a .npy "
+            "(N, T, H, W, C) uint8, or a folder of PNG frames."
+        ),
+    ] = None,
+    frames: Annotated[
+        int | None,
+        typer.Option(help="Clips of this many frames (a video model; default: moving digits).", min=1),
+    ] = None,
+    fps: Annotated[float | None, typer.Option(help="Clips: frames per second; default the export's.")] = None,
     engine: Annotated[
         str, typer.Option(help="runtime (an export, no torch) or pytorch (the reference model).")
     ] = "runtime",
@@ -96,19 +106,28 @@ def generate(
         bool, typer.Option(help="Fail (writing nothing) when a sample holds NaN or inf.", **SAMPLING)
     ] = True,
 ) -> None:
-    """Images from prompts: through an export (the torch-free runtime) or the PyTorch reference."""
+    """Images (or clips, with --frames) from prompts: through an export (the torch-free runtime) or
+    the PyTorch reference."""
+    import numpy as np
+
     from starflow.cli.generate import open_generator, progress_bars
     from starflow.cli.parse import parse_hw
+    from starflow.errors import StarflowError
     from starflow.runtime.generator import check_request
-    from starflow.runtime.outputs import output_kind, save_images
+    from starflow.runtime.outputs import output_kind, save_images, video_output_kind, write_video
     from starflow.sampler import with_overrides
 
+    clips = frames is not None
+    out = out or Path("starflow-generate.gif" if clips else "starflow-generate.png")
     with user_errors():
-        output_kind(out)  # a bad or unwritable --out, a bad count or seed fail before any work
+        # a bad or unwritable --out, a bad count, seed or fps fail before any work
+        video_output_kind(out) if clips else output_kind(out)
         check_request(prompt or [], num_images, seed)
+        if fps is not None and not clips:
+            raise StarflowError("--fps: a clip option; pass --frames N too")
         generator = open_generator(
             engine, artifacts=artifacts, checkpoint=checkpoint, config=config, text_encoder=text_encoder,
-            vae=vae, backend=backend, precision=precision, threads=threads,
+            vae=vae, backend=backend, precision=precision, threads=threads, video=clips,
         )  # fmt: skip
         sampling = with_overrides(
             generator.sampling(sampler), guidance=guidance, method=method, block_size=jacobi_block_size,
@@ -117,17 +136,23 @@ def generate(
         pixels = parse_hw(size, "--size", "image pixels", "256x384") if size else None
         latent_size = generator.latent_size(aspect_ratio, pixels)
         prompts = prompt or []
-        with progress_bars(generator, len(prompts) * num_images, sampling) as report:
+        frame_tokens = latent_size[0] * latent_size[1] // generator.multiple_of**2 if clips else None
+        with progress_bars(generator, len(prompts) * num_images, sampling, frame_tokens) as report:
             result = generator.generate(
                 prompts, num_images=num_images, negative_prompt=negative_prompt, seed=seed,
                 latent_size=latent_size, sampling=sampling, denoise=denoise, progress=report,
-                check_finite=check_finite,
+                check_finite=check_finite, frames=frames,
             )  # fmt: skip
-        files = save_images(out, result.images, columns=min(num_images, 8), prompts=result.prompts)
-    h, w = result.images.shape[1:3]
+        if clips:
+            pixels = np.round(result.images * 255).astype(np.uint8)
+            files = write_video(pixels, out, fps or generator.fps, columns=min(num_images, 8))
+        else:
+            files = save_images(out, result.images, columns=min(num_images, 8), prompts=result.prompts)
+    h, w = result.images.shape[-3:-1]
     where = out if len(files) == 1 else f"{out}/ ({len(files)} PNGs)"
+    what = f"clips of {frames} frames" if clips else "images"
     typer.echo(
-        f"generated {len(result.images)} images {h}x{w} with the {engine} engine ({sampler} sampler, "
+        f"generated {len(result.images)} {what} {h}x{w} with the {engine} engine ({sampler} sampler, "
         f"{sampling.method}, "
         f"guidance "
         f"{sampling.guidance:g}, seed {seed}) -> {where}\n{result.summary()}"
@@ -137,16 +162,25 @@ def generate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="The grid PNG to write.")] = Path("starflow-demo.png"),
+    video_out: Annotated[
+        Path | None,
+        typer.Option(help="A .gif or .mp4 of one clip of each digit (the embedded video model)."),
+    ] = Path("starflow-demo.gif"),
+    video: Annotated[bool, typer.Option(help="Also the video model's clips.")] = True,
     per_digit: Annotated[int, typer.Option(help="Samples of each digit (grid rows).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the noise, >= 0.")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
 ) -> None:
-    """Export the embedded digits model, draw 0-9 through the runtime, time it against PyTorch."""
+    """Export the embedded digits model, draw 0-9 through the runtime, time it against PyTorch;
+    then a clip of each digit from the embedded moving-digits video model."""
     from starflow.cli.progress import step_lines
     from starflow.demo import run_demo
 
     with user_errors():
-        result = run_demo(out, per_digit, seed, threads, export_progress=step_lines("export: "))
+        result = run_demo(
+            out, per_digit, seed, threads, export_progress=step_lines("export: "),
+            video_out=video_out if video else None,
+        )  # fmt: skip
     typer.echo("\n".join(result.lines()))
 
 
@@ -266,6 +300,9 @@ def bench(
         float | None, typer.Option(help="Options row: shallow blocks' threshold.")
     ] = None,
     throughput_batch: Annotated[int, typer.Option(help="Batch of the throughput row; 0 skips it.")] = 8,
+    frames: Annotated[
+        int | None, typer.Option(help="Video presets (bench-video): frames per clip (default 8).")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per Jacobi/forward row (median).")] = 3,
     threads: Annotated[
         str, typer.Option(help="CPU thread counts, comma-separated: the whole bench runs at each.")
@@ -316,7 +353,9 @@ def bench(
                 document = {"held_out_accuracy": held_out, "settings": [asdict(q) for q in qualities]}
                 save_text(json_out, json.dumps(document, indent=2) + "\n")
             return
-        options = BenchOptions(preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats)
+        options = BenchOptions(
+            preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats, frames=frames
+        )
         for count in counts:
             replace(options, threads=count).check()
         results = []

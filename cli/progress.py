@@ -27,11 +27,13 @@ def step_lines(prefix: str = "") -> Callable[[str, int, int], None]:
 
 
 @contextmanager
-def block_bars(batches: int) -> Iterator[Callable[[int, int, int], None]]:
+def block_bars(batches: int, frame_tokens: int | None = None) -> Iterator[Callable[[int, int, int], None]]:
     """One bar per flow block (tokens done, over every batch); yields the sampler's callback.
 
     Blocks report in sampling order, so the first is the deep block. The bars appear with the
-    first report: an error before any sampling prints only itself.
+    first report: an error before any sampling prints only itself. With `frame_tokens` (clips),
+    a block whose sequences hold several frames counts frames instead (a frame-local block's
+    sequences are single frames, sampled side by side: it counts tokens).
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     bar = _transient_bar(*columns)
@@ -39,15 +41,17 @@ def block_bars(batches: int) -> Iterator[Callable[[int, int, int], None]]:
     finished: dict[int, int] = {}  # tokens of the batches already done, per block
 
     def report(block: int, done: int, tokens: int) -> None:
+        unit = frame_tokens if frame_tokens and tokens > frame_tokens else 1
         if not tasks:
             bar.start()
         if block not in tasks:
             role = "shallow" if tasks else "deep"
-            tasks[block] = bar.add_task(f"block {block} ({role})", total=tokens * batches)
+            what = ", frames" if unit > 1 else ""
+            tasks[block] = bar.add_task(f"block {block} ({role}{what})", total=tokens // unit * batches)
             finished[block] = 0
-        bar.update(tasks[block], completed=finished[block] + done)
+        bar.update(tasks[block], completed=finished[block] + done // unit)
         if done == tokens:
-            finished[block] += tokens
+            finished[block] += tokens // unit
 
     try:
         yield report

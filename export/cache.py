@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from starflow.config import DEMO_CHECKPOINT
+from starflow.config import DEMO_CHECKPOINT, DEMO_VIDEO_CHECKPOINT
 from starflow.errors import StarflowError
 from starflow.export.manifest import SCHEMA_VERSION, Manifest, sha256
 from starflow.presets import DIGITS_PRESETS, load_presets
@@ -27,13 +27,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STARFLOW_CACHE") or Path.home() / ".cache" / "starflow")
 
 
-def demo_artifacts(progress=None) -> Path:
-    """The embedded model's fp32 sampling export: step/prefill graphs, label-table text encoder,
-    denoise graph (no density graphs: sampling does not use them), and its calibrated sampling
-    presets."""
-    digest = sha256(DEMO_CHECKPOINT)
-    presets = sha256(DIGITS_PRESETS)[:8] if DIGITS_PRESETS.is_file() else "none"
-    directory = cache_dir() / "demo" / f"digits-{digest[:12]}-presets{presets}-schema{SCHEMA_VERSION}"
+def demo_artifacts(progress=None, video: bool = False) -> Path:
+    """An embedded model's fp32 sampling export: step/prefill graphs, label-table text encoder,
+    denoise graph (no density graphs: sampling does not use them), and the digits model's
+    calibrated sampling presets; `video`: the moving-digits model's."""
+    checkpoint, name = (DEMO_VIDEO_CHECKPOINT, "digits-video") if video else (DEMO_CHECKPOINT, "digits")
+    if not checkpoint.is_file():
+        raise StarflowError(f"the embedded model {checkpoint} is missing from this installation")
+    digest = sha256(checkpoint)
+    presets = sha256(DIGITS_PRESETS)[:8] if DIGITS_PRESETS.is_file() and not video else "none"
+    directory = cache_dir() / "demo" / f"{name}-{digest[:12]}-presets{presets}-schema{SCHEMA_VERSION}"
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -55,9 +58,9 @@ def demo_artifacts(progress=None) -> Path:
                 f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', "
                 "or pass an export's directory"
             ) from None
-        calibrated = load_presets(DIGITS_PRESETS) if DIGITS_PRESETS.is_file() else {}
+        calibrated = load_presets(DIGITS_PRESETS) if DIGITS_PRESETS.is_file() and not video else {}
         options = ExportOptions(precisions=("fp32",), density=False, force=True, sampling_presets=calibrated)
-        export_onnx(DEMO_CHECKPOINT, directory, options, progress=progress)
+        export_onnx(checkpoint, directory, options, progress=progress)
     return directory
 
 

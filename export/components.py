@@ -1,4 +1,4 @@
-"""The pipeline around the flow: text encoder, VAE decoder and self-denoise graphs of an export.
+"""The pipeline around the flow: text encoder, VAE decoder and (self- or learned) denoise graphs.
 
 They are loaded (local directories only) and checked against the flow before anything is
 written, then exported and validated against PyTorch one by one (a miss fails the export).
@@ -103,6 +103,15 @@ class Components:
                 spec = export_decoder(self.vae, work / "decoder.fp32.onnx", VAE_SCALE, opset)
                 entries.decoder = Decoder(
                     "sd-vae", self.vae_source, VAE_SCALE, spec.name, upsampling(self.vae)
+                )
+            elif model.learnable_self_denoiser is not None:
+                from starflow.export.denoise import export_learned_denoise, learned_spec
+                from starflow.model import LEARNED_DENOISER_STEP
+
+                spec = export_learned_denoise(model, work / learned_spec(model).file, opset)
+                config = model.config
+                entries.denoise = Denoise(
+                    "learned", spec.name, config.noise_std, LEARNED_DENOISER_STEP, config.denoiser_window
                 )
             else:
                 from starflow.export.denoise import denoise_spec, export_denoise

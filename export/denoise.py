@@ -1,4 +1,5 @@
-"""The `denoise.fp32` graph: the gradient of each sample's total NLL, for the self-denoise step.
+"""The `denoise.fp32` graph: the gradient of each sample's total NLL, for the self-denoise step,
+or, for models with one (STARFlow-V), the learned denoiser's correction.
 
 The runtime applies one Tweedie step `x - noise_std^2 * grad` to the sampled latent; the graph
 holds the teacher-forced forward *and* backward pass through every flow block.
@@ -27,10 +28,10 @@ from starflow.errors import StarflowError
 from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
 from starflow.export.graphs import GraphSpec
 from starflow.export.manifest import Comparison, TensorSpec, Tolerance
-from starflow.export.validate import check_results, compare
+from starflow.export.validate import TOLERANCES, check_results, compare
 from starflow.model import StarFlow
 from starflow.runtime.backends import OrtRunner
-from starflow.sampler import patchify
+from starflow.sampler import patchify, unpatchify
 
 TOLERANCE = Tolerance(atol=0.0, rtol=1e-4)  # relative to max|grad| of the case
 # (batch, latent grid in tokens, text length) checked after export; none is the trace example.
@@ -152,4 +153,73 @@ def validate_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Compari
         actual = runner.run(feeds)["grad"]
         case = f"batch {batch}, latent {x.size(2)}x{x.size(3)}, text {0 if text is None else length}"
         results.append(compare("denoise.fp32", case, "grad", actual, expected, TOLERANCE))
+    return results
+
+
+# ---- the learned denoiser (STARFlow-V) ------------------------------------------------------------
+LEARNED_CASES = ((1, 1, (3, 2), 2), (2, 3, (2, 3), 4))  # (batch, frames, grid in tokens, text length)
+VALIDATION = TOLERANCES["fp32"]  # a plain forward, like the block graphs
+
+
+class LearnedCorrection(nn.Module):
+    """Clips x (B, F, C, H, W) [, text (B, L, txt_dim)] -> the learned denoiser's correction
+    (B, F, C, H, W); the runtime applies x - step * correction (`StarFlow.learned_denoise_step`)."""
+
+    def __init__(self, model: StarFlow):
+        super().__init__()
+        self.patch_size = model.config.patch_size
+        self.denoiser = model.learnable_self_denoiser
+
+    def forward(self, x: Tensor, text: Tensor | None = None) -> Tensor:
+        p = self.patch_size
+        frames, h, w = x.size(1), x.size(3) // p, x.size(4) // p
+        grid = torch.stack([torch.full((), h, dtype=torch.int64), torch.full((), w, dtype=torch.int64)])
+        out = self.denoiser(patchify(x, p), text if self.denoiser.text_conditioned else None, grid)
+        # written into an x-shaped tensor, so the output keeps x's symbolic height and width
+        # (unpatchify alone gives p*(height//p))
+        correction = torch.zeros_like(x)
+        correction[:, :, :, : h * p, : w * p] = unpatchify(out, p, h, w, frames)
+        return correction
+
+
+def learned_spec(model: StarFlow) -> GraphSpec:
+    """Inputs x (batch, frames, C, height, width) and text when the denoiser is conditioned."""
+    config = model.config
+    clip = ("batch", "frames", config.channel_size, "height", "width")
+    inputs = (TensorSpec("x", "float32", clip),)
+    if model.learnable_self_denoiser.text_conditioned:
+        inputs += (TensorSpec("text", "float32", ("batch", "text", config.txt_dim)),)
+    return GraphSpec(None, "denoise", "fp32", inputs, (TensorSpec("correction", "float32", clip),))
+
+
+def export_learned_denoise(model: StarFlow, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
+    """Export and validate the learned denoiser's graph of `model` to `path`; returns its spec."""
+    spec, config = learned_spec(model), model.config
+    p = config.patch_size
+    args = (torch.randn(2, 5, config.channel_size, 3 * p, 4 * p),)  # every symbolic dim >= 2, distinct
+    if len(spec.inputs) == 2:
+        args += (torch.randn(2, 6, config.txt_dim),)
+    export_module(LearnedCorrection(model).eval(), args, dynamic_shapes_of(spec), spec, path, opset)
+    check_results(validate_learned_denoise(model, path))
+    return spec
+
+
+def validate_learned_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Comparison]:
+    """The graph through ONNX Runtime against the PyTorch denoiser, at two frame counts."""
+    config, p = model.config, model.config.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    runner = OrtRunner("denoise.fp32", path)
+    reference = LearnedCorrection(model).eval()
+    conditioned = model.learnable_self_denoiser.text_conditioned
+    results = []
+    for batch, frames, (h, w), length in LEARNED_CASES:
+        x = torch.randn(batch, frames, config.channel_size, h * p, w * p, generator=generator)
+        text = torch.randn(batch, length, config.txt_dim, generator=generator) if conditioned else None
+        with torch.no_grad():
+            expected = reference(x, text).numpy()
+        feeds = {"x": x.numpy()} | ({"text": text.numpy()} if text is not None else {})
+        actual = runner.run(feeds)["correction"]
+        size = f"{x.size(3)}x{x.size(4)}"
+        case = f"batch {batch}, {frames} frames of {size}, text {length if conditioned else 0}"
+        results.append(compare("denoise.fp32", case, "correction", actual, expected, VALIDATION))
     return results

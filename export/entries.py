@@ -89,7 +89,8 @@ class Block:
 
     index: int  # position in forward (training) order
     role: str  # deep | shallow
-    permutation: str  # identity | flip
+    permutation: str  # identity | flip | flip-in-frame
+    frame_local: bool  # a clip's frames are sampled as separate sequences
     layers: int
     width: int
     heads: int
@@ -105,7 +106,11 @@ class Block:
 
     @property
     def flip(self) -> bool:
-        return self.permutation == "flip"
+        return self.permutation != "identity"
+
+    @property
+    def flip_in_frame(self) -> bool:
+        return self.permutation == "flip-in-frame"
 
 
 @frozen
@@ -162,9 +167,30 @@ class Decoder:
 
 @frozen
 class Denoise:
-    kind: str  # nll-gradient
+    """After sampling: x - noise_std^2 * grad (nll-gradient) or x - step * correction (learned,
+    clips in windows with `overlap` frames kept; see the schema)."""
+
+    kind: str  # nll-gradient | learned
     graph: str
     noise_std: float
+    step: float | None = None  # learned only
+    overlap: int | None = None  # learned only; None: window - 1
+
+    @property
+    def learned(self) -> bool:
+        return self.kind == "learned"
+
+
+@frozen
+class Video:
+    """How clips are sampled (see the schema): frame range, the deep block's window, the Jacobi rules."""
+
+    frames: Range
+    window: int | None
+    context: int | None
+    later_chunk_factor: int
+    warm_start: bool
+    fps: float
 
 
 @frozen

@@ -4,7 +4,6 @@ symbolic dims, external data for big weights, `onnx.checker`, and the declared-s
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import warnings
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from torch import nn
 
 from starflow.errors import StarflowError
 from starflow.export.graphs import BlockGraph, GraphSpec, Precision
+from starflow.limits import release_freed_memory
 from starflow.model import FlowBlock
 
 DEFAULT_OPSET = 20
@@ -135,7 +135,7 @@ class BlockGraphExporter:
         # the exporter's programs keep reference cycles around (fp16 copies of) the weights: freed
         # only by a collection, they piled up (0.8 GiB per graph of the 3B-shaped model)
         del model, module, tensors
-        gc.collect()
+        release_freed_memory()
         return reused
 
 

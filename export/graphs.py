@@ -228,21 +228,30 @@ class LatentRange:
             )
 
 
-def profile_dims(config: StarFlowConfig, latent: LatentRange, max_batch: int) -> dict[str, Range]:
-    """min/opt/max of every symbolic dim of an export."""
+def profile_dims(
+    config: StarFlowConfig, latent: LatentRange, max_batch: int, frames: Range | None = None
+) -> dict[str, Range]:
+    """min/opt/max of every symbolic dim of an export; `frames`: a video export's clip lengths."""
     p, L = config.patch_size, config.txt_size
     t_min = (latent.min[0] // p) * (latent.min[1] // p)
     t_opt = (config.latent_size // p) ** 2
     t_max = (latent.max[0] // p) * (latent.max[1] // p)
+    rows = 2 * max_batch  # guidance runs [cond ; uncond]: twice the images
+    seen = t_max  # tokens a cache holds at most: a frame, or the deep block's window of a clip
+    if frames is not None:
+        rows = max(rows, max_batch * frames.max)  # frame-local blocks: one row per frame
+        seen = t_max * min(frames.max, config.local_attn_window or frames.max)
     dims = {
-        "batch": Range(1, 2, 2 * max_batch),  # guidance runs [cond ; uncond]: twice the images
-        "tokens": Range(t_min, t_opt, t_max),
-        "chunk": Range(1, min(JacobiSettings().block_size, t_opt), t_max),
-        "past": Range(0, L + t_opt // 2, L + t_max - 1),
+        "batch": Range(1, 2, rows),
+        "tokens": Range(t_min, t_opt, t_max * (frames.max if frames else 1)),
+        "chunk": Range(1, min(JacobiSettings().block_size, t_opt), seen),
+        "past": Range(0, L + t_opt // 2, L + seen - 1),
         # whole latents (decoder and denoise graphs), in latent pixels
         "height": Range(latent.min[0], config.latent_size, latent.max[0]),
         "width": Range(latent.min[1], config.latent_size, latent.max[1]),
     }
     if L > 0:
         dims["text"] = Range(1, L, L)
+    if frames is not None:
+        dims["frames"] = frames
     return dims

@@ -53,12 +53,13 @@ from starflow.export.entries import (
     Text,
     TextComponent,
     Tolerance,
+    Video,
     sha256,
 )
 from starflow.presets import OFFICIAL, check_preset_name, choose
 from starflow.sampler import SampleOptions
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MANIFEST_NAME = "manifest.json"
 UNDIGESTED = ("digest", "validation", "engines")  # written after the export; no effect on samples
 VAE_SCALE = 0.18215  # SD-VAE latents are decoded at z / VAE_SCALE
@@ -98,6 +99,7 @@ __all__ = [  # the whole contract, entries included
     "Text",
     "TextComponent",
     "Tolerance",
+    "Video",
     "sha256",
 ]
 
@@ -113,6 +115,7 @@ class Manifest:
     text: Text | None
     decoder: Decoder
     denoise: Denoise | None
+    video: Video | None  # None: an image export
     files: tuple[FileEntry, ...]
     guidance: Guidance
     jacobi: Jacobi
@@ -147,7 +150,13 @@ class Manifest:
         one of its named sampling presets."""
         official = SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi.settings())
         presets = {name: p.options() for name, p in self.sampling_presets.items()}
-        return choose(preset, official, presets, "this export")
+        options = choose(preset, official, presets, "this export")
+        if self.video is None:
+            return options
+        video = self.video
+        return dataclasses.replace(
+            options, warm_start=video.warm_start, window=video.window, context=video.context
+        )
 
     def engine(self, graph: str) -> Engine | None:
         return next((e for e in self.engines if e.graph == graph), None)
@@ -284,6 +293,7 @@ class Manifest:
             f"latent: {latent.channels} channels, patch {latent.patch_size}, {latent.describe_range()} "
             f"(multiples of {latent.multiple_of}, trained at {latent.train[0]}x{latent.train[1]})",
             "text: " + _describe_text(self.text),
+            "video: " + _describe_video(self.video),
             f"guidance: {guidance.formula} on {guidance.blocks} block(s), default weight "
             f"{guidance.default_weight:g}; jacobi: block {self.jacobi.block_size}, max_iter "
             f"{self.jacobi.max_iter}, threshold {self.jacobi.threshold:g}",
@@ -300,9 +310,10 @@ class Manifest:
         lines.append("blocks (sampling order):")
         for b in self.blocks:
             lines.append(
-                f"  block {b.index} {b.role:7} {b.permutation:8} layers {b.layers} width {b.width} "
+                f"  block {b.index} {b.role:7} {b.permutation:13} layers {b.layers} width {b.width} "
                 f"heads {b.heads}/{b.kv_heads} head_dim {b.head_dim}"
                 + (" text" if b.text_conditioned else "")
+                + (" frame-local" if b.frame_local else "")
             )
         lines.append("precisions:")
         for name, info in self.precisions.items():
@@ -346,6 +357,19 @@ def _check_block_shapes(block: Block, graph: Graph, token_dim: int, source: str)
                 f"{block.head_dim}, token_dim {token_dim}) does not fit graph {graph.name}: "
                 f"{tensor.name} is {list(tensor.shape)}"
             )
+
+
+def _describe_video(video: Video | None) -> str:
+    if video is None:
+        return "none (an image export)"
+    frames = video.frames
+    window = "no window"
+    if video.window:
+        window = f"window {video.window} frames, context {video.context or video.window - 1}"
+    return (
+        f"clips of {frames.min}..{frames.max} frames (shown at {video.fps:g} fps), {window}, "
+        f"later chunks x{video.later_chunk_factor}, warm start {'on' if video.warm_start else 'off'}"
+    )
 
 
 def _describe_text(text: Text | None) -> str:

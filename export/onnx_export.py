@@ -39,13 +39,15 @@ from starflow.export.manifest import (
     SamplingPreset,
     Source,
     Text,
+    Video,
     is_starflow_export,
     sha256,
 )
 from starflow.export.worker import DenoiseJob
 from starflow.model import FlowBlock, StarFlow
 from starflow.presets import check_preset_name
-from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.runtime.outputs import DEFAULT_FPS
+from starflow.sampler import LATER_CHUNK_FACTOR, JacobiSettings, SampleOptions
 
 # fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
 # difference on the fixture, 2.7e-3 vs 3.0e-3 (mu) and 5.7e-3 vs 5.3e-3 (z) relative on the
@@ -57,6 +59,7 @@ Progress = Callable[[str, int, int], None]  # (what is being done, steps done, s
 # A worker process exporting the denoise graph loads a second copy of the model: by default only
 # for models whose weights fit this (the 3B model's would double the export's peak memory).
 WORKER_MODEL_BYTES = 1 << 30
+DEFAULT_MAX_FRAMES = 16  # a video export's clips, unless --max-frames says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,8 @@ class ExportOptions:
     # processes: 2 exports the denoise graph in a worker beside the block graphs; None: 2 when
     # there is a spare core and the model's weights are at most WORKER_MODEL_BYTES
     jobs: int | None = None
+    max_frames: int | None = None  # video models: the longest clip (DEFAULT_MAX_FRAMES)
+    fps: float | None = None  # video models: the frame rate samples are shown at (DEFAULT_FPS)
 
     def check(self) -> None:
         for name, preset in self.sampling_presets.items():
@@ -109,6 +114,27 @@ class ExportOptions:
             raise StarflowError(f"jobs: must be an integer >= 1, got {self.jobs!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise StarflowError(f"max_batch: must be an integer >= 1, got {self.max_batch!r}")
+        if self.max_frames is not None and (
+            isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1
+        ):
+            raise StarflowError(f"max_frames: must be an integer >= 1, got {self.max_frames!r}")
+        if self.fps is not None and not (isinstance(self.fps, int | float) and 0 < self.fps < float("inf")):
+            raise StarflowError(f"fps: must be a number > 0, got {self.fps!r}")
+
+    def video(self, model: StarFlow) -> Video | None:
+        """The clip settings of a video model's export; frame options are refused for images."""
+        config = model.config
+        if not config.video:
+            given = [name for name in ("max_frames", "fps") if getattr(self, name) is not None]
+            if given:
+                raise StarflowError(
+                    f"{', '.join(given)}: this is an image model; frame options need a video model"
+                )
+            return None
+        most = self.max_frames or DEFAULT_MAX_FRAMES
+        window = config.local_attn_window
+        frames = Range(1, min(8, most), most)
+        return Video(frames, window, None, LATER_CHUNK_FACTOR, True, self.fps or DEFAULT_FPS)
 
 
 def check_exportable(model: StarFlow) -> None:
@@ -164,7 +190,8 @@ def export_onnx(
     default = LatentRange.default(model.config)
     latent = LatentRange(options.min_latent or default.min, options.max_latent or default.max)
     latent.check(model.config)
-    dims = profile_dims(model.config, latent, options.max_batch)
+    video = options.video(model)
+    dims = profile_dims(model.config, latent, options.max_batch, video.frames if video else None)
     components = Components.load(model, checkpoint, options.text_encoder, options.vae, options.denoise)
     plan = plan_graphs(model, options)
     total = len(plan) + len(components.pending()) + (1 if options.validate else 0)
@@ -190,13 +217,13 @@ def export_onnx(
         if options.validate:  # the block graphs, while a denoise job runs (components validate their own)
             report("validate against PyTorch")
             blocks_only = build_manifest(
-                model, checkpoint, graphs, dims, latent, options, ComponentEntries(), work
+                model, checkpoint, graphs, dims, latent, video, options, ComponentEntries(), work
             )
             results = validate_export(work, model, blocks_only)
             check_results(results)
         entries = components.export(model, work, options.opset, report, job)
         graphs += [spec.entry(work, dims) for spec in entries.graphs]
-        manifest = build_manifest(model, checkpoint, graphs, dims, latent, options, entries, work)
+        manifest = build_manifest(model, checkpoint, graphs, dims, latent, video, options, entries, work)
         manifest = dataclasses.replace(manifest, validation=tuple(results)).write(work)
         if progress:
             progress("done", total, total)
@@ -219,7 +246,7 @@ def denoise_job(
     jobs = options.jobs
     if jobs is None:
         jobs = min(os.cpu_count() or 1, 2) if weight_bytes(model) <= WORKER_MODEL_BYTES else 1
-    if not components.denoise or jobs < 2:
+    if not components.denoise or jobs < 2 or model.learnable_self_denoiser is not None:
         yield None
         return
     from starflow.export.denoise import denoise_spec
@@ -247,6 +274,7 @@ def build_manifest(
     graphs: list[Graph],
     dims: dict[str, Range],
     latent: LatentRange,
+    video: Video | None,
     options: ExportOptions,
     components: ComponentEntries,
     directory: Path,
@@ -280,6 +308,7 @@ def build_manifest(
         text=text,
         decoder=components.decoder,
         denoise=components.denoise,
+        video=video,
         files=tuple(FileEntry.of(directory, name) for name in components.files),
         guidance=Guidance(
             "starflow-cfg", GUIDANCE_EXPRESSION, config.cfg, "deep" if config.cond_top_only else "all"
@@ -303,7 +332,8 @@ def block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisio
     return Block(
         index=block.index,
         role="deep" if block.deep else "shallow",
-        permutation="flip" if block.flip else "identity",
+        permutation=("flip-in-frame" if block.flip_in_frame else "flip") if block.flip else "identity",
+        frame_local=block.frame_local,
         layers=len(block.attn_blocks),
         width=block.proj_in.out_features,
         heads=heads,

@@ -19,6 +19,7 @@ import torch
 
 from starflow.errors import StarflowError
 from starflow.export.manifest import Comparison, Graph, Manifest, Tolerance
+from starflow.limits import release_freed_memory
 from starflow.model import FlowBlock, StarFlow
 
 # Measured worst max|error|/max|reference|: fp32 7e-6 on the 3B-shaped block; fp16 9.6e-4 on the
@@ -37,6 +38,7 @@ class Case:
     start: int
     chunk: int
     text_length: int
+    frames: int = 1  # a clip's frames: the forward graph sees all, the step starts in a later one
 
 
 def shape_cases(manifest: Manifest) -> list[Case]:
@@ -53,7 +55,15 @@ def shape_cases(manifest: Manifest) -> list[Case]:
         narrow = min(g + 1, latent.max[1] // p)
     L = manifest.text.max_length if manifest.text else 0
     square, small = g * g, lo[0] * lo[1]
-    return [
+    clips = []
+    if manifest.video is not None:  # RoPE's frame axis: positions in frames 1 and 2, two clip lengths
+        most = min(3, manifest.video.frames.max)
+        clips = [
+            Case(f"batch 2, {most} frames, chunk c in the last frame", 2, (g, g), (most - 1) * square + 1,
+                 min(16, square - 1), L, most),
+            Case("batch 1, 2 frames, chunk 1 in frame 1", 1, lo, small + small // 2, 1, L, 2),
+        ]  # fmt: skip
+    return clips + [
         Case("batch 2, square grid, chunk c, start 0", 2, (g, g), 0, min(16, square), L),
         Case("batch 1, non-square grid, chunk 1, mid cache", 1, (g, narrow), g * narrow // 2, 1, L),
         Case(
@@ -78,7 +88,7 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
     tokens[:, :1] = block.sos_embed  # position 0 always sees the start-of-sequence token
     text = torch.randn(B, L, text_dim, generator=gen) if L else None
     grid = np.array([h, w], dtype=np.int64)
-    step = block.open(B, (h, w), text)
+    step = block.open(B, (h, w), text, case.frames * h * w)
     if case.start:
         step(tokens[:, : case.start], 0)
     past = {
@@ -99,7 +109,7 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
         "new_keys": step.keys[:, :, :, P : L + end].numpy(),
         "new_values": step.values[:, :, :, P : L + end].numpy(),
     }  # fmt: skip
-    x = torch.randn(B, h * w, D, generator=gen)  # block order
+    x = torch.randn(B, case.frames * h * w, D, generator=gen)  # block order
     z, logdet = block.density(x, torch.from_numpy(grid), text)
     out["forward"] = {"in:x": x.numpy(), "in:grid": grid, "z": z.numpy(), "logdet": logdet.numpy()}
     if text is not None:
@@ -108,10 +118,15 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
 
 
 def _session(path: Path) -> Any:
+    """A session for a few validation runs: without weight prepacking (a second, packed copy of
+    every MatMul weight) or the memory arena, which pay off only over many runs and would hold
+    a 3B-sized graph's memory twice."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -133,6 +148,7 @@ def validate_export(
                 for case, ref in zip(cases, refs, strict=True):
                     results += _compare(session, graph, case, ref[kind], TOLERANCES[precision])
                 del session
+                release_freed_memory()
     return results
 
 
@@ -203,8 +219,8 @@ def check_manifest(manifest: Manifest, model: StarFlow) -> None:
     if len(expected) != len(manifest.blocks):
         problems.append(f"{len(manifest.blocks)} blocks, the checkpoint has {len(expected)}")
     for position, (want, got) in enumerate(zip(expected, manifest.blocks, strict=False)):  # counted above
-        for field in ("index", "role", "permutation", "layers", "width", "heads", "kv_heads", "head_dim",
-                      "text_conditioned", "sos_embed"):  # fmt: skip
+        for field in ("index", "role", "permutation", "frame_local", "layers", "width", "heads", "kv_heads",
+                      "head_dim", "text_conditioned", "sos_embed"):  # fmt: skip
             if getattr(got, field) != getattr(want, field):
                 problems.append(f"block {position} in sampling order: {field} differs from the checkpoint's")
     latent, text = manifest.latent, manifest.text

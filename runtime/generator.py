@@ -1,4 +1,4 @@
-"""Prompts to images: text encoder -> flow blocks -> self-denoise -> decoder.
+"""Prompts to images or clips: text encoder -> flow blocks -> (self- or learned) denoise -> decoder.
 
 `ImageGenerator.generate` is the loop, written once (against the array API, like the sampler):
 it draws the noise, encodes the prompts, samples in batches of the engine's size, denoises and
@@ -22,7 +22,8 @@ from starflow.errors import StarflowError
 from starflow.export.manifest import Manifest, inside
 from starflow.limits import check_fits
 from starflow.runtime.backends import OrtRunner
-from starflow.runtime.image import Decoder, Denoiser, to_unit_images
+from starflow.runtime.image import Decoder, Denoiser, LearnedDenoiser, to_unit_images
+from starflow.runtime.outputs import DEFAULT_FPS
 from starflow.runtime.pipeline import Pipeline
 from starflow.runtime.sizes import latent_size
 from starflow.runtime.text import TextEncoderRunner
@@ -42,8 +43,8 @@ def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 
 @dataclasses.dataclass
 class Generation:
-    images: np.ndarray  # (N, H, W, C) float32 in [0, 1]
-    latents: np.ndarray  # (N, C, h, w) sampled (and denoised) latents, before decoding
+    images: np.ndarray  # (N, H, W, C) float32 in [0, 1]; clips (N, T, H, W, C)
+    latents: np.ndarray  # (N, C, h, w) (clips: (N, T, C, h, w)) sampled and denoised, before decoding
     prompts: list[str]  # the prompt of each image
     stats: list[BlockStats]  # per batch, per block in sampling order
     seconds: dict[str, float]  # text, flow, denoise, decode, total
@@ -52,8 +53,10 @@ class Generation:
         """The timing line: images per second and where the time went."""
         s, n = self.seconds, len(self.images)
         calls = sum(b.evaluations for b in self.stats)
+        unit = "images" if self.images.ndim == 4 else "clips"
+        what = unit if self.images.ndim == 4 else f"clips of {self.images.shape[1]} frames"
         return (
-            f"time: {s['total']:.2f} s for {n} images ({n / s['total']:.1f} images/s): "
+            f"time: {s['total']:.2f} s for {n} {what} ({n / s['total']:.1f} {unit}/s): "
             f"text {s['text']:.3f} s, flow {s['flow']:.3f} s ({calls} block calls), "
             f"denoise {s['denoise']:.3f} s, decode {s['decode']:.3f} s"
         )
@@ -67,13 +70,33 @@ class ImageGenerator:
     train_side: int
     multiple_of: int
     factor: int
+    video: bool  # a STARFlow-V model: it makes clips, `frames` is required
+    fps: float  # the frame rate clips are shown at
 
     # ---- the stages ----------------------------------------------------------------------------
     def check(
-        self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
+        self,
+        prompts: list[str],
+        num_images: int,
+        seed: int,
+        sampling: SampleOptions,
+        denoise: bool,
+        frames: int | None = None,
     ) -> None:
         """Everything a caller can get wrong, before any work."""
         raise NotImplementedError
+
+    def check_frames(self, frames: int | None) -> None:
+        """Clips from a video model, stills from an image model (the frame count's range is the
+        engine's to check)."""
+        if not self.video:
+            if frames is not None:
+                raise StarflowError(f"frames: {frames} asked of an image model; clips need a video model")
+            return
+        if frames is None:
+            raise StarflowError("this is a video model: ask for clips with frames=N (--frames N)")
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise StarflowError(f"frames: must be an integer >= 1, got {frames!r}")
 
     def default_sampling(self) -> SampleOptions:
         raise NotImplementedError
@@ -126,19 +149,22 @@ class ImageGenerator:
         denoise: bool = True,
         progress: Progress | None = None,
         check_finite: bool = False,
+        frames: int | None = None,
     ) -> Generation:
-        """`num_images` images per prompt; the unconditional text is the negative prompt or "".
+        """`num_images` images (clips of `frames` frames, for a video model) per prompt; the
+        unconditional text is the negative prompt or "".
 
         With `check_finite`, NaN or inf anywhere in the result ends with a StarflowError.
         """
         options = sampling or self.default_sampling()
-        self.check(prompts, num_images, seed, options, denoise)
+        self.check(prompts, num_images, seed, options, denoise, frames)
         H, W = latent_size or self.latent_size()
         per_image = [p for p in prompts for _ in range(num_images)]
         # noise, latents and images are held whole; the working set of one batch is far smaller
-        pixels = len(per_image) * H * W * (self.channels * 2 + 3 * self.factor**2)
-        check_fits(4 * pixels, f"{len(per_image)} images of {H}x{W} latent pixels")
-        noise = self.noise(seed, (len(per_image), self.channels, H, W))
+        pixels = len(per_image) * (frames or 1) * H * W * (self.channels * 2 + 3 * self.factor**2)
+        check_fits(4 * pixels, f"{len(per_image)} {'clips' if frames else 'images'} of {H}x{W} latent pixels")
+        clip = () if frames is None else (frames,)
+        noise = self.noise(seed, (len(per_image), *clip, self.channels, H, W))
         xp = array_namespace(noise)
         seconds = dict.fromkeys(("text", "flow", "denoise", "decode"), 0.0)
         began = time.perf_counter()
@@ -209,6 +235,8 @@ class Generator(ImageGenerator):
         self.channels = latent.channels
         self.train_side, self.multiple_of = latent.train[0], latent.multiple_of
         self.factor = self.manifest.decoder.factor or 1
+        self.video = self.manifest.video is not None
+        self.fps = self.manifest.video.fps if self.manifest.video else DEFAULT_FPS
 
     @classmethod
     def load(
@@ -234,18 +262,32 @@ class Generator(ImageGenerator):
         text_runner = TextEncoderRunner(directory, component, runner(component.graph)) if component else None
         denoiser = None
         if denoise is not None:
-            denoiser = Denoiser(
-                runner(denoise.graph), latent.channels, text.dim if text else 0, latent.multiple_of
-            )
+            graph = manifest.graph(denoise.graph)
+            text_dim = text.dim if text and any(t.name == "text" for t in graph.inputs) else 0
+            kind = LearnedDenoiser if denoise.learned else Denoiser
+            denoiser = kind(runner(denoise.graph), latent.channels, text_dim, latent.multiple_of)
         decoder = Decoder(runner(decoding.graph), latent.channels) if decoding.graph else None
         return cls(pipeline, text_runner, denoiser, decoder)
 
     def check(
-        self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
+        self,
+        prompts: list[str],
+        num_images: int,
+        seed: int,
+        sampling: SampleOptions,
+        denoise: bool,
+        frames: int | None = None,
     ) -> None:
         manifest, directory = self.manifest, self.pipeline.directory
         sampling.check()
         check_prompts(prompts, num_images, seed, sampling.guidance, manifest.text is not None)
+        self.check_frames(frames)
+        video = manifest.video
+        if video is not None and not video.frames.holds(frames):
+            raise StarflowError(
+                f"frames: {frames} is outside this export's range {video.frames.min} .. {video.frames.max} "
+                "(re-export with max_frames to cover it)"
+            )
         if manifest.text is not None and self.text is None:
             raise StarflowError(
                 f"{directory}: this export has no text encoder; re-export with text_encoder=DIR "
@@ -255,6 +297,8 @@ class Generator(ImageGenerator):
             raise StarflowError(
                 f"{directory}: this export has no denoise graph; pass denoise=False or re-export with it"
             )
+        if video is not None and manifest.decoder.kind != "identity":
+            raise StarflowError(f"decoding {manifest.decoder.source} video latents is not built yet")
         if manifest.decoder.kind == "sd-vae" and self.decoder is None:
             raise StarflowError(
                 f"{directory}: this latent model's export has no decoder; re-export with vae=DIR "
@@ -283,7 +327,13 @@ class Generator(ImageGenerator):
         return self.pipeline.sample(noise, y, y_uncond, sampling, return_stats=True, progress=progress)
 
     def denoise(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        return self.denoiser.denoise(x, y, self.manifest.denoise.noise_std)
+        entry = self.manifest.denoise
+        if entry.learned:
+            window = self.manifest.video.window if self.manifest.video else None
+            clips = x if x.ndim == 5 else x[:, None]
+            out = self.denoiser.denoise(clips, y, entry.step, window, entry.overlap)
+            return out if x.ndim == 5 else out[:, 0]
+        return self.denoiser.denoise(x, y, entry.noise_std)
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self.decoder.decode(latent) if self.decoder else latent

@@ -17,12 +17,14 @@ from starflow.runtime.backends import Runner
 
 
 def to_unit_images(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) float32 in [0, 1]: clip to [-1, 1], then (x + 1) / 2."""
-    if not isinstance(x, np.ndarray) or x.ndim != 4:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) float32 in [0, 1]: clip to [-1, 1], then (x + 1) / 2;
+    clips (N, T, C, H, W) -> (N, T, H, W, C)."""
+    if not isinstance(x, np.ndarray) or x.ndim not in (4, 5):
         shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
-        raise StarflowError(f"images: expected an (N, C, H, W) array, got {shape}")
+        raise StarflowError(f"images: expected an (N, C, H, W) or (N, T, C, H, W) array, got {shape}")
     x = np.clip(x.astype(np.float32, copy=False), -1.0, 1.0)
-    return np.ascontiguousarray(((x + 1.0) / 2.0).transpose(0, 2, 3, 1))
+    order = (0, 2, 3, 1) if x.ndim == 4 else (0, 1, 3, 4, 2)
+    return np.ascontiguousarray(((x + 1.0) / 2.0).transpose(order))
 
 
 def check_latent(x: np.ndarray, channels: int, multiple_of: int = 1, name: str = "x") -> None:
@@ -88,19 +90,55 @@ class Denoiser:
             if text is not None:
                 raise StarflowError("text: this model is not text-conditioned; pass None")
         else:
-            self._check_text(text, x.shape[0])
+            check_text(text, x.shape[0], self.text_dim)
             feeds["text"] = np.ascontiguousarray(text)
         grad = self.runner.run(feeds)["grad"]
         return x - np.float32(noise_std**2) * grad  # float32 whatever the type of noise_std
 
-    def _check_text(self, text: np.ndarray | None, batch: int) -> None:
-        expected = f"({batch}, L, {self.text_dim}) float32 text embeddings with L >= 1"
-        if not isinstance(text, np.ndarray):
-            raise StarflowError(f"text: expected {expected}, got {type(text).__name__}")
-        if (
-            text.dtype != np.float32
-            or text.ndim != 3
-            or text.shape[1] == 0
-            or text.shape[::2] != (batch, self.text_dim)
-        ):
-            raise StarflowError(f"text: expected {expected}, got {text.dtype} of shape {text.shape}")
+
+def check_text(text: np.ndarray | None, batch: int, text_dim: int) -> None:
+    """(batch, L, text_dim) float32 text embeddings with L >= 1."""
+    expected = f"({batch}, L, {text_dim}) float32 text embeddings with L >= 1"
+    if not isinstance(text, np.ndarray):
+        raise StarflowError(f"text: expected {expected}, got {type(text).__name__}")
+    if (
+        text.dtype != np.float32
+        or text.ndim != 3
+        or text.shape[1] == 0
+        or text.shape[::2] != (batch, text_dim)
+    ):
+        raise StarflowError(f"text: expected {expected}, got {text.dtype} of shape {text.shape}")
+
+
+class LearnedDenoiser:
+    """STARFlow-V's learned denoiser: clips x (B, F, C, H, W) -> x - step * correction, clips longer
+    than the sampling window in overlapping windows (`starflow.sampler.denoise_windows`)."""
+
+    def __init__(self, runner: Runner, channels: int, text_dim: int = 0, multiple_of: int = 1):
+        _check_graph(runner, ["x", "text"] if text_dim else ["x"], ["correction"], "learned denoise")
+        self.runner = runner
+        self.channels = channels
+        self.text_dim = text_dim
+        self.multiple_of = multiple_of
+
+    def denoise(
+        self, x: np.ndarray, text: np.ndarray | None, step: float, window: int | None, overlap: int | None
+    ) -> np.ndarray:
+        """x (B, F, C, H, W) float32, text (B, L, text_dim) or None -> the denoised clips."""
+        from starflow.sampler import denoise_windows
+
+        if not isinstance(x, np.ndarray) or x.ndim != 5:
+            raise StarflowError(
+                f"x: expected clips (B, F, C, H, W), got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        check_latent(x[:, 0], self.channels, self.multiple_of)
+        feeds = {}
+        if self.text_dim:
+            check_text(text, x.shape[0], self.text_dim)
+            feeds["text"] = np.ascontiguousarray(text)
+
+        def apply(clip: np.ndarray) -> np.ndarray:
+            correction = self.runner.run({"x": np.ascontiguousarray(clip)} | feeds)["correction"]
+            return clip - np.float32(step) * correction
+
+        return denoise_windows(x.copy(), apply, window, overlap)

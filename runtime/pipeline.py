@@ -29,6 +29,7 @@ class GraphBlock:
     def __init__(self, entry: Block, step: Runner, prefill: Runner | None, cache_dtype: str, open_forward):
         self.entry = entry
         self.index, self.deep, self.flip = entry.index, entry.deep, entry.flip
+        self.flip_in_frame, self.frame_local = entry.flip_in_frame, entry.frame_local
         self.text_conditioned = entry.text_conditioned
         self.sos = np.asarray(entry.sos_embed, dtype=np.float32).reshape(1, 1, -1)
         self.step, self.prefill = step, prefill
@@ -45,9 +46,9 @@ class GraphBlock:
             self._caches[rows, length] = np.zeros(shape, self.cache_dtype), np.zeros(shape, self.cache_dtype)
         return self._caches[rows, length]
 
-    def open(self, rows: int, grid: tuple[int, int], text: np.ndarray | None) -> CachedStep:
+    def open(self, rows: int, grid: tuple[int, int], text: np.ndarray | None, tokens: int) -> CachedStep:
         text_length = 0 if text is None else text.shape[1]
-        keys, values = self.cache(rows, text_length + grid[0] * grid[1])
+        keys, values = self.cache(rows, text_length + tokens)
         feeds = {"grid": np.array(grid, dtype=np.int64)}
 
         def run(x: np.ndarray, past_keys: np.ndarray, past_values: np.ndarray, start: int):
@@ -118,11 +119,13 @@ class Pipeline:
         return cls(directory, manifest, blocks, precision)
 
     def check_inputs(self, noise: Any, y: Any, y_uncond: Any, options: SampleOptions) -> tuple[int, int]:
-        """`sampler.check_sample_inputs`, then float32 and this export's latent and batch ranges."""
-        latent, text = self.manifest.latent, self.manifest.text
+        """`sampler.check_sample_inputs`, then float32 and this export's latent, frame and batch ranges."""
+        manifest = self.manifest
+        latent, text, video = manifest.latent, manifest.text, manifest.video
         grid = sampler.check_sample_inputs(
             noise, y, y_uncond, options, channels=latent.channels, patch_size=latent.patch_size,
             text_dim=text.dim if text else 0, max_text_length=text.max_length if text else None,
+            video=video is not None,
         )  # fmt: skip
         arrays = {"noise": noise, "y": y, "y_uncond": y_uncond if options.guidance > 0 else None}
         for name, array in arrays.items():
@@ -130,38 +133,75 @@ class Pipeline:
                 raise StarflowError(
                     f"{name}: expected a float32 numpy array, got {getattr(array, 'dtype', type(array))}"
                 )
-        B, _, H, W = noise.shape
+        B, H, W = noise.shape[0], *noise.shape[-2:]
         if not latent.holds(H, W):
             raise StarflowError(
                 f"noise: latent {H}x{W} is outside this export's range {latent.describe_range()} "
                 "(re-export with min_latent/max_latent to cover it)"
             )
+        frames = self.check_frames(noise)
         rows = B * (2 if options.guidance > 0 else 1)
-        if rows > self.manifest.max_rows:
+        if any(b.frame_local for b in self.blocks):
+            rows = max(rows, B * frames)
+        if rows > manifest.max_rows:
             raise StarflowError(
-                f"noise: batch {B} runs as {rows} graph rows (guidance doubles the batch); "
-                f"this export allows 1 .. {self.manifest.max_rows} rows"
+                f"noise: batch {B} of {frames} frame(s) runs as {rows} graph rows (guidance doubles the "
+                "batch, frame-local blocks take a row per frame); this export allows "
+                f"1 .. {manifest.max_rows} rows"
+            )
+        held = None if video is None else video.window or video.frames.max
+        if held is not None and options.window is not None and options.window > held:
+            raise StarflowError(
+                f"window: {options.window} frames is more than this export's caches hold ({held} frames)"
             )
         return grid
 
+    def check_frames(self, noise: np.ndarray) -> int:
+        """A clip's frame count within the export's range; an image export takes no clips and a
+        video export no stills. Returns the frames (1 for an image)."""
+        video = self.manifest.video
+        if video is None:
+            return 1  # a clip was refused by check_sample_inputs already
+        if noise.ndim != 5:
+            raise StarflowError(
+                f"noise: this is a video export; pass clips (B, F, C, H, W) of {video.frames.min} .. "
+                f"{video.frames.max} frames, got shape {noise.shape}"
+            )
+        if not video.frames.holds(noise.shape[1]):
+            raise StarflowError(
+                f"noise: {noise.shape[1]} frames is outside this export's range {video.frames.min} .. "
+                f"{video.frames.max} (re-export with max_frames to cover it)"
+            )
+        return noise.shape[1]
+
     # ---- density --------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Latent x (B, C, H, W) -> z (same shape) and per-block logdets, as `StarFlow.forward`.
+        """Latent x (B, C, H, W) or clip (B, F, C, H, W) -> z (same shape) and per-block logdets,
+        as `StarFlow.forward`.
 
         Blocks run in forward order (the reverse of sampling order); logdets are (B, T, D) in
-        each block's token order, listed in forward order like the reference.
+        each block's token order ((B, F, h*w, D) for a frame-local block on a clip), listed in
+        forward order like the reference.
         """
         h, w = self.check_inputs(x, y, None, SampleOptions())
         p = self.manifest.latent.patch_size
+        clip = x.ndim == 5
+        B, frames = x.shape[0], x.shape[1] if clip else 1
         grid = np.array([h, w], dtype=np.int64)
         seq, logdets = sampler.patchify(x, p), []
         for block in reversed(self.blocks):
+            local = block.frame_local and clip
+            rows = seq.reshape(B * frames, h * w, -1) if local else seq
+            n = 1 if local else frames
             z, logdet = block.forward(
-                np.flip(seq, 1) if block.flip else seq, grid, y if block.text_conditioned else None
+                sampler.permute(rows, block.flip, block.flip_in_frame, n),
+                grid,
+                y if block.text_conditioned else None,
             )
-            seq = np.flip(z, 1) if block.flip else z
-            logdets.append(logdet)
-        return sampler.unpatchify(seq, p, h, w), logdets
+            z = sampler.permute(z, block.flip, block.flip_in_frame, n)
+            seq = z.reshape(B, frames * h * w, -1) if local else z
+            logdets.append(logdet.reshape(B, frames, h * w, -1) if local else logdet)
+        return sampler.unpatchify(seq, p, h, w, frames if clip else None), logdets
 
     # ---- sampling -------------------------------------------------------------------------------
     def sample(
@@ -174,7 +214,8 @@ class Pipeline:
         return_stats: bool = False,
         progress: sampler.Progress | None = None,
     ) -> np.ndarray | tuple[np.ndarray, list[BlockStats]]:
-        """noise (B, C, H, W) float32 -> latent, as `StarFlow.sample` with the same arguments.
+        """noise (B, C, H, W) or clips (B, F, C, H, W) float32 -> latents, as `StarFlow.sample`
+        with the same arguments.
 
         `progress(block, tokens_done, tokens)` is called after every chunk (every token in
         sequential sampling), for progress bars.

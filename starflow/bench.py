@@ -7,6 +7,8 @@ measured against PyTorch sequential sampling, the exact inverse of the flow. "Co
 the work the block calls did, whatever their chunking: image tokens x graph rows x layers summed
 over blocks, in forward passes (a guided deep block runs [cond ; uncond], so twice the rows).
 With `options_row`, one more runtime row samples with those settings, beside the reference's.
+A video preset samples clips of `frames` frames, with one more runtime row: Jacobi without the
+warm start (each chunk after the first frame starts from its noise), for its effect on calls.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from starflow.sampler import JacobiSettings, SampleOptions
 from starflow.testing import random_model
 
 DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
+DEFAULT_FRAMES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class BenchOptions:
     repeats: int = 3  # timed runs per Jacobi/forward row (median)
     threads: int | None = None  # CPU threads of both engines (set explicitly); None: every core
     seed: int = 0
+    frames: int | None = None  # video models: clips of this many frames (default DEFAULT_FRAMES)
 
     def check(self) -> None:
         self.sampling.check()
@@ -62,6 +66,8 @@ class BenchOptions:
         check_threads(self.threads)
         if self.artifacts is not None and self.checkpoint is None:
             raise StarflowError("artifacts needs checkpoint too: the PyTorch rows run that checkpoint")
+        if self.frames is not None and self.frames < 1:
+            raise StarflowError(f"frames: must be >= 1, got {self.frames}")
 
 
 @dataclasses.dataclass
@@ -109,12 +115,18 @@ def prepare(options: BenchOptions, work: Path = DEFAULT_WORK) -> tuple[StarFlow,
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode() + tensor.numpy().tobytes())
-    folder = work / f"{options.preset}-seed{options.seed}-{digest.hexdigest()[:12]}-schema{SCHEMA_VERSION}"
+    frames = max(options.frames or DEFAULT_FRAMES, 16) if model.config.video else None
+    clips = f"-frames{frames}" if frames else ""
+    folder = (
+        work / f"{options.preset}-seed{options.seed}-{digest.hexdigest()[:12]}{clips}-schema{SCHEMA_VERSION}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "artifacts" / "manifest.json").is_file():
         save_model(model, folder / "model.safetensors")
         # no validation (the bench itself measures agreement) and no denoise graph (it samples latents)
-        export = ExportOptions(precisions=("fp32",), validate=False, denoise=False, force=True)
+        export = ExportOptions(
+            precisions=("fp32",), validate=False, denoise=False, force=True, max_frames=frames
+        )
         export_onnx(folder / "model.safetensors", folder / "artifacts", export)
     return model, folder / "artifacts"
 
@@ -130,7 +142,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     torch.set_num_threads(threads)
     log(f"preparing {options.artifacts or options.preset} ...")
     model, artifacts = prepare(options)
-    engines = Engines(model, Pipeline.load(artifacts, threads=threads))
+    if options.frames is not None and not model.config.video:
+        raise StarflowError(f"frames: {options.frames} asked of an image model; clips need a video preset")
+    frames = (options.frames or DEFAULT_FRAMES) if model.config.video else None
+    engines = Engines(model, Pipeline.load(artifacts, threads=threads), frames)
     load_before = os.getloadavg()[0]
     guided = options.sampling if model.text_dim else dataclasses.replace(options.sampling, guidance=0.0)
     inputs = engines.inputs(options.batch, guided.guidance, options.seed)
@@ -146,6 +161,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         "model": options.preset if options.checkpoint is None else str(options.checkpoint),
         "artifacts": str(artifacts),
         "batch": options.batch,
+        "frames": frames,
         "guidance": guided.guidance,
         "jacobi": dataclasses.asdict(guided.jacobi),
         "options": None if options.options_row is None else dataclasses.asdict(options.options_row),
@@ -164,13 +180,20 @@ class Engines:
 
     model: StarFlow
     pipe: Any  # starflow.runtime.Pipeline
+    frames: int | None = None  # clips of this many frames (video models)
 
     def inputs(self, n: int, guidance: float, seed: int) -> dict[str, list[Any]]:
-        """noise (n, C, H, W), y and y_uncond (zeros under guidance), as numpy and as torch."""
+        """noise (n, C, H, W) or (n, frames, C, H, W), y and y_uncond (zeros under guidance), as
+        numpy and as torch."""
         config = self.model.config
         rng = np.random.default_rng(seed)
         side = config.latent_size
-        arrays = [rng.standard_normal((n, config.channel_size, side, side), dtype=np.float32), None, None]
+        clip = () if self.frames is None else (self.frames,)
+        arrays = [
+            rng.standard_normal((n, *clip, config.channel_size, side, side), dtype=np.float32),
+            None,
+            None,
+        ]
         if self.model.text_dim:
             arrays[1] = rng.standard_normal((n, config.txt_size, config.txt_dim), dtype=np.float32)
             arrays[2] = np.zeros_like(arrays[1]) if guidance > 0 else None
@@ -226,6 +249,8 @@ def sampling_rows(
     ]
     if options.options_row is not None:
         cases.append(("jacobi, options", "runtime", options.options_row))
+    if engines.frames is not None:
+        cases.append(("jacobi, no warm start", "runtime", dataclasses.replace(guided, warm_start=False)))
     # sequential sampling is 100s of times slower and deterministic: one run each; the Jacobi
     # rows are interleaved so that their ratio is measured under the same machine load
     log("sequential sampling ...")
@@ -236,7 +261,7 @@ def sampling_rows(
     measured |= interleaved(runs, options.repeats, warmup=1)
     reference = measured["pytorch/sequential sampling"][1][0].numpy()
     side = config.latent_size // config.patch_size
-    forward_work = side * side * options.batch * sum(config.block_layers)
+    forward_work = side * side * (engines.frames or 1) * options.batch * sum(config.block_layers)
     rows = []
     for name, engine, _ in cases:
         seconds, (sample, stats) = measured[f"{engine}/{name}"]
@@ -265,7 +290,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"runtime Jacobi is {result['runtime_jacobi_speedup_vs_pytorch_jacobi']:.2f}x faster than "
         "PyTorch Jacobi "
         f"(block {result['jacobi']['block_size']}, threshold {result['jacobi']['threshold']}, "
-        f"guidance {result['guidance']}, batch {result['batch']}, {result['threads']} threads; "
+        f"guidance {result['guidance']}, batch {result['batch']}"
+        + (f" of {result['frames']}-frame clips" if result["frames"] else "")
+        + f", {result['threads']} threads; "
         f"load average {result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f} "
         f"on {result['cores']} cores)"
     )

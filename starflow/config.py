@@ -31,11 +31,14 @@ from starflow.errors import StarflowError
 
 # The embedded class-conditional digits model (`scripts/train_demo.sh`), label table beside it.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits.safetensors"
+# The embedded video model: moving digits (`scripts/train_video_demo.py`), label table beside it.
+DEMO_VIDEO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits-video.safetensors"
 NORM_TYPES = ("layer_norm", "rms_norm")
 SEQ_ORDERS = ("L2R", "R2L")
 
 # Spatial downsampling of the VAEs the official configs name (pixels per latent pixel).
 VAE_DOWNSAMPLE = {"sd-vae": 8, "sdxl-vae": 8, "Wan2.1": 8, "Wan2.2": 16}
+DENOISER_LAYERS = 8  # the official learnable self-denoiser (`NonCausalBlock(num_layers=8)`)
 MAX_YAML_BYTES = 1 << 20  # configs are a few KB
 # The released models have at most 24 layers in a block; 100000 (a typo) would build for minutes.
 MAX_LAYERS_PER_BLOCK = 1024
@@ -71,11 +74,15 @@ class StarFlowConfig:
     use_post_norm: bool = False
     use_bias: bool = True
     top_block_channels: int | None = None
+    # STARFlow-V (video): flip-in-frame permutations (and the denoiser's frame-block mask width),
+    # frame-local shallow blocks, the deep block's attention window in frames (rolling
+    # generation), the learned non-causal denoiser (text-conditioned, frame window)
     temporal_causal: int = 0
     shallow_block_local: bool = False
     local_attn_window: int | None = None
     learnable_self_denoiser: bool = False
     conditional_denoiser: bool = False
+    denoiser_window: int | None = None
     use_pretrained_lm: str | None = None
     noise_std: float = 0.3
     cfg: float = 0.0
@@ -133,16 +140,27 @@ class StarFlowConfig:
         """The model's parameter count from the config alone (weights and biases of the linear
         layers, the norms and embeddings are left out: under 1% for real configs)."""
         D, hd = self.token_dim, self.head_dim
+
+        def per_layer(width: int) -> int:
+            heads, kv_heads = self.heads(width)
+            mlp = (3 if self.use_swiglu else 2) * 4 * width * width
+            return width * (heads + 2 * kv_heads) * hd + heads * hd * width + mlp
+
         total = 0
         for i, layers in enumerate(self.block_layers):
             deep = i == self.num_blocks - 1
             width = self.deep_channels if deep else self.channels
-            heads, kv_heads = self.heads(width)
-            mlp = (3 if self.use_swiglu else 2) * 4 * width * width
-            per_layer = width * (heads + 2 * kv_heads) * hd + heads * hd * width + mlp
             text = self.txt_dim if deep or not self.cond_top_only else 0
-            total += layers * per_layer + (3 * D + text) * width if layers else 0
+            total += layers * per_layer(width) + (3 * D + text) * width if layers else 0
+        if self.learnable_self_denoiser:
+            text = self.txt_dim if self.conditional_denoiser else 0
+            total += DENOISER_LAYERS * per_layer(self.channels) + (2 * D + text) * self.channels
         return total
+
+    @property
+    def video(self) -> bool:
+        """A STARFlow-V model: it samples (B, T, C, H, W) clips (images are one-frame clips)."""
+        return self.temporal_causal > 0 or self.shallow_block_local
 
     def block_flips(self) -> list[bool]:
         """Whether block i (forward order) reverses the token order (the `seq_order` rule)."""
@@ -209,16 +227,33 @@ class StarFlowConfig:
                 "patch_size",
                 f"latent size {self.latent_size} is not divisible by patch_size {self.patch_size}",
             )
-        unsupported = {
-            "use_pretrained_lm": self.use_pretrained_lm,
-            "temporal_causal": self.temporal_causal,
-            "shallow_block_local": self.shallow_block_local,
-            "local_attn_window": self.local_attn_window,
-            "learnable_self_denoiser": self.learnable_self_denoiser,
-        }
-        for key, value in unsupported.items():
-            if value:
-                raise bad(key, f"{value!r} is not supported yet (video and pretrained-LM options)")
+        if self.use_pretrained_lm:
+            raise bad(
+                "use_pretrained_lm",
+                f"{self.use_pretrained_lm!r} is not supported (pretrained-LM deep blocks)",
+            )
+        self._validate_video(bad)
+
+    def _validate_video(self, bad: typing.Callable[[str, str], StarflowError]) -> None:
+        """The official asserts, plus what frame positions need (RoPE's time axis, so text)."""
+        if self.temporal_causal < 0:
+            raise bad("temporal_causal", f"must be >= 0, got {self.temporal_causal}")
+        for key in ("local_attn_window", "denoiser_window"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise bad(key, f"must be a positive number of frames when set, got {getattr(self, key)}")
+        if self.temporal_causal and self.seq_order != "L2R":
+            raise bad("temporal_causal", "requires seq_order: L2R")
+        if self.shallow_block_local and not self.cond_top_only:
+            raise bad("shallow_block_local", "requires cond_top_only")
+        if self.local_attn_window and not self.shallow_block_local:
+            raise bad("local_attn_window", "requires shallow_block_local")
+        if self.conditional_denoiser and not self.learnable_self_denoiser:
+            raise bad("conditional_denoiser", "requires learnable_self_denoiser")
+        if self.video and not (self.rope and self.txt_size > 0):
+            raise bad(
+                "temporal_causal" if self.temporal_causal else "shallow_block_local",
+                "video models need rope: 1 and txt_size > 0 (the frame index is RoPE's text/time axis)",
+            )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -241,6 +276,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         txt_dim=2048, cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0,
         seq_order="L2R", noise_std=0.3, cfg=2.5, vae="stabilityai/sd-vae-ft-ema",
         text="google/flan-t5-xl",
+    ),
+    # The official STARFlow-V 7B text-to-video model (configs/starflow-v_7B_t2v_caus_480p.yaml).
+    "starflow-v": dict(
+        channel_size=48, img_size=640, patch_size=1, channels=3072, top_block_channels=4096,
+        layers_per_block=[2, 2, 2, 2, 2, 24], head_dim=64, rope=True, pt_seq_len=32, sos=True,
+        txt_size=256, txt_dim=2048, cond_top_only=True, use_softplus=True, use_final_norm=True,
+        soft_clip=4.0, seq_order="L2R", temporal_causal=2, shallow_block_local=True,
+        learnable_self_denoiser=True, conditional_denoiser=True, denoiser_window=10,
+        noise_std=0.5, cfg=2.5, vae="Wan-AI/Wan2.2-TI2V-5B-Diffusers", text="google/flan-t5-xl",
+    ),
+    # The video benchmark's model: bench-256's widths on 8x8-token frames, STARFlow-V options.
+    "bench-video": dict(
+        channel_size=4, img_size=8, patch_size=1, channels=256, layers_per_block=[1, 1, 4],
+        head_dim=64, rope=True, sos=True, txt_size=16, txt_dim=64, cond_top_only=True,
+        use_softplus=True, use_final_norm=True, soft_clip=4.0, seq_order="L2R", temporal_causal=1,
+        shallow_block_local=True,
     ),
 }  # fmt: skip
 # The 3B shapes with the deep block cut to 2 layers: the scale check of benchmarks and exports.

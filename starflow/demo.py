@@ -1,5 +1,6 @@
 """`starflow demo`: the embedded digits model, exported on first use, drawn through the torch-free
-runtime, and timed against the PyTorch reference on the same noise."""
+runtime, and timed against the PyTorch reference on the same noise; then a clip of every digit
+from the embedded moving-digits video model, through the runtime too."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from starflow.errors import StarflowError
 from starflow.export.cache import demo_artifacts
 from starflow.limits import check_threads
 from starflow.runtime.generator import Generation, Generator, check_seed
-from starflow.runtime.outputs import output_kind, save_png
+from starflow.runtime.outputs import output_kind, save_png, video_output_kind, write_video
 from starflow.t2i import ReferenceGenerator
 
 DIGITS = [str(d) for d in range(10)]
@@ -33,6 +34,8 @@ class DemoResult:
     threads: int  # both engines'
     rounds: int
     load: tuple[float, float]  # the 1-minute load average before and after the timing
+    video_out: Path | None = None
+    video: Generation | None = None  # one clip of every digit
 
     def lines(self) -> list[str]:
         n, r = len(self.runtime.images), self.runtime_seconds
@@ -45,7 +48,11 @@ class DemoResult:
             f"timing: medians of {self.rounds} interleaved rounds, {self.threads} threads each, "
             f"load average {self.load[0]:.2f} -> {self.load[1]:.2f} on {os.cpu_count()} cores",
             "runtime " + self.runtime.summary(),
-        ]
+        ] + ([] if self.video is None else [
+            f"wrote {self.video_out.resolve()}: one {self.video.images.shape[1]}-frame clip of each "
+            "digit 0-9 from the moving-digits video model, through the runtime",
+            "runtime " + self.video.summary(),
+        ])  # fmt: skip
 
 
 def run_demo(
@@ -55,14 +62,19 @@ def run_demo(
     threads: int | None = None,
     export_progress: Callable[[str, int, int], None] | None = None,
     rounds: int = 3,
+    video_out: Path | None = None,
+    frames: int = 8,
 ) -> DemoResult:
     """Draw `per_digit` samples of every digit into the PNG grid `out` (column = digit), and time
     both engines at the same explicit thread count (default: every core) in `rounds` alternating
     rounds: torch's default OpenMP threads collapse when other jobs share the cores, which made
-    one-shot timings of the two engines incomparable."""
+    one-shot timings of the two engines incomparable. With `video_out` (a .gif or .mp4), one
+    `frames`-frame clip of every digit from the embedded video model goes there."""
     if out.suffix != ".png":
         raise StarflowError(f"out {out}: the demo writes a .png grid")
     output_kind(out)
+    if video_out is not None:
+        video_output_kind(video_out)
     if isinstance(per_digit, bool) or not isinstance(per_digit, int) or per_digit < 1:
         raise StarflowError(f"per_digit: must be an integer >= 1, got {per_digit!r}")
     check_threads(threads)
@@ -88,6 +100,12 @@ def run_demo(
     by_digit = images.reshape(10, per_digit, *images.shape[1:]).swapaxes(0, 1)  # row = sample
     save_png(out, by_digit.reshape(-1, *images.shape[1:]), columns=10)
     difference = float(np.abs(images - expected.images).max())
+    video = None
+    if video_out is not None:
+        clips = Generator.load(demo_artifacts(export_progress, video=True), threads=threads)
+        video = clips.generate(DIGITS, seed=seed, frames=frames)
+        write_video(np.round(video.images * 255).astype(np.uint8), video_out, clips.fps, columns=10)
     return DemoResult(
-        out, per_digit, runtime, runtime_seconds, reference_seconds, difference, threads, rounds, load
-    )
+        out, per_digit, runtime, runtime_seconds, reference_seconds, difference, threads, rounds, load,
+        video_out, video,
+    )  # fmt: skip

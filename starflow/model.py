@@ -16,6 +16,7 @@ top to bottom, and the step the exporter depends on stays beside the layers it r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starflow import sampler
-from starflow.config import StarFlowConfig
+from starflow.config import DENOISER_LAYERS, StarFlowConfig
 from starflow.errors import StarflowError
 from starflow.limits import check_fits
 from starflow.sampler import BlockStats, CachedStep, SampleOptions
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(a + this) == 1 at a == 0
+LEARNED_DENOISER_STEP = 0.3  # x - 0.3 * D(x): the official sampler's `noise_std_const`
 TEXT_ROPE_DIMS = 8  # frequency dims reserved for the text/time axis when the model has text
 Rope = tuple[Tensor, Tensor] | None  # cos, sin (positions, hd); None: a learned pos_embed instead
 
@@ -87,8 +89,9 @@ class RotaryEmbedding(nn.Module):
     def tables(self, first, length, text_length, grid: Tensor) -> tuple[Tensor, Tensor]:
         """cos/sin (length, hd) of sequence positions [first, first+length) of [text ; image raster].
 
-        Text token i sits at (0, 0, i/L*s), image token j at ((j // w)/sqrt(h*w)*s,
-        (j % w)/sqrt(h*w)*s, 0); `grid` is the int64 (h, w) token grid, `text_length` L.
+        Text token i sits at (0, 0, i/L*s), image token j of frame f at ((j // w)/sqrt(h*w)*s,
+        (j % w)/sqrt(h*w)*s, f), with frames of h*w tokens in order (an image is frame 0);
+        `grid` is the int64 (h, w) token grid of one frame, `text_length` L.
         """
         s = self.pt_seq_len
         index = torch.arange(length, device=grid.device) + first
@@ -96,14 +99,19 @@ class RotaryEmbedding(nn.Module):
         h, w = grid[0], grid[1]
         mean_len = (h * w).float().sqrt()
         image = (index - text_length).clamp(min=0)
-        px = torch.div(image, w, rounding_mode="floor").float() / mean_len * s
-        py = torch.remainder(image, w).float() / mean_len * s
+        frame, within = torch.div(image, h * w, rounding_mode="floor"), torch.remainder(image, h * w)
+        px = torch.div(within, w, rounding_mode="floor").float() / mean_len * s
+        py = torch.remainder(within, w).float() / mean_len * s
         if not self.with_text:
             return self(torch.stack([px, py], dim=-1))
         is_text = index < text_length
         pt = index.float() / text_length.clamp(min=1).float() * s
         zero = torch.zeros_like(px)
-        pos = [torch.where(is_text, zero, px), torch.where(is_text, zero, py), torch.where(is_text, pt, zero)]
+        pos = [
+            torch.where(is_text, zero, px),
+            torch.where(is_text, zero, py),
+            torch.where(is_text, pt, frame.float()),
+        ]
         return self(torch.stack(pos, dim=-1))
 
     def text_tables(self, length) -> tuple[Tensor, Tensor]:
@@ -144,9 +152,10 @@ class Attention(nn.Module):
         self.post_norm = RMSNorm(channels) if config.use_post_norm else None
 
     def forward(
-        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, l, ch) after `past` cached positions -> out, and the chunk's rotated k and its v."""
+        """x (B, l, ch) after `past` cached positions -> out, and the chunk's rotated k and its v.
+        `mask` (l, l) bool replaces the causal mask (the non-causal denoiser)."""
         B, n, _ = x.shape
         hd, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(self.norm(x)).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
@@ -158,25 +167,27 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = self.attend(q, keys, values)
+        out = self.attend(q, keys, values, mask)
         out = self.proj(out.transpose(1, 2).reshape(B, n, H * hd))
         return (self.post_norm(out) if self.post_norm is not None else out), k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention; the queries are the last lq of the lk key positions."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Causal attention (the queries are the last lq of the lk key positions), or `mask`'s."""
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         scale = self.head_dim**-0.5
         lq, lk = q.size(2), k.size(2)
         if self.training and lq == lk:  # the fused kernel (flash attention on GPU) for training
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            causal = mask is None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
         # Explicit math otherwise (inference, export, a training run's sample grids): the mask is
         # built from aranges, so it stays symbolic in both lengths when exported, and the scores
         # and softmax are fp32 even in fp16 and bf16 copies.
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, lq, lk)
-        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        mask = torch.arange(lk, device=q.device)[None, :] <= rows
+        if mask is None:
+            rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+            mask = torch.arange(lk, device=q.device)[None, :] <= rows
         return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
 
 
@@ -217,11 +228,16 @@ class AttentionBlock(nn.Module):
         self.mlp = MLP(config, channels)
 
     def forward(
-        self, x: Tensor, rope: Rope, past: tuple[Tensor, Tensor] | None = None, cache: bool = True
+        self,
+        x: Tensor,
+        rope: Rope,
+        past: tuple[Tensor, Tensor] | None = None,
+        cache: bool = True,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x after the `past` positions -> x, and the chunk's rotated keys and values if `cache`
         (the teacher-forced pass keeps none: under FSDP every returned tensor gets a hook)."""
-        out, k, v = self.attention(x, rope, past)
+        out, k, v = self.attention(x, rope, past, mask)
         x = x + out
         x = x + self.mlp(x)
         return (x, k, v) if cache else (x, None, None)
@@ -249,6 +265,8 @@ class FlowBlock(nn.Module):
         D = config.token_dim
         self.index, self.deep = index, index == config.num_blocks - 1
         self.flip = flip
+        self.flip_in_frame = config.temporal_causal > 0  # a flip keeps the frames in order
+        self.frame_local = config.shallow_block_local and not self.deep  # one frame per sequence
         self.use_sos = config.sos
         self.use_softplus = config.use_softplus
         self.soft_clip = config.soft_clip
@@ -271,9 +289,9 @@ class FlowBlock(nn.Module):
         self.attn_blocks = nn.ModuleList(AttentionBlock(config, channels) for _ in range(num_layers))
         self.final_norm = RMSNorm(channels) if config.use_final_norm else None
 
-    def permute(self, x: Tensor) -> Tensor:
-        """Token order seen by the transformer; its own inverse."""
-        return x.flip(1) if self.flip else x
+    def permute(self, x: Tensor, frames: int = 1) -> Tensor:
+        """Token order seen by the transformer, x (B, frames * h * w, D); its own inverse."""
+        return sampler.permute(x, self.flip, self.flip_in_frame, frames)
 
     def learned_positions(self, start, length) -> Tensor:
         """The learned pos_embed (rope: 0) of block positions [start, start + length), (length, ch)."""
@@ -331,10 +349,11 @@ class FlowBlock(nn.Module):
             sigma = torch.cat([torch.ones_like(sigma[:, :1]), sigma[:, :-1]], 1)
         return (x.float() - mu) / sigma, -sigma.log()
 
-    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) raster order -> z (B, T, D) raster order, logdet (B, T, D) block order."""
-        z, logdet = self.density(self.permute(x), grid, text)
-        return self.permute(z).to(x.dtype), logdet
+    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor, frames: int = 1) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) raster order, frame after frame -> z (B, T, D) raster order, logdet
+        (B, T, D) block order."""
+        z, logdet = self.density(self.permute(x, frames), grid, text)
+        return self.permute(z, frames).to(x.dtype), logdet
 
     # -- sampling direction: the step graph, and the sampler's view of it --
     def prefill(self, text: Tensor) -> tuple[Tensor, Tensor]:
@@ -369,8 +388,9 @@ class FlowBlock(nn.Module):
     def sos(self) -> Tensor | None:
         return self.sos_embed.detach().float() if self.use_sos else None
 
-    def open(self, rows: int, grid: tuple[int, int], text: Tensor | None) -> CachedStep:
-        """`step` over a fresh cache for `rows` sequences, the text prefilled (sampler.Block)."""
+    def open(self, rows: int, grid: tuple[int, int], text: Tensor | None, tokens: int) -> CachedStep:
+        """`step` over a fresh cache of `tokens` positions for `rows` sequences, the text
+        prefilled (sampler.Block)."""
         device, dtype = self.proj_in.weight.device, self.proj_in.weight.dtype
         grid_tensor = torch.tensor(grid, dtype=torch.int64, device=device)
         text_length = 0 if text is None else text.size(1)
@@ -378,7 +398,7 @@ class FlowBlock(nn.Module):
             len(self.attn_blocks),
             rows,
             self.num_kv_heads,
-            text_length + grid[0] * grid[1],
+            text_length + tokens,
             self.head_dim,
         )
         keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -397,17 +417,76 @@ class IdentityBlock(nn.Module):
     """A block with `layers_per_block` 0: passes tokens through (official `IdentityBlock`)."""
 
     text_conditioned = False
+    frame_local = False
 
-    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor, frames: int = 1) -> tuple[Tensor, Tensor]:
         return x, torch.zeros_like(x, dtype=torch.float32)
+
+
+class Denoiser(nn.Module):
+    """STARFlow-V's learnable self-denoiser (official `NonCausalBlock`): bidirectional layers
+    that map a sample's tokens to a correction, used as x - LEARNED_DENOISER_STEP * D(x) in place
+    of the gradient step. With `temporal_causal` A > 0 a token of frame f attends to frames
+    [f + A - 1 - window, f + A - 1] (`denoiser_window`, else unbounded) and to all text."""
+
+    def __init__(self, config: StarFlowConfig):
+        super().__init__()
+        D, channels = config.token_dim, config.channels
+        self.block_causal, self.window = config.temporal_causal, config.denoiser_window
+        self.proj_in = nn.Linear(D, channels)
+        self.proj_out = nn.Linear(channels, D)
+        nn.init.zeros_(self.proj_out.weight)
+        self.rope = (
+            RotaryEmbedding(config.head_dim, config.rope_seq_len, config.txt_size > 0)
+            if config.rope
+            else None
+        )
+        self.text_conditioned = config.conditional_denoiser
+        if self.text_conditioned:
+            self.proj_txt = nn.Linear(config.txt_dim, channels)
+        self.attn_blocks = nn.ModuleList(AttentionBlock(config, channels) for _ in range(DENOISER_LAYERS))
+        self.final_norm = RMSNorm(channels) if config.use_final_norm else None
+
+    def mask(self, text_length: int, tokens: int, frame_tokens: Tensor, device: torch.device) -> Tensor:
+        """(L + N, L + N) bool: which keys each query sees (all of them without frame blocks)."""
+        index = torch.arange(text_length + tokens, device=device)
+        q, k = index[:, None], index[None, :]
+        if not self.block_causal:
+            return torch.ones(q.size(0), k.size(1), dtype=torch.bool, device=device)
+        A, window = self.block_causal, self.window or 10000  # the official "no window"
+        key_frame = torch.div(k - text_length, frame_tokens, rounding_mode="floor")
+        query_frame = torch.div(q - text_length, frame_tokens, rounding_mode="floor")
+        last = torch.div((q - text_length).clamp(min=0), frame_tokens, rounding_mode="floor") + A - 1
+        return (k < text_length) | ((key_frame >= query_frame + A - 1 - window) & (key_frame <= last))
+
+    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor) -> Tensor:
+        """Tokens x (B, N, D), frame-major over (h, w) frames -> the correction (B, N, D)."""
+        N = x.size(1)
+        h = self.proj_in(x.to(self.proj_in.weight.dtype))
+        L = 0
+        if self.text_conditioned:
+            h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)
+            L = text.size(1)
+        # a tensor, not the int: torch.export would specialise the text length to the example's
+        text_length = torch.zeros((), dtype=torch.int64, device=grid.device) + L
+        rope = self.rope.tables(0, L + N, text_length, grid) if self.rope is not None else None
+        mask = self.mask(L, N, grid[0] * grid[1], x.device)
+        for layer in self.attn_blocks:
+            h, _, _ = layer(h, rope, cache=False, mask=mask)
+        h = h[:, L:]
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        return self.proj_out(h)
 
 
 # ---- model ---------------------------------------------------------------------------------
 @dataclass
 class FlowOutput:
-    z: Tensor  # (B, C, H, W), same shape as the input
-    logdets: list[Tensor]  # per block in forward order, (B, T, D) in that block's token order
-    outputs: list[Tensor]  # patchified input then each block's output, (B, h, w, D)
+    z: Tensor  # (B, C, H, W) or (B, F, C, H, W), same shape as the input
+    # per block in forward order, (B, T, D) in that block's token order; a frame-local block's
+    # (B, F, h*w, D) for a clip
+    logdets: list[Tensor]
+    outputs: list[Tensor]  # patchified input then each block's output, (B, h, w, D) or (B, F, h, w, D)
 
 
 @dataclass
@@ -426,10 +505,11 @@ class StarFlow(nn.Module):
                 "config has txt_size > 0 but no txt_dim (the text encoder's width): set txt_dim, "
                 "or load with a checkpoint so it is read from the proj_txt weight"
             )
-        check_fits(
-            4 * config.estimated_parameters(),
-            f"a model of {config.estimated_parameters():,} parameters (fp32)",
-        )
+        if torch.empty(0).device.type != "meta":  # built unallocated, it takes a checkpoint's memory
+            check_fits(
+                4 * config.estimated_parameters(),
+                f"a model of {config.estimated_parameters():,} parameters (fp32)",
+            )
         self.config = config
         n = config.num_blocks
         blocks: list[nn.Module] = []
@@ -439,6 +519,8 @@ class StarFlow(nn.Module):
             channels = config.deep_channels if deep else config.channels
             blocks.append(FlowBlock(config, layers, channels, flip, text, i) if layers else IdentityBlock())
         self.blocks = nn.ModuleList(blocks)
+        # the official attribute name, so official checkpoints load as they are
+        self.learnable_self_denoiser = Denoiser(config) if config.learnable_self_denoiser else None
 
     @property
     def text_dim(self) -> int:
@@ -452,7 +534,7 @@ class StarFlow(nn.Module):
     def check_latent(self, x: Tensor, name: str) -> tuple[int, int]:
         """`sampler.check_latent`, plus what only the PyTorch model needs; returns the grid."""
         cfg = self.config
-        h, w = sampler.check_latent(x, cfg.channel_size, cfg.patch_size, name)
+        h, w = sampler.check_latent(x, cfg.channel_size, cfg.patch_size, name, cfg.video)
         if not x.is_floating_point():
             raise StarflowError(f"{name}: expected a floating-point tensor, got {x.dtype}")
         if not cfg.rope and (h, w) != (side := cfg.latent_size // cfg.patch_size,) * 2:
@@ -464,17 +546,25 @@ class StarFlow(nn.Module):
 
     # -- density --
     def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
-        """Training direction: latent x (B, C, H, W) -> z, per-block logdets."""
+        """Training direction: latent x (B, C, H, W) or clip (B, F, C, H, W) -> z, per-block logdets."""
         h, w = self.check_latent(x, "x")
         sampler.check_text(y, x.size(0), self.text_dim, None, "y")
+        B, frames = x.size(0), x.size(1) if x.dim() == 5 else 1
         grid = torch.tensor([h, w], device=x.device)
-        seq = sampler.patchify(x, self.config.patch_size)  # (B, T, D)
-        outputs, logdets = [seq.unflatten(1, (h, w))], []
+        seq = sampler.patchify(x, self.config.patch_size)  # (B, F*h*w, D), frame-major
+        shape = (frames, h, w) if x.dim() == 5 else (h, w)
+        outputs, logdets = [seq.unflatten(1, shape)], []
         for block in self.blocks:
-            seq, logdet = block(seq, y if block.text_conditioned else None, grid)
-            outputs.append(seq.unflatten(1, (h, w)))
+            text = y if block.text_conditioned else None
+            if block.frame_local and x.dim() == 5:  # each frame its own sequence (official rearrange)
+                seq, logdet = block(seq.reshape(B * frames, h * w, -1), text, grid)
+                seq, logdet = seq.reshape(B, frames * h * w, -1), logdet.reshape(B, frames, h * w, -1)
+            else:
+                seq, logdet = block(seq, text, grid, frames)
+            outputs.append(seq.unflatten(1, shape))
             logdets.append(logdet)
-        return FlowOutput(sampler.unpatchify(seq, self.config.patch_size, h, w), logdets, outputs)
+        z = sampler.unpatchify(seq, self.config.patch_size, h, w, frames if x.dim() == 5 else None)
+        return FlowOutput(z, logdets, outputs)
 
     @staticmethod
     def loss(out: FlowOutput) -> Tensor:
@@ -488,14 +578,35 @@ class StarFlow(nn.Module):
         loss = self.loss(self(x, y))
         return NLL(loss, (loss + 0.5 * math.log(2 * math.pi)) / math.log(2))
 
-    def denoise(self, x: Tensor, y: Tensor | None, noise_std: float) -> Tensor:
-        """One Tweedie step x - noise_std^2 * grad_x NLL(x), per sample (the official self-denoise)."""
+    def denoise(self, x: Tensor, y: Tensor | None, noise_std: float, window: int | None = None) -> Tensor:
+        """The official denoising step after sampling: the learned denoiser when the model has
+        one (clips longer than `window` frames in overlapping windows, as the official sampler),
+        else one Tweedie step x - noise_std^2 * grad_x NLL(x) per sample (the self-denoise)."""
+        if self.learnable_self_denoiser is not None:
+            with torch.no_grad():
+                if x.dim() == 5:
+                    return sampler.denoise_windows(x.clone(), self.learned_denoise_step(y), window)
+                return self.learned_denoise_step(y)(x)
         with torch.enable_grad():
             x = x.detach().clone().requires_grad_(True)
             loss = self.loss(self(x, y))
             (grad,) = torch.autograd.grad(loss, [x])
         # loss is a per-dim mean over the batch: numel * grad is the gradient of each sample's total NLL
         return (x - noise_std**2 * x.numel() * grad).detach()
+
+    def learned_denoise_step(self, y: Tensor | None):
+        """x -> x - LEARNED_DENOISER_STEP * D(x, y), for latents or clips."""
+        denoiser, p = self.learnable_self_denoiser, self.config.patch_size
+
+        def step(x: Tensor) -> Tensor:
+            h, w = self.check_latent(x, "x")
+            frames = x.size(1) if x.dim() == 5 else None
+            grid = torch.tensor([h, w], device=x.device)
+            text = y if denoiser.text_conditioned else None
+            out = denoiser(sampler.patchify(x, p), text, grid)
+            return x - LEARNED_DENOISER_STEP * sampler.unpatchify(out, p, h, w, frames).to(x.dtype)
+
+        return step
 
     # -- sampling --
     @torch.no_grad()
@@ -509,17 +620,20 @@ class StarFlow(nn.Module):
         return_stats: bool = False,
         progress: sampler.Progress | None = None,
     ) -> Tensor | tuple[Tensor, list[BlockStats]]:
-        """Invert the flow: noise (B, C, H, W) -> latent, through `starflow.sampler.sample`.
+        """Invert the flow: noise (B, C, H, W) or (B, F, C, H, W) -> latent, through
+        `starflow.sampler.sample`.
 
         With `options.guidance > 0` the deep block runs on `[y ; y_uncond]` and the official CFG
         formula; with `cond_top_only` the uncond half is dropped before the shallow blocks.
         Stats (per block, in sampling order) are returned when `return_stats`.
         """
-        options = options or SampleOptions()
         cfg = self.config
+        options = options or SampleOptions()
+        if options.window is None and cfg.local_attn_window:
+            options = dataclasses.replace(options, window=cfg.local_attn_window)
         sampler.check_sample_inputs(
             noise, y, y_uncond, options, channels=cfg.channel_size, patch_size=cfg.patch_size,
-            text_dim=self.text_dim,
+            text_dim=self.text_dim, video=cfg.video,
         )  # fmt: skip
         self.check_latent(noise, "noise")
         x, stats = sampler.sample(

@@ -36,18 +36,22 @@ def make_clips(
     canvas: int = 12,
     seed: int = 0,
     clips_per_digit: int = 1,
+    speed: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Digits (N, 8, 8) in pixel units -> clips (M, T, canvas, canvas) float32 in the same units
     (background 0), labels (M,) and top-left (row, col) positions (M, T, 2), M = N * clips_per_digit
     (clip i shows digit i // clips_per_digit).
 
-    Every clip starts at a random position with a random velocity (dy, dx in {-1, 0, 1}, not both
-    0); when a step would leave the canvas, that component of the velocity is reflected, so the
-    digit is always whole. (On an axis of exactly 8 pixels the digit cannot move and stays put.)
+    Every clip starts at a random position with a random velocity (dy, dx in {-1, 0, 1} times
+    `speed` pixels per frame, not both 0); when a step would leave the canvas, that component of
+    the velocity is reflected, so the digit is always whole. Positions are multiples of `speed`:
+    with `speed` equal to a model's patch size the digit moves by whole patches. (On an axis with
+    no room for a step the digit stays put.)
     """
     _check_int("frames", frames, 2)
     _check_int("canvas", canvas, DIGIT)
     _check_int("clips_per_digit", clips_per_digit, 1)
+    _check_int("speed", speed, 1)
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 3 or images.shape[1:] != (DIGIT, DIGIT) or len(labels) != len(images):
         raise StarflowError(
@@ -57,8 +61,9 @@ def make_clips(
     labels = np.repeat(labels, clips_per_digit)
     n, span = len(images), canvas - DIGIT  # positions run over 0..span on both axes
     rng = np.random.default_rng(seed)
-    position = rng.integers(0, span + 1, size=(n, 2))
-    velocity = DIRECTIONS[rng.integers(0, len(DIRECTIONS), size=n)]
+    span -= span % speed  # the last position a whole number of steps from 0
+    position = rng.integers(0, span // speed + 1, size=(n, 2)) * speed
+    velocity = DIRECTIONS[rng.integers(0, len(DIRECTIONS), size=n)] * speed
     paths = np.empty((n, frames, 2), dtype=np.int64)
     paths[:, 0] = position
     for t in range(1, frames):
@@ -96,16 +101,21 @@ class ClipDataset:
 
 
 def moving_digits_dataset(
-    split: str = "train", frames: int = 8, canvas: int = 12, clips_per_digit: int = 1, seed: int = 0
+    split: str = "train",
+    frames: int = 8,
+    canvas: int = 12,
+    clips_per_digit: int = 1,
+    seed: int = 0,
+    speed: int = 1,
 ) -> ClipDataset:
     """Clips of the digits of `split` (the same fixed split as the image model and the classifier;
-    `seed` only draws the motion)."""
+    `seed` only draws the motion, `speed` is pixels per frame)."""
     import torch
 
     from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
 
     images, labels = digits_split(split)
-    clips, labels, _ = make_clips(images, labels, frames, canvas, seed, clips_per_digit)
+    clips, labels, _ = make_clips(images, labels, frames, canvas, seed, clips_per_digit, speed)
     n = len(clips)
     x = to_model_range(clips.reshape(n * frames, canvas, canvas), DIGITS_LEVELS)
     x = x.reshape(n, frames, 1, canvas, canvas)

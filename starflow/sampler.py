@@ -58,12 +58,19 @@ class JacobiSettings:
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-    """How to invert the flow: guidance weight, solver, and the Jacobi settings per block kind."""
+    """How to invert the flow: guidance weight, solver, the Jacobi settings per block kind, and
+    for clips the official video rules: the deep block's attention window and rolling context."""
 
     guidance: float = 0.0  # classifier-free guidance weight; 0 samples without y_uncond
     method: str = "jacobi"  # or "sequential": one token per step, the exact inverse
     jacobi: JacobiSettings = JacobiSettings()
     shallow_jacobi: JacobiSettings | None = None  # the shallow blocks' own settings; None: `jacobi`
+    # Clips: a Jacobi chunk after the first frame starts from the tokens one frame earlier
+    warm_start: bool = True
+    # Clips longer than `window` frames roll: the deep block attends to at most `window` frames;
+    # when they are full the last `context` frames are re-encoded into a fresh cache
+    window: int | None = None  # None: the model's `local_attn_window` (None there: no limit)
+    context: int | None = None  # None: window - 1
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -77,22 +84,39 @@ class SampleOptions:
         self.jacobi.check("jacobi")
         if self.shallow_jacobi is not None:
             self.shallow_jacobi.check("shallow_jacobi")
+        for key in ("window", "context"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise StarflowError(f"{key}: must be a whole number of frames >= 1, got {value!r}")
+        if self.context is not None and (self.window is None or self.context >= self.window):
+            raise StarflowError(
+                f"context: must be fewer frames than the window ({self.window}), got {self.context}"
+            )
+
+    @property
+    def context_frames(self) -> int | None:
+        """Frames re-encoded when the window rolls (None without a window)."""
+        if self.window is None:
+            return None
+        return self.context if self.context is not None else self.window - 1
 
     def jacobi_for(self, deep: bool) -> JacobiSettings:
         return self.jacobi if deep or self.shallow_jacobi is None else self.shallow_jacobi
 
 
 def with_overrides(defaults: SampleOptions, **given: Any) -> SampleOptions:
-    """`defaults` with every setting that is not None replaced: guidance, method, and the Jacobi
-    settings block_size, max_iter, threshold, init (applied to `jacobi`).
+    """`defaults` with every setting that is not None replaced: guidance, method, the clip
+    settings warm_start, window, context, and the Jacobi settings block_size, max_iter,
+    threshold, init (applied to `jacobi`).
 
     Options a user left unset keep the model's defaults (the manifest's, or the checkpoint's cfg).
     """
-    unknown = set(given) - {"guidance", "method"} - {f.name for f in dataclasses.fields(JacobiSettings)}
+    top_level = ("guidance", "method", "warm_start", "window", "context")
+    unknown = set(given) - set(top_level) - {f.name for f in dataclasses.fields(JacobiSettings)}
     if unknown:
         raise StarflowError(f"unknown sampling setting(s) {sorted(unknown)}")
     given = {k: v for k, v in given.items() if v is not None}
-    top = {k: given.pop(k) for k in ("guidance", "method") if k in given}
+    top = {k: given.pop(k) for k in top_level if k in given}
     return dataclasses.replace(defaults, **top, jacobi=dataclasses.replace(defaults.jacobi, **given))
 
 
@@ -121,13 +145,16 @@ class CachedStep:
     """One block's step function over a preallocated key/value cache, for one batch of rows.
 
     The cache `(layers, rows, kv_heads, text + tokens, head_dim)` holds the text's keys/values at
-    [0, text) and each chunk's at text + [start, start + c): running a chunk writes its entries,
-    and running the same positions again overwrites them, which is the Jacobi rewind. Nothing is
-    allocated here: the block hands in its buffers (and may reuse them for the next batch).
+    [0, text) and each chunk's at text + [start, start + c) - origin: running a chunk writes its
+    entries, and running the same positions again overwrites them, which is the Jacobi rewind.
+    `origin` is the first position the cache holds: 0, or where a rolling window restarted it
+    (positions, RoPE's included, count from there). Nothing is allocated here: the block hands
+    in its buffers (and may reuse them for the next batch).
     """
 
     def __init__(self, run: StepFunction, keys: Array, values: Array, text_length: int = 0):
         self.run, self.keys, self.values, self.text_length = run, keys, values, text_length
+        self.origin = 0
 
     def prefill(self, keys: Array, values: Array) -> None:
         """Store the text's keys/values (a block's prefill output) at [0, text)."""
@@ -136,7 +163,12 @@ class CachedStep:
 
     def __call__(self, x: Array, start: int) -> tuple[Array, Array]:
         """Inputs x (rows, c, D) at block positions [start, start + c) -> mu, sigma (rows, c, D)."""
+        start -= self.origin
         past = self.text_length + start
+        if past + x.shape[1] > self.keys.shape[3]:
+            raise StarflowError(
+                f"cache overflow: {past + x.shape[1]} positions in a cache of {self.keys.shape[3]}"
+            )
         mu, sigma, keys, values = self.run(x, self.keys[:, :, :, :past], self.values[:, :, :, :past], start)
         self.keys[:, :, :, past : past + x.shape[1]] = keys
         self.values[:, :, :, past : past + x.shape[1]] = values
@@ -149,46 +181,73 @@ class Block(Protocol):
     index: int  # position in forward (training) order
     deep: bool  # the last block in forward order, sampled first
     flip: bool  # its token order is the reverse of raster order
+    flip_in_frame: bool  # a clip's flip reverses each frame and keeps the frame order
+    frame_local: bool  # a clip's frames are sampled as separate sequences (shallow_block_local)
     text_conditioned: bool
 
     @property
     def sos(self) -> Array | None:
         """The (1, 1, D) float32 start-of-sequence input; None: token 0 passes unchanged."""
 
-    def open(self, rows: int, grid: tuple[int, int], text: Array | None) -> CachedStep:
-        """A step over a fresh cache for `rows` sequences on an h x w token grid, text prefilled."""
+    def open(self, rows: int, grid: tuple[int, int], text: Array | None, tokens: int) -> CachedStep:
+        """A step over a fresh cache of `tokens` positions for `rows` sequences of h x w token
+        frames, the text prefilled."""
 
 
 # ---- shapes and inputs -------------------------------------------------------------------------------
 def patchify(x: Array, p: int) -> Array:
-    """(B, C, H, W) -> (B, T, p*p*C): channel order (p1 p2 c), tokens row-major over (H/p, W/p)."""
+    """(B, C, H, W) -> (B, T, p*p*C): channel order (p1 p2 c), tokens row-major over (H/p, W/p);
+    a clip (B, F, C, H, W) -> (B, F*T, p*p*C), frame after frame."""
     xp = array_namespace(x)
+    if len(x.shape) == 5:
+        B, F = x.shape[0], x.shape[1]
+        tokens = patchify(xp.reshape(x, (B * F, *x.shape[2:])), p)
+        return xp.reshape(tokens, (B, F * tokens.shape[1], tokens.shape[2]))
     B, C = x.shape[0], x.shape[1]
     h, w = x.shape[2] // p, x.shape[3] // p
     x = xp.reshape(x[:, :, : h * p, : w * p], (B, C, h, p, w, p))  # the slice keeps H, W symbolic
     return xp.reshape(xp.permute_dims(x, (0, 2, 4, 3, 5, 1)), (B, h * w, p * p * C))
 
 
-def unpatchify(x: Array, p: int, h: int, w: int) -> Array:
-    """(B, T, p*p*C) -> (B, C, h*p, w*p), the inverse of `patchify`."""
+def unpatchify(x: Array, p: int, h: int, w: int, frames: int | None = None) -> Array:
+    """(B, T, p*p*C) -> (B, C, h*p, w*p), the inverse of `patchify`; with `frames`, a clip
+    (B, frames*h*w, p*p*C) -> (B, frames, C, h*p, w*p)."""
     xp = array_namespace(x)
     B = x.shape[0]
+    if frames is not None:
+        images = unpatchify(xp.reshape(x, (B * frames, h * w, x.shape[2])), p, h, w)
+        return xp.reshape(images, (B, frames, *images.shape[1:]))
     x = xp.permute_dims(xp.reshape(x, (B, h, w, p, p, -1)), (0, 5, 1, 3, 2, 4))
     return xp.reshape(x, (B, -1, h * p, w * p))
+
+
+def permute(x: Array, flip: bool, in_frame: bool, frames: int) -> Array:
+    """A block's token order for x (rows, frames*h*w, D): raster order, reversed, or (video's
+    `temporal_causal`) reversed inside each frame with the frames kept in order. Its own inverse."""
+    if not flip:
+        return x
+    xp = array_namespace(x)
+    if in_frame and frames > 1:
+        rows, T, D = x.shape
+        return xp.reshape(xp.flip(xp.reshape(x, (rows, frames, T // frames, D)), axis=2), (rows, T, D))
+    return xp.flip(x, axis=1)
 
 
 def _shape(x: Any) -> Any:
     return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
 
 
-def check_latent(x: Array, channels: int, patch_size: int, name: str) -> tuple[int, int]:
-    """A (B, C, H, W) batch with the model's channels and whole patches; returns the grid (h, w)."""
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-        raise StarflowError(f"{name}: expected a (B, C, H, W) latent array, got {_shape(x)}")
-    B, C, H, W = x.shape
+def check_latent(x: Array, channels: int, patch_size: int, name: str, video: bool = False) -> tuple[int, int]:
+    """A (B, C, H, W) batch, or with `video` also a (B, F, C, H, W) clip batch, with the model's
+    channels and whole patches; returns the grid (h, w) of one frame."""
+    wanted = "a (B, C, H, W) latent or (B, F, C, H, W) clip array" if video else "a (B, C, H, W) latent array"
+    if not hasattr(x, "shape") or len(x.shape) not in ((4, 5) if video else (4,)):
+        hint = "" if video or not hasattr(x, "shape") or len(x.shape) != 5 else " (clips need a video model)"
+        raise StarflowError(f"{name}: expected {wanted}, got {_shape(x)}{hint}")
+    B, C, H, W = x.shape[0], *x.shape[-3:]
     if C != channels:
         raise StarflowError(f"{name}: expected {channels} latent channels, got shape {_shape(x)}")
-    if B == 0:
+    if B == 0 or (len(x.shape) == 5 and x.shape[1] == 0):
         raise StarflowError(f"{name}: the batch is empty, shape {_shape(x)}")
     if H == 0 or W == 0 or H % patch_size or W % patch_size:
         raise StarflowError(
@@ -231,10 +290,17 @@ def check_sample_inputs(
     patch_size: int,
     text_dim: int,
     max_text_length: int | None = None,
+    video: bool = False,
 ) -> tuple[int, int]:
     """Everything a caller of `sample` can get wrong, before any work; returns the grid (h, w)."""
     options.check()
-    grid = check_latent(noise, channels, patch_size, "noise")
+    grid = check_latent(noise, channels, patch_size, "noise", video)
+    frames = noise.shape[1] if len(noise.shape) == 5 else 1
+    if options.method == "sequential" and options.window is not None and frames > options.window:
+        raise StarflowError(
+            f"noise: {frames} frames roll past the {options.window}-frame window, which needs "
+            "method='jacobi' (the official rolling generation is Jacobi's)"
+        )
     check_text(y, noise.shape[0], text_dim, max_text_length, "y")
     if options.guidance > 0:
         if text_dim == 0:
@@ -289,6 +355,19 @@ def solve_sequential(
     return x
 
 
+@dataclasses.dataclass(frozen=True)
+class Frames:
+    """A block's sequence as frames of `tokens` tokens, and the video rules that follow."""
+
+    tokens: int  # tokens per frame (all of them for an image)
+    warm_start: bool = False  # a chunk after the first frame starts from one frame earlier
+    window: int | None = None  # frames the cache holds (None: the whole sequence)
+    context: int = 0  # frames re-encoded when the window rolls
+
+
+LATER_CHUNK_FACTOR = 4  # official video Jacobi: chunks after the first frame are 4x the block size
+
+
 def solve_jacobi(
     step: CachedStep,
     z: Array,
@@ -298,44 +377,68 @@ def solve_jacobi(
     stats: BlockStats,
     report: Callable[[int, int], None],
     agree: Callable[[bool], bool] | None = None,
+    frames: Frames | None = None,
 ) -> Array:
     """Block-wise Jacobi (the official `jacobi`): iterate each chunk to a fixed point.
 
     The noise is the first guess (or the chunk-mean map). Each iteration rewrites the chunk's
     cache entries, so the cache ends one iterate behind the returned values, exactly as in the
     official code. `agree(done)` makes every rank of a distributed run stop together.
+    Over the frames of a clip (the official video rules): chunks after the first frame are
+    LATER_CHUNK_FACTOR times longer, their first iteration reads the inputs one frame earlier
+    (`warm_start`), and past `window` frames the cache restarts from the last `context` frames,
+    re-encoded (the next window then adds window - context frames).
     """
     if sos is None:
         raise StarflowError("Jacobi sampling needs a model with `sos: 1`; use method='sequential'")
     xp = array_namespace(z)
     rows, T, D = z.shape
+    frames = frames or Frames(tokens=T)
+    F = frames.tokens
     x_full = xp.concat([xp.broadcast_to(sos, (rows, 1, D)), z], axis=1)  # input position t: x_{t-1}
-    start, previous_map = 0, None  # the last (mu, sigma) of the previous chunk
-    while start < T:
-        c = min(settings.block_size, T - start)
-        target = z[:, start : start + c]
-        if settings.init == "chunk-mean" and previous_map is not None:
-            mu, sigma = previous_map
-            mean_mu, mean_sigma = xp.mean(mu, axis=1, keepdims=True), xp.mean(sigma, axis=1, keepdims=True)
-            x_full[:, start + 1 : start + 1 + c] = mean_mu + mean_sigma * target
-        for i in range(settings.max_iter):
-            mu, sigma = step(x_full[:, start : start + c], start)
-            if guidance > 0:
-                mu, sigma = guide(mu, sigma, guidance)
-            new = mu + sigma * target
-            old = x_full[:, start + 1 : start + 1 + c]
-            diff = xp.mean(xp.square(new - old)) / xp.mean(xp.square(new))
-            x_full[:, start + 1 : start + 1 + c] = new
-            stats.evaluations += 1
-            stats.tokens += rows * c
-            done = bool(diff < settings.threshold) or i == settings.max_iter - 1
-            if agree(done) if agree else done:
-                break
-        stats.iterations.append(i + 1)
-        previous_map = mu, sigma
-        start += c
-        report(start, T)
-    return x_full[:, 1:]
+    window = T if frames.window is None else min(T, frames.window * F)
+    start, end, previous_map = 0, window, None  # previous_map: the last (mu, sigma) of the previous chunk
+    while True:
+        while start < end:
+            c = min(settings.block_size * (1 if start <= F else LATER_CHUNK_FACTOR), end - start)
+            target = z[:, start : start + c]
+            if settings.init == "chunk-mean" and previous_map is not None:
+                mu, sigma = previous_map
+                mean_mu, mean_sigma = (
+                    xp.mean(mu, axis=1, keepdims=True),
+                    xp.mean(sigma, axis=1, keepdims=True),
+                )
+                x_full[:, start + 1 : start + 1 + c] = mean_mu + mean_sigma * target
+            for i in range(settings.max_iter):
+                warm = i == 0 and frames.warm_start and start > F
+                first = start - F if warm else start
+                mu, sigma = step(x_full[:, first : first + c], start)
+                if guidance > 0:
+                    mu, sigma = guide(mu, sigma, guidance)
+                new = mu + sigma * target
+                old = x_full[:, start + 1 : start + 1 + c]
+                diff = xp.mean(xp.square(new - old)) / xp.mean(xp.square(new))
+                x_full[:, start + 1 : start + 1 + c] = new
+                stats.evaluations += 1
+                stats.tokens += rows * c
+                done = bool(diff < settings.threshold) or i == settings.max_iter - 1
+                if agree(done) if agree else done:
+                    break
+            stats.iterations.append(i + 1)
+            previous_map = mu, sigma
+            start += c
+            report(start, T)
+        if end >= T:
+            return x_full[:, 1:]
+        # roll: a fresh cache (text kept) holding the last `context` frames, re-encoded as the
+        # start of a sequence: sos, then all of them but the last, whose input the next chunk is
+        context = frames.context * F
+        end = min(end + window - context, T)
+        step.origin = start - context
+        sos_rows = xp.broadcast_to(sos, (rows, 1, D))
+        step(xp.concat([sos_rows, x_full[:, start + 1 - context : start]], axis=1), step.origin)
+        stats.evaluations += 1
+        stats.tokens += rows * context
 
 
 def sample(
@@ -350,37 +453,70 @@ def sample(
     progress: Progress | None = None,
     agree: Callable[[bool], bool] | None = None,
 ) -> tuple[Array, list[BlockStats]]:
-    """Invert the flow: noise (B, C, H, W) float32 -> latent, and stats per block (sampling order).
+    """Invert the flow: noise (B, C, H, W) or clips (B, F, C, H, W) float32 -> latents, and
+    stats per block (sampling order).
 
     `blocks` come in sampling order (deep block first). With guidance the blocks run on
     `[cond ; uncond]` (y then y_uncond); with `guide_deep_only` (`cond_top_only`) the uncond half
-    is dropped before the shallow blocks. Inputs must have passed `check_sample_inputs`.
+    is dropped before the shallow blocks. A frame-local block samples each frame of a clip as
+    its own sequence. Inputs must have passed `check_sample_inputs`.
     """
     xp = array_namespace(noise)
-    B, _, H, W = noise.shape
-    grid = (H // patch_size, W // patch_size)
+    clip = len(noise.shape) == 5
+    B, n_frames = noise.shape[0], noise.shape[1] if clip else 1
+    grid = (noise.shape[-2] // patch_size, noise.shape[-1] // patch_size)
+    F = grid[0] * grid[1]
     guidance = options.guidance
     text = xp.concat([y, y_uncond]) if guidance > 0 else y
-    x = patchify(noise, patch_size)
+    x = patchify(noise, patch_size)  # (B, frames * F, D)
     stats = []
     for block in blocks:
         if not block.deep and guide_deep_only and guidance > 0:
             guidance, text = 0.0, y
         z = xp.concat([x, x]) if guidance > 0 else x
+        rows = z.shape[0]
+        local = block.frame_local and clip
+        if local:  # (rows * frames, F, D)
+            z = xp.reshape(z, (rows * n_frames, F, z.shape[2]))
+        seq_frames = 1 if local else n_frames
+        window = options.window if block.deep else None  # only the deep block rolls (official)
+        frames = Frames(F, options.warm_start, window, options.context_frames or 0)
+        tokens = z.shape[1] if frames.window is None else min(z.shape[1], frames.window * F)
         record = BlockStats(block.index, options.method)
         began = time.perf_counter()
-        step = block.open(z.shape[0], grid, text if block.text_conditioned else None)
-        z = xp.flip(z, axis=1) if block.flip else z
+        step = block.open(z.shape[0], grid, text if block.text_conditioned else None, tokens)
+        z = permute(z, block.flip, block.flip_in_frame, seq_frames)
         report = functools.partial(progress, block.index) if progress else _no_report
         if options.method == "sequential":
             x = solve_sequential(step, z, block.sos, guidance, record, report)
         else:
             settings = options.jacobi_for(block.deep)
-            x = solve_jacobi(step, z, block.sos, guidance, settings, record, report, agree)
-        x = (xp.flip(x, axis=1) if block.flip else x)[:B]
+            x = solve_jacobi(step, z, block.sos, guidance, settings, record, report, agree, frames)
+        x = permute(x, block.flip, block.flip_in_frame, seq_frames)
+        x = xp.reshape(x, (rows, n_frames * F, x.shape[2])) if local else x
+        x = x[:B]
         record.seconds = time.perf_counter() - began
         stats.append(record)
-    return unpatchify(x, patch_size, *grid), stats
+    return unpatchify(x, patch_size, *grid, n_frames if clip else None), stats
+
+
+def denoise_windows(
+    x: Array, step: Callable[[Array], Array], window: int | None, overlap: int | None = None
+) -> Array:
+    """A clip (B, F, C, H, W) through a learned denoiser `step` in windows of `window` frames
+    (the official sampler's chunking; None: all frames at once), in place: the first window
+    writes all its frames, each later one, starting `window - overlap` frames on, writes the
+    frames after the overlap (`denoiser_window`; None: window - 1, so one new frame each)."""
+    n = x.shape[1]
+    size = n if window is None else window
+    if overlap is not None and overlap >= size:
+        raise StarflowError(f"denoiser overlap {overlap} must be fewer frames than the window {size}")
+    start, kept = 0, 0
+    while start < n:
+        x[:, start + kept : start + size] = step(x[:, start : start + size])[:, kept:]
+        kept = size - 1 if overlap is None else overlap
+        start += size - kept
+    return x
 
 
 def _no_report(done: int, total: int) -> None:

@@ -22,6 +22,7 @@ from starflow.export.manifest import VAE_SCALE
 from starflow.model import StarFlow
 from starflow.presets import DIGITS_PRESETS, OFFICIAL, choose, load_presets
 from starflow.runtime.generator import ImageGenerator, check_prompts, make_noise
+from starflow.runtime.outputs import DEFAULT_FPS
 from starflow.sampler import BlockStats, Progress, SampleOptions
 from starflow.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
 
@@ -41,6 +42,7 @@ class ReferenceGenerator(ImageGenerator):
         self.channels = config.channel_size
         self.train_side, self.multiple_of = config.latent_size, config.patch_size
         self.factor = config.img_size // config.latent_size if config.vae else 1
+        self.video, self.fps = config.video, DEFAULT_FPS
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -79,11 +81,20 @@ class ReferenceGenerator(ImageGenerator):
         return generator
 
     def check(
-        self, prompts: list[str], num_images: int, seed: int, sampling: SampleOptions, denoise: bool
+        self,
+        prompts: list[str],
+        num_images: int,
+        seed: int,
+        sampling: SampleOptions,
+        denoise: bool,
+        frames: int | None = None,
     ) -> None:
         sampling.check()
         model, cfg = self.model, self.model.config
         check_prompts(prompts, num_images, seed, sampling.guidance, model.text_dim > 0)
+        self.check_frames(frames)
+        if cfg.video and cfg.vae:
+            raise StarflowError(f"decoding {cfg.vae} video latents is not built yet")
         if model.text_dim and self.encoder is None:
             raise StarflowError(
                 "this model is text-conditioned: load it with text_encoder=DIR (or its label table)"
@@ -116,7 +127,8 @@ class ReferenceGenerator(ImageGenerator):
         return self.model.sample(noise, y, y_uncond, sampling, return_stats=True, progress=progress)
 
     def denoise(self, x: Tensor, y: Tensor | None) -> Tensor:
-        return self.model.denoise(x, y, self.model.config.noise_std)
+        config = self.model.config
+        return self.model.denoise(x, y, config.noise_std, window=config.local_attn_window)
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:

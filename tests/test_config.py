@@ -78,7 +78,7 @@ def test_block_permutations_follow_seq_order():
         ("layers_per_block", "2 x 2", "expected list"),
         ("num_kv_heads", 3, "num_heads=4 must be a positive multiple of num_kv_heads=3"),
         ("patch_size", 3, "not divisible by patch_size 3"),
-        ("temporal_causal", 1, "not supported yet"),
+        ("use_pretrained_lm", "gemma", "not supported (pretrained-LM deep blocks)"),
     ],
 )
 def test_bad_values_name_the_key(key, value, message):

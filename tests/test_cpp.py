@@ -222,8 +222,17 @@ def _bad_exports(good: Path, root: Path) -> Path:
     directory, _ = case("tampered-graph", "does not match its sha256")
     with open(directory / step, "ab") as graph:
         graph.write(b"\0")
-    directory, data = case("schema-version", "schema_version 4, this libstarflow reads 5")
+    directory, data = case("schema-version", "schema_version 4, this libstarflow reads 6")
     (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 4}))
+    directory, data = case(
+        "video-export", "a video (STARFlow-V) export; libstarflow samples image exports only"
+    )
+    data["video"] = {"frames": {"min": 1, "opt": 4, "max": 8}, "window": None, "context": None,
+                     "later_chunk_factor": 4, "warm_start": True, "fps": 8.0}  # fmt: skip
+    _set_digest(directory, data)
+    directory, data = case("learned-denoiser", "denoise.kind")
+    data["denoise"]["kind"] = "learned"
+    _set_digest(directory, data)
     directory, data = case("edited-field", "digest mismatch")
     data["jacobi"]["threshold"] = 0.5
     (directory / "manifest.json").write_text(json.dumps(data))

@@ -77,7 +77,7 @@ def test_step_graph_runs_at_shapes_other_than_the_example(fixture_artifacts):
 def test_manifest_validates_and_sha256s_match(fixture_artifacts):
     manifest = json.loads((fixture_artifacts / "manifest.json").read_text())
     check_schema(manifest, "test")
-    assert manifest["schema_version"] == 5
+    assert manifest["schema_version"] == 6
     assert [b["index"] for b in manifest["blocks"]] == [2, 1, 0]  # sampling order
     for graph in manifest["graphs"]:
         assert sha256(fixture_artifacts / graph["file"]) == graph["sha256"]

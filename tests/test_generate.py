@@ -215,10 +215,11 @@ def test_size_outside_the_export_range(tmp_path: Path, demo_export: Path) -> Non
     [
         (["--out", "/proc/x.png"], "cannot write in /proc"),
         (["--seed", "-1"], "seed: must be an integer >= 0"),
+        (["--video-out", "x.avi"], "expected an .mp4 (H.264), a .gif"),
     ],
 )
 def test_demo_bad_input(tmp_path: Path, demo_export: Path, args: list[str], message: str) -> None:
-    result = runner.invoke(app, ["demo", *args])
+    result = runner.invoke(app, ["demo", "--video-out", str(tmp_path / "x.gif"), *args])
     assert result.exit_code == 2 and message in result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
 
@@ -226,9 +227,12 @@ def test_demo_bad_input(tmp_path: Path, demo_export: Path, args: list[str], mess
 def test_demo_writes_the_grid_and_the_timing(tmp_path: Path, demo_export: Path) -> None:
     from PIL import Image
 
-    out = tmp_path / "demo.png"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--per-digit", "2"])
+    out, clips = tmp_path / "demo.png", tmp_path / "demo.gif"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--per-digit", "2", "--video-out", str(clips)])
     assert result.exit_code == 0, result.output
+    assert f"wrote {clips.resolve()}: one 8-frame clip of each digit 0-9" in result.output
+    with Image.open(clips) as gif:
+        assert gif.n_frames == 8
     assert str(out.resolve()) in result.output
     assert "PyTorch reference:" in result.output and "runtime (ONNX Runtime, no torch)" in result.output
     assert f"medians of 3 interleaved rounds, {os.cpu_count()} threads each, load average" in result.output

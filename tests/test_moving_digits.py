@@ -78,6 +78,17 @@ def test_positions_move_by_the_velocity_and_bounce_at_the_edges(digits, canvas):
     assert turned.any()
 
 
+def test_speed_moves_by_whole_patches(digits):
+    """speed 2 on a 12x12 canvas: every position a multiple of 2, every step 2 pixels per moving axis."""
+    clips, _, paths = make_clips(*digits, frames=12, canvas=12, seed=1, speed=2)
+    assert set(np.unique(paths)) == {0, 2, 4}
+    steps = np.abs(np.diff(paths, axis=1))
+    assert set(np.unique(steps)) <= {0, 2} and (steps.sum(-1) > 0).all()
+    assert (
+        clips.reshape(len(clips), 12, -1).sum(-1) == clips[:, :1].reshape(len(clips), 1, -1).sum(-1)
+    ).all()
+
+
 def test_dataset_holds_model_range_clips(digits):
     data = moving_digits_dataset("test", frames=6, canvas=10, clips_per_digit=2, seed=5)
     images, labels = digits

@@ -278,6 +278,8 @@ Manifest load_manifest(const std::string& directory) {
     throw Error(r.source + ": its fields changed since the export (digest mismatch): the graphs would be driven by "
                 "settings they were not validated with; re-export instead of editing");
 
+  if (doc.contains("video") && !doc["video"].is_null())
+    throw Error(r.source + ": a video (STARFlow-V) export; libstarflow samples image exports only (use the Python runtime)");
   Manifest m;
   m.directory = directory;
   const json& latent = r.at(doc, "latent", "");
@@ -314,6 +316,8 @@ Manifest load_manifest(const std::string& directory) {
   m.decoder_kind = r.text(decoder, "kind", "decoder.");
   if (decoder.contains("graph") && !decoder["graph"].is_null()) m.decoder_graph = r.name(decoder, "graph", "decoder.");
   if (doc.contains("denoise") && !doc["denoise"].is_null()) {
+    if (r.text(doc["denoise"], "kind", "denoise.") != "nll-gradient")
+      r.fail("denoise.kind", "must be nll-gradient (the learned denoiser of video models is not supported here)");
     m.denoise_graph = r.name(doc["denoise"], "graph", "denoise.");
     m.denoise_noise_std = r.number(doc["denoise"], "noise_std", "denoise.");
   }

@@ -13,7 +13,7 @@
 
 namespace starflow::native {
 
-constexpr int kSchemaVersion = 5;
+constexpr int kSchemaVersion = 6;
 
 struct Range {
   int64_t min = 0, opt = 0, max = 0;
