@@ -125,6 +125,8 @@ def generate(
         check_request(prompt or [], num_images, seed)
         if fps is not None and not clips:
             raise StarflowError("--fps: a clip option; pass --frames N too")
+        if fps is not None and not 0 < fps < float("inf"):
+            raise StarflowError(f"--fps: must be a number > 0, got {fps}")
         generator = open_generator(
             engine, artifacts=artifacts, checkpoint=checkpoint, config=config, text_encoder=text_encoder,
             vae=vae, backend=backend, precision=precision, threads=threads, video=clips,
@@ -144,8 +146,8 @@ def generate(
                 check_finite=check_finite, frames=frames,
             )  # fmt: skip
         if clips:
-            pixels = np.round(result.images * 255).astype(np.uint8)
-            files = write_video(pixels, out, fps or generator.fps, columns=min(num_images, 8))
+            video = np.round(result.images * 255).astype(np.uint8)
+            files = write_video(video, out, fps or generator.fps, columns=min(num_images, 8))
         else:
             files = save_images(out, result.images, columns=min(num_images, 8), prompts=result.prompts)
     h, w = result.images.shape[-3:-1]
@@ -179,7 +181,7 @@ def demo(
     with user_errors():
         result = run_demo(
             out, per_digit, seed, threads, export_progress=step_lines("export: "),
-            video_out=video_out if video else None,
+            video_out=video_out if video else None, video_export_progress=step_lines("export (video): "),
         )  # fmt: skip
     typer.echo("\n".join(result.lines()))
 

@@ -64,6 +64,7 @@ def run_demo(
     rounds: int = 3,
     video_out: Path | None = None,
     frames: int = 8,
+    video_export_progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoResult:
     """Draw `per_digit` samples of every digit into the PNG grid `out` (column = digit), and time
     both engines at the same explicit thread count (default: every core) in `rounds` alternating
@@ -102,7 +103,7 @@ def run_demo(
     difference = float(np.abs(images - expected.images).max())
     video = None
     if video_out is not None:
-        clips = Generator.load(demo_artifacts(export_progress, video=True), threads=threads)
+        clips = Generator.load(demo_artifacts(video_export_progress, video=True), threads=threads)
         video = clips.generate(DIGITS, seed=seed, frames=frames)
         write_video(np.round(video.images * 255).astype(np.uint8), video_out, clips.fps, columns=10)
     return DemoResult(

@@ -145,6 +145,8 @@ def test_generate_refuses_frame_options_without_a_video_model(fixture_artifacts,
     args = ["generate", "--artifacts", str(fixture_artifacts), "--prompt", "a photo"]
     result = CliRunner().invoke(app, [*args, "--fps", "4", "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "--fps: a clip option" in result.output
+    result = CliRunner().invoke(app, [*args, "--frames", "3", "--fps", "0", "--out", str(tmp_path / "x.gif")])
+    assert result.exit_code == 2 and "--fps: must be a number > 0, got 0.0" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "expected an .mp4 (H.264), a .gif" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--out", str(tmp_path / "x.gif")])
