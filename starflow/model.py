@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -594,7 +595,7 @@ class StarFlow(nn.Module):
         # loss is a per-dim mean over the batch: numel * grad is the gradient of each sample's total NLL
         return (x - noise_std**2 * x.numel() * grad).detach()
 
-    def learned_denoise_step(self, y: Tensor | None):
+    def learned_denoise_step(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
         """x -> x - LEARNED_DENOISER_STEP * D(x, y), for latents or clips."""
         denoiser, p = self.learnable_self_denoiser, self.config.patch_size
 
