@@ -282,12 +282,9 @@ class Generator(ImageGenerator):
         sampling.check()
         check_prompts(prompts, num_images, seed, sampling.guidance, manifest.text is not None)
         self.check_frames(frames)
+        if frames is not None:
+            self.pipeline.check_frames(frames)
         video = manifest.video
-        if video is not None and not video.frames.holds(frames):
-            raise StarflowError(
-                f"frames: {frames} is outside this export's range {video.frames.min} .. {video.frames.max} "
-                "(re-export with max_frames to cover it)"
-            )
         if manifest.text is not None and self.text is None:
             raise StarflowError(
                 f"{directory}: this export has no text encoder; re-export with text_encoder=DIR "

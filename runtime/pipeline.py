@@ -139,7 +139,13 @@ class Pipeline:
                 f"noise: latent {H}x{W} is outside this export's range {latent.describe_range()} "
                 "(re-export with min_latent/max_latent to cover it)"
             )
-        frames = self.check_frames(noise)
+        if video is not None and noise.ndim != 5:
+            raise StarflowError(
+                f"noise: this is a video export; pass clips (B, F, C, H, W) of {video.frames.min} .. "
+                f"{video.frames.max} frames, got shape {noise.shape}"
+            )
+        frames = noise.shape[1] if noise.ndim == 5 else 1  # an image export took no clip above
+        self.check_frames(frames)
         rows = B * (2 if options.guidance > 0 else 1)
         if any(b.frame_local for b in self.blocks):
             rows = max(rows, B * frames)
@@ -156,23 +162,14 @@ class Pipeline:
             )
         return grid
 
-    def check_frames(self, noise: np.ndarray) -> int:
-        """A clip's frame count within the export's range; an image export takes no clips and a
-        video export no stills. Returns the frames (1 for an image)."""
+    def check_frames(self, frames: int) -> None:
+        """A video export's clips are within its frame range (an image export's stills pass)."""
         video = self.manifest.video
-        if video is None:
-            return 1  # a clip was refused by check_sample_inputs already
-        if noise.ndim != 5:
+        if video is not None and not video.frames.holds(frames):
             raise StarflowError(
-                f"noise: this is a video export; pass clips (B, F, C, H, W) of {video.frames.min} .. "
-                f"{video.frames.max} frames, got shape {noise.shape}"
-            )
-        if not video.frames.holds(noise.shape[1]):
-            raise StarflowError(
-                f"noise: {noise.shape[1]} frames is outside this export's range {video.frames.min} .. "
+                f"frames: {frames} frames is outside this export's range {video.frames.min} .. "
                 f"{video.frames.max} (re-export with max_frames to cover it)"
             )
-        return noise.shape[1]
 
     # ---- density --------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:

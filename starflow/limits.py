@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
+from collections.abc import Callable
 
 from starflow.errors import StarflowError
 
@@ -38,9 +40,13 @@ def release_freed_memory() -> None:
     Between multi-GB steps (one block graph, one validation session) glibc keeps freed blocks in
     its arenas, so the process's RSS only grows; trimming returns them. A no-op off glibc."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs `ldconfig -p` on every call)."""
+    name = ctypes.util.find_library("c")
+    return None if name is None else getattr(ctypes.CDLL(name), "malloc_trim", None)
