@@ -17,12 +17,14 @@ Rerunnable acceptance check for the video demo model, on `--per-digit` clips of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from starflow.checkpoint import read_state_dict
 from starflow.config import DEMO_VIDEO_CHECKPOINT
 from starflow.moving_digits import (
     baseline_unrelated,
@@ -40,17 +42,23 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=100)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument(
-        "--speed", type=int, default=2, help="pixels per frame of the real clips (training's)"
+        "--speed", type=int, help="pixels per frame of the real clips (default: training's, the patch size)"
     )
     parser.add_argument("--batch-size", type=int, default=100, help="clips sampled together (PyTorch)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guidance", type=float, help="guidance weight (default: the checkpoint's cfg)")
     parser.add_argument("--runtime", action="store_true", help="sample through the ONNX export (no torch)")
     parser.add_argument("--gif", type=Path, help="also write (up to) 10 clips per digit as a GIF")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     classifier, held_out = train_classifier()
     print(f"classifier: {held_out:.2%} on the held-out real digits")
-    real = moving_digits_dataset("test", frames=args.frames, speed=args.speed).x[:, :, 0].numpy()
+    config = read_state_dict(args.checkpoint)[1]
+    if config is None:
+        raise SystemExit(f"{args.checkpoint}: no config in its metadata")
+    real = moving_digits_dataset(
+        "test", frames=args.frames, canvas=config.img_size, speed=args.speed or config.patch_size
+    ).x[:, :, 0].numpy()
     print(f"real clips: temporal consistency {temporal_consistency(real):.4f}")
 
     if args.runtime:
@@ -64,7 +72,13 @@ def main() -> None:
         generator = ReferenceGenerator.load(args.checkpoint, batch_size=args.batch_size)
     began = time.perf_counter()
     prompts = [str(d) for d in range(10)]
-    result = generator.generate(prompts, num_images=args.per_digit, seed=0, frames=args.frames)
+    sampling = generator.default_sampling()
+    if args.guidance is not None:
+        sampling = dataclasses.replace(sampling, guidance=args.guidance)
+    print(f"guidance {sampling.guidance}")
+    result = generator.generate(
+        prompts, num_images=args.per_digit, seed=0, frames=args.frames, sampling=sampling
+    )
     seconds = time.perf_counter() - began
     clips = result.images[..., 0] * 2 - 1  # (N, T, H, W) in [-1, 1], prompt after prompt
     calls = sum(b.evaluations for b in result.stats)
@@ -77,6 +91,7 @@ def main() -> None:
     per_digit = [(read[wanted[:, 0] == d] == d).mean() for d in range(10)]
     print("frame accuracy per digit: " + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)))
     print(f"frame accuracy: {(read == wanted).mean():.2%} (worst digit {min(per_digit):.1%})")
+    print("frame accuracy per frame: " + " ".join(f"{(column == wanted[:, 0]).mean():.1%}" for column in read.T))
     print(f"clips whose frames are all one digit: {(read == read[:, :1]).all(1).mean():.2%}")
     print(
         f"temporal consistency: generated {temporal_consistency(clips):.4f}, real 0, "

@@ -5,10 +5,14 @@ official loss of noise-augmented clips, the denoiser (its own optimizer) on the 
 loss with respect to the noisy input. The official target is `noise_std * numel * grad`, which
 makes the official sampler's `x - 0.3 * D(x)` the Tweedie step at noise_std 0.3; this model is
 trained at its own noise_std, so the target is scaled by noise_std / 0.3 to keep that step
-Tweedie's. One process, one thread by default (the machine is shared); an EMA of the weights is
-what gets written.
+Tweedie's. As STARFlow-V starts from a STARFlow image model, the flow starts from the embedded
+digits image model by default (`--from-image`): with RoPE and the frame index as the third
+coordinate its weights fit the video flow unchanged and draw frame 0 as it draws images; the
+deep block then learns the motion. One process, one thread by default (the machine is shared);
+an EMA of the weights is what gets written.
 
     python scripts/train_video_demo.py [--steps 2000] [--out runs/digits-video] [--install]
+    python scripts/train_video_demo.py --init runs/digits-video/model.safetensors --lr 4e-4 --warmup 50
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from starflow.checkpoint import load_model, save_model
-from starflow.config import load_config
+from starflow.config import DEMO_CHECKPOINT, load_config
 from starflow.label_encoder import LabelEncoder, labels_path, load_label_encoder, save_label_encoder
 from starflow.model import LEARNED_DENOISER_STEP, StarFlow
 from starflow.moving_digits import moving_digits_dataset
@@ -36,12 +40,17 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument(
-        "--speed", type=int, default=2, help="pixels per frame: the patch size moves whole patches"
+        "--speed", type=int, help="pixels per frame (default: the patch size, so whole patches move)"
     )
-    parser.add_argument("--init", type=Path, help="start from this checkpoint (and its label table)")
+    parser.add_argument("--init", type=Path, help="resume from this video checkpoint (and its label table)")
+    parser.add_argument(
+        "--from-image", type=Path, default=DEMO_CHECKPOINT,
+        help="image checkpoint whose flow (and label table) the video flow starts from",
+    )
+    parser.add_argument("--from-scratch", action="store_true", help="no --from-image start")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--clips-per-digit", type=int, default=4)
     parser.add_argument("--drop-label", type=float, default=0.1, help="label dropout, for guidance")
@@ -60,13 +69,16 @@ def main() -> None:
         frames=args.frames,
         canvas=config.img_size,
         clips_per_digit=args.clips_per_digit,
-        speed=args.speed,
+        speed=args.speed or config.patch_size,
     )
     flow = StarFlow(config)
     labels = LabelEncoder(data.classes, config.txt_size, config.txt_dim)
     if args.init is not None:
         flow.load_state_dict(load_model(None, args.init).state_dict())
         labels = load_label_encoder(labels_path(args.init), config.txt_size, config.txt_dim)
+    elif not args.from_scratch:
+        start_from_image(flow, args.from_image)
+        labels = load_label_encoder(labels_path(args.from_image), config.txt_size, config.txt_dim)
     denoiser = flow.learnable_self_denoiser
     flow_params = [p for n, p in flow.named_parameters() if not n.startswith("learnable_self_denoiser.")]
     flow_params += list(labels.parameters())
@@ -122,6 +134,18 @@ def main() -> None:
     if args.install:
         save_ema(config, ema, labels, ema_labels, ASSET)
         print(f"installed as {ASSET}")
+
+
+def start_from_image(flow: StarFlow, checkpoint: Path) -> None:
+    """Every flow weight from the image model; only the learned denoiser starts fresh."""
+    image = load_model(None, checkpoint).state_dict()
+    missing, unexpected = flow.load_state_dict(image, strict=False)
+    fresh = [k for k in missing if not k.startswith("learnable_self_denoiser.")]
+    if fresh or unexpected:
+        raise SystemExit(
+            f"{checkpoint}: its flow does not fit this video config "
+            f"(missing {fresh[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def save_ema(
