@@ -7,8 +7,9 @@ makes the official sampler's `x - 0.3 * D(x)` the Tweedie step at noise_std 0.3;
 trained at its own noise_std, so the target is scaled by noise_std / 0.3 to keep that step
 Tweedie's. As STARFlow-V starts from a STARFlow image model, the flow starts from the embedded
 digits image model by default (`--from-image`): with RoPE and the frame index as the third
-coordinate its weights fit the video flow unchanged and draw frame 0 as it draws images; the
-deep block then learns the motion. One process, one thread by default (the machine is shared);
+coordinate its weights fit the video flow unchanged (to them frame 0 is an image, on a larger
+canvas than they were trained on); training then adapts them and teaches the deep block the
+motion. One process, one thread by default (the machine is shared);
 an EMA of the weights is what gets written.
 
     python scripts/train_video_demo.py [--steps 2000] [--out runs/digits-video] [--install]
