@@ -56,9 +56,13 @@ def main() -> None:
     config = read_state_dict(args.checkpoint)[1]
     if config is None:
         raise SystemExit(f"{args.checkpoint}: no config in its metadata")
-    real = moving_digits_dataset(
-        "test", frames=args.frames, canvas=config.img_size, speed=args.speed or config.patch_size
-    ).x[:, :, 0].numpy()
+    real = (
+        moving_digits_dataset(
+            "test", frames=args.frames, canvas=config.img_size, speed=args.speed or config.patch_size
+        )
+        .x[:, :, 0]
+        .numpy()
+    )
     print(f"real clips: temporal consistency {temporal_consistency(real):.4f}")
 
     if args.runtime:
@@ -91,7 +95,8 @@ def main() -> None:
     per_digit = [(read[wanted[:, 0] == d] == d).mean() for d in range(10)]
     print("frame accuracy per digit: " + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)))
     print(f"frame accuracy: {(read == wanted).mean():.2%} (worst digit {min(per_digit):.1%})")
-    print("frame accuracy per frame: " + " ".join(f"{(column == wanted[:, 0]).mean():.1%}" for column in read.T))
+    per_frame = [(column == wanted[:, 0]).mean() for column in read.T]
+    print("frame accuracy per frame: " + " ".join(f"{a:.1%}" for a in per_frame))
     print(f"clips whose frames are all one digit: {(read == read[:, :1]).all(1).mean():.2%}")
     print(
         f"temporal consistency: generated {temporal_consistency(clips):.4f}, real 0, "

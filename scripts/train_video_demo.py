@@ -45,7 +45,9 @@ def main() -> None:
     )
     parser.add_argument("--init", type=Path, help="resume from this video checkpoint (and its label table)")
     parser.add_argument(
-        "--from-image", type=Path, default=DEMO_CHECKPOINT,
+        "--from-image",
+        type=Path,
+        default=DEMO_CHECKPOINT,
         help="image checkpoint whose flow (and label table) the video flow starts from",
     )
     parser.add_argument("--from-scratch", action="store_true", help="no --from-image start")
