@@ -184,7 +184,7 @@ def frame_crops(clips: np.ndarray) -> np.ndarray:
     return _crops(ink.reshape(-1, *ink.shape[2:]))
 
 
-def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+def translate(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """x (..., H, W) moved by (dy, dx) on the last two axes, filled with background (0), no wrap."""
     h, w = x.shape[-2:]
     out = np.zeros_like(x)
@@ -198,7 +198,7 @@ def _aligned_errors(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
     """Ink (..., H, W) pairs -> (...) mean |shifted a - b| at the best shift in [-max_shift, max_shift]^2."""
     _check_int("max_shift", max_shift, 0)
     shifts = range(-max_shift, max_shift + 1)
-    errors = [np.abs(_shift(a, dy, dx) - b).mean(axis=(-2, -1)) for dy in shifts for dx in shifts]
+    errors = [np.abs(translate(a, dy, dx) - b).mean(axis=(-2, -1)) for dy in shifts for dx in shifts]
     return np.min(errors, axis=0)
 
 

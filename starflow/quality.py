@@ -23,10 +23,20 @@ from starflow.errors import StarflowError
 from starflow.sampler import SampleOptions
 
 
-def train_classifier(seed: int = 0) -> tuple[nn.Module, float]:
-    """An MLP on the real training digits (pixels in [0, 1]); returns it and its test accuracy."""
+def train_classifier(seed: int = 0, max_shift: int = 0) -> tuple[nn.Module, float]:
+    """An MLP on the real training digits (pixels in [0, 1]); returns it and its test accuracy.
+
+    With `max_shift` it also learns every training digit moved by up to that many pixels on each
+    axis (zero-filled): a reader of digits cropped from video frames, where the located 8x8
+    window can be off by one (see `starflow.moving_digits.frame_crops`).
+    """
+    from starflow.moving_digits import translate
+
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = digits_split("train"), digits_split("test")
+    shifts = range(-max_shift, max_shift + 1)
+    x_train = np.concatenate([translate(x_train, dy, dx) for dy in shifts for dx in shifts])
+    y_train = np.tile(y_train, len(shifts) ** 2)
     x_train = torch.from_numpy(x_train.reshape(-1, 64) / DIGITS_LEVELS).float()
     x_test = torch.from_numpy(x_test.reshape(-1, 64) / DIGITS_LEVELS).float()
     y_train, y_test = torch.from_numpy(y_train).long(), torch.from_numpy(y_test).long()

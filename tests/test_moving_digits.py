@@ -195,7 +195,8 @@ def test_measures_reject_bad_input(call, name):
 
 @pytest.mark.slow
 def test_classifier_reads_frame_crops(digits):
-    """The 8x8 classifier (20-45 s to train on 2 shared cores) reads each frame's crop as the clip's digit."""
+    """The video eval's classifier (trained with 1-pixel shifts) reads each frame's crop as the
+    clip's digit as well as it reads the unmoved test digits, though a crop can be off by one."""
     from starflow.quality import score_digit, train_classifier
 
     images, labels = digits
@@ -203,11 +204,12 @@ def test_classifier_reads_frame_crops(digits):
     crops = frame_crops(model_range(clips))
     assert crops.shape == (len(clips) * clips.shape[1], 8, 8) and crops.dtype == np.float32
     assert crops.min() >= 0 and crops.max() <= 1
-    classifier, held_out = train_classifier()
+    classifier, held_out = train_classifier(max_shift=1)
     frame_labels = np.repeat(clip_labels, clips.shape[1])
     correct = 0.0
     for d in range(10):
         read, _ = score_digit(classifier, crops[frame_labels == d], d, images[labels == d] / DIGITS_LEVELS)
         correct += read * (frame_labels == d).sum()
     accuracy = correct / len(crops)
-    assert accuracy > 0.9 and accuracy > held_out - 0.05  # measured: 0.953 against 0.985 on the digits
+    # measured: 0.982 against 0.982 on the test digits (without shifts in training: 0.957 vs 0.985)
+    assert accuracy > 0.97 and accuracy > held_out - 0.01
