@@ -20,6 +20,7 @@ from torch import nn
 
 from starflow.data import DIGITS_LEVELS, digits_split
 from starflow.errors import StarflowError
+from starflow.moving_digits import translate
 from starflow.sampler import SampleOptions
 
 
@@ -30,8 +31,6 @@ def train_classifier(seed: int = 0, max_shift: int = 0) -> tuple[nn.Module, floa
     axis (zero-filled): a reader of digits cropped from video frames, where the located 8x8
     window can be off by one (see `starflow.moving_digits.frame_crops`).
     """
-    from starflow.moving_digits import translate
-
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = digits_split("train"), digits_split("test")
     shifts = range(-max_shift, max_shift + 1)

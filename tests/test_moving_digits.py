@@ -211,5 +211,6 @@ def test_classifier_reads_frame_crops(digits):
         read, _ = score_digit(classifier, crops[frame_labels == d], d, images[labels == d] / DIGITS_LEVELS)
         correct += read * (frame_labels == d).sum()
     accuracy = correct / len(crops)
-    # measured: 0.982 against 0.982 on the test digits (without shifts in training: 0.957 vs 0.985)
+    # measured on the 10x10 held-out clips: 0.978-0.982, the same as on the test digits (trained
+    # without shifts: 0.957 against 0.985)
     assert accuracy > 0.97 and accuracy > held_out - 0.01
