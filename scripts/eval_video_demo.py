@@ -18,7 +18,6 @@ Rerunnable acceptance check for the video demo model, on `--per-digit` clips of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from starflow.moving_digits import (
 )
 from starflow.quality import train_classifier
 from starflow.runtime.outputs import write_video
+from starflow.sampler import with_overrides
 
 
 def main() -> None:
@@ -59,12 +59,13 @@ def main() -> None:
     real = moving_digits_dataset(
         "test", frames=args.frames, canvas=config.img_size, speed=args.speed or config.patch_size
     )
-    real_read = read_frames(classifier, real.x[:, :, 0].numpy())
+    real_clips = real.x[:, :, 0].numpy()
+    real_read = read_frames(classifier, real_clips)
     print(
         f"classifier: {held_out:.2%} on the held-out real digits, "
         f"{(real_read == real.labels.numpy()[:, None]).mean():.2%} on the frames of real held-out clips"
     )
-    print(f"real clips: temporal consistency {temporal_consistency(real.x[:, :, 0].numpy()):.4f}")
+    print(f"real clips: temporal consistency {temporal_consistency(real_clips):.4f}")
 
     if args.runtime:
         from starflow.export.cache import demo_artifacts
@@ -77,9 +78,7 @@ def main() -> None:
         generator = ReferenceGenerator.load(args.checkpoint, batch_size=args.batch_size)
     began = time.perf_counter()
     prompts = [str(d) for d in range(10)]
-    sampling = generator.default_sampling()
-    if args.guidance is not None:
-        sampling = dataclasses.replace(sampling, guidance=args.guidance)
+    sampling = with_overrides(generator.default_sampling(), guidance=args.guidance)
     print(f"guidance {sampling.guidance}")
     result = generator.generate(
         prompts, num_images=args.per_digit, seed=0, frames=args.frames, sampling=sampling
