@@ -7,8 +7,9 @@ Rerunnable acceptance check for the video demo model, on `--per-digit` clips of 
   accuracy on the held-out digits and on the frames of real held-out clips (the ceiling);
 - temporal consistency: the mean over consecutive frame pairs of the shift-aligned error (the
   mean absolute ink difference, in [0, 1], between a frame and the previous one moved by the best
-  integer shift within 2 pixels). Real clips score 0 (a digit moved); frames of different
-  generated clips give the "new sample each frame" level, printed beside it;
+  integer shift within 2 pixels, around the edges for scrolling clips). Real clips score 0 (a
+  digit moved); frames of different generated clips give the "new sample each frame" level,
+  printed beside it;
 - identity: the share of clips whose frames are all read as one digit.
 
     python scripts/eval_video_demo.py [--checkpoint X.safetensors] [--per-digit 100] [--frames 8]
@@ -27,6 +28,7 @@ import torch
 from starflow.checkpoint import read_state_dict
 from starflow.config import DEMO_VIDEO_CHECKPOINT
 from starflow.moving_digits import (
+    MOTIONS,
     baseline_unrelated,
     frame_crops,
     moving_digits_dataset,
@@ -45,6 +47,9 @@ def main() -> None:
     parser.add_argument(
         "--speed", type=int, help="pixels per frame of the real clips (default: training's, the patch size)"
     )
+    parser.add_argument(
+        "--motion", choices=MOTIONS, default="scroll", help="the real clips' motion (the training data's)"
+    )
     parser.add_argument("--batch-size", type=int, default=100, help="clips sampled together (PyTorch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--guidance", type=float, help="guidance weight (default: the checkpoint's cfg)")
@@ -56,16 +61,16 @@ def main() -> None:
     config = read_state_dict(args.checkpoint)[1]
     if config is None:
         raise SystemExit(f"{args.checkpoint}: no config in its metadata")
-    real = moving_digits_dataset(
-        "test", frames=args.frames, canvas=config.img_size, speed=args.speed or config.patch_size
-    )
+    wrap = args.motion == "scroll"  # a scrolling digit wraps around the edges
+    speed = args.speed or config.patch_size
+    real = moving_digits_dataset("test", args.frames, config.img_size, speed=speed, motion=args.motion)
     real_clips = real.x[:, :, 0].numpy()
-    real_read = read_frames(classifier, real_clips)
+    real_read = read_frames(classifier, real_clips, wrap)
     print(
         f"classifier: {held_out:.2%} on the held-out real digits, "
         f"{(real_read == real.labels.numpy()[:, None]).mean():.2%} on the frames of real held-out clips"
     )
-    print(f"real clips: temporal consistency {temporal_consistency(real_clips):.4f}")
+    print(f"real clips: temporal consistency {temporal_consistency(real_clips, wrap=wrap):.4f}")
 
     if args.runtime:
         from starflow.export.cache import demo_artifacts
@@ -88,7 +93,7 @@ def main() -> None:
     calls = sum(b.evaluations for b in result.stats)
     print(f"sampled {len(clips)} clips of {args.frames} frames in {seconds:.0f} s ({calls} block calls)")
 
-    read = read_frames(classifier, clips)
+    read = read_frames(classifier, clips, wrap)
     wanted = np.repeat(np.arange(10), args.per_digit)[:, None]
     per_digit = [(read[wanted[:, 0] == d] == d).mean() for d in range(10)]
     print("frame accuracy per digit: " + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)))
@@ -97,8 +102,8 @@ def main() -> None:
     print("frame accuracy per frame: " + " ".join(f"{a:.1%}" for a in per_frame))
     print(f"clips whose frames are all one digit: {(read == read[:, :1]).all(1).mean():.2%}")
     print(
-        f"temporal consistency: generated {temporal_consistency(clips):.4f}, real 0, "
-        f"frames of different generated clips {baseline_unrelated(clips):.4f}"
+        f"temporal consistency: generated {temporal_consistency(clips, wrap=wrap):.4f}, real 0, "
+        f"frames of different generated clips {baseline_unrelated(clips, wrap=wrap):.4f}"
     )
     if args.gif:
         shown = min(10, args.per_digit)
@@ -108,10 +113,10 @@ def main() -> None:
         print(f"wrote {args.gif}")
 
 
-def read_frames(classifier: torch.nn.Module, clips: np.ndarray) -> np.ndarray:
+def read_frames(classifier: torch.nn.Module, clips: np.ndarray, wrap: bool) -> np.ndarray:
     """Clips (N, T, H, W) in [-1, 1] -> the digit the classifier reads in every frame (N, T)."""
     with torch.no_grad():
-        crops = torch.from_numpy(frame_crops(clips).reshape(-1, 64))
+        crops = torch.from_numpy(frame_crops(clips, wrap).reshape(-1, 64))
         return classifier(crops).argmax(1).numpy().reshape(clips.shape[:2])
 
 

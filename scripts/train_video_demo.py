@@ -30,7 +30,7 @@ from starflow.checkpoint import load_model, save_model
 from starflow.config import DEMO_CHECKPOINT, load_config
 from starflow.label_encoder import LabelEncoder, labels_path, load_label_encoder, save_label_encoder
 from starflow.model import LEARNED_DENOISER_STEP, StarFlow
-from starflow.moving_digits import moving_digits_dataset
+from starflow.moving_digits import MOTIONS, moving_digits_dataset
 
 CONFIG = Path(__file__).resolve().parents[1] / "starflow" / "configs" / "digits-video.yaml"
 ASSET = Path(__file__).resolve().parents[1] / "starflow" / "assets" / "digits-video.safetensors"
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument(
         "--speed", type=int, help="pixels per frame (default: the patch size, so whole patches move)"
+    )
+    parser.add_argument(
+        "--motion", choices=MOTIONS, default="scroll", help="how the digits move (see starflow.moving_digits)"
     )
     parser.add_argument("--init", type=Path, help="resume from this video checkpoint (and its label table)")
     parser.add_argument(
@@ -73,6 +76,7 @@ def main() -> None:
         canvas=config.img_size,
         clips_per_digit=args.clips_per_digit,
         speed=args.speed or config.patch_size,
+        motion=args.motion,
     )
     flow = StarFlow(config)
     labels = LabelEncoder(data.classes, config.txt_size, config.txt_dim)

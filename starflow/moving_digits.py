@@ -1,10 +1,17 @@
 """Moving digits: the embedded video model's training clips, and measures of generated clips.
 
 Each clip is one 8x8 scikit-learn digit drifting across a small canvas at a constant integer
-velocity, bouncing off the edges, so a video model has to keep one digit's identity and motion
-over time. The measures read generated clips (N, T, H, W) in the model's range [-1, 1]
-(background -1, as `x` of the dataset and the model's samples are); they work on "ink",
-the pixels mapped to [0, 1] (background 0, clipped), which is what the digit classifier reads.
+velocity, so a video model has to keep one digit's identity and motion over time. Two motions:
+"bounce" (a random direction per clip, reflected at the edges) and "scroll" (every clip drifts
+right and wraps around, as on a torus). On the embedded model's 10x10 canvas a bouncing digit has
+3 positions per axis and revisits one every 4 frames or less, so a small model learns to copy
+frame t - 4 and draws frames 1-3 as new samples; scrolling revisits none in 10 frames and makes
+every frame the previous one moved by one fixed offset: a fixed relative position, which RoPE
+attention expresses directly.
+
+The measures read generated clips (N, T, H, W) in the model's range [-1, 1] (background -1, as
+`x` of the dataset and the model's samples are); they work on "ink", the pixels mapped to [0, 1]
+(background 0, clipped), which is what the digit classifier reads.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ if TYPE_CHECKING:
 DIGIT = 8  # the digits are 8x8
 # (dy, dx) of every non-zero velocity with components in {-1, 0, 1}
 DIRECTIONS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+MOTIONS = ("bounce", "scroll")
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -37,6 +45,7 @@ def make_clips(
     seed: int = 0,
     clips_per_digit: int = 1,
     speed: int = 1,
+    motion: str = "bounce",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Digits (N, 8, 8) in pixel units -> clips (M, T, canvas, canvas) float32 in the same units
     (background 0), labels (M,) and top-left (row, col) positions (M, T, 2), M = N * clips_per_digit
@@ -46,12 +55,15 @@ def make_clips(
     `speed` pixels per frame, not both 0); when a step would leave the canvas, that component of
     the velocity is reflected, so the digit is always whole. Positions are multiples of `speed`:
     with `speed` equal to a model's patch size the digit moves by whole patches. (On an axis with
-    no room for a step the digit stays put.)
+    no room for a step the digit stays put.) With `motion="scroll"` every clip starts whole and
+    moves `speed` pixels right a frame, wrapping around the canvas' edge.
     """
     _check_int("frames", frames, 2)
     _check_int("canvas", canvas, DIGIT)
     _check_int("clips_per_digit", clips_per_digit, 1)
     _check_int("speed", speed, 1)
+    if motion not in MOTIONS:
+        raise StarflowError(f"make_clips: motion must be one of {MOTIONS}, got {motion!r}")
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 3 or images.shape[1:] != (DIGIT, DIGIT) or len(labels) != len(images):
         raise StarflowError(
@@ -67,14 +79,17 @@ def make_clips(
     paths = np.empty((n, frames, 2), dtype=np.int64)
     paths[:, 0] = position
     for t in range(1, frames):
-        step = position + velocity
-        velocity = np.where((step < 0) | (step > span), -velocity, velocity)
-        position = np.clip(position + velocity, 0, span)
+        if motion == "scroll":
+            position = (position + (0, speed)) % canvas
+        else:
+            step = position + velocity
+            velocity = np.where((step < 0) | (step > span), -velocity, velocity)
+            position = np.clip(position + velocity, 0, span)
         paths[:, t] = position
     clips = np.zeros((n, frames, canvas, canvas), dtype=np.float32)
     offsets = np.arange(DIGIT)
-    rows = paths[:, :, 0, None, None] + offsets[:, None]  # (n, T, 8, 1)
-    cols = paths[:, :, 1, None, None] + offsets[None, :]  # (n, T, 1, 8)
+    rows = (paths[:, :, 0, None, None] + offsets[:, None]) % canvas  # (n, T, 8, 1)
+    cols = (paths[:, :, 1, None, None] + offsets[None, :]) % canvas  # (n, T, 1, 8)
     clip, frame = np.arange(n)[:, None, None, None], np.arange(frames)[None, :, None, None]
     clips[clip, frame, rows, cols] = images[:, None]
     return clips, labels, paths
@@ -107,15 +122,16 @@ def moving_digits_dataset(
     clips_per_digit: int = 1,
     seed: int = 0,
     speed: int = 1,
+    motion: str = "bounce",
 ) -> ClipDataset:
     """Clips of the digits of `split` (the same fixed split as the image model and the classifier;
-    `seed` only draws the motion, `speed` is pixels per frame)."""
+    `seed` only draws the motion, `speed` is pixels per frame, `motion` as in `make_clips`)."""
     import torch
 
     from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
 
     images, labels = digits_split(split)
-    clips, labels, _ = make_clips(images, labels, frames, canvas, seed, clips_per_digit, speed)
+    clips, labels, _ = make_clips(images, labels, frames, canvas, seed, clips_per_digit, speed, motion)
     n = len(clips)
     x = to_model_range(clips.reshape(n * frames, canvas, canvas), DIGITS_LEVELS)
     x = x.reshape(n, frames, 1, canvas, canvas)
@@ -177,11 +193,27 @@ def crop_digit(frame: np.ndarray) -> np.ndarray:
     return _crops(_ink(frame, 2, "crop_digit")[None])[0]
 
 
-def frame_crops(clips: np.ndarray) -> np.ndarray:
+def _unwrap(ink: np.ndarray) -> np.ndarray:
+    """Ink (F, H, W) of scrolling frames (a digit may wrap around an edge) -> each frame rolled so
+    the 8x8 window with the most ink on the torus sits in the middle: a wrapped digit made whole."""
+    f, h, w = ink.shape
+    padded = np.pad(ink, ((0, 0), (0, DIGIT - 1), (0, DIGIT - 1)), mode="wrap")
+    summed = np.pad(padded.cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+    sums = summed[:, DIGIT:, DIGIT:] - summed[:, :-DIGIT, DIGIT:] - summed[:, DIGIT:, :-DIGIT]
+    sums += summed[:, :-DIGIT, :-DIGIT]  # (F, H, W): window starting at every torus position
+    top, left = np.unravel_index(sums.reshape(f, -1).argmax(1), (h, w))
+    rows = (top[:, None] - (h - DIGIT) // 2 + np.arange(h)) % h  # (F, H)
+    cols = (left[:, None] - (w - DIGIT) // 2 + np.arange(w)) % w  # (F, W)
+    return ink[np.arange(f)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def frame_crops(clips: np.ndarray, wrap: bool = False) -> np.ndarray:
     """Clips (N, T, H, W) in [-1, 1] -> every frame's digit (N * T, 8, 8) float32 in [0, 1], clip by
-    clip, so `score_digit` can read generated video frame by frame."""
+    clip, so `score_digit` can read generated video frame by frame. `wrap`: the clips scroll (a
+    digit may wrap around an edge; see `make_clips`)."""
     ink = _ink(clips, 4, "frame_crops")
-    return _crops(ink.reshape(-1, *ink.shape[2:]))
+    ink = ink.reshape(-1, *ink.shape[2:])
+    return _crops(_unwrap(ink) if wrap else ink)
 
 
 def translate(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -194,34 +226,40 @@ def translate(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def _aligned_errors(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
-    """Ink (..., H, W) pairs -> (...) mean |shifted a - b| at the best shift in [-max_shift, max_shift]^2."""
+def _aligned_errors(a: np.ndarray, b: np.ndarray, max_shift: int, wrap: bool) -> np.ndarray:
+    """Ink (..., H, W) pairs -> (...) mean |shifted a - b| at the best shift in [-max_shift, max_shift]^2
+    (shifted around the edges with `wrap`, else filled with background)."""
     _check_int("max_shift", max_shift, 0)
     shifts = range(-max_shift, max_shift + 1)
-    errors = [np.abs(translate(a, dy, dx) - b).mean(axis=(-2, -1)) for dy in shifts for dx in shifts]
+
+    def move(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        return np.roll(x, (dy, dx), axis=(-2, -1)) if wrap else translate(x, dy, dx)
+
+    errors = [np.abs(move(a, dy, dx) - b).mean(axis=(-2, -1)) for dy in shifts for dx in shifts]
     return np.min(errors, axis=0)
 
 
-def shift_aligned_error(a: np.ndarray, b: np.ndarray, max_shift: int = 2) -> float:
+def shift_aligned_error(a: np.ndarray, b: np.ndarray, max_shift: int = 2, wrap: bool = False) -> float:
     """How far frame b (H, W) is from frame a moved by the best integer shift, both in [-1, 1]:
-    the mean absolute ink difference in [0, 1] (0: b is a moved copy of a)."""
+    the mean absolute ink difference in [0, 1] (0: b is a moved copy of a; `wrap`: moved around
+    the edges, as scrolling clips move)."""
     a, b = _ink(a, 2, "shift_aligned_error"), _ink(b, 2, "shift_aligned_error")
     if a.shape != b.shape:
         raise StarflowError(f"shift_aligned_error: frames of different shapes {a.shape} and {b.shape}")
-    return float(_aligned_errors(a, b, max_shift))
+    return float(_aligned_errors(a, b, max_shift, wrap))
 
 
-def temporal_consistency(clips: np.ndarray, max_shift: int = 2) -> float:
+def temporal_consistency(clips: np.ndarray, max_shift: int = 2, wrap: bool = False) -> float:
     """Mean `shift_aligned_error` over clips (N, T, H, W) in [-1, 1] and their consecutive frame
     pairs: near 0 when each frame is the previous one's digit moved a little (real clips score
     exactly 0), high when each frame is a new sample; compare with `baseline_unrelated`."""
     ink = _ink(clips, 4, "temporal_consistency")
     if ink.shape[1] < 2:
         raise StarflowError(f"temporal_consistency: clips need >= 2 frames, got shape {ink.shape}")
-    return float(_aligned_errors(ink[:, :-1], ink[:, 1:], max_shift).mean())
+    return float(_aligned_errors(ink[:, :-1], ink[:, 1:], max_shift, wrap).mean())
 
 
-def baseline_unrelated(clips: np.ndarray, max_shift: int = 2, seed: int = 0) -> float:
+def baseline_unrelated(clips: np.ndarray, max_shift: int = 2, seed: int = 0, wrap: bool = False) -> float:
     """`temporal_consistency`'s measure with frame t + 1 taken from another clip, chosen at random
     for every pair: the level of "a new, unrelated sample every frame"."""
     ink = _ink(clips, 4, "baseline_unrelated")
@@ -231,4 +269,4 @@ def baseline_unrelated(clips: np.ndarray, max_shift: int = 2, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     other = (np.arange(n)[:, None] + rng.integers(1, n, size=(n, frames - 1))) % n
     following = ink[other, np.arange(1, frames)]
-    return float(_aligned_errors(ink[:, :-1], following, max_shift).mean())
+    return float(_aligned_errors(ink[:, :-1], following, max_shift, wrap).mean())
