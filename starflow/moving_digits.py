@@ -146,6 +146,13 @@ def _ink(x: np.ndarray, ndim: int, what: str) -> np.ndarray:
     return np.clip((x.astype(np.float64) + 1) / 2, 0, 1)
 
 
+def _window_sums(ink: np.ndarray) -> np.ndarray:
+    """Ink (F, H, W) -> (F, H - 7, W - 7): the ink in the 8x8 window at every top-left corner."""
+    summed = np.pad(ink.cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+    sums = summed[:, DIGIT:, DIGIT:] - summed[:, :-DIGIT, DIGIT:] - summed[:, DIGIT:, :-DIGIT]
+    return sums + summed[:, :-DIGIT, :-DIGIT]
+
+
 def _locate(ink: np.ndarray) -> np.ndarray:
     """Ink (F, H, W) -> top-left (F, 2) of each frame's 8x8 window with the most ink.
 
@@ -154,9 +161,7 @@ def _locate(ink: np.ndarray) -> np.ndarray:
     gives back where a real digit was drawn in ~92% of frames and a crop shifted by one otherwise.
     """
     f, h, w = ink.shape
-    summed = np.pad(ink.cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
-    sums = summed[:, DIGIT:, DIGIT:] - summed[:, :-DIGIT, DIGIT:] - summed[:, DIGIT:, :-DIGIT]
-    sums += summed[:, :-DIGIT, :-DIGIT]
+    sums = _window_sums(ink)
     best = sums >= sums.max(axis=(1, 2), keepdims=True) * (1 - 1e-9)
 
     def box_centre(any_ink: np.ndarray) -> np.ndarray:  # (F, L) -> (F,); the canvas centre if blank
@@ -197,10 +202,8 @@ def _unwrap(ink: np.ndarray) -> np.ndarray:
     """Ink (F, H, W) of scrolling frames (a digit may wrap around an edge) -> each frame rolled so
     the 8x8 window with the most ink on the torus sits in the middle: a wrapped digit made whole."""
     f, h, w = ink.shape
-    padded = np.pad(ink, ((0, 0), (0, DIGIT - 1), (0, DIGIT - 1)), mode="wrap")
-    summed = np.pad(padded.cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
-    sums = summed[:, DIGIT:, DIGIT:] - summed[:, :-DIGIT, DIGIT:] - summed[:, DIGIT:, :-DIGIT]
-    sums += summed[:, :-DIGIT, :-DIGIT]  # (F, H, W): window starting at every torus position
+    # (F, H, W): the window starting at every torus position
+    sums = _window_sums(np.pad(ink, ((0, 0), (0, DIGIT - 1), (0, DIGIT - 1)), mode="wrap"))
     top, left = np.unravel_index(sums.reshape(f, -1).argmax(1), (h, w))
     rows = (top[:, None] - (h - DIGIT) // 2 + np.arange(h)) % h  # (F, H)
     cols = (left[:, None] - (w - DIGIT) // 2 + np.arange(w)) % w  # (F, W)
