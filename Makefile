@@ -17,7 +17,7 @@ demo: venv
 	$(BIN)/starflow demo
 
 test: venv cpp cpp-asan
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/pytest -q
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py && $(BIN)/pytest -q
 
 cpp: venv
 	scripts/build_cpp.sh build/cpp
@@ -26,7 +26,7 @@ cpp-asan: venv
 	scripts/build_cpp.sh build/cpp-asan -DSTARFLOW_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
 lint: venv
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py
 
 format: venv
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

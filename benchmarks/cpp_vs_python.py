@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starflow.bench import BenchOptions, prepare
+from starflow.apps.bench import BenchOptions, prepare
 from starflow.runtime import Pipeline
 
 RUN = Path(__file__).resolve().parents[1] / "build" / "cpp" / "starflow-run"

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from starflow.checkpoint import load_model, save_model
-from starflow.config import load_config
+from starflow.contract.manifest import Manifest
+from starflow.core.config import load_config
 from starflow.export.exporter import DEFAULT_OPSET, export_block_graph
 from starflow.export.graphs import Precision, block_specs
-from starflow.export.manifest import Manifest
 from starflow.export.validate import _session, reference, shape_cases
-from starflow.testing import random_model
+from starflow.model.checkpoint import load_model, save_model
+from starflow.model.testing import random_model
 
 
 def worst_errors(manifest: Manifest) -> dict[str, dict[str, float]]:

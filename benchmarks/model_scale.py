@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from starflow.config import load_config
-from starflow.model import StarFlow
-from starflow.sampler import SampleOptions
-from starflow.testing import perturb_
+from starflow.core.config import load_config
+from starflow.core.sampler import SampleOptions
+from starflow.model.flow import StarFlow
+from starflow.model.testing import perturb_
 
 
 def peak_rss_gib() -> float:

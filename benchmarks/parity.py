@@ -18,9 +18,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import starflow
+from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.export.onnx_export import ExportOptions, export_onnx
 from starflow.runtime import Pipeline
-from starflow.sampler import JacobiSettings, SampleOptions
 
 JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)  # the fixture's settings
 

@@ -26,10 +26,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from starflow.bench import BenchOptions, prepare
-from starflow.model import FlowBlock
+from starflow.apps.bench import BenchOptions, prepare
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.model.flow import FlowBlock
 from starflow.runtime import Pipeline
-from starflow.sampler import JacobiSettings, SampleOptions
 
 
 def median_ms(repeats: int, fn: Callable[..., object], *args: object) -> float:

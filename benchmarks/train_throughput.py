@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from starflow.train import TrainOptions, train
+from starflow.training.train import TrainOptions, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "starflow" / "configs" / "digits.yaml"
 

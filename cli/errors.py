@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import typer
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
 
 @contextlib.contextmanager

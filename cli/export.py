@@ -73,9 +73,9 @@ def onnx(
     """
     from starflow.cli.parse import parse_hw
     from starflow.cli.progress import step_lines
+    from starflow.core.sampling_presets import load_presets
     from starflow.export.onnx_export import ExportOptions, export_onnx
     from starflow.export.validate import describe_results
-    from starflow.presets import load_presets
 
     with user_errors():
         latent = [parse_hw(v, flag, "latent pixels", "32x48", square=True) if v else None
@@ -129,7 +129,7 @@ def trt(
     """Build a TensorRT engine per graph; engines whose cache key is unchanged are kept, not rebuilt."""
     from starflow.cli.parse import parse_hw, parse_range
     from starflow.cli.progress import phase_bar, step_lines
-    from starflow.export.manifest import Manifest
+    from starflow.contract.manifest import Manifest
     from starflow.export.trt import EngineOptions, build_engines, describe_engines
 
     with user_errors():

@@ -11,9 +11,9 @@ from typing import Any
 import typer
 
 from starflow.cli.progress import block_bars, step_lines
-from starflow.errors import StarflowError
-from starflow.limits import check_threads
-from starflow.sampler import Progress, SampleOptions
+from starflow.core.errors import StarflowError
+from starflow.core.limits import check_threads
+from starflow.core.sampler import Progress, SampleOptions
 
 ENGINES = ("runtime", "pytorch")
 
@@ -56,12 +56,12 @@ def open_generator(
     if engine == "pytorch":
         import torch
 
-        from starflow.t2i import ReferenceGenerator
+        from starflow.model.reference import ReferenceGenerator
 
         if threads:
             torch.set_num_threads(threads)
         if checkpoint is None and video:
-            from starflow.config import DEMO_VIDEO_CHECKPOINT
+            from starflow.core.config import DEMO_VIDEO_CHECKPOINT
 
             checkpoint = DEMO_VIDEO_CHECKPOINT
         return ReferenceGenerator.load(checkpoint, config, text_encoder, vae)

@@ -112,10 +112,10 @@ def generate(
 
     from starflow.cli.generate import open_generator, progress_bars
     from starflow.cli.parse import parse_hw
-    from starflow.errors import StarflowError
-    from starflow.runtime.generator import check_request
-    from starflow.runtime.outputs import output_kind, save_images, video_output_kind, write_video
-    from starflow.sampler import with_overrides
+    from starflow.core.errors import StarflowError
+    from starflow.core.generation import check_request
+    from starflow.core.outputs import output_kind, save_images, video_output_kind, write_video
+    from starflow.core.sampler import with_overrides
 
     clips = frames is not None
     out = out or Path("starflow-generate.gif" if clips else "starflow-generate.png")
@@ -175,8 +175,8 @@ def demo(
 ) -> None:
     """Export the embedded digits model, draw 0-9 through the runtime, time it against PyTorch;
     then a clip of each digit from the embedded moving-digits video model."""
+    from starflow.apps.demo import run_demo
     from starflow.cli.progress import step_lines
-    from starflow.demo import run_demo
 
     with user_errors():
         result = run_demo(
@@ -219,8 +219,8 @@ def train(
     export_ema: Annotated[bool, typer.Option(help="Export EMA weights (else the raw weights).")] = True,
 ) -> None:
     """Train with FSDP2 (single process, --nproc N, or under torchrun); exports OUT/model.safetensors."""
-    from starflow.train import TrainOptions
-    from starflow.train import train as run_training
+    from starflow.training.train import TrainOptions
+    from starflow.training.train import train as run_training
 
     options = TrainOptions(**{k: v for k, v in locals().items() if k in TrainOptions.__dataclass_fields__})
     with user_errors():
@@ -242,7 +242,7 @@ def consolidate(
     ema: Annotated[bool, typer.Option(help="EMA weights (default) or the raw training weights.")] = True,
 ) -> None:
     """Merge a sharded training checkpoint into one .safetensors with the config embedded."""
-    from starflow.train import consolidate as run_consolidate
+    from starflow.training.train import consolidate as run_consolidate
 
     with user_errors():
         path = run_consolidate(checkpoint, out, ema=ema)
@@ -268,7 +268,7 @@ def inspect(
 ) -> None:
     """Print a summary of an export: blocks, graphs, dims, precisions, validation; fails on a
     broken export (a missing or tampered file, one outside the directory, an edited manifest)."""
-    from starflow.export.manifest import Manifest
+    from starflow.contract.manifest import Manifest
 
     with user_errors():
         manifest = Manifest.load(directory, verify_files=False)
@@ -326,10 +326,10 @@ def bench(
     """
     from dataclasses import asdict, replace
 
-    from starflow.bench import BenchOptions, format_table, run_bench
+    from starflow.apps.bench import BenchOptions, format_table, run_bench
     from starflow.cli.parse import parse_threads
-    from starflow.runtime.outputs import check_writable, save_text
-    from starflow.sampler import JacobiSettings, SampleOptions
+    from starflow.core.outputs import check_writable, save_text
+    from starflow.core.sampler import JacobiSettings, SampleOptions
 
     with user_errors():
         jacobi = JacobiSettings(jacobi_block_size, jacobi_max_iter, jacobi_threshold)
@@ -347,7 +347,7 @@ def bench(
         if json_out is not None:
             check_writable(json_out.parent, f"--json {json_out}")
         if quality:
-            from starflow.quality import format_quality, quality_bench
+            from starflow.apps.quality import format_quality, quality_bench
 
             qualities, held_out = quality_bench(artifacts, per_digit, max(counts))
             typer.echo(format_quality(qualities, held_out))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import Range
+from starflow.contract.manifest import Range
+from starflow.core.errors import StarflowError
 
 
 def parse_hw(text: str, option: str, unit: str, example: str, square: bool = False) -> tuple[int, int]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from starflow.config import DEMO_CHECKPOINT, DEMO_VIDEO_CHECKPOINT
-from starflow.errors import StarflowError
-from starflow.export.manifest import SCHEMA_VERSION, Manifest, sha256
-from starflow.presets import DIGITS_PRESETS, load_presets
+from starflow.contract.manifest import SCHEMA_VERSION, Manifest, sha256
+from starflow.core.config import DEMO_CHECKPOINT, DEMO_VIDEO_CHECKPOINT
+from starflow.core.errors import StarflowError
+from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets
 
 LOCK_TIMEOUT_S = 3600  # another process's first-use export takes minutes, not hours
 

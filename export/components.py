@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starflow.errors import StarflowError
+from starflow.contract.manifest import VAE_SCALE, Decoder, Denoise, TextComponent
+from starflow.core.errors import StarflowError
 from starflow.export.graphs import GraphSpec
-from starflow.export.manifest import VAE_SCALE, Decoder, Denoise, TextComponent
-from starflow.model import StarFlow
+from starflow.model.flow import StarFlow
 
 if TYPE_CHECKING:
     from starflow.export.worker import DenoiseJob
@@ -46,19 +46,19 @@ class Components:
     ) -> Components:
         """The text encoder (a local HF directory, or the label table saved beside a class-conditional
         checkpoint) and the VAE (a local diffusers directory), checked to fit the flow."""
-        from starflow.label_encoder import labels_path, load_label_encoder
+        from starflow.model.label_encoder import labels_path, load_label_encoder
 
         config = model.config
         encoder = None
         if text_encoder is not None:
             if config.txt_dim == 0:
                 raise StarflowError(f"text_encoder {text_encoder}: this model is not text-conditioned")
-            from starflow.text_encoder import HFTextEncoder
+            from starflow.model.text_encoder import HFTextEncoder
 
             encoder = HFTextEncoder.from_directory(Path(text_encoder), config.txt_size)
             encoder.check_dim(config.txt_dim)
         elif config.txt_dim > 0 and labels_path(checkpoint).is_file():
-            from starflow.text_encoder import LabelTextEncoder
+            from starflow.model.text_encoder import LabelTextEncoder
 
             table = load_label_encoder(labels_path(checkpoint), config.txt_size, config.txt_dim)
             encoder = LabelTextEncoder(table)
@@ -66,7 +66,7 @@ class Components:
         if vae is not None:
             if config.vae is None:
                 raise StarflowError(f"vae {vae}: this is a pixel-space model (its config names no VAE)")
-            from starflow.vae import check_channels, load_vae
+            from starflow.model.vae import check_channels, load_vae
 
             loaded_vae = load_vae(Path(vae))
             check_channels(loaded_vae, config.channel_size)
@@ -98,7 +98,7 @@ class Components:
                 entries.files.append(entries.text.tokenizer)
             elif name == "decoder":
                 from starflow.export.decoder import export_decoder
-                from starflow.vae import upsampling
+                from starflow.model.vae import upsampling
 
                 spec = export_decoder(self.vae, work / "decoder.fp32.onnx", VAE_SCALE, opset)
                 entries.decoder = Decoder(
@@ -106,7 +106,7 @@ class Components:
                 )
             elif model.learnable_self_denoiser is not None:
                 from starflow.export.denoise import export_learned_denoise, learned_spec
-                from starflow.model import LEARNED_DENOISER_STEP
+                from starflow.model.flow import LEARNED_DENOISER_STEP
 
                 spec = export_learned_denoise(model, work / learned_spec(model).file, opset)
                 config = model.config

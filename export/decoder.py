@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from starflow.contract.manifest import Comparison, TensorSpec, Tolerance
 from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
 from starflow.export.graphs import GraphSpec
-from starflow.export.manifest import Comparison, TensorSpec, Tolerance
 from starflow.export.validate import check_results, compare
+from starflow.model.vae import decode, upsampling
 from starflow.runtime.backends import OrtRunner
-from starflow.vae import decode, upsampling
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -29,7 +29,7 @@ CASES = ((2, 4, 6), (1, 6, 5))
 
 
 class DecoderGraph(nn.Module):
-    """latent (B, C, h, w) -> image (B, 3, f*h, f*w): `starflow.vae.decode` as a module."""
+    """latent (B, C, h, w) -> image (B, 3, f*h, f*w): `starflow.model.vae.decode` as a module."""
 
     def __init__(self, vae: AutoencoderKL, scale: float):
         super().__init__()
@@ -63,7 +63,7 @@ def export_decoder(vae: AutoencoderKL, path: Path, scale: float, opset: int = DE
 
 
 def validate_decoder(vae: AutoencoderKL, path: Path, scale: float, seed: int = 0) -> list[Comparison]:
-    """Run the graph through ONNX Runtime on `CASES` against `starflow.vae.decode`."""
+    """Run the graph through ONNX Runtime on `CASES` against `starflow.model.vae.decode`."""
     generator = torch.Generator().manual_seed(seed)
     runner = OrtRunner("decoder.fp32", path)
     results = []

@@ -24,14 +24,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from starflow.errors import StarflowError
+from starflow.contract.manifest import Comparison, TensorSpec, Tolerance
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import patchify, unpatchify
 from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
 from starflow.export.graphs import GraphSpec
-from starflow.export.manifest import Comparison, TensorSpec, Tolerance
 from starflow.export.validate import TOLERANCES, check_results, compare
-from starflow.model import StarFlow
+from starflow.model.flow import StarFlow
 from starflow.runtime.backends import OrtRunner
-from starflow.sampler import patchify, unpatchify
 
 TOLERANCE = Tolerance(atol=0.0, rtol=1e-4)  # relative to max|grad| of the case
 # (batch, latent grid in tokens, text length) checked after export; none is the trace example.

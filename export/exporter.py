@@ -15,10 +15,10 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
+from starflow.core.limits import release_freed_memory
 from starflow.export.graphs import BlockGraph, GraphSpec, Precision
-from starflow.limits import release_freed_memory
-from starflow.model import FlowBlock
+from starflow.model.flow import FlowBlock
 
 DEFAULT_OPSET = 20
 SUPPORTED_OPSETS = range(18, 24)  # torch's exporter starts at 18; 23 is the newest it emits

@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import FileEntry, Graph, Range, TensorSpec
-from starflow.model import FlowBlock, RMSNorm
-from starflow.sampler import JacobiSettings
+from starflow.contract.manifest import Block, FileEntry, Graph, Range, TensorSpec
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings
+from starflow.model.flow import FlowBlock, RMSNorm, StarFlow
 
 if TYPE_CHECKING:
     import onnx
 
-    from starflow.config import StarFlowConfig
+    from starflow.core.config import StarFlowConfig
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
 BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density"}  # graph kind -> method
@@ -255,3 +255,24 @@ def profile_dims(
     if frames is not None:
         dims["frames"] = frames
     return dims
+
+
+def block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisions: list[str]) -> Block:
+    heads, kv_heads = model.config.heads(block.proj_in.out_features)
+    names = {
+        p: {g.kind: g.name for g in graphs if g.block == block.index and g.precision == p} for p in precisions
+    }
+    return Block(
+        index=block.index,
+        role="deep" if block.deep else "shallow",
+        permutation=("flip-in-frame" if block.flip_in_frame else "flip") if block.flip else "identity",
+        frame_local=block.frame_local,
+        layers=len(block.attn_blocks),
+        width=block.proj_in.out_features,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=block.head_dim,
+        text_conditioned=block.text_conditioned,
+        sos_embed=tuple(block.sos_embed.detach().float().reshape(-1).tolist()),
+        graphs=names,
+    )

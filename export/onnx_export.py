@@ -18,15 +18,9 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-from starflow.atomic import current_umask
-from starflow.errors import StarflowError
-from starflow.export.components import ComponentEntries, Components
-from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter, weight_bytes
-from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_specs, profile_dims
-from starflow.export.manifest import (
+from starflow.contract.manifest import (
     GUIDANCE_EXPRESSION,
     SCHEMA_VERSION,
-    Block,
     FileEntry,
     Graph,
     Guidance,
@@ -43,11 +37,16 @@ from starflow.export.manifest import (
     is_starflow_export,
     sha256,
 )
+from starflow.core.atomic import current_umask
+from starflow.core.errors import StarflowError
+from starflow.core.outputs import DEFAULT_FPS
+from starflow.core.sampler import LATER_CHUNK_FACTOR, JacobiSettings, SampleOptions
+from starflow.core.sampling_presets import check_preset_name
+from starflow.export.components import ComponentEntries, Components
+from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter, weight_bytes
+from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_entry, block_specs, profile_dims
 from starflow.export.worker import DenoiseJob
-from starflow.model import FlowBlock, StarFlow
-from starflow.presets import check_preset_name
-from starflow.runtime.outputs import DEFAULT_FPS
-from starflow.sampler import LATER_CHUNK_FACTOR, JacobiSettings, SampleOptions
+from starflow.model.flow import FlowBlock, StarFlow
 
 # fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
 # difference on the fixture, 2.7e-3 vs 3.0e-3 (mu) and 5.7e-3 vs 5.3e-3 (z) relative on the
@@ -150,7 +149,7 @@ def check_exportable(model: StarFlow) -> None:
 def check_out(out: Path, force: bool) -> None:
     """Refuse a file, a non-empty directory that is not a previous export (unless `force`), or a
     place where nothing can be written."""
-    from starflow.runtime.outputs import check_writable
+    from starflow.core.outputs import check_writable
 
     existing = out.parent
     while not existing.exists() and existing != existing.parent:
@@ -178,8 +177,8 @@ def export_onnx(
     Nothing is written before the checkpoint has loaded and every option has been checked, and
     `out` only ever holds a complete, validated export. Returns the manifest written there.
     """
-    from starflow.checkpoint import load_model
     from starflow.export.validate import check_results, validate_export
+    from starflow.model.checkpoint import load_model
 
     options = options or ExportOptions()
     options.check()
@@ -321,27 +320,6 @@ def build_manifest(
         blocks=blocks,
         graphs=tuple(graphs),
         validation=(),
-    )
-
-
-def block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisions: list[str]) -> Block:
-    heads, kv_heads = model.config.heads(block.proj_in.out_features)
-    names = {
-        p: {g.kind: g.name for g in graphs if g.block == block.index and g.precision == p} for p in precisions
-    }
-    return Block(
-        index=block.index,
-        role="deep" if block.deep else "shallow",
-        permutation=("flip-in-frame" if block.flip_in_frame else "flip") if block.flip else "identity",
-        frame_local=block.frame_local,
-        layers=len(block.attn_blocks),
-        width=block.proj_in.out_features,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=block.head_dim,
-        text_conditioned=block.text_conditioned,
-        sos_embed=tuple(block.sos_embed.detach().float().reshape(-1).tolist()),
-        graphs=names,
     )
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from starflow.atomic import atomic_path
-from starflow.errors import StarflowError
+from starflow.contract.manifest import Comparison, TensorSpec, TextComponent
+from starflow.core.atomic import atomic_path
+from starflow.core.errors import StarflowError
 from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
 from starflow.export.graphs import GraphSpec
-from starflow.export.manifest import Comparison, TensorSpec, TextComponent
-from starflow.text_encoder import LabelTextEncoder, TextEncoder
+from starflow.model.text_encoder import LabelTextEncoder, TextEncoder
 
 TOKENIZER_FILE = "tokenizer.json"
 MAX_ABS_ERROR = 1e-4  # fp32 graph vs fp32 PyTorch; the tiny T5 measures ~1e-6

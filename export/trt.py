@@ -24,9 +24,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from starflow.atomic import atomic_path
-from starflow.errors import StarflowError
-from starflow.export.manifest import Engine, EngineBuilder, EngineProfile, Graph, Manifest, Range, sha256
+from starflow.contract.manifest import Engine, EngineBuilder, EngineProfile, Graph, Manifest, Range, sha256
+from starflow.core.atomic import atomic_path
+from starflow.core.errors import StarflowError
+from starflow.core.outputs import check_writable
 from starflow.export.trt_profiles import (
     BuildSettings,
     cache_key,
@@ -34,7 +35,6 @@ from starflow.export.trt_profiles import (
     graph_profiles,
     input_shapes,
 )
-from starflow.runtime.outputs import check_writable
 
 Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
 

@@ -13,8 +13,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import EngineProfile, Graph, Latent, Range
+from starflow.contract.manifest import EngineProfile, Graph, Latent, Range
+from starflow.core.errors import StarflowError
 
 PROFILE_KINDS = ("default", "sequential", "jacobi")
 

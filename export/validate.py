@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import Comparison, Graph, Manifest, Tolerance
-from starflow.limits import release_freed_memory
-from starflow.model import FlowBlock, StarFlow
+from starflow.contract.manifest import Comparison, Graph, Manifest, Tolerance
+from starflow.core.errors import StarflowError
+from starflow.core.limits import release_freed_memory
+from starflow.export.graphs import block_entry
+from starflow.model.flow import FlowBlock, StarFlow
 
 # Measured worst max|error|/max|reference|: fp32 7e-6 on the 3B-shaped block; fp16 9.6e-4 on the
 # fixture and 5.7e-3 on the 3B-shaped block (fp16 weights and matmuls over 3072 channels), which
@@ -208,8 +209,6 @@ def describe_results(results: tuple[Comparison, ...] | list[Comparison]) -> str:
 def check_manifest(manifest: Manifest, model: StarFlow) -> None:
     """The manifest's own fields against the checkpoint: block order, roles, permutations, shapes,
     sos_embed, latent and text sizes, guidance and noise (the graphs are compared separately)."""
-    from starflow.export.onnx_export import block_entry
-
     config = model.config
     expected = [
         block_entry(model, b, list(manifest.graphs), list(manifest.precisions))
@@ -245,8 +244,8 @@ def validate_directory(
     directory: str | Path, checkpoint: str | Path, config: str | Path | None = None
 ) -> list[Comparison]:
     """Reload the checkpoint (config from the manifest unless given) and rerun validation."""
-    from starflow.checkpoint import load_model
-    from starflow.config import config_from_dict
+    from starflow.core.config import config_from_dict
+    from starflow.model.checkpoint import load_model
 
     manifest = Manifest.load(directory)  # checks every sha256 once
     model_config = config if config is not None else config_from_dict(manifest.model, "manifest model")

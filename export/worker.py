@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
 
 class DenoiseJob:
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    from starflow.checkpoint import load_model
     from starflow.export.denoise import export_denoise
+    from starflow.model.checkpoint import load_model
 
     torch.set_num_threads(1)  # the parent keeps the other core
     try:

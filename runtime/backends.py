@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import Engine, Graph, inside
-from starflow.limits import check_threads
+from starflow.contract.manifest import Engine, Graph, inside
+from starflow.core.errors import StarflowError
+from starflow.core.limits import check_threads
 
 BACKENDS = ("onnxruntime", "tensorrt")
 

@@ -1,6 +1,6 @@
-"""The standalone sampler: the exported block graphs driven by `starflow.sampler` (no torch).
+"""The standalone sampler: the exported block graphs driven by `starflow.core.sampler` (no torch).
 
-`Pipeline.sample` is the loop of `StarFlow.sample` (the same `starflow.sampler.sample`), with
+`Pipeline.sample` is the loop of `StarFlow.sample` (the same `starflow.core.sampler.sample`), with
 each block's step, prefill and forward graphs behind a backend runner. Guidance, the Jacobi
 update and the stop test run in numpy in fp32, exactly as in the reference.
 
@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from starflow import sampler
-from starflow.errors import StarflowError
-from starflow.export.manifest import Block, Manifest
+from starflow.contract.manifest import Block, Manifest
+from starflow.core import sampler
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import BlockStats, CachedStep, SampleOptions
 from starflow.runtime.backends import Runner, check_backend, open_runner
-from starflow.sampler import BlockStats, CachedStep, SampleOptions
 
 
 class GraphBlock:
-    """One exported flow block as the sampler sees it (`starflow.sampler.Block`)."""
+    """One exported flow block as the sampler sees it (`starflow.core.sampler.Block`)."""
 
     def __init__(self, entry: Block, step: Runner, prefill: Runner | None, cache_dtype: str, open_forward):
         self.entry = entry

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import TextComponent, inside
+from starflow.contract.manifest import TextComponent, inside
+from starflow.core.errors import StarflowError
 from starflow.runtime.backends import Runner
 
 KINDS = ("hf-encoder", "label-table")

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from starflow.errors import StarflowError
-from starflow.export.manifest import Engine, Graph, Range, TensorSpec, inside, sha256
+from starflow.contract.manifest import Engine, Graph, Range, TensorSpec, inside, sha256
+from starflow.core.errors import StarflowError
 
 INSTALL = {
     "tensorrt": "pip install tensorrt",

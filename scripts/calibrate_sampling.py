@@ -20,12 +20,12 @@ import json
 
 import torch
 
-from starflow.bench import interleaved
+from starflow.apps.bench import interleaved
+from starflow.apps.quality import DigitsJudge
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.core.sampling_presets import DIGITS_PRESETS, preset_to_json
 from starflow.export.cache import demo_artifacts
-from starflow.presets import DIGITS_PRESETS, preset_to_json
-from starflow.quality import DigitsJudge
 from starflow.runtime.generator import Generator
-from starflow.sampler import JacobiSettings, SampleOptions
 
 
 def candidates(official: SampleOptions) -> dict[str, SampleOptions]:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from starflow.config import DEMO_CHECKPOINT
-from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
-from starflow.quality import score_digit, train_classifier
-from starflow.runtime.outputs import save_png
-from starflow.sampler import with_overrides
-from starflow.t2i import ReferenceGenerator
+from starflow.apps.quality import score_digit, train_classifier
+from starflow.core.config import DEMO_CHECKPOINT
+from starflow.core.outputs import save_png
+from starflow.core.sampler import with_overrides
+from starflow.model.reference import ReferenceGenerator
+from starflow.training.data import DIGITS_LEVELS, digits_split, to_model_range
 
 
 @torch.no_grad()

@@ -25,18 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from starflow.checkpoint import read_state_dict
-from starflow.config import DEMO_VIDEO_CHECKPOINT
-from starflow.moving_digits import (
+from starflow.apps.quality import train_classifier
+from starflow.core.config import DEMO_VIDEO_CHECKPOINT
+from starflow.core.outputs import write_video
+from starflow.core.sampler import with_overrides
+from starflow.model.checkpoint import read_state_dict
+from starflow.training.moving_digits import (
     MOTIONS,
     baseline_unrelated,
     frame_crops,
     moving_digits_dataset,
     temporal_consistency,
 )
-from starflow.quality import train_classifier
-from starflow.runtime.outputs import write_video
-from starflow.sampler import with_overrides
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
 
         generator = Generator.load(demo_artifacts(video=True), threads=args.threads)
     else:
-        from starflow.t2i import ReferenceGenerator
+        from starflow.model.reference import ReferenceGenerator
 
         generator = ReferenceGenerator.load(args.checkpoint, batch_size=args.batch_size)
     began = time.perf_counter()

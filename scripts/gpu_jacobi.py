@@ -8,7 +8,7 @@ to run once in a few minutes and be quoted in the README. On random weights of a
 - jacobi, official loop: `StarFlow.sample`, whose loop is the official sampler's: the stop test is
   read back to the host after every iteration (and all-reduced across GPUs in a distributed run).
   Apple's code itself is not vendored here; with a checkout of it, time its sampler on these
-  weights (`starflow.checkpoint.save_model` + its loader) beside this row;
+  weights (`starflow.model.checkpoint.save_model` + its loader) beside this row;
 - jacobi, torch.compile: every block's step compiled (dynamic shapes), official loop;
 - jacobi, torch.compile + CUDA graphs: the same in "reduce-overhead" mode (one graph per shape).
 
@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from starflow import sampler
-from starflow.config import load_config
-from starflow.model import FlowBlock, StarFlow
-from starflow.sampler import JacobiSettings, SampleOptions
-from starflow.testing import random_model
+from starflow.core import sampler
+from starflow.core.config import load_config
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.model.flow import FlowBlock, StarFlow
+from starflow.model.testing import random_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

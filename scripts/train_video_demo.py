@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from starflow.checkpoint import load_model, save_model
-from starflow.config import DEMO_CHECKPOINT, load_config
-from starflow.label_encoder import LabelEncoder, labels_path, load_label_encoder, save_label_encoder
-from starflow.model import LEARNED_DENOISER_STEP, StarFlow
-from starflow.moving_digits import MOTIONS, moving_digits_dataset
+from starflow.core.config import DEMO_CHECKPOINT, load_config
+from starflow.model.checkpoint import load_model, save_model
+from starflow.model.flow import LEARNED_DENOISER_STEP, StarFlow
+from starflow.model.label_encoder import LabelEncoder, labels_path, load_label_encoder, save_label_encoder
+from starflow.training.moving_digits import MOTIONS, moving_digits_dataset
 
 CONFIG = Path(__file__).resolve().parents[1] / "starflow" / "configs" / "digits-video.yaml"
 ASSET = Path(__file__).resolve().parents[1] / "starflow" / "assets" / "digits-video.safetensors"
@@ -44,7 +44,10 @@ def main() -> None:
         "--speed", type=int, help="pixels per frame (default: the patch size, so whole patches move)"
     )
     parser.add_argument(
-        "--motion", choices=MOTIONS, default="scroll", help="how the digits move (see starflow.moving_digits)"
+        "--motion",
+        choices=MOTIONS,
+        default="scroll",
+        help="how the digits move (see starflow.training.moving_digits)",
     )
     parser.add_argument("--init", type=Path, help="resume from this video checkpoint (and its label table)")
     parser.add_argument(

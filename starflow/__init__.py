@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from starflow.config import DEMO_CHECKPOINT, PRESETS, StarFlowConfig, load_config
-from starflow.errors import StarflowError
+from starflow.core.config import DEMO_CHECKPOINT, PRESETS, StarFlowConfig, load_config
+from starflow.core.errors import StarflowError
 
 if TYPE_CHECKING:
-    from starflow.checkpoint import load_model, save_model
-    from starflow.model import StarFlow
+    from starflow.model.checkpoint import load_model, save_model
+    from starflow.model.flow import StarFlow
 
 __all__ = [
     "DEMO_CHECKPOINT",
@@ -27,9 +27,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    "StarFlow": "starflow.model",
-    "load_model": "starflow.checkpoint",
-    "save_model": "starflow.checkpoint",
+    "StarFlow": "starflow.model.flow",
+    "load_model": "starflow.model.checkpoint",
+    "save_model": "starflow.model.checkpoint",
 }
 
 

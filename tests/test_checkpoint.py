@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import starflow
-from starflow.checkpoint import save_model
-from starflow.config import config_from_dict, load_config
-from starflow.errors import StarflowError
+from starflow.core.config import config_from_dict, load_config
+from starflow.core.errors import StarflowError
+from starflow.model.checkpoint import save_model
 from tests.conftest import FIXTURES
 
 T2I = FIXTURES / "official-t2i-tiny"
@@ -42,7 +42,7 @@ def test_loading_assigns_the_checkpoint_tensors_in_the_model_dtype(tmp_path):
     """The model is built unallocated and given the checkpoint's tensors (no random init beside
     them): nothing is left on the meta device, RoPE tables are computed, a bf16 checkpoint loads
     as the fp32 model it configures, and the weights stay trainable in place."""
-    from starflow.testing import random_model
+    from starflow.model.testing import random_model
 
     model = random_model(load_config("tiny-t2i"))
     save_model(model.to(torch.bfloat16), tmp_path / "bf16.safetensors")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from starflow.config import PRESETS, StarFlowConfig, config_from_dict, load_config, save_config
-from starflow.errors import StarflowError
+from starflow.core.config import PRESETS, StarFlowConfig, config_from_dict, load_config, save_config
+from starflow.core.errors import StarflowError
 
 OFFICIAL_3B = """\
 arguments:

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from starflow.checkpoint import save_model
-from starflow.config import config_from_dict
-from starflow.export.manifest import UNDIGESTED
+from starflow.contract.manifest import UNDIGESTED
+from starflow.core.config import config_from_dict
+from starflow.core.generation import make_noise
 from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.model.checkpoint import save_model
+from starflow.model.testing import random_model
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
-from starflow.runtime.generator import make_noise
-from starflow.testing import random_model
 from tests.conftest import T2I
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 import starflow
 from starflow.cli.main import app
-from starflow.export.manifest import Manifest, check_schema, sha256
-from starflow.testing import perturb_
+from starflow.contract.manifest import Manifest, check_schema, sha256
+from starflow.model.testing import perturb_
 from tests.conftest import T2I
 
 pytestmark = pytest.mark.skipif(not T2I.is_dir(), reason=f"shared fixtures not found at {T2I}")
@@ -148,10 +148,10 @@ def test_typed_manifest_round_trips_its_json(fixture_artifacts):
 def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     """Shallow blocks differing only in weights, index and flip share one trace; each file is
     byte-for-byte the one a trace of that block gives, and a differently shaped block is traced."""
-    from starflow.config import StarFlowConfig
+    from starflow.core.config import StarFlowConfig
     from starflow.export.exporter import BlockGraphExporter, structure_key
     from starflow.export.graphs import BlockGraph, Precision, block_specs
-    from starflow.testing import random_model
+    from starflow.model.testing import random_model
 
     shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
     config = StarFlowConfig(**shapes, layers_per_block=[1, 1, 2], rope=True, cond_top_only=True)

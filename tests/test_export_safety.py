@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 import starflow
 from starflow.cli.main import app
-from starflow.config import config_from_dict
+from starflow.contract.manifest import Manifest
+from starflow.core.config import config_from_dict
 from starflow.export import exporter
 from starflow.export import validate as validate_module
-from starflow.export.manifest import Manifest
 from starflow.export.onnx_export import ExportOptions, check_out, export_onnx, replace_dir
-from starflow.testing import random_model
+from starflow.model.testing import random_model
 
 # Shared fixtures live beside the repo, as in conftest.py (bare `pytest` cannot import `tests.`).
 T2I = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-t2i-tiny"

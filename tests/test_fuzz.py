@@ -18,9 +18,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from starflow.config import PRESETS, config_from_dict, load_config
-from starflow.errors import StarflowError
-from starflow.export.manifest import MANIFEST_NAME, Manifest
+from starflow.contract.manifest import MANIFEST_NAME, Manifest
+from starflow.core.config import PRESETS, config_from_dict, load_config
+from starflow.core.errors import StarflowError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 SCALARS = st.one_of(

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from starflow import load_model
 from starflow.cli.main import app
-from starflow.config import DEMO_CHECKPOINT
-from starflow.errors import StarflowError
+from starflow.core.config import DEMO_CHECKPOINT
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.core.sizes import ASPECT_RATIOS, aspect_bucket, latent_of_size
+from starflow.model.reference import ReferenceGenerator
 from starflow.runtime.generator import Generator
-from starflow.runtime.sizes import ASPECT_RATIOS, aspect_bucket, latent_of_size
-from starflow.sampler import JacobiSettings, SampleOptions
-from starflow.t2i import ReferenceGenerator
 
 runner = CliRunner()
 

@@ -24,11 +24,11 @@ from typer.testing import CliRunner
 
 import starflow
 from starflow.cli.main import app
-from starflow.config import config_from_dict, load_config
-from starflow.errors import StarflowError
-from starflow.export.manifest import MANIFEST_NAME, Manifest
+from starflow.contract.manifest import MANIFEST_NAME, Manifest
+from starflow.core.config import config_from_dict, load_config
+from starflow.core.errors import StarflowError
 from starflow.runtime import Pipeline, SampleOptions
-from starflow.train import TrainOptions, train
+from starflow.training.train import TrainOptions, train
 from tests.conftest import T2I
 
 runner = CliRunner()
@@ -279,7 +279,7 @@ def test_non_finite_samples_end_with_an_error_and_no_file(demo_export, tmp_path,
 
 
 def test_float_jacobi_settings_in_the_api_are_refused():
-    from starflow.sampler import JacobiSettings
+    from starflow.core.sampler import JacobiSettings
 
     with pytest.raises(StarflowError, match="jacobi.max_iter: must be an integer >= 1, got 2.5"):
         SampleOptions(jacobi=JacobiSettings(max_iter=2.5)).check()
@@ -333,7 +333,7 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path):
 def test_a_safetensors_config_that_is_not_a_mapping(tmp_path):
     from safetensors.torch import save_file
 
-    from starflow.checkpoint import CONFIG_METADATA_KEY, read_state_dict
+    from starflow.model.checkpoint import CONFIG_METADATA_KEY, read_state_dict
 
     path = tmp_path / "m.safetensors"
     import torch
@@ -379,12 +379,12 @@ def test_bench_refuses_bad_thread_counts_before_any_work(threads):
 
 
 def test_a_full_disk_leaves_nothing_half_written(demo_export, tmp_path, monkeypatch):
-    import starflow.atomic
+    import starflow.core.atomic
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(starflow.atomic.os, "replace", full)
+    monkeypatch.setattr(starflow.core.atomic.os, "replace", full)
     out = tmp_path / "x.png"
     result = runner.invoke(app, ["generate", "--prompt", "3", "--out", str(out)])
     one_line_error(result, f"out {out}: cannot write (No space left on device); nothing was written")
@@ -397,13 +397,13 @@ def test_engine_writes_that_fail_are_one_line(export_copy, monkeypatch):
 
     if trt.import_module("tensorrt_rtx") is None:
         pytest.skip("tensorrt_rtx not installed")
-    import starflow.atomic
+    import starflow.core.atomic
 
     def read_only(*args):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(trt, "build_engine", lambda *args, **kwargs: b"engine")
-    monkeypatch.setattr(starflow.atomic.os, "replace", read_only)
+    monkeypatch.setattr(starflow.core.atomic.os, "replace", read_only)
     result = runner.invoke(app, ["export", "trt", str(export_copy), "--builder", "tensorrt-rtx"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.splitlines()[-1].endswith(

@@ -15,24 +15,25 @@ import numpy as np
 import pytest
 import torch
 
-from starflow.checkpoint import save_model
-from starflow.config import PRESETS, StarFlowConfig, load_config
-from starflow.errors import StarflowError
+from starflow.contract.manifest import VAE_SCALE, TensorSpec
+from starflow.core.config import PRESETS, StarFlowConfig, load_config
+from starflow.core.errors import StarflowError
+from starflow.core.outputs import to_unit_images
 from starflow.export.denoise import NLLGradient, denoise_spec, export_denoise
 from starflow.export.exporter import DEFAULT_OPSET
-from starflow.export.manifest import VAE_SCALE, TensorSpec
 from starflow.export.worker import DenoiseJob
-from starflow.model import StarFlow
+from starflow.model.checkpoint import save_model
+from starflow.model.flow import StarFlow
+from starflow.model.testing import random_model
 from starflow.runtime.backends import OrtRunner
-from starflow.runtime.image import Decoder, Denoiser, to_unit_images
-from starflow.testing import random_model
+from starflow.runtime.components import Decoder, Denoiser
 
 # ---- decoder -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def vae(vae_dir: Path):
-    from starflow.vae import load_vae
+    from starflow.model.vae import load_vae
 
     return load_vae(vae_dir)
 
@@ -52,7 +53,7 @@ def decoder(vae, tmp_path_factory: pytest.TempPathFactory) -> Decoder:
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("size", [(4, 4), (4, 6)])
 def test_runtime_decoder_matches_diffusers(vae, decoder, batch, size):
-    from starflow.vae import decode
+    from starflow.model.vae import decode
 
     latent = torch.randn(batch, 4, *size, generator=torch.Generator().manual_seed(batch))
     expected = decode(vae, latent, VAE_SCALE).numpy()
@@ -62,7 +63,7 @@ def test_runtime_decoder_matches_diffusers(vae, decoder, batch, size):
 
 
 def test_unit_images_agree_between_torch_and_numpy():
-    from starflow.vae import to_unit_images as torch_unit_images
+    from starflow.model.vae import to_unit_images as torch_unit_images
 
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 2  # beyond [-1, 1]
     images = to_unit_images(x.numpy())
@@ -82,7 +83,7 @@ def test_decoder_rejects_bad_latents(decoder):
 
 
 def test_load_vae_errors(tmp_path, vae):
-    from starflow.vae import check_channels, load_vae
+    from starflow.model.vae import check_channels, load_vae
 
     with pytest.raises(StarflowError, match="no such directory"):
         load_vae(tmp_path / "missing")

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from starflow.config import load_config
-from starflow.errors import StarflowError
-from starflow.model import StarFlow
-from starflow.sampler import JacobiSettings, SampleOptions
-from starflow.testing import random_model
+from starflow.core.config import load_config
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.model.flow import StarFlow
+from starflow.model.testing import random_model
 
 
 @pytest.fixture(scope="module")

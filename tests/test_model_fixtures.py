@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import starflow
-from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.core.sampler import JacobiSettings, SampleOptions
 from tests.conftest import FIXTURES
 
 T2I = FIXTURES / "official-t2i-tiny"

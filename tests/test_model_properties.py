@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from starflow.config import config_from_dict
-from starflow.sampler import JacobiSettings, SampleOptions
-from starflow.testing import random_model
+from starflow.core.config import config_from_dict
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.model.testing import random_model
 
 SEQUENTIAL = SampleOptions(method="sequential")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from starflow.data import DIGITS_LEVELS, digits_split
-from starflow.errors import StarflowError
-from starflow.moving_digits import (
+from starflow.core.errors import StarflowError
+from starflow.training.data import DIGITS_LEVELS, digits_split
+from starflow.training.moving_digits import (
     DIRECTIONS,
     baseline_unrelated,
     crop_digit,
@@ -33,7 +33,7 @@ def model_range(clips: np.ndarray) -> np.ndarray:
 
 def test_module_imports_without_torch():
     """The measures must run beside the numpy-only runtime."""
-    code = "import sys, starflow.moving_digits; sys.exit('torch' in sys.modules)"
+    code = "import sys, starflow.training.moving_digits; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -238,7 +238,7 @@ def test_measures_reject_bad_input(call, name):
 def test_classifier_reads_frame_crops(digits):
     """The video eval's classifier (trained with 1-pixel shifts) reads each frame's crop as the
     clip's digit as well as it reads the unmoved test digits, though a crop can be off by one."""
-    from starflow.quality import score_digit, train_classifier
+    from starflow.apps.quality import score_digit, train_classifier
 
     images, labels = digits
     clips, clip_labels, _ = make_clips(images, labels, seed=0)

@@ -9,13 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from starflow.cli.main import app
-from starflow.errors import StarflowError
-from starflow.export.manifest import Manifest
+from starflow.contract.manifest import Manifest
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets, preset_from_json, preset_to_json
 from starflow.export.onnx_export import ExportOptions
-from starflow.presets import DIGITS_PRESETS, load_presets, preset_from_json, preset_to_json
+from starflow.model.reference import ReferenceGenerator
 from starflow.runtime.generator import Generator
-from starflow.sampler import JacobiSettings, SampleOptions
-from starflow.t2i import ReferenceGenerator
 
 runner = CliRunner()
 FAST_LIKE = SampleOptions(

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from starflow.checkpoint import load_model, save_model
-from starflow.config import config_from_dict, load_config
-from starflow.errors import StarflowError
+from starflow.core.config import config_from_dict, load_config
+from starflow.core.errors import StarflowError
 from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.model.checkpoint import load_model, save_model
+from starflow.model.testing import random_model
 from starflow.runtime import JacobiSettings, Pipeline, SampleOptions
-from starflow.testing import random_model
 from tests.conftest import T2I
 
 JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)  # the fixture's settings
@@ -279,7 +279,7 @@ def test_forward_graphs_match_golden_density(pipe, golden):
 
 
 def test_bench_rows_on_the_fixture_artifacts(fixture_artifacts):
-    from starflow.bench import BenchOptions, format_table, run_bench
+    from starflow.apps.bench import BenchOptions, format_table, run_bench
 
     sampling = SampleOptions(guidance=1.5, jacobi=JacobiSettings(block_size=16))
     options = BenchOptions(

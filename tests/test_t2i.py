@@ -1,7 +1,7 @@
 """Text to image end to end: tiny random T5 + latent flow + tiny AutoencoderKL, export vs PyTorch.
 
 The acceptance check of the components: the same prompts and seed through `starflow export onnx`
-+ the runtime `Generator` and through the PyTorch pipeline (`starflow.t2i.ReferenceGenerator`)
++ the runtime `Generator` and through the PyTorch pipeline (`starflow.model.reference.ReferenceGenerator`)
 give the same images within 1e-4.
 """
 
@@ -18,15 +18,15 @@ pytest.importorskip("diffusers")
 
 from conftest import T5_WORDS  # noqa: E402
 
-from starflow.checkpoint import save_model  # noqa: E402
-from starflow.config import StarFlowConfig, load_config  # noqa: E402
-from starflow.errors import StarflowError  # noqa: E402
-from starflow.export.manifest import Manifest  # noqa: E402
+from starflow.contract.manifest import Manifest  # noqa: E402
+from starflow.core.config import StarFlowConfig, load_config  # noqa: E402
+from starflow.core.errors import StarflowError  # noqa: E402
+from starflow.core.sampler import SampleOptions  # noqa: E402
 from starflow.export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from starflow.model.checkpoint import save_model  # noqa: E402
+from starflow.model.reference import ReferenceGenerator  # noqa: E402
+from starflow.model.testing import random_model  # noqa: E402
 from starflow.runtime.generator import Generator  # noqa: E402
-from starflow.sampler import SampleOptions  # noqa: E402
-from starflow.t2i import ReferenceGenerator  # noqa: E402
-from starflow.testing import random_model  # noqa: E402
 
 TXT_SIZE = 8
 LONG = " ".join(T5_WORDS)  # 20 words: truncated to 8 tokens

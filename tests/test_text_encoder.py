@@ -21,15 +21,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("onnxruntime")
 
-from starflow.errors import StarflowError  # noqa: E402
+from starflow.contract.manifest import TextComponent  # noqa: E402
+from starflow.core.errors import StarflowError  # noqa: E402
 from starflow.export import text_encoder as export_text  # noqa: E402
 from starflow.export.graphs import GraphSpec  # noqa: E402
-from starflow.export.manifest import TextComponent  # noqa: E402
 from starflow.export.text_encoder import export_text_encoder  # noqa: E402
-from starflow.label_encoder import LabelEncoder  # noqa: E402
+from starflow.model.label_encoder import LabelEncoder  # noqa: E402
+from starflow.model.text_encoder import HFTextEncoder, LabelTextEncoder  # noqa: E402
 from starflow.runtime.backends import OrtRunner  # noqa: E402
 from starflow.runtime.text import TextEncoderRunner  # noqa: E402
-from starflow.text_encoder import HFTextEncoder, LabelTextEncoder  # noqa: E402
 
 MAX_LENGTH = 8
 LONG_PROMPT = "a red cat on the big house with a tree and a blue sky"  # 15 tokens with </s>
@@ -234,7 +234,7 @@ def test_runtime_text_imports_neither_torch_nor_transformers(t5_export):
         f"""
         import sys
         from pathlib import Path
-        from starflow.export.manifest import TextComponent
+        from starflow.contract.manifest import TextComponent
         from starflow.runtime.backends import OrtRunner
         from starflow.runtime.text import TextEncoderRunner
 

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from starflow import load_model
 from starflow.cli.main import app
-from starflow.data import LatentShards, image_folder_dataset
-from starflow.errors import StarflowError
-from starflow.train import TrainOptions, checkpoints, consolidate, train
+from starflow.core.errors import StarflowError
+from starflow.training.data import LatentShards, image_folder_dataset
+from starflow.training.train import TrainOptions, checkpoints, consolidate, train
 
 TINY = dict(
     channel_size=1, img_size=8, patch_size=1, channels=32, layers_per_block=[1, 1], head_dim=32,

@@ -18,9 +18,7 @@ from typer.testing import CliRunner
 
 from starflow.cli.main import app
 from starflow.cli.parse import parse_hw, parse_range
-from starflow.errors import StarflowError
-from starflow.export import trt
-from starflow.export.manifest import (
+from starflow.contract.manifest import (
     MANIFEST_NAME,
     EngineProfile,
     Graph,
@@ -30,6 +28,8 @@ from starflow.export.manifest import (
     TensorSpec,
     sha256,
 )
+from starflow.core.errors import StarflowError
+from starflow.export import trt
 from starflow.export.trt import EngineOptions
 from starflow.export.trt_profiles import (
     BuildSettings,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from starflow.errors import StarflowError
+from starflow.contract.manifest import Range
+from starflow.core.errors import StarflowError
 from starflow.export import trt
-from starflow.export.manifest import Range
 from starflow.runtime import Pipeline, SampleOptions
 from tests.conftest import T2I
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import starflow
-from starflow import sampler
-from starflow.config import PRESETS, config_from_dict, load_config
-from starflow.errors import StarflowError
-from starflow.model import StarFlow
-from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.core import sampler
+from starflow.core.config import PRESETS, config_from_dict, load_config
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.model.flow import StarFlow
 from tests.conftest import FIXTURES
 
 VIDEO = FIXTURES / "official-video-tiny"

@@ -15,11 +15,11 @@ import torch
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from starflow.checkpoint import load_model
 from starflow.cli.main import app
-from starflow.errors import StarflowError
-from starflow.export.manifest import Manifest
-from starflow.label_encoder import LabelEncoder, labels_path, save_label_encoder
+from starflow.contract.manifest import Manifest
+from starflow.core.errors import StarflowError
+from starflow.model.checkpoint import load_model
+from starflow.model.label_encoder import LabelEncoder, labels_path, save_label_encoder
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
 from tests.conftest import FIXTURES
 

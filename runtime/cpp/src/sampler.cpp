@@ -1,4 +1,4 @@
-// starflow/sampler.py in C++; see that module for the algorithm's description.
+// starflow/core/sampler.py in C++; see that module for the algorithm's description.
 #include "sampler.hpp"
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// The sampling algorithm of starflow/sampler.py, over float32 buffers: guidance, the sequential
+// The sampling algorithm of starflow/core/sampler.py, over float32 buffers: guidance, the sequential
 // and block-Jacobi solvers with the official stop test, and the loop over blocks (deep first).
 // The numbers follow the Python runtime operation for operation in float32.
 #pragma once

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from starflow.errors import StarflowError
-from starflow.label_encoder import LabelEncoder
+from starflow.core.errors import StarflowError
+from starflow.model.label_encoder import LabelEncoder
 from starflow.runtime.text import check_prompts, warn_truncated
 
 if TYPE_CHECKING:

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from starflow.bench import interleaved
-from starflow.errors import StarflowError
+from starflow.apps.bench import interleaved
+from starflow.core.errors import StarflowError
+from starflow.core.generation import Generation, check_seed
+from starflow.core.limits import check_threads
+from starflow.core.outputs import output_kind, save_png, video_output_kind, write_video
 from starflow.export.cache import demo_artifacts
-from starflow.limits import check_threads
-from starflow.runtime.generator import Generation, Generator, check_seed
-from starflow.runtime.outputs import output_kind, save_png, video_output_kind, write_video
-from starflow.t2i import ReferenceGenerator
+from starflow.model.reference import ReferenceGenerator
+from starflow.runtime.generator import Generator
 
 DIGITS = [str(d) for d in range(10)]
 

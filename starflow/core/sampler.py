@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from array_api_compat import array_namespace
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
 Array = Any  # a torch.Tensor or a numpy array: whatever the caller samples with
 METHODS = ("jacobi", "sequential")

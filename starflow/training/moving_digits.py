@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -128,7 +128,7 @@ def moving_digits_dataset(
     `seed` only draws the motion, `speed` is pixels per frame, `motion` as in `make_clips`)."""
     import torch
 
-    from starflow.data import DIGITS_LEVELS, digits_split, to_model_range
+    from starflow.training.data import DIGITS_LEVELS, digits_split, to_model_range
 
     images, labels = digits_split(split)
     clips, labels, _ = make_clips(images, labels, frames, canvas, seed, clips_per_digit, speed, motion)
@@ -194,7 +194,7 @@ def _crops(ink: np.ndarray) -> np.ndarray:
 
 def crop_digit(frame: np.ndarray) -> np.ndarray:
     """The located 8x8 digit of a frame (H, W) in [-1, 1], as ink in [0, 1] float32: the input
-    range of `starflow.quality`'s classifier (`score_digit` flattens it)."""
+    range of `starflow.apps.quality`'s classifier (`score_digit` flattens it)."""
     return _crops(_ink(frame, 2, "crop_digit")[None])[0]
 
 

@@ -1,7 +1,7 @@
 """The entries of `manifest.json`: one frozen dataclass per object of `manifest.schema.json`.
 
-`starflow.export.manifest.Manifest` assembles them into the document and re-exports them, so
-`from starflow.export.manifest import Graph` is the one import path of the contract.
+`starflow.contract.manifest.Manifest` assembles them into the document and re-exports them, so
+`from starflow.contract.manifest import Graph` is the one import path of the contract.
 numpy-free and torch-free.
 """
 
@@ -12,8 +12,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from starflow.errors import StarflowError
-from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings, SampleOptions
 
 frozen = dataclasses.dataclass(frozen=True)
 
@@ -219,7 +219,7 @@ class Jacobi:
 
 @frozen
 class JacobiPreset:
-    """One block kind's Jacobi settings in a sampling preset (starflow.sampler.JacobiSettings)."""
+    """One block kind's Jacobi settings in a sampling preset (starflow.core.sampler.JacobiSettings)."""
 
     block_size: int
     max_iter: int

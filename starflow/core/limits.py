@@ -10,7 +10,7 @@ import gc
 import os
 from collections.abc import Callable
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
 
 def machine_memory() -> int:

@@ -3,7 +3,8 @@
 `Denoiser` and `Decoder` each wrap the Runner of one graph (`denoise.fp32`, `decoder.fp32`) and
 check their inputs before running it, so a wrong shape or dtype fails with a message instead of
 deep inside a backend. Like a Runner they are not thread-safe; returned arrays belong to the
-caller. Pixel-space models have no decoder: their samples go straight to `to_unit_images`.
+caller. Pixel-space models have no decoder: their samples go straight to
+`starflow.core.outputs.to_unit_images`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,8 @@ import math
 
 import numpy as np
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 from starflow.runtime.backends import Runner
-
-
-def to_unit_images(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) float32 in [0, 1]: clip to [-1, 1], then (x + 1) / 2;
-    clips (N, T, C, H, W) -> (N, T, H, W, C)."""
-    if not isinstance(x, np.ndarray) or x.ndim not in (4, 5):
-        shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
-        raise StarflowError(f"images: expected an (N, C, H, W) or (N, T, C, H, W) array, got {shape}")
-    x = np.clip(x.astype(np.float32, copy=False), -1.0, 1.0)
-    order = (0, 2, 3, 1) if x.ndim == 4 else (0, 1, 3, 4, 2)
-    return np.ascontiguousarray(((x + 1.0) / 2.0).transpose(order))
 
 
 def check_latent(x: np.ndarray, channels: int, multiple_of: int = 1, name: str = "x") -> None:
@@ -112,7 +102,7 @@ def check_text(text: np.ndarray | None, batch: int, text_dim: int) -> None:
 
 class LearnedDenoiser:
     """STARFlow-V's learned denoiser: clips x (B, F, C, H, W) -> x - step * correction, clips longer
-    than the sampling window in overlapping windows (`starflow.sampler.denoise_windows`)."""
+    than the sampling window in overlapping windows (`starflow.core.sampler.denoise_windows`)."""
 
     def __init__(self, runner: Runner, channels: int, text_dim: int = 0, multiple_of: int = 1):
         _check_graph(runner, ["x", "text"] if text_dim else ["x"], ["correction"], "learned denoise")
@@ -125,7 +115,7 @@ class LearnedDenoiser:
         self, x: np.ndarray, text: np.ndarray | None, step: float, window: int | None, overlap: int | None
     ) -> np.ndarray:
         """x (B, F, C, H, W) float32, text (B, L, text_dim) or None -> the denoised clips."""
-        from starflow.sampler import denoise_windows
+        from starflow.core.sampler import denoise_windows
 
         if not isinstance(x, np.ndarray) or x.ndim != 5:
             raise StarflowError(

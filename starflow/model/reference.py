@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from starflow.checkpoint import load_model
-from starflow.config import DEMO_CHECKPOINT
-from starflow.errors import StarflowError
-from starflow.export.manifest import VAE_SCALE
-from starflow.model import StarFlow
-from starflow.presets import DIGITS_PRESETS, OFFICIAL, choose, load_presets
-from starflow.runtime.generator import ImageGenerator, check_prompts, make_noise
-from starflow.runtime.outputs import DEFAULT_FPS
-from starflow.sampler import BlockStats, Progress, SampleOptions
-from starflow.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
+from starflow.contract.manifest import VAE_SCALE
+from starflow.core.config import DEMO_CHECKPOINT
+from starflow.core.errors import StarflowError
+from starflow.core.generation import ImageGenerator, check_prompts, make_noise
+from starflow.core.outputs import DEFAULT_FPS
+from starflow.core.sampler import BlockStats, Progress, SampleOptions
+from starflow.core.sampling_presets import DIGITS_PRESETS, OFFICIAL, choose, load_presets
+from starflow.model.checkpoint import load_model
+from starflow.model.flow import StarFlow
+from starflow.model.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
 
 
 class ReferenceGenerator(ImageGenerator):
@@ -57,7 +57,7 @@ class ReferenceGenerator(ImageGenerator):
     ) -> ReferenceGenerator:
         """A checkpoint (default: the embedded digits model) with its text encoder: a local Hugging
         Face directory, or the label table saved beside a class-conditional `.safetensors`."""
-        from starflow.label_encoder import labels_path, load_label_encoder
+        from starflow.model.label_encoder import labels_path, load_label_encoder
 
         checkpoint = Path(checkpoint or DEMO_CHECKPOINT)
         model = load_model(config, checkpoint, device)
@@ -71,7 +71,7 @@ class ReferenceGenerator(ImageGenerator):
             encoder = LabelTextEncoder(table).to(device)
         loaded_vae = None
         if vae is not None:
-            from starflow.vae import check_channels, load_vae
+            from starflow.model.vae import check_channels, load_vae
 
             loaded_vae = load_vae(Path(vae)).to(device)
             check_channels(loaded_vae, cfg.channel_size)
@@ -134,7 +134,7 @@ class ReferenceGenerator(ImageGenerator):
     def decode(self, latent: Tensor) -> Tensor:
         if self.vae is None:
             return latent
-        from starflow.vae import decode
+        from starflow.model.vae import decode
 
         return decode(self.vae, latent, VAE_SCALE)
 

@@ -7,7 +7,7 @@ T = h*w tokens of D = p*p*C channels, L text tokens, hd head_dim.
 
 A flow block's sampling direction is one pure function, `FlowBlock.step` (a chunk of inputs
 against past keys/values -> mu, sigma and the chunk's keys/values), with every shape taken from
-tensors, so the same method is what `starflow export onnx` exports and what `starflow.sampler`
+tensors, so the same method is what `starflow export onnx` exports and what `starflow.core.sampler`
 drives here. Keys are cached after RoPE: each position is rotated once, when its chunk runs.
 
 One file on purpose (about 530 lines, over the project's ~400): like nanoGPT's model.py it reads
@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starflow import sampler
-from starflow.config import DENOISER_LAYERS, StarFlowConfig
-from starflow.errors import StarflowError
-from starflow.limits import check_fits
-from starflow.sampler import BlockStats, CachedStep, SampleOptions
+from starflow.core import sampler
+from starflow.core.config import DENOISER_LAYERS, StarFlowConfig
+from starflow.core.errors import StarflowError
+from starflow.core.limits import check_fits
+from starflow.core.sampler import BlockStats, CachedStep, SampleOptions
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(a + this) == 1 at a == 0
 LEARNED_DENOISER_STEP = 0.3  # x - 0.3 * D(x): the official sampler's `noise_std_const`
@@ -250,7 +250,7 @@ class FlowBlock(nn.Module):
 
     The sequence is permuted (identity or flip) before the causal transformer; RoPE positions
     are not permuted. Text tokens, when the block is conditioned, are prepended to the sequence.
-    As a `starflow.sampler.Block` it is inverted by the shared sampling loop through `open`.
+    As a `starflow.core.sampler.Block` it is inverted by the shared sampling loop through `open`.
     """
 
     def __init__(
@@ -622,7 +622,7 @@ class StarFlow(nn.Module):
         progress: sampler.Progress | None = None,
     ) -> Tensor | tuple[Tensor, list[BlockStats]]:
         """Invert the flow: noise (B, C, H, W) or (B, F, C, H, W) -> latent, through
-        `starflow.sampler.sample`.
+        `starflow.core.sampler.sample`.
 
         With `options.guidance > 0` the deep block runs on `[y ; y_uncond]` and the official CFG
         formula; with `cond_top_only` the uncond half is dropped before the shallow blocks.

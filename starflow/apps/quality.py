@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from starflow.data import DIGITS_LEVELS, digits_split
-from starflow.errors import StarflowError
-from starflow.moving_digits import translate
-from starflow.sampler import SampleOptions
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import SampleOptions
+from starflow.training.data import DIGITS_LEVELS, digits_split
+from starflow.training.moving_digits import translate
 
 
 def train_classifier(seed: int = 0, max_shift: int = 0) -> tuple[nn.Module, float]:
@@ -29,7 +29,7 @@ def train_classifier(seed: int = 0, max_shift: int = 0) -> tuple[nn.Module, floa
 
     With `max_shift` it also learns every training digit moved by up to that many pixels on each
     axis (zero-filled): a reader of digits cropped from video frames, where the located 8x8
-    window can be off by one (see `starflow.moving_digits.frame_crops`).
+    window can be off by one (see `starflow.training.moving_digits.frame_crops`).
     """
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = digits_split("train"), digits_split("test")

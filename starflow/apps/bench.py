@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from starflow.checkpoint import load_model, save_model
-from starflow.config import load_config
-from starflow.errors import StarflowError
-from starflow.export.manifest import SCHEMA_VERSION
-from starflow.limits import check_threads
-from starflow.model import StarFlow
-from starflow.sampler import JacobiSettings, SampleOptions
-from starflow.testing import random_model
+from starflow.contract.manifest import SCHEMA_VERSION
+from starflow.core.config import load_config
+from starflow.core.errors import StarflowError
+from starflow.core.limits import check_threads
+from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.model.checkpoint import load_model, save_model
+from starflow.model.flow import StarFlow
+from starflow.model.testing import random_model
 
 DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
 DEFAULT_FRAMES = 8

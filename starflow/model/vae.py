@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from starflow.errors import StarflowError
-from starflow.runtime import image
+from starflow.core import outputs
+from starflow.core.errors import StarflowError
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -78,4 +78,4 @@ def to_unit_images(x: Tensor | np.ndarray) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) float32 in [0, 1]; the runtime's arithmetic exactly."""
     if isinstance(x, Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
-    return image.to_unit_images(x)
+    return outputs.to_unit_images(x)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from starflow.atomic import atomic_path, current_umask
-from starflow.errors import StarflowError
+from starflow.core.atomic import atomic_path, current_umask
+from starflow.core.errors import StarflowError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -31,6 +31,17 @@ SUFFIXES = (".png", ".npy")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".npy")
 DEFAULT_FPS = 8.0  # clips are shown at this rate unless the export or the user says otherwise
 VIDEO_SIDE = 128  # clips are upscaled (nearest) until their short side is at least this many pixels
+
+
+def to_unit_images(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) float32 in [0, 1]: clip to [-1, 1], then (x + 1) / 2;
+    clips (N, T, C, H, W) -> (N, T, H, W, C)."""
+    if not isinstance(x, np.ndarray) or x.ndim not in (4, 5):
+        shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+        raise StarflowError(f"images: expected an (N, C, H, W) or (N, T, C, H, W) array, got {shape}")
+    x = np.clip(x.astype(np.float32, copy=False), -1.0, 1.0)
+    order = (0, 2, 3, 1) if x.ndim == 4 else (0, 1, 3, 4, 2)
+    return np.ascontiguousarray(((x + 1.0) / 2.0).transpose(order))
 
 
 def output_kind(path: Path) -> str:

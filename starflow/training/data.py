@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_PATH = ASSETS / "digits.npz"
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integers 0..16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -23,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from starflow.atomic import atomic_path
-from starflow.config import StarFlowConfig, config_from_dict, load_config
-from starflow.errors import StarflowError
-from starflow.model import StarFlow
+from starflow.core.atomic import atomic_path
+from starflow.core.config import StarFlowConfig, config_from_dict, load_config
+from starflow.core.errors import StarflowError
+from starflow.model.flow import StarFlow
 
 # Zero/one buffers of the official code that no computation reads.
 DEPRECATED_KEYS = re.compile(r"^(var|feat_rope\.freqs_(cos|sin)|blocks\.\d+\.attn_mask)$")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from starflow.errors import StarflowError
+from starflow.core.errors import StarflowError
 
 # width:height, the buckets STARFlow-style T2I models are trained and served at
 ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")

@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from starflow.atomic import atomic_path
-from starflow.errors import StarflowError
+from starflow.core.atomic import atomic_path
+from starflow.core.errors import StarflowError
 
 CLASSES_METADATA_KEY = "starflow_classes"
 

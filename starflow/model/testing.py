@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from starflow.config import StarFlowConfig
-from starflow.model import StarFlow
+from starflow.core.config import StarFlowConfig
+from starflow.model.flow import StarFlow
 
 
 @torch.no_grad()

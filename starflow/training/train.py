@@ -29,12 +29,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
-from starflow.checkpoint import SafeCheckpointReader, read_checkpoint_metadata
-from starflow.config import StarFlowConfig, load_config
-from starflow.data import Dataset, LatentShards, open_dataset
-from starflow.errors import StarflowError
-from starflow.label_encoder import LabelEncoder
-from starflow.model import FlowBlock, StarFlow
+from starflow.core.config import StarFlowConfig, load_config
+from starflow.core.errors import StarflowError
+from starflow.model.checkpoint import SafeCheckpointReader, read_checkpoint_metadata
+from starflow.model.flow import FlowBlock, StarFlow
+from starflow.model.label_encoder import LabelEncoder
+from starflow.training.data import Dataset, LatentShards, open_dataset
 
 PRECISIONS = ("auto", "fp32", "bf16")
 KEEP_CHECKPOINTS = 2  # older sharded checkpoints are deleted once a newer one is complete
@@ -151,7 +151,7 @@ def _free_port() -> int:
 
 def train(options: TrainOptions) -> Path:
     """Run training (spawning `nproc` workers, or joining a torchrun job); returns the exported model."""
-    from starflow.runtime.outputs import check_writable
+    from starflow.core.outputs import check_writable
 
     config, _ = check_setup(options)
     out = Path(options.out)
@@ -401,10 +401,10 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self) -> None:
         """A PNG of EMA samples, one column per class; every rank samples (the layers are sharded)."""
-        from starflow.runtime.outputs import save_png
-        from starflow.sampler import SampleOptions
-        from starflow.t2i import ReferenceGenerator
-        from starflow.text_encoder import LabelTextEncoder
+        from starflow.core.outputs import save_png
+        from starflow.core.sampler import SampleOptions
+        from starflow.model.reference import ReferenceGenerator
+        from starflow.model.text_encoder import LabelTextEncoder
 
         backup = {n: p.detach().clone() for n, p in self.params.items()}
         for name, p in self.params.items():
@@ -475,9 +475,9 @@ def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
 
     Runs in one process without a process group: DCP reshards the saved shards into full tensors.
     """
-    from starflow.checkpoint import save_model
-    from starflow.config import config_from_dict
-    from starflow.label_encoder import labels_path, save_label_encoder
+    from starflow.core.config import config_from_dict
+    from starflow.model.checkpoint import save_model
+    from starflow.model.label_encoder import labels_path, save_label_encoder
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / ".metadata").is_file():

@@ -26,13 +26,13 @@ from typing import Any
 
 import yaml
 
-from starflow.atomic import atomic_path
-from starflow.errors import StarflowError
+from starflow.core.atomic import atomic_path
+from starflow.core.errors import StarflowError
 
 # The embedded class-conditional digits model (`scripts/train_demo.sh`), label table beside it.
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits.safetensors"
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "digits.safetensors"
 # The embedded video model: moving digits (`scripts/train_video_demo.py`), label table beside it.
-DEMO_VIDEO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "digits-video.safetensors"
+DEMO_VIDEO_CHECKPOINT = DEMO_CHECKPOINT.with_name("digits-video.safetensors")
 NORM_TYPES = ("layer_norm", "rms_norm")
 SEQ_ORDERS = ("L2R", "R2L")
 

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from starflow.errors import StarflowError
-from starflow.sampler import JacobiSettings, SampleOptions
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import JacobiSettings, SampleOptions
 
-DIGITS_PRESETS = Path(__file__).resolve().parent / "assets" / "digits-presets.json"
+DIGITS_PRESETS = Path(__file__).resolve().parent.parent / "assets" / "digits-presets.json"
 OFFICIAL = "official"  # the name of the default: the export's own guidance and Jacobi settings
 
 

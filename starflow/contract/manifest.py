@@ -28,9 +28,7 @@ from typing import Any
 
 import dacite
 
-from starflow.atomic import atomic_path
-from starflow.errors import StarflowError
-from starflow.export.entries import (
+from starflow.contract.entries import (
     Block,
     Comparison,
     Decoder,
@@ -56,8 +54,10 @@ from starflow.export.entries import (
     Video,
     sha256,
 )
-from starflow.presets import OFFICIAL, check_preset_name, choose
-from starflow.sampler import SampleOptions
+from starflow.core.atomic import atomic_path
+from starflow.core.errors import StarflowError
+from starflow.core.sampler import SampleOptions
+from starflow.core.sampling_presets import OFFICIAL, check_preset_name, choose
 
 SCHEMA_VERSION = 6
 MANIFEST_NAME = "manifest.json"
@@ -409,7 +409,7 @@ def inside(directory: Path, name: str) -> Path:
 
 
 def schema() -> dict[str, Any]:
-    return json.loads(resources.files("starflow.export").joinpath("manifest.schema.json").read_text())
+    return json.loads(resources.files("starflow.contract").joinpath("manifest.schema.json").read_text())
 
 
 def check_schema(data: Any, source: str) -> None:

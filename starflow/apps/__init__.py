@@ -1,0 +1,1 @@
+"""Applications built on the layers below: the demo, the benchmarks, the sample-quality judge."""

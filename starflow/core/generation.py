@@ -1,0 +1,210 @@
+"""The prompts-to-images loop, written once (against the array API, like the sampler).
+
+`ImageGenerator.generate` draws the noise, encodes the prompts, samples in batches of the
+engine's size, denoises and decodes, timing each stage. An engine supplies the stages:
+`starflow.runtime.Generator` runs the graphs of an export, `starflow.model.reference.
+ReferenceGenerator` the PyTorch modules. The noise is numpy's PCG64 (`make_noise`) for both, so
+they give the same images for the same seed. Torch-free and backend-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from starflow.core.errors import StarflowError
+from starflow.core.limits import check_fits
+from starflow.core.outputs import to_unit_images
+from starflow.core.sampler import Array, BlockStats, Progress, SampleOptions
+from starflow.core.sizes import latent_size
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise StarflowError(f"seed: must be an integer >= 0, got {seed!r}")
+
+
+def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The prior sample both engines use: standard normal float32 from numpy's default generator."""
+    check_seed(seed)
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class Generation:
+    images: np.ndarray  # (N, H, W, C) float32 in [0, 1]; clips (N, T, H, W, C)
+    latents: np.ndarray  # (N, C, h, w) (clips: (N, T, C, h, w)) sampled and denoised, before decoding
+    prompts: list[str]  # the prompt of each image
+    stats: list[BlockStats]  # per batch, per block in sampling order
+    seconds: dict[str, float]  # text, flow, denoise, decode, total
+
+    def summary(self) -> str:
+        """The timing line: images per second and where the time went."""
+        s, n = self.seconds, len(self.images)
+        calls = sum(b.evaluations for b in self.stats)
+        unit = "images" if self.images.ndim == 4 else "clips"
+        what = unit if self.images.ndim == 4 else f"clips of {self.images.shape[1]} frames"
+        return (
+            f"time: {s['total']:.2f} s for {n} {what} ({n / s['total']:.1f} {unit}/s): "
+            f"text {s['text']:.3f} s, flow {s['flow']:.3f} s ({calls} block calls), "
+            f"denoise {s['denoise']:.3f} s, decode {s['decode']:.3f} s"
+        )
+
+
+class ImageGenerator:
+    """The prompts-to-images loop over an engine's stages (the methods subclasses define)."""
+
+    # latent sizes: channels, training side, granularity (patch), image pixels per latent pixel
+    channels: int
+    train_side: int
+    multiple_of: int
+    factor: int
+    video: bool  # a STARFlow-V model: it makes clips, `frames` is required
+    fps: float  # the frame rate clips are shown at
+
+    # ---- the stages ----------------------------------------------------------------------------
+    def check(
+        self,
+        prompts: list[str],
+        num_images: int,
+        seed: int,
+        sampling: SampleOptions,
+        denoise: bool,
+        frames: int | None = None,
+    ) -> None:
+        """Everything a caller can get wrong, before any work."""
+        raise NotImplementedError
+
+    def check_frames(self, frames: int | None) -> None:
+        """Clips from a video model, stills from an image model (the frame count's range is the
+        engine's to check)."""
+        if not self.video:
+            if frames is not None:
+                raise StarflowError(f"frames: {frames} asked of an image model; clips need a video model")
+            return
+        if frames is None:
+            raise StarflowError("this is a video model: ask for clips with frames=N (--frames N)")
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise StarflowError(f"frames: must be an integer >= 1, got {frames!r}")
+
+    def default_sampling(self) -> SampleOptions:
+        raise NotImplementedError
+
+    def sampling(self, preset: str = "official") -> SampleOptions:
+        """The model's default settings ("official") or one of its calibrated presets."""
+        raise NotImplementedError
+
+    def images_per_batch(self, guidance: float) -> int:
+        raise NotImplementedError
+
+    def noise(self, seed: int, shape: tuple[int, ...]) -> Array:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> Array | None:
+        """Text embeddings (B, L, dim); None for a model without text."""
+        raise NotImplementedError
+
+    def sample(self, noise: Array, y: Array | None, y_uncond: Array | None, sampling: SampleOptions,
+               progress: Progress | None) -> tuple[Array, list[BlockStats]]:  # fmt: skip
+        raise NotImplementedError
+
+    def denoise(self, x: Array, y: Array | None) -> Array:
+        raise NotImplementedError
+
+    def decode(self, latent: Array) -> Array:
+        """Latents -> images (B, C, H, W) in about [-1, 1]."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def latent_size(
+        self, aspect_ratio: str | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """Latent (H, W) of an aspect-ratio bucket or an image size (H, W) in pixels; default: the
+        training size."""
+        return latent_size(aspect_ratio, size, self.train_side, self.multiple_of, self.factor)
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_images: int = 1,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        latent_size: tuple[int, int] | None = None,
+        sampling: SampleOptions | None = None,
+        denoise: bool = True,
+        progress: Progress | None = None,
+        check_finite: bool = False,
+        frames: int | None = None,
+    ) -> Generation:
+        """`num_images` images (clips of `frames` frames, for a video model) per prompt; the
+        unconditional text is the negative prompt or "".
+
+        With `check_finite`, NaN or inf anywhere in the result ends with a StarflowError.
+        """
+        options = sampling or self.default_sampling()
+        self.check(prompts, num_images, seed, options, denoise, frames)
+        H, W = latent_size or self.latent_size()
+        per_image = [p for p in prompts for _ in range(num_images)]
+        # noise, latents and images are held whole; the working set of one batch is far smaller
+        pixels = len(per_image) * (frames or 1) * H * W * (self.channels * 2 + 3 * self.factor**2)
+        check_fits(4 * pixels, f"{len(per_image)} {'clips' if frames else 'images'} of {H}x{W} latent pixels")
+        clip = () if frames is None else (frames,)
+        noise = self.noise(seed, (len(per_image), *clip, self.channels, H, W))
+        xp = array_namespace(noise)
+        seconds = dict.fromkeys(("text", "flow", "denoise", "decode"), 0.0)
+        began = time.perf_counter()
+
+        def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+            start = time.perf_counter()
+            result = fn(*args)
+            seconds[stage] += time.perf_counter() - start
+            return result
+
+        y = timed("text", self.encode, per_image)
+        y_uncond = None
+        if options.guidance > 0:
+            y_uncond = xp.broadcast_to(timed("text", self.encode, [negative_prompt or ""]), y.shape)
+        latents, stats = [], []
+        step = self.images_per_batch(options.guidance)
+        for first in range(0, len(per_image), step):
+            part = slice(first, first + step)
+            cond = None if y is None else y[part]
+            uncond = None if y_uncond is None else y_uncond[part]
+            x, block_stats = timed("flow", self.sample, noise[part], cond, uncond, options, progress)
+            stats += block_stats
+            latents.append(timed("denoise", self.denoise, x, cond) if denoise else x)
+        latent = xp.concat(latents)
+        image = timed("decode", self.decode, latent)
+        seconds["total"] = time.perf_counter() - began
+        latents, images = self.to_numpy(latent), self.to_numpy(image)
+        if check_finite and not (np.isfinite(latents).all() and np.isfinite(images).all()):
+            raise StarflowError(
+                "the sampled latents or images contain NaN or inf: the model overflowed on these inputs "
+                "(nothing was written)"
+            )
+        return Generation(to_unit_images(images), latents, per_image, stats, seconds)
+
+
+def check_request(prompts: list[str], num_images: int, seed: int) -> None:
+    """What any generator refuses, known before one is loaded (the command line checks it first)."""
+    if not prompts:
+        raise StarflowError('prompts: pass at least one ("" is the unconditional prompt)')
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise StarflowError(f"num_images: must be an integer >= 1, got {num_images!r}")
+    check_seed(seed)
+
+
+def check_prompts(prompts: list[str], num_images: int, seed: int, guidance: float, text_model: bool) -> None:
+    """`check_request`, and no prompt text or guidance for a model without text."""
+    check_request(prompts, num_images, seed)
+    if not text_model and (any(prompts) or guidance > 0):
+        raise StarflowError("this model is unconditional: give no prompt text and no guidance")
