@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
 from starflow.export.graphs import block_entry
 from starflow.model.flow import FlowBlock, StarFlow
+from starflow.runtime.backends import OrtRunner
 
 # Measured worst max|error|/max|reference|: fp32 7e-6 on the 3B-shaped block; fp16 9.6e-4 on the
 # fixture and 5.7e-3 on the 3B-shaped block (fp16 weights and matmuls over 3072 channels), which
@@ -118,19 +118,6 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
     return out
 
 
-def _session(path: Path) -> Any:
-    """A session for a few validation runs: without weight prepacking (a second, packed copy of
-    every MatMul weight) or the memory arena, which pay off only over many runs and would hold
-    a 3B-sized graph's memory twice."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def validate_export(
     directory: str | Path, model: StarFlow, manifest: Manifest, seed: int = 0
 ) -> list[Comparison]:
@@ -145,29 +132,29 @@ def validate_export(
         for precision, kinds in entry.graphs.items():
             for kind, name in kinds.items():
                 graph = manifest.graph(name)
-                session = _session(directory / graph.file)
+                runner = OrtRunner(graph.name, directory / graph.file, few_runs=True)
                 for case, ref in zip(cases, refs, strict=True):
-                    results += _compare(session, graph, case, ref[kind], TOLERANCES[precision])
-                del session
+                    results += _compare(runner, graph, case, ref[kind], TOLERANCES[precision])
+                del runner
                 release_freed_memory()
     return results
 
 
 def _compare(
-    session: Any, graph: Graph, case: Case, data: dict[str, np.ndarray], tol: Tolerance
+    runner: OrtRunner, graph: Graph, case: Case, data: dict[str, np.ndarray], tol: Tolerance
 ) -> list[Comparison]:
     """Run one graph on the reference feeds; one Comparison per output tensor."""
     feeds = {t.name: data[f"in:{t.name}"].astype(t.dtype) for t in graph.inputs}
     try:
-        outputs = session.run(None, feeds)
+        outputs = runner.run(feeds)
     except Exception as err:  # onnxruntime raises its own exception types
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         raise StarflowError(
             f"graph {graph.name} ({case.name}): onnxruntime failed with inputs {shapes}: {err}"
         ) from None
     return [
-        compare(graph.name, case.name, spec.name, actual, data[spec.name], tol)
-        for spec, actual in zip(graph.outputs, outputs, strict=True)
+        compare(graph.name, case.name, spec.name, outputs[spec.name], data[spec.name], tol)
+        for spec in graph.outputs
     ]
 
 
