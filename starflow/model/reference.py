@@ -24,7 +24,7 @@ from starflow.core.sampler import BlockStats, Progress, SampleOptions
 from starflow.core.sampling_presets import DIGITS_PRESETS, OFFICIAL, choose, load_presets
 from starflow.model.checkpoint import load_model
 from starflow.model.flow import StarFlow
-from starflow.model.text_encoder import HFTextEncoder, LabelTextEncoder, TextEncoder
+from starflow.model.text_encoder import TextEncoder, text_encoder_for
 
 
 class ReferenceGenerator(ImageGenerator):
@@ -57,24 +57,16 @@ class ReferenceGenerator(ImageGenerator):
     ) -> ReferenceGenerator:
         """A checkpoint (default: the embedded digits model) with its text encoder: a local Hugging
         Face directory, or the label table saved beside a class-conditional `.safetensors`."""
-        from starflow.model.label_encoder import labels_path, load_label_encoder
+        from starflow.model.vae import vae_for
 
         checkpoint = Path(checkpoint or DEMO_CHECKPOINT)
         model = load_model(config, checkpoint, device)
-        cfg = model.config
-        encoder: TextEncoder | None = None
-        if text_encoder is not None:
-            encoder = HFTextEncoder.from_directory(Path(text_encoder), cfg.txt_size).to(device)
-            encoder.check_dim(cfg.txt_dim)
-        elif model.text_dim and labels_path(checkpoint).is_file():
-            table = load_label_encoder(labels_path(checkpoint), cfg.txt_size, cfg.txt_dim)
-            encoder = LabelTextEncoder(table).to(device)
-        loaded_vae = None
-        if vae is not None:
-            from starflow.model.vae import check_channels, load_vae
-
-            loaded_vae = load_vae(Path(vae)).to(device)
-            check_channels(loaded_vae, cfg.channel_size)
+        encoder = text_encoder_for(model.config, checkpoint, text_encoder)
+        loaded_vae = vae_for(model.config, vae)
+        if encoder is not None:
+            encoder = encoder.to(device)
+        if loaded_vae is not None:
+            loaded_vae = loaded_vae.to(device)
         generator = cls(model, encoder, loaded_vae, batch_size)
         if checkpoint == DEMO_CHECKPOINT and DIGITS_PRESETS.is_file():
             generator.presets = load_presets(DIGITS_PRESETS)

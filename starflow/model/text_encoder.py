@@ -15,11 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from starflow.core.errors import StarflowError
-from starflow.model.label_encoder import LabelEncoder
+from starflow.model.label_encoder import LabelEncoder, labels_path, load_label_encoder
 from starflow.runtime.text import check_prompts, warn_truncated
 
 if TYPE_CHECKING:
     import tokenizers
+
+    from starflow.core.config import StarFlowConfig
 
 # T5-family encoders get their dedicated encoder-only class: the weights of the full
 # encoder-decoder checkpoint load into it and the decoder is never built.
@@ -184,3 +186,20 @@ class LabelTextEncoder(nn.Module):
 
 
 TextEncoder = HFTextEncoder | LabelTextEncoder
+
+
+def text_encoder_for(
+    config: StarFlowConfig, checkpoint: Path, directory: str | Path | None
+) -> TextEncoder | None:
+    """The flow's text encoder, checked to fit it: the Hugging Face encoder in `directory`, else the
+    label table saved beside a class-conditional `checkpoint`; None when there is neither."""
+    if directory is not None:
+        if config.txt_dim == 0:
+            raise StarflowError(f"text_encoder {directory}: this model is not text-conditioned")
+        encoder = HFTextEncoder.from_directory(Path(directory), config.txt_size)
+        encoder.check_dim(config.txt_dim)
+        return encoder
+    table = labels_path(checkpoint)
+    if config.txt_dim > 0 and table.is_file():
+        return LabelTextEncoder(load_label_encoder(table, config.txt_size, config.txt_dim))
+    return None

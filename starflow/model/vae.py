@@ -21,6 +21,8 @@ from starflow.core.errors import StarflowError
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
+    from starflow.core.config import StarFlowConfig
+
 
 def load_vae(directory: str | Path) -> AutoencoderKL:
     """An `AutoencoderKL` saved with `save_pretrained` (config.json + weights), in fp32, eval mode."""
@@ -61,6 +63,17 @@ def check_channels(vae: AutoencoderKL, expected: int) -> None:
         raise StarflowError(
             f"the VAE decodes {found}-channel latents, the model samples {expected} channels (channel_size)"
         )
+
+
+def vae_for(config: StarFlowConfig, directory: str | Path | None) -> AutoencoderKL | None:
+    """The VAE in `directory` (None: none given), checked to decode the flow's latents."""
+    if directory is None:
+        return None
+    if config.vae is None:
+        raise StarflowError(f"vae {directory}: this is a pixel-space model (its config names no VAE)")
+    vae = load_vae(directory)
+    check_channels(vae, config.channel_size)
+    return vae
 
 
 def upsampling(vae: AutoencoderKL) -> int:
