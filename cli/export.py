@@ -8,6 +8,14 @@ from typing import Annotated
 import typer
 
 from starflow.cli.errors import user_errors
+from starflow.core.outputs import DEFAULT_FPS
+from starflow.export.defaults import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_OPSET,
+    DEFAULT_PRECISIONS,
+    SUPPORTED_OPSETS,
+)
 
 export_app = typer.Typer(help="Export a checkpoint to deployable artifacts.", no_args_is_help=True)
 
@@ -19,9 +27,23 @@ def onnx(
     config: Annotated[
         str | None, typer.Option(help="YAML config or preset name; default: the one in the .safetensors.")
     ] = None,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or both (one directory).")] = "both",
-    opset: Annotated[int, typer.Option(help="ONNX opset, 18..23 (23 with --precision fp32 only).")] = 20,
-    max_batch: Annotated[int, typer.Option(help="Most images per call; graphs allow twice that (CFG).")] = 8,
+    precision: Annotated[
+        str | None,
+        typer.Option(help=f"fp32, fp16 or both (one directory); default {' and '.join(DEFAULT_PRECISIONS)}."),
+    ] = None,
+    opset: Annotated[
+        int | None,
+        typer.Option(
+            help=f"ONNX opset, {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
+            f"({SUPPORTED_OPSETS.stop - 1} with --precision fp32 only); default {DEFAULT_OPSET}."
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Most images per call; graphs allow twice that (CFG); default {DEFAULT_MAX_BATCH}."
+        ),
+    ] = None,
     min_latent: Annotated[
         str | None, typer.Option(help="Smallest latent HxW (latent pixels); default half the training side.")
     ] = None,
@@ -52,10 +74,12 @@ def onnx(
         typer.Option(help="JSON of named sampling presets calibrated for this model (generate --sampler)."),
     ] = None,
     max_frames: Annotated[
-        int | None, typer.Option(help="Video models: the longest clip in latent frames (default 16).", min=1)
+        int | None,
+        typer.Option(help=f"Video models: the longest clip in latent frames; default {DEFAULT_MAX_FRAMES}."),
     ] = None,
     fps: Annotated[
-        float | None, typer.Option(help="Video models: the frame rate samples are shown at (default 8).")
+        float | None,
+        typer.Option(help=f"Video models: the frame rate samples are shown at; default {DEFAULT_FPS:g}."),
     ] = None,
     jobs: Annotated[
         int | None,
@@ -77,15 +101,20 @@ def onnx(
     from starflow.export.onnx_export import ExportOptions, export_onnx
     from starflow.export.validate import describe_results
 
-    with user_errors():
+    interrupted = f"interrupted: nothing was written to {out} (the export is staged in a temporary folder)"
+    with user_errors(interrupted):
         latent = [parse_hw(v, flag, "latent pixels", "32x48", square=True) if v else None
                   for v, flag in ((min_latent, "--min-latent"), (max_latent, "--max-latent"))]  # fmt: skip
+        precisions = DEFAULT_PRECISIONS if precision == "both" else precision and (precision,)
+        given = dict(
+            precisions=precisions, opset=opset, max_batch=max_batch, jobs=jobs, max_frames=max_frames,
+            fps=fps,
+        )  # fmt: skip
         options = ExportOptions(
-            precisions=("fp32", "fp16") if precision == "both" else (precision,), opset=opset,
-            max_batch=max_batch, min_latent=latent[0], max_latent=latent[1], density=density,
-            denoise=denoise, text_encoder=text_encoder, vae=vae, validate=validate, force=force,
-            sampling_presets=load_presets(sampling_presets) if sampling_presets else {}, jobs=jobs,
-            max_frames=max_frames, fps=fps,
+            min_latent=latent[0], max_latent=latent[1], density=density, denoise=denoise,
+            text_encoder=text_encoder, vae=vae, validate=validate, force=force,
+            sampling_presets=load_presets(sampling_presets) if sampling_presets else {},
+            **{name: value for name, value in given.items() if value is not None},
         )  # fmt: skip
         manifest = export_onnx(checkpoint, out, options, config=config, progress=step_lines())
     typer.echo(

@@ -8,15 +8,32 @@ Module-level imports stay light (no torch, no model code), so `starflow --help` 
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from starflow.apps import bench as B  # its defaults and column legend (no torch at import)
+from starflow.apps.generate import DEFAULT_CLIPS_OUT, DEFAULT_IMAGES_OUT
 from starflow.cli.errors import user_errors
 from starflow.cli.export import export_app
+from starflow.core.request import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_ENGINE,
+    DEFAULT_NUM_IMAGES,
+    DEFAULT_PRECISION,
+    DEFAULT_SEED,
+    PRECISIONS,
+    GenerateRequest,
+)
+from starflow.core.sampler import JacobiSettings
+from starflow.core.sampling_presets import OFFICIAL
+
+MODEL_FIELDS = ("artifacts", "checkpoint", "config", "text_encoder", "vae")  # ModelSource's
+REQUEST_FIELDS = set(GenerateRequest.model_fields)
+THREADS_HELP = "CPU threads, >= 1; default: every core."
 
 app = typer.Typer(
     name="starflow",
@@ -43,6 +60,7 @@ def main(
 
 
 SAMPLING = dict(rich_help_panel="Sampling")
+MODEL = dict(rich_help_panel="Model (the caller's files, never part of a request)")
 
 
 @app.command()
@@ -50,8 +68,12 @@ def generate(
     prompt: Annotated[
         list[str] | None, typer.Option(help='Prompt (repeatable); "" is the unconditional one.')
     ] = None,
-    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64), >= 0.")] = 0,
+    num_images: Annotated[
+        int | None, typer.Option(help=f"Images per prompt; default {DEFAULT_NUM_IMAGES}.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Seed of the noise (numpy PCG64), >= 0; default {DEFAULT_SEED}.")
+    ] = None,
     negative_prompt: Annotated[
         str | None, typer.Option(help='Unconditional text of the guidance ("").')
     ] = None,
@@ -62,103 +84,88 @@ def generate(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Images: a grid .png (default starflow-generate.png), a .npy (N, H, W, C) float32 in "
-            "[0, 1], or a folder of PNGs. Clips: a .gif (default starflow-generate.gif), an .mp4, a .npy "
+            help=f"Images: a grid .png (default {DEFAULT_IMAGES_OUT}), a .npy (N, H, W, C) float32 in "
+            f"[0, 1], or a folder of PNGs. Clips: a .gif (default {DEFAULT_CLIPS_OUT}), an .mp4, a .npy "
             "(N, T, H, W, C) uint8, or a folder of PNG frames."
         ),
     ] = None,
     frames: Annotated[
-        int | None,
-        typer.Option(help="Clips of this many frames (a video model; default: moving digits).", min=1),
+        int | None, typer.Option(help="Clips of this many frames (a video model; default: moving digits).")
     ] = None,
     fps: Annotated[float | None, typer.Option(help="Clips: frames per second; default the export's.")] = None,
     engine: Annotated[
-        str, typer.Option(help="runtime (an export, no torch) or pytorch (the reference model).")
-    ] = "runtime",
+        str | None,
+        typer.Option(
+            help=f"runtime (an export, no torch) or pytorch (the reference model); default {DEFAULT_ENGINE}."
+        ),
+    ] = None,
     artifacts: Annotated[
         Path | None,
-        typer.Option(help="runtime: an export directory; default: the embedded model (exported once)."),
+        typer.Option(
+            help="runtime: an export directory; default: the embedded model (exported once).", **MODEL
+        ),
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="pytorch: a checkpoint; default: the embedded digits model.")
+        Path | None, typer.Option(help="pytorch: a checkpoint; default: the embedded digits model.", **MODEL)
     ] = None,
-    config: Annotated[str | None, typer.Option(help="pytorch: the YAML config of an official .pth.")] = None,
-    text_encoder: Annotated[Path | None, typer.Option(help="pytorch: a local Hugging Face encoder.")] = None,
-    vae: Annotated[Path | None, typer.Option(help="pytorch: a local diffusers AutoencoderKL.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="pytorch: a preset or the YAML config of an official .pth.", **MODEL)
+    ] = None,
+    text_encoder: Annotated[
+        Path | None, typer.Option(help="pytorch: a local Hugging Face encoder.", **MODEL)
+    ] = None,
+    vae: Annotated[
+        Path | None, typer.Option(help="pytorch: a local diffusers AutoencoderKL.", **MODEL)
+    ] = None,
     backend: Annotated[
-        str, typer.Option(help="runtime: onnxruntime or tensorrt (flow blocks).")
-    ] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="runtime: fp32 or fp16 flow graphs.")] = "fp32",
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+        str | None,
+        typer.Option(help=f"runtime: {' or '.join(BACKENDS)} (flow blocks); default {DEFAULT_BACKEND}."),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help=f"runtime: {' or '.join(PRECISIONS)} flow graphs; default {DEFAULT_PRECISION}."),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     sampler: Annotated[
-        str,
-        typer.Option(help="official (the model's settings) or a calibrated preset, e.g. fast.", **SAMPLING),
-    ] = "official",
+        str | None,
+        typer.Option(
+            help=f"{OFFICIAL} (the model's settings, default) or a calibrated preset, e.g. fast.", **SAMPLING
+        ),
+    ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="CFG weight; default: the model's.", **SAMPLING)
     ] = None,
-    method: Annotated[str | None, typer.Option(help="jacobi (default) or sequential.", **SAMPLING)] = None,
+    method: Annotated[
+        str | None, typer.Option(help="jacobi or sequential; default: the model's.", **SAMPLING)
+    ] = None,
     jacobi_block_size: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
     jacobi_max_iter: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
     jacobi_threshold: Annotated[float | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
-    denoise: Annotated[bool, typer.Option(help="The self-denoise step after the flow.", **SAMPLING)] = True,
+    denoise: Annotated[
+        bool | None, typer.Option(help="The self-denoise step after the flow; default on.", **SAMPLING)
+    ] = None,
     check_finite: Annotated[
-        bool, typer.Option(help="Fail (writing nothing) when a sample holds NaN or inf.", **SAMPLING)
-    ] = True,
+        bool | None,
+        typer.Option(help="Fail (writing nothing) when a sample holds NaN or inf; default on.", **SAMPLING),
+    ] = None,
 ) -> None:
     """Images (or clips, with --frames) from prompts: through an export (the torch-free runtime) or
-    the PyTorch reference."""
-    import numpy as np
+    the PyTorch reference. Every option and path is checked before the engine loads."""
+    fields = dict(locals())
+    from starflow.apps.generate import generate as run_generate
+    from starflow.cli.progress import block_bars, step_lines
+    from starflow.core.request import ModelSource, request
 
-    from starflow.cli.generate import open_generator, progress_bars
-    from starflow.cli.parse import parse_hw
-    from starflow.core.errors import StarflowError
-    from starflow.core.generation import check_request
-    from starflow.core.outputs import output_kind, save_images, video_output_kind, write_video
-    from starflow.core.sampler import with_overrides
-
-    clips = frames is not None
-    out = out or Path("starflow-generate.gif" if clips else "starflow-generate.png")
     with user_errors():
-        # a bad or unwritable --out, a bad count, seed or fps fail before any work
-        video_output_kind(out) if clips else output_kind(out)
-        check_request(prompt or [], num_images, seed)
-        if fps is not None and not clips:
-            raise StarflowError("--fps: a clip option; pass --frames N too")
-        if fps is not None and not 0 < fps < float("inf"):
-            raise StarflowError(f"--fps: must be a number > 0, got {fps}")
-        generator = open_generator(
-            engine, artifacts=artifacts, checkpoint=checkpoint, config=config, text_encoder=text_encoder,
-            vae=vae, backend=backend, precision=precision, threads=threads, video=clips,
+        source = ModelSource(**{name: fields.pop(name) for name in MODEL_FIELDS})
+        given = {
+            name: value for name, value in fields.items() if value is not None and name in REQUEST_FIELDS
+        }
+        result = run_generate(
+            request(**given, prompts=prompt or []), source, out, export_progress=step_lines("export: "),
+            bars=block_bars, log=lambda line: typer.echo(line, err=True),
         )  # fmt: skip
-        sampling = with_overrides(
-            generator.sampling(sampler), guidance=guidance, method=method, block_size=jacobi_block_size,
-            max_iter=jacobi_max_iter, threshold=jacobi_threshold,
-        )  # fmt: skip
-        pixels = parse_hw(size, "--size", "image pixels", "256x384") if size else None
-        latent_size = generator.latent_size(aspect_ratio, pixels)
-        prompts = prompt or []
-        frame_tokens = latent_size[0] * latent_size[1] // generator.multiple_of**2 if clips else None
-        with progress_bars(generator, len(prompts) * num_images, sampling, frame_tokens) as report:
-            result = generator.generate(
-                prompts, num_images=num_images, negative_prompt=negative_prompt, seed=seed,
-                latent_size=latent_size, sampling=sampling, denoise=denoise, progress=report,
-                check_finite=check_finite, frames=frames,
-            )  # fmt: skip
-        if clips:
-            video = np.round(result.images * 255).astype(np.uint8)
-            files = write_video(video, out, fps or generator.fps, columns=min(num_images, 8))
-        else:
-            files = save_images(out, result.images, columns=min(num_images, 8), prompts=result.prompts)
-    h, w = result.images.shape[-3:-1]
-    where = out if len(files) == 1 else f"{out}/ ({len(files)} PNGs)"
-    what = f"clips of {frames} frames" if clips else "images"
-    typer.echo(
-        f"generated {len(result.images)} {what} {h}x{w} with the {engine} engine ({sampler} sampler, "
-        f"{sampling.method}, "
-        f"guidance "
-        f"{sampling.guidance:g}, seed {seed}) -> {where}\n{result.summary()}"
-    )
+    typer.echo("\n".join(result.lines()))
 
 
 @app.command()
@@ -169,19 +176,23 @@ def demo(
         typer.Option(help="A .gif or .mp4 of one clip of each digit (the embedded video model)."),
     ] = Path("starflow-demo.gif"),
     video: Annotated[bool, typer.Option(help="Also the video model's clips.")] = True,
+    pytorch: Annotated[
+        bool, typer.Option(help="Also time the PyTorch reference (--no-pytorch: the runtime alone, fast).")
+    ] = True,
     per_digit: Annotated[int, typer.Option(help="Samples of each digit (grid rows).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the noise, >= 0.")] = 0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for both engines.")] = None,
+    threads: Annotated[int | None, typer.Option(help=f"{THREADS_HELP} Both engines.")] = None,
 ) -> None:
     """Export the embedded digits model, draw 0-9 through the runtime, time it against PyTorch;
     then a clip of each digit from the embedded moving-digits video model."""
     from starflow.apps.demo import run_demo
     from starflow.cli.progress import step_lines
 
-    with user_errors():
+    with user_errors("interrupted: files reported written before stay; none is half-written"):
         result = run_demo(
             out, per_digit, seed, threads, export_progress=step_lines("export: "),
             video_out=video_out if video else None, video_export_progress=step_lines("export (video): "),
+            pytorch=pytorch,
         )  # fmt: skip
     typer.echo("\n".join(result.lines()))
 
@@ -214,17 +225,21 @@ def train(
     sample_every: Annotated[int, typer.Option(min=0, help="Sample grid PNG every N steps (0: never).")] = 500,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
-    threads: Annotated[int, typer.Option(min=0, help="Torch threads per process (0: default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=f"{THREADS_HELP} Per process.")] = None,
     progress: bool = True,
     export_ema: Annotated[bool, typer.Option(help="Export EMA weights (else the raw weights).")] = True,
 ) -> None:
     """Train with FSDP2 (single process, --nproc N, or under torchrun); exports OUT/model.safetensors."""
+    from starflow.core.limits import check_threads
     from starflow.training.train import TrainOptions
     from starflow.training.train import train as run_training
 
-    options = TrainOptions(**{k: v for k, v in locals().items() if k in TrainOptions.__dataclass_fields__})
-    with user_errors():
-        path = run_training(options)
+    given = {k: v for k, v in locals().items() if k in TrainOptions.__dataclass_fields__}
+    with user_errors("interrupted: the checkpoints already saved in --out stay (continue with --resume)"):
+        check_threads(threads)
+        path = run_training(
+            TrainOptions(**{**given, "threads": threads or 0})
+        )  # 0: torch's default, all cores
     typer.echo(f"exported {path}")
 
 
@@ -276,22 +291,25 @@ def inspect(
         manifest.verify_files(directory)  # a missing, tampered or outside file: exit code 2
 
 
-@app.command("bench")
+@app.command("bench", epilog=f"Columns: {B.LEGEND}")
 def bench(
     preset: Annotated[
-        str, typer.Option(help="Model preset with seeded, perturbed random weights.")
-    ] = "bench-256",
+        str | None,
+        typer.Option(help=f"Model preset with seeded, perturbed random weights; default {B.DEFAULT_PRESET}."),
+    ] = None,
     artifacts: Annotated[
         Path | None, typer.Option(help="Bench this export instead (needs --checkpoint).")
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="The checkpoint --artifacts was exported from.")
     ] = None,
-    guidance: float = 2.0,
-    batch: int = 1,
-    jacobi_block_size: int = 64,
-    jacobi_threshold: float = 1e-3,
-    jacobi_max_iter: int = 32,
+    guidance: Annotated[float | None, typer.Option(help=f"Default {B.DEFAULT_GUIDANCE:g}.")] = None,
+    batch: Annotated[int | None, typer.Option(help="Images per sampling row; default 1.")] = None,
+    jacobi_block_size: Annotated[int | None, typer.Option(help=f"Default {B.DEFAULT_BLOCK_SIZE}.")] = None,
+    jacobi_threshold: Annotated[
+        float | None, typer.Option(help=f"Default {JacobiSettings.threshold:g}.")
+    ] = None,
+    jacobi_max_iter: Annotated[int | None, typer.Option(help=f"Default {JacobiSettings.max_iter}.")] = None,
     jacobi_init: Annotated[
         str | None, typer.Option(help="Options row: first guess of each chunk, noise or chunk-mean.")
     ] = None,
@@ -301,14 +319,26 @@ def bench(
     shallow_threshold: Annotated[
         float | None, typer.Option(help="Options row: shallow blocks' threshold.")
     ] = None,
-    throughput_batch: Annotated[int, typer.Option(help="Batch of the throughput row; 0 skips it.")] = 8,
-    frames: Annotated[
-        int | None, typer.Option(help="Video presets (bench-video): frames per clip (default 8).")
+    throughput_batch: Annotated[
+        int | None,
+        typer.Option(help=f"Batch of the throughput row; 0 skips it; default {B.DEFAULT_THROUGHPUT_BATCH}."),
     ] = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs per Jacobi/forward row (median).")] = 3,
+    frames: Annotated[
+        int | None,
+        typer.Option(help=f"Video presets (bench-video): frames per clip; default {B.DEFAULT_FRAMES}."),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(help=f"Timed runs per Jacobi/forward row (median); default {B.DEFAULT_REPEATS}."),
+    ] = None,
     threads: Annotated[
-        str, typer.Option(help="CPU thread counts, comma-separated: the whole bench runs at each.")
-    ] = "1,2",
+        str | None,
+        typer.Option(
+            help="CPU thread counts (each >= 1), comma-separated: the whole bench runs at each; default "
+            + ",".join(map(str, B.DEFAULT_THREADS))
+            + "."
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
     quality: Annotated[
         bool,
@@ -322,49 +352,20 @@ def bench(
     """PyTorch reference vs runtime, side by side: forward pass, sequential and Jacobi sampling.
 
     --jacobi-init or a --shallow-* option adds one runtime row sampled with them. --quality
-    measures what the sampling presets cost and give instead.
+    measures what the sampling presets cost and give instead. The columns are explained under
+    the table and below.
     """
-    from dataclasses import asdict, replace
-
-    from starflow.apps.bench import BenchOptions, format_table, run_bench
+    from starflow.apps.bench import BenchOptions, run_benches, run_quality
     from starflow.cli.parse import parse_threads
-    from starflow.core.outputs import check_writable, save_text
-    from starflow.core.sampler import JacobiSettings, SampleOptions
 
-    with user_errors():
-        jacobi = JacobiSettings(jacobi_block_size, jacobi_max_iter, jacobi_threshold)
-        sampling = SampleOptions(guidance, "jacobi", jacobi)
-        row = None  # the options row: the first guess everywhere, the shallow blocks' own chunking
-        if jacobi_init is not None or shallow_block_size is not None or shallow_threshold is not None:
-            first_guess = replace(jacobi, init=jacobi_init or "noise")
-            shallow = replace(
-                first_guess,
-                block_size=shallow_block_size or jacobi_block_size,
-                threshold=jacobi_threshold if shallow_threshold is None else shallow_threshold,
-            )
-            row = SampleOptions(guidance, "jacobi", first_guess, shallow)
-        counts = parse_threads(threads)
-        if json_out is not None:
-            check_writable(json_out.parent, f"--json {json_out}")
+    with user_errors("interrupted: no results written"):
+        counts = B.DEFAULT_THREADS if threads is None else parse_threads(threads)
         if quality:
-            from starflow.apps.quality import format_quality, quality_bench
-
-            qualities, held_out = quality_bench(artifacts, per_digit, max(counts))
-            typer.echo(format_quality(qualities, held_out))
-            if json_out is not None:
-                document = {"held_out_accuracy": held_out, "settings": [asdict(q) for q in qualities]}
-                save_text(json_out, json.dumps(document, indent=2) + "\n")
+            typer.echo(run_quality(artifacts, per_digit, counts, json_out))
             return
-        options = BenchOptions(
-            preset, artifacts, checkpoint, batch, sampling, row, throughput_batch, repeats, frames=frames
-        )
-        for count in counts:
-            replace(options, threads=count).check()
-        results = []
-        for count in counts:
-            results.append(
-                run_bench(replace(options, threads=count), log=lambda line: typer.echo(line, err=True))
-            )
-            typer.echo(format_table(results[-1]))
-        if json_out is not None:
-            save_text(json_out, json.dumps(results, indent=2) + "\n")
+        options = BenchOptions.from_settings(
+            guidance, jacobi_block_size, jacobi_max_iter, jacobi_threshold, jacobi_init, shallow_block_size,
+            shallow_threshold, preset=preset, artifacts=artifacts, checkpoint=checkpoint, batch=batch,
+            throughput_batch=throughput_batch, repeats=repeats, frames=frames,
+        )  # fmt: skip
+        run_benches(options, counts, json_out, log=lambda line: typer.echo(line, err=True), show=typer.echo)

@@ -13,12 +13,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def step_lines(prefix: str = "") -> Callable[[str, int, int], None]:
-    """A (what, done, total) callback printing one line per new step, with the seconds elapsed,
-    to stderr: visible in logs and pipes, where a transient progress bar shows nothing."""
-    began = time.perf_counter()
+    """A (what, done, total) callback printing one line per new step, with the seconds elapsed
+    since its first step, to stderr: visible in logs and pipes, where a transient progress bar
+    shows nothing. The clock starts at the first step, not at creation: a command that makes
+    several callbacks up front (the demo's two exports) times each export from its own start."""
+    began: float | None = None
     seen: set[str] = set()
 
     def report(what: str, done: int, total: int) -> None:
+        nonlocal began
+        if began is None:
+            began = time.perf_counter()
         if what not in seen and what != "done":
             seen.add(what)
             typer.echo(f"{prefix}[{done + 1}/{total}] {what} ({time.perf_counter() - began:.1f} s)", err=True)

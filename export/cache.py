@@ -31,6 +31,12 @@ def demo_artifacts(progress=None, video: bool = False) -> Path:
     """An embedded model's fp32 sampling export: step/prefill graphs, label-table text encoder,
     denoise graph (no density graphs: sampling does not use them), and the digits model's
     calibrated sampling presets; `video`: the moving-digits model's."""
+    return demo_export(progress, video)[0]
+
+
+def demo_export(progress=None, video: bool = False) -> tuple[Path, bool]:
+    """`demo_artifacts`, and whether this call exported it (False: it was in the cache), so a
+    caller reports an export only when one happened."""
     checkpoint, name = (DEMO_VIDEO_CHECKPOINT, "digits-video") if video else (DEMO_CHECKPOINT, "digits")
     if not checkpoint.is_file():
         raise StarflowError(f"the embedded model {checkpoint} is missing from this installation")
@@ -46,7 +52,7 @@ def demo_artifacts(progress=None, video: bool = False) -> Path:
     with FileLock(directory.parent / f"{directory.name}.lock", timeout=LOCK_TIMEOUT_S):
         try:
             if Manifest.load(directory).source.sha256 == digest:
-                return directory
+                return directory, False
         except StarflowError:
             pass  # absent, partial or tampered: export it again
         _clear(directory)
@@ -61,7 +67,7 @@ def demo_artifacts(progress=None, video: bool = False) -> Path:
         calibrated = load_presets(DIGITS_PRESETS) if DIGITS_PRESETS.is_file() and not video else {}
         options = ExportOptions(precisions=("fp32",), density=False, force=True, sampling_presets=calibrated)
         export_onnx(checkpoint, directory, options, progress=progress)
-    return directory
+    return directory, True
 
 
 def _clear(directory: Path) -> None:

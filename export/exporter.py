@@ -17,11 +17,10 @@ from torch import nn
 
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
+from starflow.export.defaults import DEFAULT_OPSET as DEFAULT_OPSET
 from starflow.export.graphs import BlockGraph, GraphSpec, Precision
 from starflow.model.flow import FlowBlock
 
-DEFAULT_OPSET = 20
-SUPPORTED_OPSETS = range(18, 24)  # torch's exporter starts at 18; 23 is the newest it emits
 # Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 

@@ -43,7 +43,14 @@ from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import LATER_CHUNK_FACTOR, JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import check_preset_name
 from starflow.export.components import ComponentEntries, Components
-from starflow.export.exporter import DEFAULT_OPSET, SUPPORTED_OPSETS, BlockGraphExporter, weight_bytes
+from starflow.export.defaults import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_OPSET,
+    DEFAULT_PRECISIONS,
+    SUPPORTED_OPSETS,
+)
+from starflow.export.exporter import BlockGraphExporter, weight_bytes
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_entry, block_specs, profile_dims
 from starflow.export.worker import DenoiseJob
 from starflow.model.flow import FlowBlock, StarFlow
@@ -58,7 +65,6 @@ Progress = Callable[[str, int, int], None]  # (what is being done, steps done, s
 # A worker process exporting the denoise graph loads a second copy of the model: by default only
 # for models whose weights fit this (the 3B model's would double the export's peak memory).
 WORKER_MODEL_BYTES = 1 << 30
-DEFAULT_MAX_FRAMES = 16  # a video export's clips, unless --max-frames says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +72,9 @@ class ExportOptions:
     """What to export, and how. `min_latent`/`max_latent` (H, W latent pixels) default to half and
     twice the model's training side; `text_encoder`/`vae` are local directories."""
 
-    precisions: tuple[str, ...] = ("fp32", "fp16")
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     opset: int = DEFAULT_OPSET
-    max_batch: int = 8  # most images per call; the graphs allow twice that rows (guidance)
+    max_batch: int = DEFAULT_MAX_BATCH  # most images per call; the graphs allow twice that rows (guidance)
     min_latent: tuple[int, int] | None = None
     max_latent: tuple[int, int] | None = None
     density: bool = True  # the per-block forward (density) graphs; sampling does not use them

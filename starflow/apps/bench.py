@@ -1,12 +1,8 @@
 """`starflow bench`: the reference and the runtime measured side by side, in one process.
 
 Every row samples from the same noise and text. Times are wall-clock medians over `repeats`;
-"units" divide a row's time by one forward pass (density direction, whole model, same batch)
-of the same engine, which makes sampler costs comparable across machines. Agreement is
-measured against PyTorch sequential sampling, the exact inverse of the flow. "Compute" counts
-the work the block calls did, whatever their chunking: image tokens x graph rows x layers summed
-over blocks, in forward passes (a guided deep block runs [cond ; uncond], so twice the rows).
-With `options_row`, one more runtime row samples with those settings, beside the reference's.
+`LEGEND` says what the other columns measure (printed under the table). With `options_row`, one
+more runtime row samples with those settings, beside the reference's.
 A video preset samples clips of `frames` frames, with one more runtime row: Jacobi without the
 warm start (each chunk after the first frame starts from its noise), for its effect on calls.
 """
@@ -15,44 +11,95 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
-import statistics
-import time
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from starflow.apps.timing import interleaved
 from starflow.contract.manifest import SCHEMA_VERSION
 from starflow.core.config import load_config
 from starflow.core.errors import StarflowError
 from starflow.core.limits import check_threads
+from starflow.core.outputs import check_writable, save_text
 from starflow.core.sampler import JacobiSettings, SampleOptions
-from starflow.model.checkpoint import load_model, save_model
-from starflow.model.flow import StarFlow
-from starflow.model.testing import random_model
 
+if TYPE_CHECKING:
+    from starflow.model.flow import StarFlow
+
+# torch and the model load inside the functions that run them: `starflow bench --help` prints
+# these defaults and the legend without them
 DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
+DEFAULT_PRESET = "bench-256"
 DEFAULT_FRAMES = 8
+DEFAULT_GUIDANCE = 2.0
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_THROUGHPUT_BATCH = 8
+DEFAULT_REPEATS = 3
+DEFAULT_THREADS = (1, 2)  # the whole bench runs at each count
+LEGEND = (
+    "fwd units: the row's seconds over one forward pass (density direction, whole model, same batch) "
+    "of the same engine, so sampler costs compare across machines. compute: the work its block calls "
+    "did, in forward passes: image tokens x graph rows x layers summed over blocks (a guided deep block "
+    "runs [cond ; uncond], twice the rows), whatever the chunking. max|Δ| and rms Δ: against PyTorch "
+    "sequential sampling, the flow's exact inverse."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
     """What to measure. `artifacts` + `checkpoint` bench an export instead of a preset."""
 
-    preset: str = "bench-256"  # seeded, perturbed random weights of a config preset
+    preset: str = DEFAULT_PRESET  # seeded, perturbed random weights of a config preset
     artifacts: Path | None = None
     checkpoint: Path | None = None
     batch: int = 1
-    sampling: SampleOptions = SampleOptions(guidance=2.0, jacobi=JacobiSettings(block_size=64))
+    sampling: SampleOptions = SampleOptions(DEFAULT_GUIDANCE, jacobi=JacobiSettings(DEFAULT_BLOCK_SIZE))
     options_row: SampleOptions | None = None  # one more runtime row, sampled with these
-    throughput_batch: int = 8  # 0 skips the throughput row
-    repeats: int = 3  # timed runs per Jacobi/forward row (median)
+    throughput_batch: int = DEFAULT_THROUGHPUT_BATCH  # 0 skips the throughput row
+    repeats: int = DEFAULT_REPEATS  # timed runs per Jacobi/forward row (median)
     threads: int | None = None  # CPU threads of both engines (set explicitly); None: every core
     seed: int = 0
     frames: int | None = None  # video models: clips of this many frames (default DEFAULT_FRAMES)
+
+    @classmethod
+    def from_settings(
+        cls,
+        guidance: float | None = None,
+        jacobi_block_size: int | None = None,
+        jacobi_max_iter: int | None = None,
+        jacobi_threshold: float | None = None,
+        jacobi_init: str | None = None,
+        shallow_block_size: int | None = None,
+        shallow_threshold: float | None = None,
+        **given: Any,
+    ) -> BenchOptions:
+        """Options from flat settings (the command line's), unset ones at the defaults above.
+        `jacobi_init` or a `shallow_*` setting adds the options row: the first guess everywhere,
+        the shallow blocks' own chunking."""
+        default = cls.sampling
+        jacobi = dataclasses.replace(
+            default.jacobi,
+            **{k: v for k, v in (("block_size", jacobi_block_size), ("max_iter", jacobi_max_iter),
+                                 ("threshold", jacobi_threshold)) if v is not None},
+        )  # fmt: skip
+        sampling = SampleOptions(default.guidance if guidance is None else guidance, "jacobi", jacobi)
+        row = None
+        if jacobi_init is not None or shallow_block_size is not None or shallow_threshold is not None:
+            first_guess = dataclasses.replace(jacobi, init=jacobi_init or "noise")
+            shallow = dataclasses.replace(
+                first_guess,
+                block_size=shallow_block_size or jacobi.block_size,
+                threshold=jacobi.threshold if shallow_threshold is None else shallow_threshold,
+            )
+            row = SampleOptions(sampling.guidance, "jacobi", first_guess, shallow)
+        options = cls(sampling=sampling, options_row=row, **{k: v for k, v in given.items() if v is not None})
+        options.check()
+        return options
 
     def check(self) -> None:
         self.sampling.check()
@@ -82,31 +129,11 @@ class Row:
     rms: float | None
 
 
-def interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 0
-) -> dict[str, tuple[float, Any]]:
-    """Median seconds and last result of each fn, run in alternating rounds (a, b, a, b, ...)
-    after `warmup` untimed rounds.
-
-    On a shared, noisy machine a slow spell then hits every engine alike, so their ratio holds
-    where back-to-back blocks of runs measured 1.04x and 1.77x for the same code.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {key: [] for key in fns}
-    results: dict[str, Any] = {}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            began = time.perf_counter()
-            results[key] = fn()
-            times[key].append(time.perf_counter() - began)
-    return {key: (statistics.median(times[key]), results[key]) for key in fns}
-
-
 def prepare(options: BenchOptions, work: Path = DEFAULT_WORK) -> tuple[StarFlow, Path]:
     """The model and an fp32 export of it; a preset's export is cached under `work`."""
     from starflow.export.onnx_export import ExportOptions, export_onnx
+    from starflow.model.checkpoint import load_model, save_model
+    from starflow.model.testing import random_model
 
     if options.artifacts is not None:
         config = None if options.checkpoint.suffix == ".safetensors" else options.preset
@@ -133,6 +160,8 @@ def prepare(options: BenchOptions, work: Path = DEFAULT_WORK) -> tuple[StarFlow,
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the forward, sequential and Jacobi rows (and batch throughput); a JSON-ready dict."""
+    import torch
+
     from starflow.runtime import Pipeline
 
     options.check()
@@ -185,6 +214,8 @@ class Engines:
     def inputs(self, n: int, guidance: float, seed: int) -> dict[str, list[Any]]:
         """noise (n, C, H, W) or (n, frames, C, H, W), y and y_uncond (zeros under guidance), as
         numpy and as torch."""
+        import torch
+
         config = self.model.config
         rng = np.random.default_rng(seed)
         side = config.latent_size
@@ -217,6 +248,8 @@ class Engines:
 
 def forward_rows(engines: Engines, inputs: dict[str, list[Any]], repeats: int) -> list[Row]:
     """One forward pass (density direction) per engine: the unit the sampling rows are measured in."""
+    import torch
+
     (noise, y, _), (t_noise, t_y, _) = inputs["runtime"], inputs["pytorch"]
     with torch.no_grad():
         runs = {
@@ -265,7 +298,7 @@ def sampling_rows(
     rows = []
     for name, engine, _ in cases:
         seconds, (sample, stats) = measured[f"{engine}/{name}"]
-        error = (sample.numpy() if isinstance(sample, torch.Tensor) else sample) - reference
+        error = np.asarray(sample) - reference  # a CPU tensor or an array
         compute = sum(s.tokens * config.block_layers[s.block] for s in stats) / forward_work
         calls = sum(s.evaluations for s in stats)
         rows.append(
@@ -273,6 +306,59 @@ def sampling_rows(
                 float(np.abs(error).max()), float(np.sqrt(np.mean(error**2))))
         )  # fmt: skip
     return rows
+
+
+def run_benches(
+    options: BenchOptions,
+    threads: tuple[int, ...] = DEFAULT_THREADS,
+    json_out: Path | None = None,
+    log: Callable[[str], None] = print,
+    show: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """The whole bench at each thread count (every count checked first), each table shown as it
+    is done; all results also to `json_out`."""
+    runs = [dataclasses.replace(options, threads=count) for count in check_thread_counts(threads)]
+    for run in runs:
+        run.check()
+    if json_out is not None:
+        check_writable(json_out.parent, f"json {json_out}")
+    results = []
+    for run in runs:
+        results.append(run_bench(run, log))
+        show(format_table(results[-1]))
+    if json_out is not None:
+        save_text(json_out, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def run_quality(
+    artifacts: Path | None,
+    per_digit: int,
+    threads: tuple[int, ...] = DEFAULT_THREADS,
+    json_out: Path | None = None,
+) -> str:
+    """Block calls and sample quality of the official settings and every calibrated preset of a
+    digits export (default: the embedded one), at the largest thread count, as a table; also to
+    `json_out`."""
+    from starflow.apps.quality import format_quality, quality_bench
+
+    threads = check_thread_counts(threads)
+    if json_out is not None:
+        check_writable(json_out.parent, f"json {json_out}")
+    qualities, held_out = quality_bench(artifacts, per_digit, max(threads))
+    if json_out is not None:
+        document = {"held_out_accuracy": held_out, "settings": [dataclasses.asdict(q) for q in qualities]}
+        save_text(json_out, json.dumps(document, indent=2) + "\n")
+    return format_quality(qualities, held_out)
+
+
+def check_thread_counts(counts: tuple[int, ...]) -> tuple[int, ...]:
+    """Distinct counts, each as `check_threads` wants it."""
+    if not counts or len(set(counts)) != len(counts):
+        raise StarflowError(f"threads: expected distinct counts, got {list(counts)}")
+    for count in counts:
+        check_threads(count)
+    return counts
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -304,4 +390,5 @@ def format_table(result: dict[str, Any]) -> str:
             f"batch {t['batch']} Jacobi throughput: PyTorch {t['pytorch_jacobi_images_per_s']:.2f} images/s, "
             f"runtime {t['runtime_jacobi_images_per_s']:.2f} images/s"
         )
+    lines += textwrap.wrap(LEGEND, 110)
     return "\n".join(lines)

@@ -44,16 +44,40 @@ class Generation:
     seconds: dict[str, float]  # text, flow, denoise, decode, total
 
     def summary(self) -> str:
-        """The timing line: images per second and where the time went."""
+        """The timing line: images per second (or seconds per image) and where the time went."""
         s, n = self.seconds, len(self.images)
         calls = sum(b.evaluations for b in self.stats)
-        unit = "images" if self.images.ndim == 4 else "clips"
-        what = unit if self.images.ndim == 4 else f"clips of {self.images.shape[1]} frames"
+        unit = "image" if self.images.ndim == 4 else "clip"
+        what = counted(n, unit) + ("" if unit == "image" else f" of {self.images.shape[1]} frames")
         return (
-            f"time: {s['total']:.2f} s for {n} {what} ({n / s['total']:.1f} {unit}/s): "
-            f"text {s['text']:.3f} s, flow {s['flow']:.3f} s ({calls} block calls), "
+            f"time: {s['total']:.2f} s for {what} ({rate(n, s['total'], unit)}): "
+            f"text {s['text']:.3f} s, flow {s['flow']:.3f} s ({counted(calls, 'block call')}), "
             f"denoise {s['denoise']:.3f} s, decode {s['decode']:.3f} s"
         )
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def rate(n: int, seconds: float, unit: str) -> str:
+    """'12.5 images/s', or '3.20 s per image' below one a second (where /s would print 0.0)."""
+    if n <= 0 or seconds <= 0:
+        return f"no {unit}s timed"
+    per_second = n / seconds
+    if per_second >= 1:
+        return f"{per_second:.{1 if per_second < 100 else 0}f} {unit}s/s"
+    return f"{seconds / n:.2f} s per {unit}"
+
+
+def array_bytes(
+    images: int, frames: int | None, latent_size: tuple[int, int], channels: int, factor: int
+) -> int:
+    """What the loop holds whole: noise, latents (float32, `channels`) and the decoded RGB images;
+    the working set of one batch is far smaller."""
+    H, W = latent_size
+    return 4 * images * (frames or 1) * H * W * (channels * 2 + 3 * factor**2)
 
 
 class ImageGenerator:
@@ -154,9 +178,9 @@ class ImageGenerator:
         self.check(prompts, num_images, seed, options, denoise, frames)
         H, W = latent_size or self.latent_size()
         per_image = [p for p in prompts for _ in range(num_images)]
-        # noise, latents and images are held whole; the working set of one batch is far smaller
-        pixels = len(per_image) * (frames or 1) * H * W * (self.channels * 2 + 3 * self.factor**2)
-        check_fits(4 * pixels, f"{len(per_image)} {'clips' if frames else 'images'} of {H}x{W} latent pixels")
+        needed = array_bytes(len(per_image), frames, (H, W), self.channels, self.factor)
+        what = counted(len(per_image), "clip" if frames else "image")
+        check_fits(needed, f"{what} of {H}x{W} latent pixels")
         clip = () if frames is None else (frames,)
         noise = self.noise(seed, (len(per_image), *clip, self.channels, H, W))
         xp = array_namespace(noise)

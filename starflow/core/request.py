@@ -171,7 +171,8 @@ def one_line(err: ValidationError) -> StarflowError:
         message = f"{message[0].lower()}{message[1:]}, got {first['input']!r}"
         if first["type"] == "json_invalid":
             message = f"the request is not JSON: {first['msg']}"
-    return StarflowError(f"{field}: {message}" if field else message)
+    named = not field or message.startswith(f"{field}: ")  # a shared check's message names it already
+    return StarflowError(message if named else f"{field}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
