@@ -1,7 +1,9 @@
 """The pipeline around the flow: text encoder, VAE decoder and (self- or learned) denoise graphs.
 
-They are loaded (local directories only) and checked against the flow before anything is
-written, then exported and validated against PyTorch one by one (a miss fails the export).
+Each component declares its graph in a file of its own (text_encoder.py, decoder.py,
+denoise.py) as a `ComponentGraph`; `export_component` exports any of them and validates it
+through the runtime's Runner against PyTorch (a miss fails the export). They are loaded (local
+directories only) and checked against the flow before anything is written.
 """
 
 from __future__ import annotations
@@ -9,15 +11,57 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from starflow.contract.manifest import VAE_SCALE, Decoder, Denoise, TextComponent
-from starflow.core.errors import StarflowError
-from starflow.export.graphs import GraphSpec
+from starflow.contract.manifest import VAE_SCALE, Comparison, Decoder, Denoise, TextComponent
+from starflow.export.defaults import DEFAULT_OPSET
+from starflow.export.exporter import dynamic_shapes_of, export_module
+from starflow.export.graphs import ComponentGraph, GraphSpec
+from starflow.export.validate import check_results, compare
 from starflow.model.flow import StarFlow
+from starflow.runtime.backends import OrtRunner
 
 if TYPE_CHECKING:
     from starflow.export.worker import DenoiseJob
+
+
+def export_component(graph: ComponentGraph, directory: Path, opset: int = DEFAULT_OPSET) -> list[Comparison]:
+    """Write `graph` (and its files) into `directory` and validate it; a miss raises, naming it.
+
+    The graph is written in place like the block graphs (ONNX external data names its own file,
+    so it cannot go through a temporary name); export_onnx works in a temporary directory anyway.
+    """
+    directory = Path(directory)
+    spec = graph.spec
+    dynamic_shapes = dynamic_shapes_of(spec)
+    export_module(
+        graph.module, graph.example, dynamic_shapes, spec, directory / spec.file, opset, graph.autograd
+    )
+    for write in graph.files.values():
+        write(directory)
+    results = validate_component(graph, directory)
+    check_results(results)
+    return results
+
+
+def validate_component(graph: ComponentGraph, directory: Path) -> list[Comparison]:
+    """The exported graph in ONNX Runtime (inside its runtime wrapper, if any) against PyTorch, at
+    every case; one Comparison per case and output."""
+    spec = graph.spec
+    runner = OrtRunner(spec.name, Path(directory) / spec.file, few_runs=True)
+    run = graph.runtime(runner, Path(directory)) if graph.runtime is not None else runner.run
+    results = []
+    for case, feeds in graph.cases.items():
+        actual, expected = run(feeds), graph.reference(feeds)
+        results += [
+            compare(spec.name, case, t.name, actual[t.name], expected[t.name], graph.tolerance)
+            for t in spec.outputs
+        ]
+    return results
+
+
+# where each kind of manifest entry goes in `ComponentEntries`
+ENTRY_FIELDS = {TextComponent: "text", Decoder: "decoder", Denoise: "denoise"}
 
 
 @dataclasses.dataclass
@@ -33,50 +77,40 @@ class ComponentEntries:
 
 @dataclasses.dataclass
 class Components:
-    """The components of one export, loaded and checked against the flow."""
+    """The component graphs of one export, loaded and checked against the flow, in export order."""
 
-    text_encoder: Any  # HFTextEncoder | LabelTextEncoder | None
-    vae: Any  # diffusers AutoencoderKL | None
-    vae_source: str | None
-    denoise: bool
+    graphs: list[ComponentGraph]
 
     @classmethod
     def load(
         cls, model: StarFlow, checkpoint: Path, text_encoder: Path | None, vae: Path | None, denoise: bool
     ) -> Components:
         """The text encoder (a local HF directory, or the label table saved beside a class-conditional
-        checkpoint) and the VAE (a local diffusers directory), checked to fit the flow."""
-        from starflow.model.label_encoder import labels_path, load_label_encoder
+        checkpoint), the VAE (a local diffusers directory) and the denoise graph, checked to fit."""
+        from starflow.export.decoder import decoder_graph
+        from starflow.export.denoise import denoise_graph
+        from starflow.export.text_encoder import text_encoder_graph
+        from starflow.model.text_encoder import text_encoder_for
+        from starflow.model.vae import vae_for
 
-        config = model.config
-        encoder = None
-        if text_encoder is not None:
-            if config.txt_dim == 0:
-                raise StarflowError(f"text_encoder {text_encoder}: this model is not text-conditioned")
-            from starflow.model.text_encoder import HFTextEncoder
+        graphs = []
+        encoder = text_encoder_for(model.config, checkpoint, text_encoder)
+        if encoder is not None:
+            graphs.append(text_encoder_graph(encoder))
+        loaded_vae = vae_for(model.config, vae)
+        if loaded_vae is not None:
+            graphs.append(decoder_graph(loaded_vae, VAE_SCALE, Path(vae).name))
+        if denoise:
+            graphs.append(denoise_graph(model))
+        return cls(graphs)
 
-            encoder = HFTextEncoder.from_directory(Path(text_encoder), config.txt_size)
-            encoder.check_dim(config.txt_dim)
-        elif config.txt_dim > 0 and labels_path(checkpoint).is_file():
-            from starflow.model.text_encoder import LabelTextEncoder
-
-            table = load_label_encoder(labels_path(checkpoint), config.txt_size, config.txt_dim)
-            encoder = LabelTextEncoder(table)
-        loaded_vae = None
-        if vae is not None:
-            if config.vae is None:
-                raise StarflowError(f"vae {vae}: this is a pixel-space model (its config names no VAE)")
-            from starflow.model.vae import check_channels, load_vae
-
-            loaded_vae = load_vae(Path(vae))
-            check_channels(loaded_vae, config.channel_size)
-        return cls(encoder, loaded_vae, Path(vae).name if vae is not None else None, denoise)
+    @property
+    def denoise(self) -> bool:
+        return any(g.spec.kind == "denoise" for g in self.graphs)
 
     def pending(self) -> list[str]:
         """The graphs `export` writes, in order (the denoise graph may come from a `DenoiseJob`)."""
-        names = ["text_encoder"] if self.text_encoder is not None else []
-        names += ["decoder"] if self.vae is not None else []
-        return names + (["denoise"] if self.denoise else [])
+        return [g.spec.kind for g in self.graphs]
 
     def export(
         self,
@@ -86,45 +120,22 @@ class Components:
         progress: Callable[[str], None],
         denoise_job: DenoiseJob | None = None,
     ) -> ComponentEntries:
-        """Export (and validate: each exporter checks its graph against PyTorch) every component;
-        the denoise graph is waited for when `denoise_job` already exports it."""
+        """Export and validate every component; the denoise graph is waited for when `denoise_job`
+        already exports it."""
         entries = ComponentEntries()
-        for name in self.pending():
-            progress(f"{'wait for' if denoise_job and name == 'denoise' else 'export'} {name}")
-            if name == "text_encoder":
-                from starflow.export.text_encoder import export_text_encoder
-
-                spec, entries.text = export_text_encoder(self.text_encoder, work, opset)
-                entries.files.append(entries.text.tokenizer)
-            elif name == "decoder":
-                from starflow.export.decoder import export_decoder
-                from starflow.model.vae import upsampling
-
-                spec = export_decoder(self.vae, work / "decoder.fp32.onnx", VAE_SCALE, opset)
-                entries.decoder = Decoder(
-                    "sd-vae", self.vae_source, VAE_SCALE, spec.name, upsampling(self.vae)
-                )
-            elif model.learnable_self_denoiser is not None:
-                from starflow.export.denoise import export_learned_denoise, learned_spec
-                from starflow.model.flow import LEARNED_DENOISER_STEP
-
-                spec = export_learned_denoise(model, work / learned_spec(model).file, opset)
-                config = model.config
-                entries.denoise = Denoise(
-                    "learned", spec.name, config.noise_std, LEARNED_DENOISER_STEP, config.denoiser_window
-                )
+        for graph in self.graphs:
+            kind = graph.spec.kind
+            if denoise_job is not None and kind == "denoise":
+                progress(f"wait for {kind}")
+                denoise_job.wait()
             else:
-                from starflow.export.denoise import denoise_spec, export_denoise
-
-                spec = denoise_spec(model)
-                if denoise_job is None:
-                    export_denoise(model, work / spec.file, opset)
-                else:
-                    denoise_job.wait()
-                entries.denoise = Denoise("nll-gradient", spec.name, model.config.noise_std)
-            entries.graphs.append(spec)
+                progress(f"export {kind}")
+                export_component(graph, work, opset)
+            setattr(entries, ENTRY_FIELDS[type(graph.entry)], graph.entry)
+            entries.graphs.append(graph.spec)
+            entries.files += list(graph.files)
         config = model.config
-        if self.vae is None and config.vae:  # named by the config, but not given: no graph
+        if entries.decoder.graph is None and config.vae:  # named by the config, but not given: no graph
             entries.decoder = Decoder(
                 "sd-vae", config.vae, VAE_SCALE, None, config.img_size // config.latent_size
             )

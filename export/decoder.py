@@ -7,18 +7,14 @@ exporter's expressions of them (`8*height` for SD-VAE, whose decoder upsamples t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from starflow.contract.manifest import Comparison, TensorSpec, Tolerance
-from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
-from starflow.export.graphs import GraphSpec
-from starflow.export.validate import check_results, compare
+from starflow.contract.manifest import Decoder, TensorSpec, Tolerance
+from starflow.export.graphs import ComponentGraph, GraphSpec
 from starflow.model.vae import decode, upsampling
-from starflow.runtime.backends import OrtRunner
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -53,25 +49,23 @@ def decoder_spec(vae: AutoencoderKL) -> GraphSpec:
     )
 
 
-def export_decoder(vae: AutoencoderKL, path: Path, scale: float, opset: int = DEFAULT_OPSET) -> GraphSpec:
-    """Export and validate `decoder.fp32` of `vae` to `path`; returns its spec."""
-    spec = decoder_spec(vae)
-    args = (torch.randn(2, vae.config.latent_channels, 3, 5),)  # every symbolic dim >= 2 and distinct
-    export_module(DecoderGraph(vae, scale).eval(), args, dynamic_shapes_of(spec), spec, path, opset)
-    check_results(validate_decoder(vae, path, scale))
-    return spec
-
-
-def validate_decoder(vae: AutoencoderKL, path: Path, scale: float, seed: int = 0) -> list[Comparison]:
-    """Run the graph through ONNX Runtime on `CASES` against `starflow.model.vae.decode`."""
+def decoder_graph(vae: AutoencoderKL, scale: float, source: str, seed: int = 0) -> ComponentGraph:
+    """`decoder.fp32` of the VAE loaded from the directory named `source`, checked on `CASES`
+    against `starflow.model.vae.decode`."""
+    spec, channels = decoder_spec(vae), vae.config.latent_channels
     generator = torch.Generator().manual_seed(seed)
-    runner = OrtRunner("decoder.fp32", path)
-    results = []
-    for batch, h, w in CASES:
-        latent = torch.randn(batch, vae.config.latent_channels, h, w, generator=generator)
-        expected = decode(vae, latent, scale).numpy()
-        actual = runner.run({"latent": latent.numpy()})["image"]
-        results.append(
-            compare("decoder.fp32", f"batch {batch}, latent {h}x{w}", "image", actual, expected, TOLERANCE)
-        )
-    return results
+    cases = {
+        f"batch {batch}, latent {h}x{w}": {
+            "latent": torch.randn(batch, channels, h, w, generator=generator).numpy()
+        }
+        for batch, h, w in CASES
+    }
+    return ComponentGraph(
+        spec=spec,
+        module=DecoderGraph(vae, scale).eval(),
+        example=(torch.randn(2, channels, 3, 5),),  # every symbolic dim >= 2 and distinct
+        cases=cases,
+        reference=lambda feeds: {"image": decode(vae, torch.from_numpy(feeds["latent"]), scale).numpy()},
+        tolerance=TOLERANCE,
+        entry=Decoder("sd-vae", source, scale, spec.name, upsampling(vae)),
+    )

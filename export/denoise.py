@@ -2,36 +2,23 @@
 or, for models with one (STARFlow-V), the learned denoiser's correction.
 
 The runtime applies one Tweedie step `x - noise_std^2 * grad` to the sampled latent; the graph
-holds the teacher-forced forward *and* backward pass through every flow block.
-
-torch 2.13 cannot export `torch.autograd.grad` directly with symbolic shapes: non-strict export
-fails inside the autograd engine (an n-ary SymInt product it cannot rebuild, `batch*h*w`), and
-strict export refuses it unless `trace_autograd_ops` is set, and then turns saved activations
-into constants. So the joint graph is traced first with `make_fx` over fake inputs whose batch,
-height, width (and text length) are symbolic; the result is plain ATen ops, backward included,
-and exports like any other module through `export_module`.
+holds the teacher-forced forward *and* backward pass through every flow block, so it is exported
+as an autograd graph (`starflow.export.exporter.export_module`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
+import numpy as np
 import torch
-import torch._dynamo
-from torch import Tensor, fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch import Tensor, nn
 
-from starflow.contract.manifest import Comparison, TensorSpec, Tolerance
-from starflow.core.errors import StarflowError
+from starflow.contract.manifest import Denoise, TensorSpec, Tolerance
 from starflow.core.sampler import patchify, unpatchify
-from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
-from starflow.export.graphs import GraphSpec
-from starflow.export.validate import TOLERANCES, check_results, compare
-from starflow.model.flow import StarFlow
-from starflow.runtime.backends import OrtRunner
+from starflow.export.graphs import ComponentGraph, GraphSpec
+from starflow.export.validate import TOLERANCES
+from starflow.model.flow import LEARNED_DENOISER_STEP, StarFlow
 
 TOLERANCE = Tolerance(atol=0.0, rtol=1e-4)  # relative to max|grad| of the case
 # (batch, latent grid in tokens, text length) checked after export; none is the trace example.
@@ -84,49 +71,54 @@ def denoise_spec(model: StarFlow) -> GraphSpec:
     return GraphSpec(None, "denoise", "fp32", inputs, (TensorSpec("grad", "float32", latent),))
 
 
-def _example_args(model: StarFlow) -> tuple[Tensor, ...]:
-    """Every symbolic dim >= 2 and distinct (batch 2, grid 3x5 tokens, text 4)."""
-    config = model.config
-    p = config.patch_size
-    x = torch.randn(2, config.channel_size, 3 * p, 5 * p)
-    return (x, torch.randn(2, 4, config.txt_dim)) if _has_text(model) else (x,)
+def denoise_graph(model: StarFlow, seed: int = 0) -> ComponentGraph:
+    """The model's denoise graph: its learned denoiser's, or else the NLL gradient's."""
+    if model.learnable_self_denoiser is not None:
+        return learned_graph(model, seed)
+    config, p, spec = model.config, model.config.patch_size, denoise_spec(model)
+    shapes = [((batch, config.channel_size, h * p, w * p), length) for batch, (h, w), length in CASES]
+    x = torch.randn(2, config.channel_size, 3 * p, 5 * p)  # every symbolic dim >= 2 and distinct
+    return ComponentGraph(
+        spec=spec,
+        module=NLLGradient(model).eval(),
+        example=(x, torch.randn(2, 4, config.txt_dim)) if _has_text(model) else (x,),
+        cases=_cases(
+            shapes,
+            _has_text(model),
+            config.txt_dim,
+            seed,
+            lambda x, length: f"batch {x.size(0)}, latent {x.size(2)}x{x.size(3)}, text {length}",
+        ),  # fmt: skip
+        reference=lambda feeds: {"grad": reference_gradient(model, *_tensors(feeds)).numpy()},
+        tolerance=TOLERANCE,
+        entry=Denoise("nll-gradient", spec.name, config.noise_std),
+        autograd=True,
+    )
 
 
-def trace_joint(
-    module: nn.Module, args: tuple[Tensor, ...], dynamic_shapes: tuple[dict[int, Any] | None, ...]
-) -> fx.GraphModule:
-    """`module` traced to ATen ops (autograd included); the axes in `dynamic_shapes` stay symbolic.
+def _cases(
+    shapes: list[tuple[tuple[int, ...], int]],
+    conditioned: bool,
+    text_dim: int,
+    seed: int,
+    name: Callable[[Tensor, int], str],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Validation feeds: x of each shape, and text of its length when `conditioned`, by name."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = {}
+    for shape, length in shapes:
+        x = torch.randn(*shape, generator=generator)
+        feeds = {"x": x.numpy()}
+        if conditioned:
+            feeds["text"] = torch.randn(shape[0], length, text_dim, generator=generator).numpy()
+        cases[name(x, length if conditioned else 0)] = feeds
+    return cases
 
-    Parameters stay real tensors; make_fx records them as parameters of the returned module,
-    so the exporter sees (and externalises) them like any other weights.
-    """
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    fakes = []
-    for arg, axes in zip(args, dynamic_shapes, strict=True):
-        sizes = [DimDynamic.DYNAMIC if i in (axes or {}) else DimDynamic.STATIC for i in range(arg.dim())]
-        fakes.append(mode.from_tensor(arg, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
-    with mode:
-        graph = make_fx(module, tracing_mode="real")(*fakes)
-    return graph.eval()
 
-
-def export_denoise(model: StarFlow, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
-    """Export and validate `denoise.fp32` of `model` to `path`; returns its spec."""
-    spec = denoise_spec(model)
-    args = _example_args(model)
-    dynamic_shapes = dynamic_shapes_of(spec)
-    # The fake-tensor cache costs more than it saves on this graph's symbolic shapes: measured
-    # about 27 s instead of 35 s (trace and export) for a one-layer model.
-    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
-        try:
-            joint = trace_joint(NLLGradient(model).eval(), args, dynamic_shapes)
-        except Exception as err:  # make_fx raises many types; name the graph and keep the cause
-            raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
-        # onnxscript's optimizer pattern-matches every node: minutes on this joint graph (~270
-        # nodes per layer), measured 240 s -> 105 s for the 10-layer demo model without it
-        export_module(joint, args, dynamic_shapes, spec, path, opset, optimize=False)
-    check_results(validate_denoise(model, path))
-    return spec
+def _tensors(feeds: dict[str, np.ndarray]) -> tuple[Tensor, Tensor | None]:
+    """(x, text or None) of a case's feeds."""
+    text = feeds.get("text")
+    return torch.from_numpy(feeds["x"]), None if text is None else torch.from_numpy(text)
 
 
 def reference_gradient(model: StarFlow, x: Tensor, text: Tensor | None) -> Tensor:
@@ -135,25 +127,6 @@ def reference_gradient(model: StarFlow, x: Tensor, text: Tensor | None) -> Tenso
         x = x.detach().clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(model.loss(model(x, text)), [x])
     return (x.numel() * grad).detach()
-
-
-def validate_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Comparison]:
-    """Run the graph through ONNX Runtime on `CASES` against `reference_gradient`."""
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    runner = OrtRunner("denoise.fp32", path)
-    results = []
-    for batch, (h, w), length in CASES:
-        x = torch.randn(
-            batch, config.channel_size, h * config.patch_size, w * config.patch_size, generator=generator
-        )
-        text = torch.randn(batch, length, config.txt_dim, generator=generator) if _has_text(model) else None
-        expected = reference_gradient(model, x, text).numpy()
-        feeds = {"x": x.numpy()} | ({"text": text.numpy()} if text is not None else {})
-        actual = runner.run(feeds)["grad"]
-        case = f"batch {batch}, latent {x.size(2)}x{x.size(3)}, text {0 if text is None else length}"
-        results.append(compare("denoise.fp32", case, "grad", actual, expected, TOLERANCE))
-    return results
 
 
 # ---- the learned denoiser (STARFlow-V) ------------------------------------------------------------
@@ -192,34 +165,37 @@ def learned_spec(model: StarFlow) -> GraphSpec:
     return GraphSpec(None, "denoise", "fp32", inputs, (TensorSpec("correction", "float32", clip),))
 
 
-def export_learned_denoise(model: StarFlow, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
-    """Export and validate the learned denoiser's graph of `model` to `path`; returns its spec."""
-    spec, config = learned_spec(model), model.config
-    p = config.patch_size
-    args = (torch.randn(2, 5, config.channel_size, 3 * p, 4 * p),)  # every symbolic dim >= 2, distinct
-    if len(spec.inputs) == 2:
-        args += (torch.randn(2, 6, config.txt_dim),)
-    export_module(LearnedCorrection(model).eval(), args, dynamic_shapes_of(spec), spec, path, opset)
-    check_results(validate_learned_denoise(model, path))
-    return spec
+def learned_graph(model: StarFlow, seed: int = 0) -> ComponentGraph:
+    """The learned denoiser's graph, checked against the PyTorch denoiser at two frame counts."""
+    spec, config, p = learned_spec(model), model.config, model.config.patch_size
+    conditioned = len(spec.inputs) == 2
+    shapes = [
+        ((batch, frames, config.channel_size, h * p, w * p), length)
+        for batch, frames, (h, w), length in LEARNED_CASES
+    ]
+    example = (torch.randn(2, 5, config.channel_size, 3 * p, 4 * p),)  # every symbolic dim >= 2, distinct
+    if conditioned:
+        example += (torch.randn(2, 6, config.txt_dim),)
+    module = LearnedCorrection(model).eval()
 
+    @torch.no_grad()
+    def reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"correction": module(*_tensors(feeds)).numpy()}
 
-def validate_learned_denoise(model: StarFlow, path: Path, seed: int = 0) -> list[Comparison]:
-    """The graph through ONNX Runtime against the PyTorch denoiser, at two frame counts."""
-    config, p = model.config, model.config.patch_size
-    generator = torch.Generator().manual_seed(seed)
-    runner = OrtRunner("denoise.fp32", path)
-    reference = LearnedCorrection(model).eval()
-    conditioned = model.learnable_self_denoiser.text_conditioned
-    results = []
-    for batch, frames, (h, w), length in LEARNED_CASES:
-        x = torch.randn(batch, frames, config.channel_size, h * p, w * p, generator=generator)
-        text = torch.randn(batch, length, config.txt_dim, generator=generator) if conditioned else None
-        with torch.no_grad():
-            expected = reference(x, text).numpy()
-        feeds = {"x": x.numpy()} | ({"text": text.numpy()} if text is not None else {})
-        actual = runner.run(feeds)["correction"]
-        size = f"{x.size(3)}x{x.size(4)}"
-        case = f"batch {batch}, {frames} frames of {size}, text {length if conditioned else 0}"
-        results.append(compare("denoise.fp32", case, "correction", actual, expected, VALIDATION))
-    return results
+    return ComponentGraph(
+        spec=spec,
+        module=module,
+        example=example,
+        cases=_cases(
+            shapes,
+            conditioned,
+            config.txt_dim,
+            seed,
+            lambda x, length: (
+                f"batch {x.size(0)}, {x.size(1)} frames of {x.size(3)}x{x.size(4)}, text {length}"
+            ),
+        ),  # fmt: skip
+        reference=reference,
+        tolerance=VALIDATION,
+        entry=Denoise("learned", spec.name, config.noise_std, LEARNED_DENOISER_STEP, config.denoiser_window),
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,15 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starflow.contract.manifest import Block, FileEntry, Graph, Range, TensorSpec
+from starflow.contract.manifest import (
+    Block,
+    Decoder,
+    Denoise,
+    FileEntry,
+    Graph,
+    Range,
+    TensorSpec,
+    TextComponent,
+    Tolerance,
+)
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings
 from starflow.model.flow import FlowBlock, RMSNorm, StarFlow
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
 
     from starflow.core.config import StarFlowConfig
+    from starflow.runtime.backends import Runner
+
+    Feeds = dict[str, np.ndarray]  # arrays by tensor name
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
 BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density"}  # graph kind -> method
@@ -152,6 +167,28 @@ class GraphSpec:
             self.name, self.block, self.kind, self.precision, main.file, main.sha256, main.bytes, external,
             self.inputs, self.outputs, {d: dims[d] for d in self.dims},
         )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentGraph:
+    """A pipeline component's graph, declared by its own file (text_encoder.py, decoder.py,
+    denoise.py): everything `starflow.export.components.export_component` needs to export it
+    and to check it against PyTorch."""
+
+    spec: GraphSpec  # the signature; the graph is written to `spec.file`
+    module: nn.Module  # what gets traced
+    example: tuple[Tensor, ...]  # trace inputs: every symbolic dim >= 2 and distinct
+    cases: dict[str, Feeds]  # validation inputs by case name, none of them the example's shapes
+    reference: Callable[[Feeds], Feeds]  # PyTorch's outputs of one case, by output name
+    tolerance: Tolerance
+    entry: TextComponent | Decoder | Denoise  # what the component adds to the manifest
+    # the module takes gradients: traced by make_fx first (see `exporter.export_module`)
+    autograd: bool = False
+    # files written beside the graph, by name, each with its writer (the tokenizer)
+    files: dict[str, Callable[[Path], None]] = dataclasses.field(default_factory=dict)
+    # what the runtime puts around the graph, validated with it: (runner, export directory) ->
+    # a function of case inputs; None: the runner itself
+    runtime: Callable[[Runner, Path], Callable[[Feeds], Feeds]] | None = None
 
 
 def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:

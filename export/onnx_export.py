@@ -254,9 +254,7 @@ def denoise_job(
     if not components.denoise or jobs < 2 or model.learnable_self_denoiser is not None:
         yield None
         return
-    from starflow.export.denoise import denoise_spec
-
-    job = DenoiseJob(checkpoint, config, work / denoise_spec(model).file, options.opset)
+    job = DenoiseJob(checkpoint, config, work, options.opset)
     try:
         yield job
     finally:

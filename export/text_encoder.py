@@ -3,24 +3,25 @@
 Both encoder kinds are exported the same way, so a runtime needs one code path: tokenize with
 `tokenizer.json` (padded and truncated to `token_length`), run the graph. Only the batch is
 dynamic; the token length is fixed by the flow's txt_size. The export is checked end to end,
-tokenizer file included, against the PyTorch encoder before it is returned.
+tokenizer file included (the runtime's `TextEncoderRunner`), against the PyTorch encoder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from starflow.contract.manifest import Comparison, TensorSpec, TextComponent
+from starflow.contract.manifest import TensorSpec, TextComponent, Tolerance
 from starflow.core.atomic import atomic_path
-from starflow.core.errors import StarflowError
-from starflow.export.exporter import DEFAULT_OPSET, dynamic_shapes_of, export_module
-from starflow.export.graphs import GraphSpec
+from starflow.export.graphs import ComponentGraph, GraphSpec
 from starflow.model.text_encoder import LabelTextEncoder, TextEncoder
+from starflow.runtime.backends import Runner
+from starflow.runtime.text import TextEncoderRunner
 
 TOKENIZER_FILE = "tokenizer.json"
-MAX_ABS_ERROR = 1e-4  # fp32 graph vs fp32 PyTorch; the tiny T5 measures ~1e-6
+TOLERANCE = Tolerance(atol=1e-4, rtol=0.0)  # fp32 graph vs fp32 PyTorch; the tiny T5 measures ~1e-6
 CHECK_PROMPT = "a photo of a cat"  # the non-empty validation prompt of HF encoders
 
 
@@ -63,20 +64,10 @@ def _save_tokenizer(encoder: TextEncoder, path: Path) -> None:
         tokenizer.save(str(tmp))
 
 
-def export_text_encoder(
-    encoder: TextEncoder, directory: Path, opset: int = DEFAULT_OPSET
-) -> tuple[GraphSpec, TextComponent]:
-    """Write the graph and tokenizer into `directory`, validate them; return (spec, manifest entry).
-
-    The graph is written in place like the block graphs (ONNX external data names its own file,
-    so it cannot go through a temporary name); export_onnx works in a temporary directory anyway.
-    """
-    directory = Path(directory)
+def text_encoder_graph(encoder: TextEncoder) -> ComponentGraph:
+    """The graph and tokenizer of `encoder`, checked through the runtime's text encoder (tokenizer
+    file, then graph) against `encoder.encode`, one prompt at a time."""
     spec = text_encoder_spec(encoder)
-    encoder.eval()
-    example = encoder.tokenize(_check_prompts(encoder))  # batch 2: the batch stays symbolic
-    export_module(encoder, example, dynamic_shapes_of(spec), spec, directory / spec.file, opset)
-    _save_tokenizer(encoder, directory / TOKENIZER_FILE)
     label = isinstance(encoder, LabelTextEncoder)
     component = TextComponent(
         kind="label-table" if label else "hf-encoder",
@@ -87,39 +78,20 @@ def export_text_encoder(
         classes=tuple(encoder.labels.classes) if label else None,
         source=encoder.source,
     )
-    for result in validate_text_encoder(encoder, directory, component):
-        if not result.passed:
-            raise StarflowError(
-                f"graph {result.graph}: {result.case}: max abs error {result.max_abs_error:.3g} against "
-                f"PyTorch exceeds {result.limit:.3g}"
-            )
-    return spec, component
 
+    def runtime(runner: Runner, directory: Path) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        text = TextEncoderRunner(directory, component, runner)
+        return lambda feeds: {"embeddings": text.encode(feeds["prompts"].tolist())}
 
-def validate_text_encoder(
-    encoder: TextEncoder, directory: Path, component: TextComponent
-) -> list[Comparison]:
-    """Runtime path (tokenizer.json + graph in onnxruntime) vs `encoder.encode`, one prompt at a time."""
-    from starflow.runtime.backends import OrtRunner
-    from starflow.runtime.text import TextEncoderRunner
-
-    name = component.graph
-    runner = OrtRunner(name, Path(directory) / f"{name}.onnx")
-    text = TextEncoderRunner(directory, component, runner)
-    results = []
-    for prompt in _check_prompts(encoder):
-        got = text.encode([prompt])
-        want = encoder.encode([prompt]).cpu().numpy()
-        error = float(np.abs(got - want).max()) if got.shape == want.shape else np.inf
-        results.append(
-            Comparison.of(
-                name,
-                f"prompt {prompt!r}",
-                "embeddings",
-                want.shape,
-                error,
-                float(np.abs(want).max()),
-                MAX_ABS_ERROR,
-            )
-        )
-    return results
+    prompts = _check_prompts(encoder)
+    return ComponentGraph(
+        spec=spec,
+        module=encoder.eval(),
+        example=encoder.tokenize(prompts),  # batch 2: the batch stays symbolic
+        cases={f"prompt {prompt!r}": {"prompts": np.array([prompt])} for prompt in prompts},
+        reference=lambda feeds: {"embeddings": encoder.encode(feeds["prompts"].tolist()).cpu().numpy()},
+        tolerance=TOLERANCE,
+        entry=component,
+        files={TOKENIZER_FILE: lambda directory: _save_tokenizer(encoder, directory / TOKENIZER_FILE)},
+        runtime=runtime,
+    )

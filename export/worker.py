@@ -20,11 +20,19 @@ from starflow.core.errors import StarflowError
 
 
 class DenoiseJob:
-    """`export_denoise` of a checkpoint's model to `path`, running in a child process."""
+    """The denoise graph of a checkpoint's model exported (and validated) into `directory`, in a
+    child process."""
 
-    def __init__(self, checkpoint: Path, config: str | Path | None, path: Path, opset: int):
+    def __init__(self, checkpoint: Path, config: str | Path | None, directory: Path, opset: int):
         self._log = tempfile.TemporaryFile()  # not a pipe: a chatty child must not block on it
-        command = [sys.executable, "-m", "starflow.export.worker", str(checkpoint), str(path), str(opset)]
+        command = [
+            sys.executable,
+            "-m",
+            "starflow.export.worker",
+            str(checkpoint),
+            str(directory),
+            str(opset),
+        ]
         command += ["--config", str(config)] if config is not None else []
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
 
@@ -50,18 +58,19 @@ class DenoiseJob:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Export (and validate) one model's denoise graph.")
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("path", type=Path)
+    parser.add_argument("directory", type=Path)
     parser.add_argument("opset", type=int)
     parser.add_argument("--config")
     args = parser.parse_args(argv)
     import torch
 
-    from starflow.export.denoise import export_denoise
+    from starflow.export.components import export_component
+    from starflow.export.denoise import denoise_graph
     from starflow.model.checkpoint import load_model
 
     torch.set_num_threads(1)  # the parent keeps the other core
     try:
-        export_denoise(load_model(args.config, args.checkpoint), args.path, args.opset)
+        export_component(denoise_graph(load_model(args.config, args.checkpoint)), args.directory, args.opset)
     except StarflowError as err:
         print(err, file=sys.stderr)
         sys.exit(2)

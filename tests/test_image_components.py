@@ -19,7 +19,9 @@ from starflow.contract.manifest import VAE_SCALE, TensorSpec
 from starflow.core.config import PRESETS, StarFlowConfig, load_config
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import to_unit_images
-from starflow.export.denoise import NLLGradient, denoise_spec, export_denoise
+from starflow.export import denoise
+from starflow.export.components import export_component
+from starflow.export.denoise import NLLGradient, denoise_spec
 from starflow.export.exporter import DEFAULT_OPSET
 from starflow.export.worker import DenoiseJob
 from starflow.model.checkpoint import save_model
@@ -40,11 +42,14 @@ def vae(vae_dir: Path):
 
 @pytest.fixture(scope="module")
 def decoder(vae, tmp_path_factory: pytest.TempPathFactory) -> Decoder:
-    from starflow.export.decoder import export_decoder
+    from starflow.export.decoder import decoder_graph
 
-    path = tmp_path_factory.mktemp("decoder") / "decoder.fp32.onnx"
-    spec = export_decoder(vae, path, VAE_SCALE)
+    graph = decoder_graph(vae, VAE_SCALE, "tiny-sd-vae")
+    directory = tmp_path_factory.mktemp("decoder")
+    results = export_component(graph, directory)
+    spec, path = graph.spec, directory / "decoder.fp32.onnx"
     assert spec.name == "decoder.fp32" and spec.file == path.name
+    assert [r.case for r in results] == ["batch 2, latent 4x6", "batch 1, latent 6x5"]
     assert spec.inputs == (TensorSpec("latent", "float32", ("batch", 4, "height", "width")),)
     assert spec.outputs == (TensorSpec("image", "float32", ("batch", 3, "2*height", "2*width")),)
     return Decoder(OrtRunner(spec.name, path), channels=4)
@@ -113,8 +118,10 @@ def t2i() -> StarFlow:
 
 @pytest.fixture(scope="module")
 def denoise_graph(t2i, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("denoise") / "denoise.fp32.onnx"
-    spec = export_denoise(t2i, path)
+    graph = denoise.denoise_graph(t2i)
+    directory = tmp_path_factory.mktemp("denoise")
+    export_component(graph, directory)
+    spec, path = graph.spec, directory / "denoise.fp32.onnx"
     assert spec == denoise_spec(t2i)
     assert [t.name for t in spec.inputs] == ["x", "text"] and spec.outputs[0].name == "grad"
     assert spec.inputs[1].shape == ("batch", "text", 32)
@@ -130,20 +137,20 @@ def test_a_worker_process_exports_the_same_denoise_graph(t2i, denoise_graph, tmp
     """`export_onnx` runs the denoise export in a worker beside the block graphs: same file."""
     checkpoint = tmp_path / "model.safetensors"
     save_model(t2i, checkpoint)
-    job = DenoiseJob(checkpoint, None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
+    job = DenoiseJob(checkpoint, None, tmp_path, DEFAULT_OPSET)
     job.wait()
     assert (tmp_path / "denoise.fp32.onnx").read_bytes() == denoise_graph.read_bytes()
 
 
 def test_a_failing_or_cancelled_worker(tmp_path):
-    job = DenoiseJob(tmp_path / "missing.safetensors", None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
+    job = DenoiseJob(tmp_path / "missing.safetensors", None, tmp_path, DEFAULT_OPSET)
     with pytest.raises(
         StarflowError, match=r"graph denoise\.fp32 \(worker process\) failed: .*missing\.safetensors"
     ):
         job.wait()
     checkpoint = tmp_path / "model.safetensors"
     save_model(one_block_t2i(), checkpoint)
-    job = DenoiseJob(checkpoint, None, tmp_path / "denoise.fp32.onnx", DEFAULT_OPSET)
+    job = DenoiseJob(checkpoint, None, tmp_path, DEFAULT_OPSET)
     job.cancel()  # at once: the export fails elsewhere
     assert job._process.returncode is not None and not (tmp_path / "denoise.fp32.onnx").exists()
 

@@ -21,11 +21,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("onnxruntime")
 
-from starflow.contract.manifest import TextComponent  # noqa: E402
+from starflow.contract.manifest import TextComponent, Tolerance  # noqa: E402
 from starflow.core.errors import StarflowError  # noqa: E402
 from starflow.export import text_encoder as export_text  # noqa: E402
+from starflow.export.components import export_component, validate_component  # noqa: E402
 from starflow.export.graphs import GraphSpec  # noqa: E402
-from starflow.export.text_encoder import export_text_encoder  # noqa: E402
+from starflow.export.text_encoder import text_encoder_graph  # noqa: E402
 from starflow.model.label_encoder import LabelEncoder  # noqa: E402
 from starflow.model.text_encoder import HFTextEncoder, LabelTextEncoder  # noqa: E402
 from starflow.runtime.backends import OrtRunner  # noqa: E402
@@ -36,6 +37,14 @@ LONG_PROMPT = "a red cat on the big house with a tree and a blue sky"  # 15 toke
 PROMPTS = ["", "a red cat", "the small dog on a tree", LONG_PROMPT, "an unseen zebra"]
 PARITY = 1e-5
 CLASSES = [str(i) for i in range(10)]
+
+
+def export_text_encoder(
+    encoder: HFTextEncoder | LabelTextEncoder, directory: Path
+) -> tuple[GraphSpec, TextComponent]:
+    graph = text_encoder_graph(encoder)
+    export_component(graph, directory)
+    return graph.spec, graph.entry
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +141,17 @@ def test_t5_empty_prompt_is_the_unconditional_embedding(t5, t5_export):
 
 
 def test_export_fails_when_the_graph_misses_the_limit(labels, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_text, "MAX_ABS_ERROR", -1.0)
-    with pytest.raises(StarflowError, match=r"graph text_encoder\.fp32: prompt '': max abs error"):
+    monkeypatch.setattr(export_text, "TOLERANCE", Tolerance(atol=-1.0, rtol=0.0))
+    with pytest.raises(
+        StarflowError,
+        match=r"validation failed for 2 of 2 tensors:\n  graph text_encoder\.fp32, tensor embeddings",
+    ):
         export_text_encoder(labels, tmp_path)
 
 
 def test_validation_reports_each_prompt(t5, t5_export):
-    directory, _, component = t5_export
-    results = export_text.validate_text_encoder(t5, directory, component)
+    directory, _, _ = t5_export
+    results = validate_component(text_encoder_graph(t5), directory)
     assert [r.case for r in results] == ["prompt ''", "prompt 'a photo of a cat'"]
     assert all(r.passed and r.max_abs_error < PARITY for r in results)
 
