@@ -24,13 +24,11 @@ from starflow.contract.manifest import (
     FileEntry,
     Graph,
     Guidance,
-    Jacobi,
     Latent,
     Manifest,
     PrecisionInfo,
     Producer,
     Range,
-    SamplingPreset,
     Source,
     Text,
     Video,
@@ -293,7 +291,6 @@ def build_manifest(
     text = None
     if config.txt_dim > 0:
         text = Text(config.text, config.txt_dim, config.txt_size, components.text)
-    defaults = JacobiSettings()
     return Manifest(
         schema_version=SCHEMA_VERSION,
         producer=Producer("starflow", version("starflow"), torch.__version__, options.opset),
@@ -316,8 +313,8 @@ def build_manifest(
         guidance=Guidance(
             "starflow-cfg", GUIDANCE_EXPRESSION, config.cfg, "deep" if config.cond_top_only else "all"
         ),
-        jacobi=Jacobi(defaults.block_size, defaults.max_iter, defaults.threshold),
-        sampling_presets={name: SamplingPreset.of(o) for name, o in options.sampling_presets.items()},
+        jacobi=JacobiSettings(),
+        sampling_presets=dict(options.sampling_presets),
         noise_std=config.noise_std,
         dims=dims,
         precisions={p: PrecisionInfo(TOLERANCES[p], PRECISIONS[p].fp32_ops()) for p in used},

@@ -1,12 +1,13 @@
 """`starflow export trt`: one TensorRT engine per exported graph, cached by what it depends on.
 
 Engines come from the directory's own ONNX graphs, so the manifest stays the single contract:
-an `engines` entry per graph records the file, its sha256, the builder and version, the
-optimization profiles, precision, target GPUs and a cache key. The key hashes everything an
-engine depends on (ONNX sha256s, profiles, precision, builder name and version, targets, builder
-level and workspace), so a rerun on an unchanged directory builds nothing, and a changed input
-rebuilds exactly the engines it touches. Engines and the manifest are written atomically (temp
-file, then rename), after each engine, so an interrupted build keeps what it finished.
+an `engines` entry per graph in the export's record.json (manifest.json is left as it is)
+records the file, its sha256, the builder and version, the optimization profiles, precision,
+target GPUs and a cache key. The key hashes everything an engine depends on (ONNX sha256s,
+profiles, precision, builder name and version, targets, builder level and workspace), so a rerun
+on an unchanged directory builds nothing, and a changed input rebuilds exactly the engines it
+touches. Engines and the record are written atomically (temp file, then rename), after each
+engine, so an interrupted build keeps what it finished.
 
 Two builders share one API: NVIDIA's full `tensorrt` (needs the GPU it builds for) and
 `tensorrt_rtx` (TensorRT for RTX; builds ahead of time on a machine with no GPU, for the compute
@@ -329,7 +330,7 @@ def build_engines(
             options.workspace_bytes, key,
         )  # fmt: skip
         manifest = _with_engine(manifest, entry)
-        manifest = manifest.write(directory)  # after each engine: an interrupted build keeps its work
+        manifest = manifest.write_record(directory)  # after each engine: an interrupted build keeps its work
         results.append(EngineResult(graph.name, file, True, seconds, len(blob)))
     if progress:
         progress("done", len(graphs), len(graphs))

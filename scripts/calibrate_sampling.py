@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
 
 from starflow.apps.bench import interleaved
 from starflow.apps.quality import DigitsJudge
 from starflow.core.sampler import JacobiSettings, SampleOptions
-from starflow.core.sampling_presets import DIGITS_PRESETS, preset_to_json
+from starflow.core.sampling_presets import DIGITS_PRESETS, presets_to_json
 from starflow.export.cache import demo_artifacts
 from starflow.runtime.generator import Generator
 
@@ -87,7 +86,7 @@ def main() -> None:
         f"{chosen} {fast_s:.2f} s ({official_s / fast_s:.2f}x faster)"
     )
     if args.write:
-        DIGITS_PRESETS.write_text(json.dumps({"fast": preset_to_json(sampling)}, indent=2) + "\n")
+        DIGITS_PRESETS.write_text(presets_to_json({"fast": sampling}))
         print(f"wrote {DIGITS_PRESETS}")
 
 

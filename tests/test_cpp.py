@@ -8,6 +8,7 @@ build these tests skip, except under CI (CI=true), where a missing build is a fa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from starflow.contract.manifest import UNDIGESTED
+from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, Manifest
 from starflow.core.config import config_from_dict
+from starflow.core.errors import StarflowError
 from starflow.core.generation import make_noise
 from starflow.export.onnx_export import ExportOptions, export_onnx
 from starflow.model.checkpoint import save_model
@@ -200,10 +202,13 @@ def test_seeded_prompt_mode_is_deterministic(demo_export, tmp_path):
 
 
 def _set_digest(directory: Path, data: dict) -> None:
-    """Rewrite manifest.json with `data` and a matching digest (the digest only detects edits)."""
-    fields = {k: v for k, v in data.items() if k not in UNDIGESTED}
-    data["digest"] = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(data, indent=2))
+    """Rewrite manifest.json with `data` and record.json with its sha256 (the digest only detects
+    edits)."""
+    text = json.dumps(data, indent=2).encode()
+    (directory / MANIFEST_NAME).write_bytes(text)
+    record = json.loads((directory / RECORD_NAME).read_text())
+    record["manifest_sha256"] = hashlib.sha256(text).hexdigest()
+    (directory / RECORD_NAME).write_text(json.dumps(record))
 
 
 def _bad_exports(good: Path, root: Path) -> Path:
@@ -222,8 +227,10 @@ def _bad_exports(good: Path, root: Path) -> Path:
     directory, _ = case("tampered-graph", "does not match its sha256")
     with open(directory / step, "ab") as graph:
         graph.write(b"\0")
-    directory, data = case("schema-version", "schema_version 4, this libstarflow reads 6")
-    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 4}))
+    directory, data = case("schema-version", "schema_version 6, this libstarflow reads 7; re-export")
+    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 6}))
+    directory, _ = case("missing-record", "no readable record.json beside it")
+    (directory / RECORD_NAME).unlink()
     directory, data = case(
         "video-export", "a video (STARFlow-V) export; libstarflow samples image exports only"
     )
@@ -255,6 +262,40 @@ def test_c_api_refuses_bad_input(demo_export, tmp_path, build):
     assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr
 
 
+# Floats printed differently by JSON printers (Python's shortest repr vs C's %.17g for the first
+# three; exponent forms for the last two): a digest over a re-printed document would differ between
+# languages; one over manifest.json's bytes cannot.
+SHORTEST_REPR_FLOATS = (0.1, 1.1, 1e-07, 2.0000000000000004, 1e22)
+
+
+def test_the_digest_is_manifest_json_bytes_in_both_languages(demo_export, tmp_path):
+    directory = tmp_path / "floats"
+    shutil.copytree(demo_export, directory)
+    manifest = Manifest.load(directory)
+    first = manifest.blocks[0]
+    edge = SampleOptions(1.1, "jacobi", JacobiSettings(16, 6, 1e-07), JacobiSettings(64, 2, 1e22))
+    dataclasses.replace(
+        manifest,
+        jacobi=dataclasses.replace(manifest.jacobi, threshold=2.0000000000000004),
+        sampling_presets={**manifest.sampling_presets, "edge": edge},
+        blocks=(dataclasses.replace(first, sos_embed=(0.1, *first.sos_embed[1:])), *manifest.blocks[1:]),
+    ).write(directory)
+    text = (directory / MANIFEST_NAME).read_text()
+    assert all(repr(f) in text for f in SHORTEST_REPR_FLOATS)
+    assert [f"{f:.17g}" in text for f in SHORTEST_REPR_FLOATS[:3]] == [False] * 3
+    loaded = Manifest.load(directory)
+    assert loaded.sampling("edge") == edge and loaded.jacobi.threshold == 2.0000000000000004
+    args = ["--artifacts", directory, "--prompt", "4", "--seed", "5", "--threads", "1", "--no-denoise"]
+    result = run(built(BUILD) / "starflow-run", *args, "--sampler", "edge", "--out", tmp_path / "a.npy")
+    assert result.returncode == 0, result.stderr
+    # The same values printed another way: equal JSON, other bytes, so both languages refuse it.
+    (directory / MANIFEST_NAME).write_text(text.replace("1e-07", "1e-7"))
+    with pytest.raises(StarflowError, match="digest mismatch"):
+        Manifest.load(directory)
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "b.npy")
+    assert result.returncode != 0 and "digest mismatch" in result.stderr
+
+
 def test_sampling_under_sanitizers_matches_release(demo_export, tmp_path):
     generator = Generator.load(demo_export, threads=1)
     y = generator.encode(["2", "8"])
@@ -279,9 +320,7 @@ def test_c_example_samples_with_guidance(demo_export, tmp_path):
     inputs = [tmp_path / f"{name}.npy" for name in ("noise", "y", "y_null")]
     result = run(example, demo_export, *inputs, "1.5", tmp_path / "latent.npy")
     assert result.returncode == 0, result.stderr
-    ref = generator.pipeline.sample(
-        noise, y, y_null, SampleOptions(1.5, jacobi=generator.manifest.jacobi.settings())
-    )
+    ref = generator.pipeline.sample(noise, y, y_null, SampleOptions(1.5, jacobi=generator.manifest.jacobi))
     assert np.abs(np.load(tmp_path / "latent.npy") - ref).max() <= 1e-5
 
 
@@ -325,7 +364,7 @@ def test_token_ids_drive_the_text_encoder_graph(demo_export, tmp_path):
         np.save(tmp_path / f"{name}.npy", array)
     noise = make_noise(8, (2, 1, 8, 8))
     y, y_null = generator.encode(["6", "0"]), generator.encode(["", ""])
-    options = SampleOptions(1.0, jacobi=generator.manifest.jacobi.settings())
+    options = SampleOptions(1.0, jacobi=generator.manifest.jacobi)
     tokens = ["--token-ids", tmp_path / "ids.npy", "--attention-mask", tmp_path / "mask.npy"]
     tokens += [
         "--uncond-token-ids",

@@ -18,7 +18,14 @@ from typer.testing import CliRunner
 
 import starflow
 from starflow.cli.main import app
-from starflow.contract.manifest import Manifest, check_schema, sha256
+from starflow.contract.manifest import (
+    MANIFEST_NAME,
+    RECORD_NAME,
+    SCHEMA_VERSION,
+    Manifest,
+    check_schema,
+    sha256,
+)
 from starflow.model.testing import perturb_
 from tests.conftest import T2I
 
@@ -75,14 +82,17 @@ def test_step_graph_runs_at_shapes_other_than_the_example(fixture_artifacts):
 
 
 def test_manifest_validates_and_sha256s_match(fixture_artifacts):
-    manifest = json.loads((fixture_artifacts / "manifest.json").read_text())
+    manifest = json.loads((fixture_artifacts / MANIFEST_NAME).read_text())
+    record = json.loads((fixture_artifacts / RECORD_NAME).read_text())
     check_schema(manifest, "test")
-    assert manifest["schema_version"] == 6
+    check_schema(record, "test", RECORD_NAME)
+    assert manifest["schema_version"] == record["schema_version"] == SCHEMA_VERSION
+    assert record["manifest_sha256"] == sha256(fixture_artifacts / MANIFEST_NAME)
     assert [b["index"] for b in manifest["blocks"]] == [2, 1, 0]  # sampling order
     for graph in manifest["graphs"]:
         assert sha256(fixture_artifacts / graph["file"]) == graph["sha256"]
-    assert manifest["validation"] and all(v["passed"] for v in manifest["validation"])
-    cases = {v["case"] for v in manifest["validation"]}
+    assert record["validation"] and all(v["passed"] for v in record["validation"])
+    cases = {v["case"] for v in record["validation"]}
     assert len(cases) >= 3
     manifest["unexpected"] = 1
     with pytest.raises(starflow.StarflowError, match="schema"):
@@ -131,9 +141,9 @@ def test_validate_detects_a_modified_graph(fixture_artifacts, tmp_path):
 
 def test_typed_manifest_round_trips_its_json(fixture_artifacts):
     """The dataclasses are the JSON one to one: nothing dropped, renamed or added on a rewrite."""
-    data = json.loads((fixture_artifacts / "manifest.json").read_text())
+    data = json.loads((fixture_artifacts / MANIFEST_NAME).read_text())
     manifest = Manifest.load(fixture_artifacts)
-    assert manifest.to_dict() == {**data, "engines": data.get("engines", [])}
+    assert manifest.to_dict() == data
     assert manifest.graph("block2.step.fp32").input("past_keys").shape == (
         2,
         "batch",

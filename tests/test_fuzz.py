@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from starflow.contract.manifest import MANIFEST_NAME, Manifest
+from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, Manifest
 from starflow.core.config import PRESETS, config_from_dict, load_config
 from starflow.core.errors import StarflowError
 
@@ -95,13 +96,14 @@ def linked_export(fixture_artifacts: Path, tmp_path_factory: pytest.TempPathFact
 @given(data=st.data())
 def test_manifest_mutations_load_or_fail_cleanly_and_stay_inside(linked_export: Path, data) -> None:
     original = json.loads((linked_export / MANIFEST_NAME).read_text())
-    mutated = mutate(original, data)
+    mutated = json.dumps(mutate(original, data)).encode()
+    record = json.loads((linked_export / RECORD_NAME).read_text())
+    record["manifest_sha256"] = hashlib.sha256(mutated).hexdigest()  # past the digest, to the checks
     path = linked_export / "mutated.json"
-    path.write_text(json.dumps(mutated))
     inside = linked_export.resolve()
     with opened_files() as seen:
         try:
-            Manifest.from_dict(json.loads(path.read_text()), str(path)).verify_files(linked_export)
+            Manifest.parse(mutated, json.dumps(record).encode(), str(path)).verify_files(linked_export)
         except StarflowError:
             pass
     outside = [p for p in seen if not p.resolve().is_relative_to(inside)]

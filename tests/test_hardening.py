@@ -9,6 +9,7 @@ API), with no traceback, no file written outside the output and no marker file c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 
 import starflow
 from starflow.cli.main import app
-from starflow.contract.manifest import MANIFEST_NAME, Manifest
+from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, Manifest
 from starflow.core.config import config_from_dict, load_config
 from starflow.core.errors import StarflowError
 from starflow.runtime import Pipeline, SampleOptions
@@ -122,7 +123,7 @@ def export_copy(fixture_artifacts: Path, tmp_path: Path) -> Path:
 
 
 def rewrite(directory: Path, edit) -> None:
-    """Edit manifest.json's JSON, keeping its digest: what a careless or hostile edit does."""
+    """Edit manifest.json's JSON, keeping record.json's digest: what a careless or hostile edit does."""
     path = directory / MANIFEST_NAME
     data = json.loads(path.read_text())
     edit(data)
@@ -213,15 +214,20 @@ def test_validate_compares_a_rewritten_manifest_with_the_checkpoint(export_copy)
 )
 def test_inconsistent_manifests_are_refused_at_load(export_copy, edit, message):
     """Even with a recomputed digest (a buggy writer): names must resolve and shapes agree."""
-    import dacite
-
     path = export_copy / MANIFEST_NAME
     data = json.loads(path.read_text())
     edit(data)
-    unchecked = dacite.from_dict(Manifest, data, config=dacite.Config(cast=[tuple], strict=True))
-    data["digest"] = unchecked.semantic_digest()  # what a buggy writer would store
+    text = json.dumps(data).encode()
+    record = json.loads((export_copy / RECORD_NAME).read_text())
+    record["manifest_sha256"] = hashlib.sha256(text).hexdigest()  # what a buggy writer would store
     with pytest.raises(StarflowError, match=message):
-        Manifest.from_dict(data, str(path))
+        Manifest.parse(text, json.dumps(record).encode(), str(path))
+
+
+def test_a_manifest_without_its_record_is_refused(export_copy):
+    (export_copy / RECORD_NAME).unlink()
+    with pytest.raises(StarflowError, match=r"no record.json beside it .*; re-export$"):
+        Manifest.load(export_copy)
 
 
 # ---- 5, 6. non-finite inputs and settings ----------------------------------------------------------

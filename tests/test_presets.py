@@ -12,7 +12,7 @@ from starflow.cli.main import app
 from starflow.contract.manifest import Manifest
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
-from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets, preset_from_json, preset_to_json
+from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets, presets_from_json, presets_to_json
 from starflow.export.onnx_export import ExportOptions
 from starflow.model.reference import ReferenceGenerator
 from starflow.runtime.generator import Generator
@@ -24,11 +24,16 @@ FAST_LIKE = SampleOptions(
 
 
 def test_preset_json_round_trip_and_refusals(tmp_path: Path) -> None:
-    assert preset_from_json(preset_to_json(FAST_LIKE), "x") == FAST_LIKE
-    broken = preset_to_json(FAST_LIKE) | {"method": "euler"}
-    with pytest.raises(StarflowError, match="x: method: expected one of"):
-        preset_from_json(broken, "x")
-    (tmp_path / "p.json").write_text(json.dumps({"official": preset_to_json(FAST_LIKE)}))
+    text = presets_to_json({"fast": FAST_LIKE})
+    assert presets_from_json(text, "x") == {"fast": FAST_LIKE}
+    broken = json.loads(text)
+    broken["fast"]["method"] = "euler"
+    with pytest.raises(StarflowError, match="x: preset 'fast': method: expected one of"):
+        presets_from_json(json.dumps(broken), "x")
+    broken["fast"] |= {"method": "jacobi", "steps": 3}
+    with pytest.raises(StarflowError, match="x: not sampling presets: at fast/steps: Unexpected"):
+        presets_from_json(json.dumps(broken), "x")
+    (tmp_path / "p.json").write_text(presets_to_json({"official": FAST_LIKE}))
     with pytest.raises(StarflowError, match="p.json: sampling preset name 'official' is reserved"):
         load_presets(tmp_path / "p.json")
     with pytest.raises(StarflowError, match="sampling preset name 'no good' is reserved or not a plain word"):

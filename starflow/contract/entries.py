@@ -1,4 +1,10 @@
-"""The entries of `manifest.json`: one frozen dataclass per object of `manifest.schema.json`.
+"""The entries of `manifest.json` and `record.json`: one frozen dataclass per object of the schema.
+
+These types are the contract's one definition: `manifest.schema.json` is generated from them
+(`python -m starflow.contract.schema`) and loading builds them, so a field's type, range and
+description are written here only. Constraints and descriptions ride on the annotations
+(pydantic's `Field` in `Annotated`); the sampler's own settings types (`JacobiSettings`,
+`SampleOptions`) are the manifest's Jacobi defaults and presets, with no mirror class here.
 
 `starflow.contract.manifest.Manifest` assembles them into the document and re-exports them, so
 `from starflow.contract.manifest import Graph` is the one import path of the contract.
@@ -10,12 +16,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from starflow.core.errors import StarflowError
-from starflow.core.sampler import JacobiSettings, SampleOptions
 
 frozen = dataclasses.dataclass(frozen=True)
+
+# ---- the value types -------------------------------------------------------------------------------
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
+Name = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$",
+        description="a graph name or a file name: one plain path component inside the export "
+        "directory (no separators, no leading dot)",
+    ),
+]
+Count = Annotated[int, Field(ge=1)]
+Index = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Size = tuple[Count, Count]  # (height, width) in latent pixels
+Precision = Literal["fp32", "fp16"]
 
 
 def sha256(path: Path) -> str:
@@ -31,9 +54,9 @@ def sha256(path: Path) -> str:
 class Range:
     """min/opt/max of one symbolic dim (TensorRT optimization profiles read these)."""
 
-    min: int
-    opt: int
-    max: int
+    min: Index
+    opt: Index
+    max: Index
 
     def holds(self, value: int) -> bool:
         return self.min <= value <= self.max
@@ -41,8 +64,10 @@ class Range:
 
 @frozen
 class TensorSpec:
+    """A graph input or output: name, dtype and shape (a symbolic dim by name)."""
+
     name: str
-    dtype: str  # float32 | float16 | int64
+    dtype: Literal["float32", "float16", "int64"]
     shape: tuple[int | str, ...]  # str: a symbolic dim named in the dims/profile
 
 
@@ -50,9 +75,9 @@ class TensorSpec:
 class FileEntry:
     """A file of the export, relative to the manifest, with its sha256."""
 
-    file: str
-    sha256: str
-    bytes: int
+    file: Name
+    sha256: Sha256
+    bytes: Index
 
     @classmethod
     def of(cls, directory: Path, name: str) -> FileEntry:
@@ -62,13 +87,25 @@ class FileEntry:
 
 @frozen
 class Graph:
-    name: str
-    block: int | None  # None: a component graph (text_encoder, decoder, denoise)
-    kind: str  # step | prefill | forward | text_encoder | decoder | denoise
-    precision: str
-    file: str
-    sha256: str
-    bytes: int
+    """step: x (batch, chunk, D) inputs at positions [start, start+chunk), past_keys/past_values
+    (layers, batch, kv_heads, past, head_dim) of the past = text length + start earlier positions,
+    grid int64 (h, w) tokens, start int64 -> mu, sigma fp32 (after soft-clip and softplus/exp,
+    before guidance), new_keys/new_values of the chunk to store at [past, past+chunk). prefill:
+    text -> keys/values of the text positions. forward: x (batch, tokens, D), grid, text -> z =
+    (x - mu)/sigma and logdet = -log(sigma), all in block order. text_encoder: input_ids/
+    attention_mask int64 (batch, token_length) -> embeddings (batch, L, dim), already multiplied by
+    the attention mask. decoder: latent (batch, C, height, width), the raw sampled latent (the graph
+    divides by the scale) -> image (batch, 3, H, W) in about [-1, 1]. denoise: x (batch, C, height,
+    width) [, text] -> grad, the gradient of each sample's total NLL; the self-denoise step is
+    x - noise_std^2 * grad."""
+
+    name: Name
+    block: Annotated[Index | None, Field(description="the flow block; null for component graphs")]
+    kind: Literal["step", "prefill", "forward", "text_encoder", "decoder", "denoise"]
+    precision: Precision
+    file: Name
+    sha256: Sha256
+    bytes: Index
     external_data: tuple[FileEntry, ...]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -85,20 +122,38 @@ class Graph:
 
 @frozen
 class Block:
-    """One flow block, in sampling order; `graphs` maps precision -> kind -> graph name."""
+    """One flow block, in sampling order. Per block: permute the tokens (flip reverses the
+    sequence; flip-in-frame reverses the tokens of each frame of a clip, frames in order), prefill
+    the text keys/values if text_conditioned, then generate tokens t = 0..T-1 with
+    x_t = z_t * sigma_t + mu_t, where the step graph's input at position t is sos_embed for t = 0
+    and x_{t-1} otherwise; un-permute after."""
 
-    index: int  # position in forward (training) order
-    role: str  # deep | shallow
-    permutation: str  # identity | flip | flip-in-frame
-    frame_local: bool  # a clip's frames are sampled as separate sequences
-    layers: int
-    width: int
-    heads: int
-    kv_heads: int
-    head_dim: int
+    index: Annotated[Index, Field(description="position in forward (training) order")]
+    role: Literal["deep", "shallow"]
+    permutation: Annotated[
+        Literal["identity", "flip", "flip-in-frame"],
+        Field(description="flip-in-frame equals flip for an image (one frame)"),
+    ]
+    frame_local: Annotated[
+        bool,
+        Field(
+            description="a clip's frames are sampled as separate sequences (rows = clips * frames, "
+            "each one frame)"
+        ),
+    ]
+    layers: Count
+    width: Count
+    heads: Count
+    kv_heads: Count
+    head_dim: Count
     text_conditioned: bool
-    sos_embed: tuple[float, ...]
-    graphs: dict[str, dict[str, str]]
+    sos_embed: Annotated[
+        tuple[float, ...], Field(description="fp32 start-of-sequence input, token_dim values")
+    ]
+    graphs: Annotated[
+        dict[str, dict[Literal["step", "prefill", "forward"], Name]],
+        Field(description="precision -> kind (step, prefill, forward) -> graph name"),
+    ]
 
     @property
     def deep(self) -> bool:
@@ -115,15 +170,17 @@ class Block:
 
 @frozen
 class Latent:
-    """Latent (B, C, H, W) sizes in latent pixels the export takes (see the schema)."""
+    """Latent (B, C, H, W) in latent pixels. Patchify to (B, H/p, W/p, p*p*C) with channel order
+    (p1 p2 c), tokens row-major over the (h, w) = (H/p, W/p) grid. Any H x W with
+    min <= (H, W) <= max and both multiples of multiple_of is allowed."""
 
-    channels: int
-    patch_size: int
-    token_dim: int
-    train: tuple[int, int]
-    min: tuple[int, int]
-    max: tuple[int, int]
-    multiple_of: int
+    channels: Count
+    patch_size: Count
+    token_dim: Annotated[Count, Field(description="D = patch_size^2 * channels")]
+    train: Size
+    min: Size
+    max: Size
+    multiple_of: Count
 
     def holds(self, height: int, width: int) -> bool:
         return self.min[0] <= height <= self.max[0] and self.min[1] <= width <= self.max[1]
@@ -134,47 +191,78 @@ class Latent:
 
 @frozen
 class TextComponent:
-    kind: str  # hf-encoder | label-table
-    graph: str
-    tokenizer: str
-    token_length: int
-    pad_id: int
-    classes: tuple[str, ...] | None
+    """How to turn prompts into embeddings."""
+
+    kind: Literal["hf-encoder", "label-table"]
+    graph: Annotated[Name, Field(description="name of the text_encoder graph")]
+    tokenizer: Annotated[
+        Name,
+        Field(
+            description="a Hugging Face `tokenizers` tokenizer.json: pad right to token_length with "
+            "pad_id, truncate to token_length (special tokens included); the empty prompt encodes "
+            "the unconditional text"
+        ),
+    ]
+    token_length: Count
+    pad_id: Index
+    classes: Annotated[tuple[str, ...] | None, Field(description="label-table: the prompts it knows")]
     source: str
 
 
 @frozen
 class Text:
+    """Text conditioning: (B, L, dim) encoder embeddings, L <= max_length. The unconditional text
+    for guidance is the encoded empty prompt."""
+
     encoder: str | None
-    dim: int
-    max_length: int
-    component: TextComponent | None  # None: callers pass embeddings
+    dim: Count
+    max_length: Count
+    component: Annotated[
+        TextComponent | None,
+        Field(description="null when the export has no text encoder (callers pass embeddings)"),
+    ]
 
 
 @frozen
 class Decoder:
-    """identity (pixel models) or sd-vae; `graph` None when exported without a VAE directory."""
+    """How sampled latents become images. identity: pixel-space model (image = latent; source,
+    scale, graph and factor null). sd-vae: the decoder graph takes the raw latent and applies
+    / scale itself (source, scale and factor set). Both give images in about [-1, 1]: clamp, then
+    (x + 1) / 2."""
 
-    kind: str
+    kind: Literal["identity", "sd-vae"]
     source: str | None = None
     scale: float | None = None
-    graph: str | None = None
-    factor: int | None = None  # image pixels per latent pixel
+    graph: Annotated[
+        Name | None,
+        Field(
+            description="the decoder graph; null when the export was made without a VAE directory "
+            "(callers decode latents themselves)"
+        ),
+    ] = None
+    factor: Annotated[Count | None, Field(description="image pixels per latent pixel")] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": "identity"} if self.kind == "identity" else dataclasses.asdict(self)
+    def __post_init__(self) -> None:  # the one rule the field types cannot state
+        stated = [self.source, self.scale, self.factor]
+        if self.kind == "identity" and any(v is not None for v in [*stated, self.graph]):
+            raise ValueError("an identity decoder has no source, scale, graph or factor")
+        if self.kind == "sd-vae" and any(v is None for v in stated):
+            raise ValueError("an sd-vae decoder needs its source, scale and factor")
 
 
 @frozen
 class Denoise:
-    """After sampling: x - noise_std^2 * grad (nll-gradient) or x - step * correction (learned,
-    clips in windows with `overlap` frames kept; see the schema)."""
+    """The self-denoise step after sampling. nll-gradient: the graph gives grad (each sample's
+    total NLL) and x <- x - noise_std^2 * grad. learned: the graph gives a correction for clips
+    (B, F, C, H, W) and x <- x - step * correction; clips longer than video.window frames go
+    through in windows of that many frames, each after the first starting window - overlap frames
+    later and replacing the frames after its first overlap ones (null overlap: window - 1)."""
 
-    kind: str  # nll-gradient | learned
-    graph: str
-    noise_std: float
-    step: float | None = None  # learned only
-    overlap: int | None = None  # learned only; None: window - 1
+    kind: Literal["nll-gradient", "learned"]
+    graph: Name
+    noise_std: NonNegative
+    step: Annotated[float, Field(gt=0)] | None = None  # learned only
+    overlap: Index | None = None  # learned only; None: window - 1
 
     @property
     def learned(self) -> bool:
@@ -183,74 +271,37 @@ class Denoise:
 
 @frozen
 class Video:
-    """How clips are sampled (see the schema): frame range, the deep block's window, the Jacobi rules."""
+    """Clips (B, F, C, H, W) of F latent frames, patchified frame by frame into F*h*w tokens.
+    Jacobi over a clip's frames: chunks starting after the first frame's tokens are
+    later_chunk_factor times the block size; with warm_start a chunk's first iteration takes the
+    inputs one frame earlier. With a window, the deep block's cache holds at most window frames:
+    when the window is full, its cache restarts (text kept) from the last context frames,
+    re-encoded as a sequence that begins with sos_embed, and positions (step's start) count from
+    there."""
 
     frames: Range
-    window: int | None
-    context: int | None
-    later_chunk_factor: int
+    window: Count | None
+    context: Annotated[Count | None, Field(description="null: window - 1")]
+    later_chunk_factor: Count
     warm_start: bool
-    fps: float
+    fps: Annotated[float, Field(gt=0, description="the frame rate to show samples at")]
 
 
 @frozen
 class Guidance:
-    formula: str
+    """Classifier-free guidance as the official code applies it (see `expression`)."""
+
+    formula: Literal["starflow-cfg"]
     expression: str
-    default_weight: float
-    blocks: str  # deep: the uncond half is dropped before the shallow blocks; all
+    default_weight: NonNegative
+    blocks: Annotated[
+        Literal["deep", "all"],
+        Field(description="deep: the uncond half is dropped before the shallow blocks"),
+    ]
 
     @property
     def deep_only(self) -> bool:
         return self.blocks == "deep"
-
-
-@frozen
-class Jacobi:
-    """The default block-wise Jacobi settings."""
-
-    block_size: int
-    max_iter: int
-    threshold: float
-
-    def settings(self) -> JacobiSettings:
-        return JacobiSettings(self.block_size, self.max_iter, self.threshold)
-
-
-@frozen
-class JacobiPreset:
-    """One block kind's Jacobi settings in a sampling preset (starflow.core.sampler.JacobiSettings)."""
-
-    block_size: int
-    max_iter: int
-    threshold: float
-    init: str
-
-    def settings(self) -> JacobiSettings:
-        return JacobiSettings(self.block_size, self.max_iter, self.threshold, self.init)
-
-
-@frozen
-class SamplingPreset:
-    """Named sampling settings calibrated for this model (opt-in; `jacobi` stays the default)."""
-
-    guidance: float
-    method: str
-    jacobi: JacobiPreset
-    shallow_jacobi: JacobiPreset | None
-
-    def options(self) -> SampleOptions:
-        shallow = self.shallow_jacobi.settings() if self.shallow_jacobi else None
-        return SampleOptions(self.guidance, self.method, self.jacobi.settings(), shallow)
-
-    @classmethod
-    def of(cls, options: SampleOptions) -> SamplingPreset:
-        def preset(s: JacobiSettings | None) -> JacobiPreset | None:
-            return None if s is None else JacobiPreset(s.block_size, s.max_iter, float(s.threshold), s.init)
-
-        return cls(
-            float(options.guidance), options.method, preset(options.jacobi), preset(options.shallow_jacobi)
-        )
 
 
 @frozen
@@ -263,6 +314,8 @@ class Tolerance:
 
 @frozen
 class PrecisionInfo:
+    """How one precision's graphs were validated, and the ops kept in fp32."""
+
     tolerance: Tolerance
     fp32_ops: tuple[str, ...]
 
@@ -304,7 +357,9 @@ class Comparison:
 
 @frozen
 class EngineBuilder:
-    name: str  # tensorrt | tensorrt_rtx
+    """The TensorRT flavour and version an engine was built with."""
+
+    name: Literal["tensorrt", "tensorrt_rtx"]
     version: str
 
 
@@ -318,30 +373,50 @@ class EngineProfile:
 
 @frozen
 class Engine:
-    graph: str
-    file: str
-    sha256: str
-    bytes: int
+    """A TensorRT engine of one graph. It is valid for its graph only while cache_key matches the
+    graph's sha256s and the build settings; runtimes check sha256 before deserialising."""
+
+    graph: Annotated[Name, Field(description="name of the graph in `graphs` it was built from")]
+    file: Name
+    sha256: Sha256
+    bytes: Index
     builder: EngineBuilder
-    precision: str
-    strongly_typed: bool
-    profiles: tuple[EngineProfile, ...]
-    compute_capabilities: tuple[str, ...]
-    device: str | None
-    optimization_level: int
-    workspace_bytes: int | None
-    cache_key: str
+    precision: Precision
+    strongly_typed: Annotated[
+        bool, Field(description="tensor types taken from the ONNX graph, none chosen by TensorRT")
+    ]
+    profiles: Annotated[
+        tuple[EngineProfile, ...],
+        Field(
+            min_length=1,
+            description="optimization profiles in engine order: min/opt/max of the graph's symbolic dims",
+        ),
+    ]
+    compute_capabilities: Annotated[
+        tuple[Annotated[str, Field(pattern=r"^SM[0-9]+$")], ...], Field(min_length=1)
+    ]
+    device: Annotated[
+        str | None,
+        Field(description="the GPU a full-TensorRT engine was built on; null for TensorRT-RTX"),
+    ]
+    optimization_level: Annotated[int, Field(ge=0, le=5)]
+    workspace_bytes: Count | None
+    cache_key: Sha256
 
 
 @frozen
 class Producer:
-    name: str
+    """What wrote the export."""
+
+    name: Literal["starflow"]
     version: str
     torch: str
-    opset: int
+    opset: Annotated[int, Field(description="ONNX default-domain opset of every graph")]
 
 
 @frozen
 class Source:
-    checkpoint: str
-    sha256: str
+    """The checkpoint the export was made from."""
+
+    checkpoint: Annotated[str, Field(description="file name of the exported checkpoint")]
+    sha256: Sha256

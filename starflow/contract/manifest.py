@@ -1,20 +1,24 @@
-"""The artifact contract: `manifest.json` as typed, frozen dataclasses.
+"""The artifact contract: `manifest.json` and `record.json` as typed, frozen dataclasses.
 
 A runtime in any language drives the graphs from the manifest alone: the blocks in sampling
 order, every graph's file, sha256, input/output names, dtypes and symbolic dims with their
 min/opt/max, and the rules outside the graphs (permutation, guidance, Jacobi defaults, latent
-sizes). `manifest.schema.json` beside this file is the normative description of every field;
-these classes mirror it one to one, and every writer (ONNX export, TensorRT engines) and reader
-(the runtime, `starflow inspect`) goes through them. numpy-free and torch-free.
+sizes). The types (here and in `entries.py`) are the one definition: `manifest.schema.json` and
+`record.schema.json` beside this file are generated from them (`python -m
+starflow.contract.schema`), and every writer (ONNX export, TensorRT engines) and reader (the
+runtime, `starflow inspect`) goes through them. numpy-free and torch-free.
+
+Two files, so that the digest is plain bytes every language hashes alike: `manifest.json` holds
+exactly the fields that decide the numbers; `record.json` holds what is added after them (the
+validation record, the engines) and `manifest_sha256`, the sha256 of manifest.json's bytes.
 
 What loading checks, so that a directory a service did not make cannot point it elsewhere or
 change its numbers unnoticed: the schema (unknown keys refused, every file a plain name), that
-every name refers to a graph of the right kind and every block to graphs of its own shape, that
-every file resolves inside the directory (symbolic links included) and matches its sha256, and
-`digest`: the sha256 of the fields that decide the numbers (everything but the validation
-record and the engines), written at export, so an edited manifest is refused. The digest
-detects edits, not forgery: whoever can write the directory can rewrite it (`starflow validate`
-compares the fields with the checkpoint).
+manifest.json's bytes are the ones its record names, that every name refers to a graph of the
+right kind and every block to graphs of its own shape, and that every file resolves inside the
+directory (symbolic links included) and matches its sha256. The digest detects edits, not
+forgery: whoever can write the directory can rewrite it (`starflow validate` compares the fields
+with the checkpoint).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import dacite
+# pydantic: the contract's types give the JSON Schema (generated, not written) and build the typed
+# manifest from JSON in one definition; the sampler's own dataclasses are used as they are.
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from starflow.contract.entries import (
     Block,
@@ -39,13 +45,12 @@ from starflow.contract.entries import (
     FileEntry,
     Graph,
     Guidance,
-    Jacobi,
-    JacobiPreset,
     Latent,
+    Precision,
     PrecisionInfo,
     Producer,
     Range,
-    SamplingPreset,
+    Sha256,
     Source,
     TensorSpec,
     Text,
@@ -56,23 +61,30 @@ from starflow.contract.entries import (
 )
 from starflow.core.atomic import atomic_path
 from starflow.core.errors import StarflowError
-from starflow.core.sampler import SampleOptions
+from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import OFFICIAL, check_preset_name, choose
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7  # the one place: the schemas carry it as a const, CMake reads it from there
 MANIFEST_NAME = "manifest.json"
-UNDIGESTED = ("digest", "validation", "engines")  # written after the export; no effect on samples
+RECORD_NAME = "record.json"
+MAX_FILE_BYTES = 64 << 20  # either file; libstarflow reads no more either
 VAE_SCALE = 0.18215  # SD-VAE latents are decoded at z / VAE_SCALE
 GUIDANCE_EXPRESSION = (
     "batch [cond ; uncond]; s = min(sigma_c/sigma_u, 1)^2; sigma = sigma_c / sqrt(1 + w - w*s); "
     "mu = ((1 + w)*mu_c - w*s*mu_u) / (1 + w - w*s); both halves receive (mu, sigma)"
 )
+MODEL_KEYS = ["channel_size", "patch_size", "txt_size", "cond_top_only", "sos"]  # read by every runtime
+# Unknown keys refused; no coercion ("1" is not 1); NaN written and read as Python's json does.
+CONFIG = ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants")
 __all__ = [  # the whole contract, entries included
     "GUIDANCE_EXPRESSION",
     "MANIFEST_NAME",
+    "RECORD_NAME",
     "SCHEMA_VERSION",
     "VAE_SCALE",
+    "Contract",
     "Manifest",
+    "Record",
     "check_schema",
     "inside",
     "is_starflow_export",
@@ -87,13 +99,10 @@ __all__ = [  # the whole contract, entries included
     "FileEntry",
     "Graph",
     "Guidance",
-    "Jacobi",
-    "JacobiPreset",
     "Latent",
     "PrecisionInfo",
     "Producer",
     "Range",
-    "SamplingPreset",
     "Source",
     "TensorSpec",
     "Text",
@@ -104,30 +113,109 @@ __all__ = [  # the whole contract, entries included
 ]
 
 
-# ---- the manifest ------------------------------------------------------------------------------------
+# ---- the two files -------------------------------------------------------------------------------------
+@with_config(CONFIG)
 @dataclasses.dataclass(frozen=True)
-class Manifest:
-    schema_version: int
+class Contract:
+    """Everything a runtime needs to sample from a starflow ONNX export (manifest.json). Graphs
+    see tokens in their block's order (after the block's permutation); the permutation, guidance,
+    the Jacobi update and its stop test run outside the graphs, in fp32. Unknown keys are rejected.
+    record.json holds this file's sha256: a reader refuses a manifest.json whose bytes changed."""
+
+    schema_version: Literal[SCHEMA_VERSION]
     producer: Producer
     source: Source
-    model: dict[str, Any]  # the StarFlowConfig fields, for provenance and `starflow validate`
+    model: Annotated[
+        dict[str, Any],
+        Field(
+            description="The StarFlowConfig fields (official training-argument names), for provenance "
+            "and for reloading the PyTorch model in `starflow validate`.",
+            json_schema_extra={"required": MODEL_KEYS},
+        ),
+    ]
     latent: Latent
-    text: Text | None
+    text: Annotated[Text | None, Field(description="null when the model has no text")]
     decoder: Decoder
-    denoise: Denoise | None
-    video: Video | None  # None: an image export
-    files: tuple[FileEntry, ...]
+    denoise: Annotated[Denoise | None, Field(description="null when not exported")]
+    video: Annotated[Video | None, Field(description="null for an image export")]
+    files: Annotated[
+        tuple[FileEntry, ...],
+        Field(
+            description="non-graph files the runtime reads (the tokenizer), with sha256; paths "
+            "relative to the manifest"
+        ),
+    ]
     guidance: Guidance
-    jacobi: Jacobi
-    sampling_presets: dict[str, SamplingPreset]  # opt-in, calibrated for this model; {} for most
-    noise_std: float
-    dims: dict[str, Range]
-    precisions: dict[str, PrecisionInfo]
-    blocks: tuple[Block, ...]  # sampling order: deep block first
+    jacobi: Annotated[
+        JacobiSettings,
+        Field(
+            description="Default block-wise Jacobi settings: stop a chunk when "
+            "mean((new-old)^2)/mean(new^2) < threshold or after max_iter iterations."
+        ),
+    ]
+    sampling_presets: Annotated[
+        dict[str, SampleOptions],
+        Field(
+            description="Opt-in sampling settings calibrated for this model (e.g. 'fast'); the default "
+            "stays guidance.default_weight with jacobi. Each names the guidance weight, the method and "
+            "the Jacobi settings of the deep block (jacobi) and of the shallow blocks (shallow_jacobi; "
+            "null: the same). init: a chunk's first guess, 'noise' (official) or 'chunk-mean' (the "
+            "previous chunk's mean affine map applied to the chunk's noise). In a video export the "
+            "clip settings (warm_start, window, context) are the video section's."
+        ),
+    ]
+    noise_std: Annotated[float, Field(ge=0)]
+    dims: Annotated[
+        dict[str, Range],
+        Field(
+            description="Every symbolic dim: batch (rows, twice the images under guidance), chunk "
+            "(tokens per step), past (cached positions = text length + chunk start), text (text "
+            "tokens), tokens (h*w, times the frames of a clip), frames (a clip's frames)."
+        ),
+    ]
+    precisions: dict[Precision, PrecisionInfo]
+    blocks: Annotated[
+        tuple[Block, ...],
+        Field(min_length=1, description="Flow blocks in sampling order (deep block first)."),
+    ]
     graphs: tuple[Graph, ...]
-    validation: tuple[Comparison, ...]
+
+
+@with_config(CONFIG)
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What is added to an export after its manifest.json is written (record.json); nothing here
+    changes a sample."""
+
+    schema_version: Literal[SCHEMA_VERSION]
+    manifest_sha256: Annotated[
+        Sha256,
+        Field(
+            description="sha256 of manifest.json's bytes as written; a reader hashes the bytes it read "
+            "and refuses a mismatch"
+        ),
+    ]
+    validation: Annotated[
+        tuple[Comparison, ...],
+        Field(description="One entry per compared tensor; empty when exported with --no-validate."),
+    ]
+    engines: Annotated[
+        tuple[Engine, ...],
+        Field(description="One TensorRT engine per graph (`starflow export trt`); empty without."),
+    ]
+
+
+CONTRACT = TypeAdapter(Contract)
+RECORD = TypeAdapter(Record)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest(Contract):
+    """An export as callers use it: its contract, its record, and the digest that ties them."""
+
+    validation: tuple[Comparison, ...] = ()
     engines: tuple[Engine, ...] = ()
-    digest: str = ""  # sha256 of every field but UNDIGESTED; `write` fills it in
+    digest: str = ""  # sha256 of manifest.json's bytes; `load` and `write` fill it in
 
     # -- lookups --
     def graph(self, name: str) -> Graph:
@@ -147,10 +235,9 @@ class Manifest:
 
     def sampling(self, preset: str = OFFICIAL) -> SampleOptions:
         """The export's default settings ("official": its guidance weight and Jacobi settings) or
-        one of its named sampling presets."""
-        official = SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi.settings())
-        presets = {name: p.options() for name, p in self.sampling_presets.items()}
-        options = choose(preset, official, presets, "this export")
+        one of its named sampling presets; a video export's clip settings are its video section's."""
+        official = SampleOptions(guidance=self.guidance.default_weight, jacobi=self.jacobi)
+        options = choose(preset, official, self.sampling_presets, "this export")
         if self.video is None:
             return options
         video = self.video
@@ -171,40 +258,45 @@ class Manifest:
 
     # -- reading and writing --
     @classmethod
-    def from_dict(cls, data: Any, source: str) -> Manifest:
-        """Schema-check a parsed manifest.json and build the typed manifest."""
-        if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
-            raise StarflowError(
-                f"{source}: schema_version {data.get('schema_version')!r}, "
-                f"this starflow reads {SCHEMA_VERSION}"
-            )
+    def parse(cls, manifest: bytes, record: bytes | None, source: str) -> Manifest:
+        """Check manifest.json's and record.json's bytes (`source`: manifest.json's path) and build
+        the typed manifest."""
+        data = _parse_json(manifest, source)
+        _check_version(data, source)
         check_schema(data, source)
-        try:
-            manifest = dacite.from_dict(cls, data, config=dacite.Config(cast=[tuple], strict=True))
-        except dacite.DaciteError as err:  # the schema admits something the classes do not
-            raise StarflowError(f"{source}: {err}") from None
-        if manifest.digest != manifest.semantic_digest():
+        if record is None:
+            raise StarflowError(
+                f"{source}: no {RECORD_NAME} beside it (the digest and validation record); re-export"
+            )
+        record_source = str(Path(source).with_name(RECORD_NAME))
+        record_data = _parse_json(record, record_source)
+        _check_version(record_data, record_source)
+        check_schema(record_data, record_source, RECORD_NAME)
+        digest = hashlib.sha256(manifest).hexdigest()
+        if record_data["manifest_sha256"] != digest:
             raise StarflowError(
                 f"{source}: its fields changed since the export (digest mismatch): the graphs would be "
                 "driven by settings they were not validated with; re-export instead of editing"
             )
-        manifest.check_references(source)
-        return manifest
-
-    def semantic_digest(self) -> str:
-        """sha256 over the canonical JSON of every field that decides the numbers."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in UNDIGESTED}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        contract = _build(CONTRACT, manifest, source)
+        written = _build(RECORD, record, record_source)
+        fields = {f.name: getattr(contract, f.name) for f in dataclasses.fields(Contract)}
+        result = cls(**fields, validation=written.validation, engines=written.engines, digest=digest)
+        result.check_references(source)
+        return result
 
     def check_references(self, source: str) -> None:
         """Every name refers to a graph of the right kind; every block's graphs have its shape."""
         graphs = {g.name: g for g in self.graphs}
-        for name, preset in self.sampling_presets.items():
+        checks = [("jacobi", lambda: self.jacobi.check("jacobi"))]
+        checks += [(f"sampling preset {name!r}", p.check) for name, p in self.sampling_presets.items()]
+        for name in self.sampling_presets:
             check_preset_name(name, source)
+        for owner, check in checks:
             try:
-                preset.options().check()
+                check()
             except StarflowError as err:
-                raise StarflowError(f"{source}: sampling preset {name!r}: {err}") from None
+                raise StarflowError(f"{source}: {owner}: {err}") from None
 
         def refer(name: str | None, kind: str, owner: str) -> Graph | None:
             if name is None:
@@ -243,16 +335,14 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path, verify_files: bool = True) -> Manifest:
-        """Read and schema-check `directory/manifest.json`; with `verify_files`, every sha256 too."""
+        """Read and check `directory`'s manifest.json and record.json; with `verify_files`, every
+        file's sha256 too."""
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not path.is_file():
             raise StarflowError(f"{directory}: no {MANIFEST_NAME}; not a starflow export directory")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StarflowError(f"{path}: not valid JSON ({err})") from None
-        manifest = cls.from_dict(data, str(path))
+        record = directory / RECORD_NAME
+        manifest = cls.parse(_read(path), _read(record) if record.is_file() else None, str(path))
         if verify_files:
             manifest.verify_files(directory)
         return manifest
@@ -268,21 +358,29 @@ class Manifest:
                 raise StarflowError(f"{owner}: {path} does not match its sha256 in the manifest")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        """manifest.json's fields as JSON values (no record, no digest)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Contract)}
+        return CONTRACT.dump_python(Contract(**fields), mode="json")
 
     def write(self, directory: Path) -> Manifest:
-        """Fill in the digest, validate against the schema, write atomically; returns what was written."""
-        manifest = dataclasses.replace(self, digest=self.semantic_digest())
-        data = manifest.to_dict()
+        """Write manifest.json, then record.json with its sha256 (each atomically, each checked
+        against its schema first); returns what was written, digest filled in."""
+        data = self.to_dict()
         check_schema(data, str(directory / MANIFEST_NAME))
-        try:
-            with atomic_path(directory / MANIFEST_NAME) as tmp:
-                tmp.write_text(json.dumps(data, indent=2) + "\n")
-        except OSError as err:
-            raise StarflowError(
-                f"{directory / MANIFEST_NAME}: cannot write ({err.strerror or err})"
-            ) from None
-        return manifest
+        text = (json.dumps(data, indent=2) + "\n").encode()
+        manifest = dataclasses.replace(self, digest=hashlib.sha256(text).hexdigest())
+        _write(directory / MANIFEST_NAME, text)
+        return manifest.write_record(directory)
+
+    def write_record(self, directory: Path) -> Manifest:
+        """Write record.json alone (the engines or validation changed; manifest.json did not)."""
+        if not self.digest:
+            raise StarflowError(f"{directory}: a record needs the digest of a written manifest.json")
+        record = Record(SCHEMA_VERSION, self.digest, self.validation, self.engines)
+        data = RECORD.dump_python(record, mode="json")
+        check_schema(data, str(directory / RECORD_NAME), RECORD_NAME)
+        _write(directory / RECORD_NAME, (json.dumps(data, indent=2) + "\n").encode())
+        return self
 
     def summary(self) -> str:
         """A human-readable summary (what `starflow inspect` prints)."""
@@ -386,19 +484,6 @@ def _describe_text(text: Text | None) -> str:
     return line + f"; {component.kind} graph {component.graph} from {component.source}"
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses -> JSON-ready dicts and lists, in field order (the schema's key names)."""
-    if isinstance(value, Decoder):
-        return value.to_json()
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 # ---- files and schema ----------------------------------------------------------------------------------
 def inside(directory: Path, name: str) -> Path:
     """`directory/name`, refused unless it resolves inside `directory` (symbolic links followed)."""
@@ -408,20 +493,66 @@ def inside(directory: Path, name: str) -> Path:
     return path
 
 
-def schema() -> dict[str, Any]:
-    return json.loads(resources.files("starflow.contract").joinpath("manifest.schema.json").read_text())
+def schema(name: str = MANIFEST_NAME) -> dict[str, Any]:
+    """The committed JSON Schema of manifest.json or record.json (generated: see schema.py)."""
+    file = name.replace(".json", ".schema.json")
+    return json.loads(resources.files("starflow.contract").joinpath(file).read_text())
 
 
-def check_schema(data: Any, source: str) -> None:
+def check_schema(data: Any, source: str, name: str = MANIFEST_NAME) -> None:
+    """`data` against its file's JSON Schema: the file other languages implement, so Python
+    refuses exactly what it refuses (every field stated, defaults or not)."""
     import jsonschema
 
     try:
-        jsonschema.validate(data, schema())
+        jsonschema.validate(data, schema(name))
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise StarflowError(f"{source}: {name} does not match its schema at {where}: {err.message}") from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise StarflowError(f"{path}: cannot read ({err.strerror or err})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise StarflowError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; not a starflow manifest")
+    return data
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as err:
+        raise StarflowError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def _parse_json(data: bytes, source: str) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StarflowError(f"{source}: not valid JSON ({err})") from None
+
+
+def _check_version(data: Any, source: str) -> None:
+    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
         raise StarflowError(
-            f"{source}: manifest does not match its schema at {where}: {err.message}"
-        ) from None
+            f"{source}: schema_version {data.get('schema_version')!r}, this starflow reads "
+            f"{SCHEMA_VERSION}; re-export with this starflow"
+        )
+
+
+def _build(adapter: TypeAdapter, data: bytes, source: str) -> Any:
+    """The typed value of schema-checked JSON; what the schema cannot state refused here."""
+    try:
+        return adapter.validate_json(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "/".join(str(p) for p in first["loc"]) or "(top level)"
+        raise StarflowError(f"{source}: at {where}: {first['msg']}") from None
 
 
 def is_starflow_export(directory: Path) -> bool:

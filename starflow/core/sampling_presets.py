@@ -1,23 +1,26 @@
 """Named sampling presets: settings calibrated for one model, carried by its export's manifest.
 
 A preset is a `SampleOptions` (guidance, method, Jacobi settings for the deep and the shallow
-blocks) stored as JSON. The official settings stay every model's default; a preset is opt-in
-(`starflow generate --sampler fast`). `scripts/calibrate_sampling.py` measures and writes the
-embedded digits model's presets (`assets/digits-presets.json`) on sample quality.
+blocks) stored as JSON by `presets_to_json`. The official settings stay every model's default;
+a preset is opt-in (`starflow generate --sampler fast`). `scripts/calibrate_sampling.py`
+measures and writes the embedded digits model's presets (`assets/digits-presets.json`) on
+sample quality.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
-from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from starflow.core.errors import StarflowError
-from starflow.core.sampler import JacobiSettings, SampleOptions
+from starflow.core.sampler import SampleOptions
 
 DIGITS_PRESETS = Path(__file__).resolve().parent.parent / "assets" / "digits-presets.json"
 OFFICIAL = "official"  # the name of the default: the export's own guidance and Jacobi settings
+# The sampler's own type, read and written by pydantic: unknown keys refused, no "1" for 1; a
+# setting left out takes the sampler's default.
+PRESETS = TypeAdapter(dict[str, SampleOptions], config=ConfigDict(extra="forbid", strict=True))
 
 
 def check_preset_name(name: str, where: str) -> None:
@@ -37,38 +40,33 @@ def choose(
     return presets[name]
 
 
-def preset_to_json(options: SampleOptions) -> dict[str, Any]:
-    return dataclasses.asdict(options)
+def presets_to_json(presets: dict[str, SampleOptions]) -> str:
+    """The one serialiser of presets (a manifest's `sampling_presets` is the same pydantic
+    serialisation of the same type)."""
+    return PRESETS.dump_json(presets, indent=2).decode() + "\n"
 
 
-def preset_from_json(data: Any, where: str) -> SampleOptions:
-    """A preset's JSON -> SampleOptions, checked; errors name `where`."""
+def presets_from_json(text: str | bytes, where: str) -> dict[str, SampleOptions]:
+    """name -> options from presets JSON ({"fast": {...}, ...}), checked; errors name `where`."""
     try:
-        jacobi = JacobiSettings(**data["jacobi"])
-        shallow = data.get("shallow_jacobi")
-        options = SampleOptions(
-            guidance=data["guidance"],
-            method=data["method"],
-            jacobi=jacobi,
-            shallow_jacobi=None if shallow is None else JacobiSettings(**shallow),
-        )
-    except (TypeError, KeyError) as err:
-        raise StarflowError(f"{where}: not a sampling preset ({type(err).__name__}: {err})") from None
-    try:
-        options.check()
-    except StarflowError as err:
-        raise StarflowError(f"{where}: {err}") from None
-    return options
+        presets = PRESETS.validate_json(text)
+    except ValidationError as err:
+        first = err.errors()[0]
+        at = "/".join(str(p) for p in first["loc"]) or "(top level)"
+        raise StarflowError(f"{where}: not sampling presets: at {at}: {first['msg']}") from None
+    for name, options in presets.items():
+        check_preset_name(name, where)
+        try:
+            options.check()
+        except StarflowError as err:
+            raise StarflowError(f"{where}: preset {name!r}: {err}") from None
+    return presets
 
 
 def load_presets(path: Path) -> dict[str, SampleOptions]:
-    """name -> options from a presets JSON file ({"fast": {...}, ...})."""
+    """name -> options from a presets JSON file."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise StarflowError(f"{path}: cannot read sampling presets ({err})") from None
-    if not isinstance(data, dict):
-        raise StarflowError(f"{path}: expected an object of named presets")
-    for name in data:
-        check_preset_name(name, str(path))
-    return {name: preset_from_json(value, f"{path}: preset {name!r}") for name, value in data.items()}
+        text = Path(path).read_bytes()
+    except OSError as err:
+        raise StarflowError(f"{path}: cannot read sampling presets ({err.strerror or err})") from None
+    return presets_from_json(text, str(path))

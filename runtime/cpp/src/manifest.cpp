@@ -1,8 +1,8 @@
-// manifest.json -> Manifest, refusing anything the Python loader refuses that changes what runs.
+// manifest.json + record.json -> Manifest, refusing anything the Python loader refuses that changes
+// what runs. The digest is the sha256 of manifest.json's bytes, as read: no JSON is printed here.
 #include "manifest.hpp"
 
 #include <algorithm>
-#include <charconv>
 #include <climits>
 #include <cstdlib>
 #include <regex>
@@ -14,105 +14,6 @@ namespace {
 
 using json = nlohmann::json;
 constexpr std::size_t kMaxManifestBytes = 64u << 20;
-const char* const kUndigested[] = {"digest", "validation", "engines"};
-
-// ---- the digest: sha256 of json.dumps(fields, sort_keys=True) as Python writes it ----------------
-void dump_string(const std::string& text, std::string& out) {  // ensure_ascii=True
-  static const char* hex = "0123456789abcdef";
-  auto escape = [&](unsigned code) {
-    out += "\\u";
-    for (int shift = 12; shift >= 0; shift -= 4) out.push_back(hex[code >> shift & 15]);
-  };
-  out.push_back('"');
-  for (std::size_t i = 0; i < text.size();) {
-    auto byte = static_cast<unsigned char>(text[i]);
-    unsigned code = byte;
-    int extra = byte >= 0xf0 ? 3 : byte >= 0xe0 ? 2 : byte >= 0xc0 ? 1 : 0;
-    if (extra) code = byte & (0x3f >> extra);
-    for (int k = 1; k <= extra && i + k < text.size(); ++k) code = code << 6 | (text[i + k] & 0x3f);
-    i += 1 + extra;
-    switch (code) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (code < 0x20 || code > 0x7e) {
-          if (code > 0xffff) {  // a surrogate pair, as Python writes it
-            code -= 0x10000;
-            escape(0xd800 | (code >> 10));
-            escape(0xdc00 | (code & 0x3ff));
-          } else {
-            escape(code);
-          }
-        } else {
-          out.push_back(static_cast<char>(code));
-        }
-    }
-  }
-  out.push_back('"');
-}
-
-// repr(float): the shortest round-trip digits, fixed notation for 1e-4 <= |x| < 1e16.
-void dump_float(double value, std::string& out) {
-  char buffer[64];
-  auto result = std::to_chars(buffer, buffer + sizeof buffer, value, std::chars_format::scientific);
-  std::string text(buffer, result.ptr);
-  std::string sign = text[0] == '-' ? "-" : "";
-  if (!sign.empty()) text.erase(0, 1);
-  auto e = text.find('e');
-  std::string digits = text.substr(0, e);
-  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
-  int point = std::stoi(text.substr(e + 1)) + 1;  // value = 0.digits * 10^point
-  auto n = static_cast<int>(digits.size());
-  out += sign;
-  if (point > -4 && point <= 16) {
-    if (point <= 0) out += "0." + std::string(-point, '0') + digits;
-    else if (point >= n) out += digits + std::string(point - n, '0') + ".0";
-    else out += digits.substr(0, point) + "." + digits.substr(point);
-  } else {
-    out += digits.substr(0, 1) + (n > 1 ? "." + digits.substr(1) : "") + "e";
-    int exponent = point - 1;
-    out += exponent < 0 ? "-" : "+";
-    std::string magnitude = std::to_string(std::abs(exponent));
-    out += (magnitude.size() < 2 ? "0" : "") + magnitude;
-  }
-}
-
-void dump_python(const json& value, std::string& out) {
-  switch (value.type()) {
-    case json::value_t::object: {
-      out.push_back('{');
-      bool first = true;
-      for (const auto& [key, item] : value.items()) {  // std::map: sorted like sort_keys=True
-        if (!first) out += ", ";
-        first = false;
-        dump_string(key, out);
-        out += ": ";
-        dump_python(item, out);
-      }
-      out.push_back('}');
-      break;
-    }
-    case json::value_t::array: {
-      out.push_back('[');
-      for (std::size_t i = 0; i < value.size(); ++i) {
-        if (i) out += ", ";
-        dump_python(value[i], out);
-      }
-      out.push_back(']');
-      break;
-    }
-    case json::value_t::string: dump_string(value.get_ref<const std::string&>(), out); break;
-    case json::value_t::boolean: out += value.get<bool>() ? "true" : "false"; break;
-    case json::value_t::number_float: dump_float(value.get<double>(), out); break;
-    case json::value_t::null: out += "null"; break;
-    default: out += value.dump(); break;  // integers
-  }
-}
 
 // ---- reading fields with errors that name the key ---------------------------------------------------
 struct Reader {
@@ -209,6 +110,20 @@ void check_references(const Manifest& m, const Reader& r) {
   if (m.denoise_graph) refer(*m.denoise_graph, "denoise", "denoise");
 }
 
+json parse_document(const std::string& text, const std::string& source) {
+  json doc;
+  try {
+    doc = json::parse(text);
+  } catch (const json::exception& err) {
+    throw Error(source + ": not valid JSON (" + err.what() + ")");
+  }
+  if (!doc.is_object()) throw Error(source + ": expected a JSON object");
+  if (!doc.contains("schema_version") || doc["schema_version"] != kSchemaVersion)
+    throw Error(source + ": schema_version " + (doc.contains("schema_version") ? doc["schema_version"].dump() : "missing") +
+                ", this libstarflow reads " + std::to_string(kSchemaVersion) + "; re-export with this starflow");
+  return doc;
+}
+
 }  // namespace
 
 const TensorSpec& GraphEntry::input(const std::string& wanted) const {
@@ -258,23 +173,23 @@ void Manifest::verify_files() const {
 
 Manifest load_manifest(const std::string& directory) {
   Reader r{directory + "/manifest.json"};
-  json doc;
+  std::string bytes;
   try {
-    doc = json::parse(read_file(r.source, kMaxManifestBytes));
-  } catch (const json::exception& err) {
-    throw Error(r.source + ": not valid JSON (" + err.what() + ")");
+    bytes = read_file(r.source, kMaxManifestBytes);
   } catch (const Error& err) {
     throw Error(directory + ": no readable manifest.json; not a starflow export directory (" + err.what() + ")");
   }
-  if (!doc.is_object()) throw Error(r.source + ": expected a JSON object");
-  if (!doc.contains("schema_version") || doc["schema_version"] != kSchemaVersion)
-    throw Error(r.source + ": schema_version " + (doc.contains("schema_version") ? doc["schema_version"].dump() : "missing") +
-                ", this libstarflow reads " + std::to_string(kSchemaVersion));
-  json fields = doc;
-  for (const char* key : kUndigested) fields.erase(key);
-  std::string canonical;
-  dump_python(fields, canonical);
-  if (r.text(doc, "digest", "") != sha256_bytes(canonical))
+  json doc = parse_document(bytes, r.source);
+  Reader record_reader{directory + "/record.json"};
+  std::string record_bytes;
+  try {
+    record_bytes = read_file(record_reader.source, kMaxManifestBytes);
+  } catch (const Error& err) {
+    throw Error(r.source + ": no readable record.json beside it (the digest and validation record); re-export (" +
+                err.what() + ")");
+  }
+  json record = parse_document(record_bytes, record_reader.source);
+  if (record_reader.text(record, "manifest_sha256", "") != sha256_bytes(bytes))
     throw Error(r.source + ": its fields changed since the export (digest mismatch): the graphs would be driven by "
                 "settings they were not validated with; re-export instead of editing");
 
@@ -324,18 +239,21 @@ Manifest load_manifest(const std::string& directory) {
   const json& guidance = r.at(doc, "guidance", "");
   m.default_guidance = r.number(guidance, "default_weight", "guidance.");
   m.guide_deep_only = r.text(guidance, "blocks", "guidance.") == "deep";
-  const json& jacobi = r.at(doc, "jacobi", "");
-  m.block_size = r.small(jacobi, "block_size", "jacobi.", 1);
-  m.max_iter = r.small(jacobi, "max_iter", "jacobi.", 1);
-  m.threshold = r.number(jacobi, "threshold", "jacobi.");
+  auto jacobi = [&](const json& j, const std::string& at) {  // starflow.core.sampler.JacobiSettings
+    Jacobi settings{r.small(j, "block_size", at, 1), r.small(j, "max_iter", at, 1), r.number(j, "threshold", at),
+                    r.text(j, "init", at)};
+    try {
+      settings.check(at.substr(0, at.size() - 1));
+    } catch (const Error& err) {
+      r.fail(at.substr(0, at.size() - 1), std::string("is not valid: ") + err.what());
+    }
+    return settings;
+  };
+  m.jacobi = jacobi(r.at(doc, "jacobi", ""), "jacobi.");
   const json& presets = r.at(doc, "sampling_presets", "");
   if (!presets.is_object()) r.fail("sampling_presets", "must be an object");
-  for (const auto& [name, item] : presets.items()) {
+  for (const auto& [name, item] : presets.items()) {  // starflow.core.sampler.SampleOptions
     std::string where = "sampling_presets." + name + ".";
-    auto jacobi = [&](const json& j, const std::string& at) {
-      return Jacobi{r.small(j, "block_size", at, 1), r.small(j, "max_iter", at, 1), r.number(j, "threshold", at),
-                    r.text(j, "init", at)};
-    };
     Sampling preset;
     preset.guidance = r.number(item, "guidance", where);
     preset.method = r.text(item, "method", where);

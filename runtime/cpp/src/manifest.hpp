@@ -1,6 +1,7 @@
-// The export's contract (manifest.json, schema 5) as C++ values, checked as the Python loader
-// checks it: schema version, digest of the semantic fields, plain file names resolving inside the
-// directory, references between blocks and graphs, and (on request) every file's sha256.
+// The export's contract (manifest.json, with record.json's digest of it) as C++ values, checked as
+// the Python loader checks it: schema version, manifest.json's sha256 against record.json's, plain
+// file names resolving inside the directory, references between blocks and graphs, and (on
+// request) every file's sha256. The fields are starflow/contract/manifest.schema.json's.
 #pragma once
 
 #include <map>
@@ -11,9 +12,13 @@
 #include "sampler.hpp"
 #include "tensor.hpp"
 
+#ifndef STARFLOW_SCHEMA_VERSION
+#error "STARFLOW_SCHEMA_VERSION is not defined (CMake reads it from starflow/contract/manifest.schema.json)"
+#endif
+
 namespace starflow::native {
 
-constexpr int kSchemaVersion = 6;
+constexpr int kSchemaVersion = STARFLOW_SCHEMA_VERSION;  // CMake reads it from manifest.schema.json
 
 struct Range {
   int64_t min = 0, opt = 0, max = 0;
@@ -63,8 +68,7 @@ struct Manifest {
   double denoise_noise_std = 0;
   double default_guidance = 0;
   bool guide_deep_only = true;
-  int block_size = 16, max_iter = 32;
-  double threshold = 1e-3;
+  Jacobi jacobi;                             // the default block-wise Jacobi settings
   std::map<std::string, Sampling> presets;  // calibrated, opt-in sampling settings by name
   std::map<std::string, Range> dims;
   std::vector<std::string> precisions;

@@ -191,9 +191,7 @@ Pipeline::~Pipeline() = default;
 Sampling Pipeline::defaults() const {
   Sampling s;
   s.guidance = manifest_.default_guidance;
-  s.jacobi.block_size = manifest_.block_size;
-  s.jacobi.max_iter = manifest_.max_iter;
-  s.jacobi.threshold = manifest_.threshold;
+  s.jacobi = manifest_.jacobi;
   return s;
 }
 
@@ -228,7 +226,7 @@ std::string Pipeline::describe() const {
       {"denoise", m.denoise_graph.has_value()},
       {"decoder", m.decoder_kind},
       {"default_guidance", m.default_guidance},
-      {"jacobi", {{"block_size", m.block_size}, {"max_iter", m.max_iter}, {"threshold", m.threshold}}},
+      {"jacobi", {{"block_size", m.jacobi.block_size}, {"max_iter", m.jacobi.max_iter}, {"threshold", m.jacobi.threshold}}},
       {"presets", json::array()},
   };
   for (const auto& [name, unused] : m.presets) d["presets"].push_back(name);
