@@ -1,10 +1,11 @@
 """Exports made on demand and kept under the cache directory (`STARFLOW_CACHE`, ~/.cache/starflow).
 
 `starflow generate` without `--artifacts` and `starflow demo` drive the embedded digits model
-through the runtime; its export is made on first use and reused while the checkpoint and the
-manifest schema are unchanged. A file lock makes concurrent first uses export once; under it,
-a broken entry (a file where the directory belongs, a partial or tampered export) is replaced
-and the temporary directories of killed exports are removed.
+through the runtime, and `starflow bench` a preset's random model; each export is made on first
+use (`cached_export`) and reused while its key (checkpoint, options, manifest schema) is
+unchanged. A file lock makes concurrent first uses export once; under it, a broken entry (a file
+where the directory belongs, a partial or tampered export) is replaced and the temporary
+directories of killed exports are removed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -40,15 +42,37 @@ def demo_export(progress=None, video: bool = False) -> tuple[Path, bool]:
     checkpoint, name = (DEMO_VIDEO_CHECKPOINT, "digits-video") if video else (DEMO_CHECKPOINT, "digits")
     if not checkpoint.is_file():
         raise StarflowError(f"the embedded model {checkpoint} is missing from this installation")
-    digest = sha256(checkpoint)
-    presets = sha256(DIGITS_PRESETS)[:8] if DIGITS_PRESETS.is_file() and not video else "none"
-    directory = cache_dir() / "demo" / f"{name}-{digest[:12]}-presets{presets}-schema{SCHEMA_VERSION}"
+    calibrated = DIGITS_PRESETS.is_file() and not video
+    presets = sha256(DIGITS_PRESETS)[:8] if calibrated else "none"
+    key = f"{name}-{sha256(checkpoint)[:12]}-presets{presets}-schema{SCHEMA_VERSION}"
+    options = {
+        "precisions": ("fp32",),
+        "density": False,
+        "sampling_presets": load_presets(DIGITS_PRESETS) if calibrated else {},
+    }
+    return cached_export(cache_folder("demo") / key, checkpoint, options, progress)
+
+
+def cache_folder(name: str) -> Path:
+    """The cache's folder `name`, created if need be."""
+    folder = cache_dir() / name
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StarflowError(
-            f"cache {directory.parent}: cannot create it ({err.strerror}); set STARFLOW_CACHE"
+            f"cache {folder}: cannot create it ({err.strerror}); set STARFLOW_CACHE"
         ) from None
+    return folder
+
+
+def cached_export(
+    directory: Path, checkpoint: Path, options: dict[str, Any], progress=None
+) -> tuple[Path, bool]:
+    """`checkpoint` exported with `ExportOptions(**options)` into `directory`, an entry of a
+    `cache_folder` whose name is the caller's key (everything but the checkpoint that decides the
+    export), unless it already holds a complete export of this checkpoint. Returns the entry and
+    whether this call exported it; torch and onnx load only when it does."""
+    digest = sha256(checkpoint)
     with FileLock(directory.parent / f"{directory.name}.lock", timeout=LOCK_TIMEOUT_S):
         try:
             if Manifest.load(directory).source.sha256 == digest:
@@ -60,13 +84,10 @@ def demo_export(progress=None, video: bool = False) -> tuple[Path, bool]:
             from starflow.export.onnx_export import ExportOptions, export_onnx
         except ImportError as err:
             raise StarflowError(
-                f"the demo model's artifacts are not in {directory} yet, and exporting them needs torch "
-                f"and onnx ({err.name} is missing): pip install 'starflow[torch,onnx]', "
-                "or pass an export's directory"
+                f"the export {directory} is not in the cache yet, and exporting it needs torch and onnx "
+                f"({err.name} is missing): pip install 'starflow[torch,onnx]', or pass an export's directory"
             ) from None
-        calibrated = load_presets(DIGITS_PRESETS) if DIGITS_PRESETS.is_file() and not video else {}
-        options = ExportOptions(precisions=("fp32",), density=False, force=True, sampling_presets=calibrated)
-        export_onnx(checkpoint, directory, options, progress=progress)
+        export_onnx(checkpoint, directory, ExportOptions(**options, force=True), progress=progress)
     return directory, True
 
 

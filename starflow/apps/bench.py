@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 # torch and the model load inside the functions that run them: `starflow bench --help` prints
 # these defaults and the legend without them
-DEFAULT_WORK = Path.home() / ".cache" / "starflow" / "bench"
 DEFAULT_PRESET = "bench-256"
 DEFAULT_FRAMES = 8
 DEFAULT_GUIDANCE = 2.0
@@ -129,9 +128,9 @@ class Row:
     rms: float | None
 
 
-def prepare(options: BenchOptions, work: Path = DEFAULT_WORK) -> tuple[StarFlow, Path]:
-    """The model and an fp32 export of it; a preset's export is cached under `work`."""
-    from starflow.export.onnx_export import ExportOptions, export_onnx
+def prepare(options: BenchOptions) -> tuple[StarFlow, Path]:
+    """The model and an fp32 export of it; a preset's export is cached (`export.cache`, "bench")."""
+    from starflow.export.cache import cache_folder, cached_export
     from starflow.model.checkpoint import load_model, save_model
     from starflow.model.testing import random_model
 
@@ -144,18 +143,15 @@ def prepare(options: BenchOptions, work: Path = DEFAULT_WORK) -> tuple[StarFlow,
         digest.update(key.encode() + tensor.numpy().tobytes())
     frames = max(options.frames or DEFAULT_FRAMES, 16) if model.config.video else None
     clips = f"-frames{frames}" if frames else ""
-    folder = (
-        work / f"{options.preset}-seed{options.seed}-{digest.hexdigest()[:12]}{clips}-schema{SCHEMA_VERSION}"
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "artifacts" / "manifest.json").is_file():
-        save_model(model, folder / "model.safetensors")
-        # no validation (the bench itself measures agreement) and no denoise graph (it samples latents)
-        export = ExportOptions(
-            precisions=("fp32",), validate=False, denoise=False, force=True, max_frames=frames
-        )
-        export_onnx(folder / "model.safetensors", folder / "artifacts", export)
-    return model, folder / "artifacts"
+    folder = cache_folder("bench")
+    name = f"{options.preset}-seed{options.seed}-{digest.hexdigest()[:12]}{clips}"
+    checkpoint = folder / f"{name}.safetensors"
+    if not checkpoint.is_file():
+        save_model(model, checkpoint)  # the same bytes every time, written atomically: whoever is first
+    # no validation (the bench itself measures agreement) and no denoise graph (it samples latents)
+    export = {"precisions": ("fp32",), "validate": False, "denoise": False, "max_frames": frames}
+    artifacts, _ = cached_export(folder / f"{name}-schema{SCHEMA_VERSION}", checkpoint, export)
+    return model, artifacts
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
