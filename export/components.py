@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from starflow.contract.manifest import VAE_SCALE, Comparison, Decoder, Denoise, TextComponent
 from starflow.export.defaults import DEFAULT_OPSET
@@ -21,8 +21,11 @@ from starflow.export.validate import check_results, compare
 from starflow.model.flow import StarFlow
 from starflow.runtime.backends import OrtRunner
 
-if TYPE_CHECKING:
-    from starflow.export.worker import DenoiseJob
+
+class PendingGraph(Protocol):
+    """A graph another process is exporting (`starflow.export.worker.DenoiseJob`)."""
+
+    def wait(self) -> None: ...
 
 
 def export_component(graph: ComponentGraph, directory: Path, opset: int = DEFAULT_OPSET) -> list[Comparison]:
@@ -118,7 +121,7 @@ class Components:
         work: Path,
         opset: int,
         progress: Callable[[str], None],
-        denoise_job: DenoiseJob | None = None,
+        denoise_job: PendingGraph | None = None,
     ) -> ComponentEntries:
         """Export and validate every component; the denoise graph is waited for when `denoise_job`
         already exports it."""
