@@ -1,10 +1,10 @@
 """After the flow, in numpy: the self-denoise step, the VAE decoder, and [0, 1] images.
 
-`Denoiser` and `Decoder` each wrap the Runner of one graph (`denoise.fp32`, `decoder.fp32`) and
-check their inputs before running it, so a wrong shape or dtype fails with a message instead of
-deep inside a backend. Like a Runner they are not thread-safe; returned arrays belong to the
-caller. Pixel-space models have no decoder: their samples go straight to
-`starflow.core.outputs.to_unit_images`.
+`DenoiserRunner`, `LearnedDenoiserRunner` and `DecoderRunner` each wrap the Runner of one graph
+(`denoise.fp32`, `decoder.fp32`) and check their inputs before running it, so a wrong shape or
+dtype fails with a message instead of deep inside a backend. Like a Runner they are not
+thread-safe; returned arrays belong to the caller. Pixel-space models have no decoder: their
+samples go straight to `starflow.core.outputs.to_unit_images`.
 """
 
 from __future__ import annotations
@@ -13,23 +13,23 @@ import math
 
 import numpy as np
 
+from starflow.core.checks import check_float32, check_latent, check_text
 from starflow.core.errors import StarflowError
+from starflow.core.sampler import denoise_windows
 from starflow.runtime.backends import Runner
 
 
-def check_latent(x: np.ndarray, channels: int, multiple_of: int = 1, name: str = "x") -> None:
-    """A float32 (B, C, H, W) batch with the graph's channel count and H, W multiples of the patch."""
-    if not isinstance(x, np.ndarray):
-        raise StarflowError(f"{name}: expected a numpy array, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise StarflowError(f"{name}: expected float32, got {x.dtype}")
-    if x.ndim != 4 or x.shape[1] != channels:
-        raise StarflowError(f"{name}: expected a (B, {channels}, H, W) latent batch, got shape {x.shape}")
-    B, _, H, W = x.shape
-    if B == 0 or H == 0 or W == 0 or H % multiple_of or W % multiple_of:
-        raise StarflowError(
-            f"{name}: latent size {H}x{W} (batch {B}) must be non-empty, in multiples of {multiple_of}"
-        )
+def _check_latent(x: np.ndarray, channels: int, patch_size: int, name: str, ranks: tuple[int, ...]) -> None:
+    """`checks.check_latent` on a float32 numpy array (what the graphs take)."""
+    check_float32(x, name)
+    check_latent(x, channels, patch_size, name, ranks)
+
+
+def _check_text(text: np.ndarray | None, batch: int, text_dim: int) -> None:
+    """`checks.check_text` (no length limit), then float32: what a graph with a `text` input takes."""
+    check_text(text, batch, text_dim, None, "text")
+    if text is not None:
+        check_float32(text, "text")
 
 
 def _check_graph(runner: Runner, inputs: list[str], outputs: list[str], kind: str) -> None:
@@ -40,7 +40,7 @@ def _check_graph(runner: Runner, inputs: list[str], outputs: list[str], kind: st
         )
 
 
-class Decoder:
+class DecoderRunner:
     """Sampled latents (B, C, h, w) -> images (B, 3, f*h, f*w) in about [-1, 1], not clamped.
 
     The graph takes the raw sampled latent: it divides by the VAE scale itself.
@@ -52,11 +52,11 @@ class Decoder:
         self.channels = channels
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
-        check_latent(latent, self.channels, name="latent")
+        _check_latent(latent, self.channels, 1, "latent", (4,))
         return self.runner.run({"latent": np.ascontiguousarray(latent)})["image"]
 
 
-class Denoiser:
+class DenoiserRunner:
     """The official self-denoise: one Tweedie step x - noise_std^2 * grad_x NLL(x), per sample.
 
     `text_dim` 0 means a model without text (the graph has no `text` input); `multiple_of` is the
@@ -72,35 +72,18 @@ class Denoiser:
 
     def denoise(self, x: np.ndarray, text: np.ndarray | None, noise_std: float) -> np.ndarray:
         """x (B, C, H, W) float32, text (B, L, text_dim) float32 or None -> the denoised x."""
-        check_latent(x, self.channels, self.multiple_of)
+        _check_latent(x, self.channels, self.multiple_of, "x", (4,))
+        _check_text(text, x.shape[0], self.text_dim)
         if not math.isfinite(noise_std) or noise_std < 0:
             raise StarflowError(f"noise_std: must be a finite number >= 0, got {noise_std}")
         feeds = {"x": np.ascontiguousarray(x)}
-        if not self.text_dim:
-            if text is not None:
-                raise StarflowError("text: this model is not text-conditioned; pass None")
-        else:
-            check_text(text, x.shape[0], self.text_dim)
+        if text is not None:
             feeds["text"] = np.ascontiguousarray(text)
         grad = self.runner.run(feeds)["grad"]
         return x - np.float32(noise_std**2) * grad  # float32 whatever the type of noise_std
 
 
-def check_text(text: np.ndarray | None, batch: int, text_dim: int) -> None:
-    """(batch, L, text_dim) float32 text embeddings with L >= 1."""
-    expected = f"({batch}, L, {text_dim}) float32 text embeddings with L >= 1"
-    if not isinstance(text, np.ndarray):
-        raise StarflowError(f"text: expected {expected}, got {type(text).__name__}")
-    if (
-        text.dtype != np.float32
-        or text.ndim != 3
-        or text.shape[1] == 0
-        or text.shape[::2] != (batch, text_dim)
-    ):
-        raise StarflowError(f"text: expected {expected}, got {text.dtype} of shape {text.shape}")
-
-
-class LearnedDenoiser:
+class LearnedDenoiserRunner:
     """STARFlow-V's learned denoiser: clips x (B, F, C, H, W) -> x - step * correction, clips longer
     than the sampling window in overlapping windows (`starflow.core.sampler.denoise_windows`)."""
 
@@ -115,16 +98,10 @@ class LearnedDenoiser:
         self, x: np.ndarray, text: np.ndarray | None, step: float, window: int | None, overlap: int | None
     ) -> np.ndarray:
         """x (B, F, C, H, W) float32, text (B, L, text_dim) or None -> the denoised clips."""
-        from starflow.core.sampler import denoise_windows
-
-        if not isinstance(x, np.ndarray) or x.ndim != 5:
-            raise StarflowError(
-                f"x: expected clips (B, F, C, H, W), got {getattr(x, 'shape', type(x).__name__)}"
-            )
-        check_latent(x[:, 0], self.channels, self.multiple_of)
+        _check_latent(x, self.channels, self.multiple_of, "x", (5,))
         feeds = {}
-        if self.text_dim:
-            check_text(text, x.shape[0], self.text_dim)
+        if self.text_dim:  # a denoiser without text (`conditional_denoiser` off) takes none
+            _check_text(text, x.shape[0], self.text_dim)
             feeds["text"] = np.ascontiguousarray(text)
 
         def apply(clip: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from starflow.core.generation import ImageGenerator, check_prompts, make_noise
 from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import SampleOptions
 from starflow.runtime.backends import OrtRunner
-from starflow.runtime.components import Decoder, Denoiser, LearnedDenoiser
+from starflow.runtime.components import DecoderRunner, DenoiserRunner, LearnedDenoiserRunner
 from starflow.runtime.pipeline import Pipeline
 from starflow.runtime.text import TextEncoderRunner
 
@@ -29,8 +29,8 @@ class Generator(ImageGenerator):
         self,
         pipeline: Pipeline,
         text: TextEncoderRunner | None,
-        denoiser: Denoiser | None,
-        decoder: Decoder | None,
+        denoiser: DenoiserRunner | LearnedDenoiserRunner | None,
+        decoder: DecoderRunner | None,
     ):
         self.pipeline = pipeline
         self.manifest: Manifest = pipeline.manifest
@@ -70,9 +70,9 @@ class Generator(ImageGenerator):
         if denoise is not None:
             graph = manifest.graph(denoise.graph)
             text_dim = text.dim if text and any(t.name == "text" for t in graph.inputs) else 0
-            kind = LearnedDenoiser if denoise.learned else Denoiser
+            kind = LearnedDenoiserRunner if denoise.learned else DenoiserRunner
             denoiser = kind(runner(denoise.graph), latent.channels, text_dim, latent.multiple_of)
-        decoder = Decoder(runner(decoding.graph), latent.channels) if decoding.graph else None
+        decoder = DecoderRunner(runner(decoding.graph), latent.channels) if decoding.graph else None
         return cls(pipeline, text_runner, denoiser, decoder)
 
     def check(

@@ -1,8 +1,9 @@
 """The standalone sampler: the exported block graphs driven by `starflow.core.sampler` (no torch).
 
-`Pipeline.sample` is the loop of `StarFlow.sample` (the same `starflow.core.sampler.sample`), with
-each block's step, prefill and forward graphs behind a backend runner. Guidance, the Jacobi
-update and the stop test run in numpy in fp32, exactly as in the reference.
+`Pipeline.sample` and `Pipeline.forward` are the loops of `StarFlow.sample` and `StarFlow.forward`
+(the same `starflow.core.sampler.sample` and `density`), with each block's step, prefill and
+forward graphs behind a backend runner. Guidance, the Jacobi update and the stop test run in
+numpy in fp32, exactly as in the reference.
 
 Lifetimes: a `Pipeline` owns its sessions and its key/value caches, which are allocated once
 per (block, batch, length) and reused by later calls. One `sample` call at a time per Pipeline;
@@ -18,13 +19,14 @@ import numpy as np
 
 from starflow.contract.manifest import Block, Manifest
 from starflow.core import sampler
+from starflow.core.checks import check_float32
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import BlockStats, CachedStep, SampleOptions
 from starflow.runtime.backends import Runner, check_backend, open_runner
 
 
 class GraphBlock:
-    """One exported flow block as the sampler sees it (`starflow.core.sampler.Block`)."""
+    """One exported flow block as the sampler sees it (`starflow.core.sampler.SamplerBlock`)."""
 
     def __init__(self, entry: Block, step: Runner, prefill: Runner | None, cache_dtype: str, open_forward):
         self.entry = entry
@@ -62,7 +64,7 @@ class GraphBlock:
             step.prefill(out["keys"], out["values"])
         return step
 
-    def forward(
+    def density(
         self, x: np.ndarray, grid: np.ndarray, text: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The density graph: x (B, T, D) in block order -> z, logdet."""
@@ -129,10 +131,8 @@ class Pipeline:
         )  # fmt: skip
         arrays = {"noise": noise, "y": y, "y_uncond": y_uncond if options.guidance > 0 else None}
         for name, array in arrays.items():
-            if array is not None and (not isinstance(array, np.ndarray) or array.dtype != np.float32):
-                raise StarflowError(
-                    f"{name}: expected a float32 numpy array, got {getattr(array, 'dtype', type(array))}"
-                )
+            if array is not None:
+                check_float32(array, name)
         B, H, W = noise.shape[0], *noise.shape[-2:]
         if not latent.holds(H, W):
             raise StarflowError(
@@ -173,32 +173,12 @@ class Pipeline:
 
     # ---- density --------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Latent x (B, C, H, W) or clip (B, F, C, H, W) -> z (same shape) and per-block logdets,
-        as `StarFlow.forward`.
-
-        Blocks run in forward order (the reverse of sampling order); logdets are (B, T, D) in
-        each block's token order ((B, F, h*w, D) for a frame-local block on a clip), listed in
-        forward order like the reference.
-        """
-        h, w = self.check_inputs(x, y, None, SampleOptions())
+        """Latent x (B, C, H, W) or clip (B, F, C, H, W) -> z (same shape) and the logdets of the
+        blocks in forward order: `StarFlow.forward`'s loop (`starflow.core.sampler.density`)."""
+        self.check_inputs(x, y, None, SampleOptions())
         p = self.manifest.latent.patch_size
-        clip = x.ndim == 5
-        B, frames = x.shape[0], x.shape[1] if clip else 1
-        grid = np.array([h, w], dtype=np.int64)
-        seq, logdets = sampler.patchify(x, p), []
-        for block in reversed(self.blocks):
-            local = block.frame_local and clip
-            rows = seq.reshape(B * frames, h * w, -1) if local else seq
-            n = 1 if local else frames
-            z, logdet = block.forward(
-                sampler.permute(rows, block.flip, block.flip_in_frame, n),
-                grid,
-                y if block.text_conditioned else None,
-            )
-            z = sampler.permute(z, block.flip, block.flip_in_frame, n)
-            seq = z.reshape(B, frames * h * w, -1) if local else z
-            logdets.append(logdet.reshape(B, frames, h * w, -1) if local else logdet)
-        return sampler.unpatchify(seq, p, h, w, frames if clip else None), logdets
+        z, logdets, _ = sampler.density(self.blocks[::-1], x, y, patch_size=p)
+        return z, logdets
 
     # ---- sampling -------------------------------------------------------------------------------
     def sample(
@@ -209,7 +189,7 @@ class Pipeline:
         options: SampleOptions | None = None,
         *,
         return_stats: bool = False,
-        progress: sampler.Progress | None = None,
+        progress: sampler.Progress[int] | None = None,
     ) -> np.ndarray | tuple[np.ndarray, list[BlockStats]]:
         """noise (B, C, H, W) or clips (B, F, C, H, W) float32 -> latents, as `StarFlow.sample`
         with the same arguments.

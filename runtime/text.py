@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from starflow.contract.manifest import TextComponent, inside
+from starflow.core.checks import check_prompt_list
 from starflow.core.errors import StarflowError
 from starflow.runtime.backends import Runner
 
@@ -28,11 +29,6 @@ def _import_tokenizers() -> Any:
             "the text encoder needs the tokenizers package: pip install 'starflow[onnx]'"
         ) from None
     return tokenizers
-
-
-def check_prompts(prompts: list[str]) -> None:
-    if not prompts:
-        raise StarflowError('text encoder: got an empty list of prompts; pass at least one ("" is allowed)')
 
 
 def warn_truncated(lengths: list[int], max_length: int) -> None:
@@ -85,7 +81,7 @@ class TextEncoderRunner:
 
     def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), both int64 (B, token_length); warns when it truncates."""
-        check_prompts(prompts)
+        check_prompt_list(prompts)
         if self.classes is not None:
             for prompt in prompts:
                 if prompt and prompt not in self.classes:

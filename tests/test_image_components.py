@@ -28,7 +28,7 @@ from starflow.model.checkpoint import save_model
 from starflow.model.flow import StarFlow
 from starflow.model.testing import random_model
 from starflow.runtime.backends import OrtRunner
-from starflow.runtime.components import Decoder, Denoiser
+from starflow.runtime.components import DecoderRunner, DenoiserRunner
 
 # ---- decoder -----------------------------------------------------------------------------------
 
@@ -41,7 +41,7 @@ def vae(vae_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def decoder(vae, tmp_path_factory: pytest.TempPathFactory) -> Decoder:
+def decoder(vae, tmp_path_factory: pytest.TempPathFactory) -> DecoderRunner:
     from starflow.export.decoder import decoder_graph
 
     graph = decoder_graph(vae, VAE_SCALE, "tiny-sd-vae")
@@ -52,7 +52,7 @@ def decoder(vae, tmp_path_factory: pytest.TempPathFactory) -> Decoder:
     assert [r.case for r in results] == ["batch 2, latent 4x6", "batch 1, latent 6x5"]
     assert spec.inputs == (TensorSpec("latent", "float32", ("batch", 4, "height", "width")),)
     assert spec.outputs == (TensorSpec("image", "float32", ("batch", 3, "2*height", "2*width")),)
-    return Decoder(OrtRunner(spec.name, path), channels=4)
+    return DecoderRunner(OrtRunner(spec.name, path), channels=4)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -79,11 +79,11 @@ def test_unit_images_agree_between_torch_and_numpy():
 
 
 def test_decoder_rejects_bad_latents(decoder):
-    with pytest.raises(StarflowError, match=r"expected a \(B, 4, H, W\) latent batch"):
+    with pytest.raises(StarflowError, match="latent: expected 4 latent channels"):
         decoder.decode(np.zeros((1, 3, 4, 4), np.float32))
-    with pytest.raises(StarflowError, match="expected float32, got float64"):
+    with pytest.raises(StarflowError, match="latent: expected a float32 numpy array, got float64"):
         decoder.decode(np.zeros((1, 4, 4, 4)))
-    with pytest.raises(StarflowError, match="latent batch"):
+    with pytest.raises(StarflowError, match=r"latent: expected a \(B, C, H, W\) latent array"):
         decoder.decode(np.zeros((4, 4, 4), np.float32))
 
 
@@ -129,8 +129,8 @@ def denoise_graph(t2i, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def denoiser(denoise_graph) -> Denoiser:
-    return Denoiser(OrtRunner("denoise.fp32", denoise_graph), channels=4, text_dim=32)
+def denoiser(denoise_graph) -> DenoiserRunner:
+    return DenoiserRunner(OrtRunner("denoise.fp32", denoise_graph), channels=4, text_dim=32)
 
 
 def test_a_worker_process_exports_the_same_denoise_graph(t2i, denoise_graph, tmp_path):
@@ -202,27 +202,27 @@ class ZeroGradient:
 def test_denoiser_without_text_feeds_only_x():
     runner = ZeroGradient()
     x = np.ones((1, 3, 4, 4), np.float32)
-    np.testing.assert_array_equal(Denoiser(runner, channels=3, multiple_of=2).denoise(x, None, 0.1), x)
+    np.testing.assert_array_equal(DenoiserRunner(runner, channels=3, multiple_of=2).denoise(x, None, 0.1), x)
     assert list(runner.feeds) == ["x"]
     with pytest.raises(StarflowError, match="not text-conditioned"):
-        Denoiser(runner, channels=3).denoise(x, np.zeros((1, 2, 8), np.float32), 0.1)
-    with pytest.raises(StarflowError, match="in multiples of 2"):
-        Denoiser(runner, channels=3, multiple_of=2).denoise(np.ones((1, 3, 4, 5), np.float32), None, 0.1)
+        DenoiserRunner(runner, channels=3).denoise(x, np.zeros((1, 2, 8), np.float32), 0.1)
+    with pytest.raises(StarflowError, match="not a positive multiple of patch_size 2"):
+        DenoiserRunner(runner, channels=3, multiple_of=2).denoise(np.ones((1, 3, 4, 5), np.float32), None, 0)
 
 
 def test_denoiser_rejects_bad_inputs(denoiser, decoder):
     x, text = np.zeros((2, 4, 4, 4), np.float32), np.zeros((2, 6, 32), np.float32)
     bad = [
-        ((np.zeros((2, 3, 4, 4), np.float32), text, 0.3), r"expected a \(B, 4, H, W\) latent batch"),
-        ((x.astype(np.float64), text, 0.3), "x: expected float32, got float64"),
-        ((x, None, 0.3), r"text: expected \(2, L, 32\) float32 text embeddings"),
-        ((x, text[:, :, :16], 0.3), r"got float32 of shape \(2, 6, 16\)"),
-        ((x, text[:1], 0.3), r"got float32 of shape \(1, 6, 32\)"),
-        ((x, text.astype(np.float64), 0.3), "got float64"),
+        ((np.zeros((2, 3, 4, 4), np.float32), text, 0.3), "x: expected 4 latent channels"),
+        ((x.astype(np.float64), text, 0.3), "x: expected a float32 numpy array, got float64"),
+        ((x, None, 0.3), r"text: this model is text-conditioned; pass \(2, L, 32\) text embeddings"),
+        ((x, text[:, :, :16], 0.3), r"text: expected text embeddings of shape \(2, L, 32\).*\(2, 6, 16\)"),
+        ((x, text[:1], 0.3), r"got \(1, 6, 32\)"),
+        ((x, text.astype(np.float64), 0.3), "text: expected a float32 numpy array, got float64"),
         ((x, text, -1.0), "noise_std: must be a finite number >= 0"),
     ]
     for args, message in bad:
         with pytest.raises(StarflowError, match=message):
             denoiser.denoise(*args)
     with pytest.raises(StarflowError, match=r"a denoise graph takes \['x', 'text'\]"):
-        Denoiser(decoder.runner, channels=4, text_dim=32)
+        DenoiserRunner(decoder.runner, channels=4, text_dim=32)

@@ -229,7 +229,7 @@ def test_empty_prompt_list_is_refused_on_both_sides(t5, labels, t5_export, label
         runtime(directory, component).encode,
         runtime(*label_export).encode,
     ):
-        with pytest.raises(StarflowError, match="empty list of prompts"):
+        with pytest.raises(StarflowError, match="prompts: pass at least one"):
             encode([])
 
 

@@ -152,7 +152,7 @@ def test_bad_video_requests_are_refused_before_any_work(model, golden):
         model.sample(golden["noise"], golden["y"], options=SampleOptions(method="sequential", window=2))
     with pytest.raises(StarflowError, match="context: must be fewer frames than the window"):
         model.sample(golden["noise"], golden["y"], options=SampleOptions(window=2, context=2))
-    with pytest.raises(StarflowError, match="window: must be a whole number of frames"):
+    with pytest.raises(StarflowError, match=r"window: must be an integer >= 1 \(frames\), got 0"):
         model.sample(golden["noise"], golden["y"], options=SampleOptions(window=0))
     with pytest.raises(StarflowError, match="expected 4 latent channels"):
         model.sample(torch.randn(1, 3, 3, 4, 4), golden["y"][:1])

@@ -10,6 +10,7 @@ import gc
 import os
 from collections.abc import Callable
 
+from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 
 
@@ -30,8 +31,8 @@ def check_fits(needed: int, what: str) -> None:
 
 def check_threads(threads: int | None) -> None:
     """None (all cores) or a positive count."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise StarflowError(f"threads: must be an integer >= 1 (or unset for all cores), got {threads!r}")
+    if threads is not None:
+        check_count(threads, "threads", note="or unset for all cores")
 
 
 def release_freed_memory() -> None:

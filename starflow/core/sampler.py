@@ -7,7 +7,9 @@ fixed point (block-wise Jacobi, the official stop test and cache rewind), with t
 guidance formula on a `[cond ; uncond]` batch. The loop is written against the array API
 standard (through array-api-compat), so the PyTorch reference (`StarFlow.sample`, CUDA tensors
 included, never copied to numpy) and the torch-free runtime (`Pipeline.sample`) run this same
-code; they differ only in how a block computes one chunk (a `Block`'s step function).
+code; they differ only in how a block computes one chunk (a `SamplerBlock`'s step function).
+The density direction (`density`: latents -> z and logdets, teacher-forced) is written here
+once too, for the same two engines.
 
 This module never imports torch.
 """
@@ -19,10 +21,11 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
+from starflow.core.checks import check_count, check_latent, check_text, shape_of
 from starflow.core.errors import StarflowError
 
 Array = Any  # a torch.Tensor or a numpy array: whatever the caller samples with
@@ -30,7 +33,10 @@ METHODS = ("jacobi", "sequential")
 # First guess of a Jacobi chunk. "noise": the chunk's input z (the reference). "chunk-mean": z
 # through the previous chunk's mean affine map, x = mean(mu) + mean(sigma) * z, per row and channel.
 JACOBI_INITS = ("noise", "chunk-mean")
-Progress = Callable[[int, int, int], None]  # (block index, tokens done, tokens in the block)
+What = TypeVar("What")
+# progress(what, done, in all): the sampler reports (block index, tokens done, tokens in the block),
+# an export (what is being done, steps done, steps in all): `Progress[int]`, `Progress[str]`
+Progress = Callable[[What, int, int], None]
 # run(x, past_keys, past_values, start) -> mu, sigma, new_keys, new_values: one block's step graph
 StepFunction = Callable[[Array, Array, Array, int], tuple[Array, Array, Array, Array]]
 
@@ -47,9 +53,7 @@ class JacobiSettings:
 
     def check(self, name: str) -> None:
         for key in ("block_size", "max_iter"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StarflowError(f"{name}.{key}: must be an integer >= 1, got {value!r}")
+            check_count(getattr(self, key), f"{name}.{key}")
         if not isinstance(self.threshold, int | float) or not self.threshold >= 0:  # NaN fails
             raise StarflowError(f"{name}.threshold: must be a number >= 0, got {self.threshold!r}")
         if self.init not in JACOBI_INITS:
@@ -85,9 +89,8 @@ class SampleOptions:
         if self.shallow_jacobi is not None:
             self.shallow_jacobi.check("shallow_jacobi")
         for key in ("window", "context"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise StarflowError(f"{key}: must be a whole number of frames >= 1, got {value!r}")
+            if getattr(self, key) is not None:
+                check_count(getattr(self, key), key, note="frames")
         if self.context is not None and (self.window is None or self.context >= self.window):
             raise StarflowError(
                 f"context: must be fewer frames than the window ({self.window}), got {self.context}"
@@ -175,8 +178,12 @@ class CachedStep:
         return mu, sigma
 
 
-class Block(Protocol):
-    """A flow block as the sampler sees it: a PyTorch `FlowBlock` or an exported block's graphs."""
+class SamplerBlock(Protocol):
+    """A flow block as the sampler sees it: a PyTorch `FlowBlock` or an exported block's graphs.
+
+    `density` is all the density direction asks of a block (a PyTorch identity block offers
+    only it and the token-order flags); sampling asks for the rest.
+    """
 
     index: int  # position in forward (training) order
     deep: bool  # the last block in forward order, sampled first
@@ -192,6 +199,10 @@ class Block(Protocol):
     def open(self, rows: int, grid: tuple[int, int], text: Array | None, tokens: int) -> CachedStep:
         """A step over a fresh cache of `tokens` positions for `rows` sequences of h x w token
         frames, the text prefilled."""
+
+    def density(self, x: Array, grid: Array, text: Array | None) -> tuple[Array, Array]:
+        """The teacher-forced pass: x (rows, T, D) in block order, grid the int64 (h, w) of one
+        frame -> z (fp32, block order) and logdet = -log sigma (rows, T, D)."""
 
 
 # ---- shapes and inputs -------------------------------------------------------------------------------
@@ -233,53 +244,6 @@ def permute(x: Array, flip: bool, in_frame: bool, frames: int) -> Array:
     return xp.flip(x, axis=1)
 
 
-def _shape(x: Any) -> Any:
-    return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-
-
-def check_latent(x: Array, channels: int, patch_size: int, name: str, video: bool = False) -> tuple[int, int]:
-    """A (B, C, H, W) batch, or with `video` also a (B, F, C, H, W) clip batch, with the model's
-    channels and whole patches; returns the grid (h, w) of one frame."""
-    wanted = "a (B, C, H, W) latent or (B, F, C, H, W) clip array" if video else "a (B, C, H, W) latent array"
-    if not hasattr(x, "shape") or len(x.shape) not in ((4, 5) if video else (4,)):
-        hint = "" if video or not hasattr(x, "shape") or len(x.shape) != 5 else " (clips need a video model)"
-        raise StarflowError(f"{name}: expected {wanted}, got {_shape(x)}{hint}")
-    B, C, H, W = x.shape[0], *x.shape[-3:]
-    if C != channels:
-        raise StarflowError(f"{name}: expected {channels} latent channels, got shape {_shape(x)}")
-    if B == 0 or (len(x.shape) == 5 and x.shape[1] == 0):
-        raise StarflowError(f"{name}: the batch is empty, shape {_shape(x)}")
-    if H == 0 or W == 0 or H % patch_size or W % patch_size:
-        raise StarflowError(
-            f"{name}: latent size {H}x{W} is not a positive multiple of patch_size {patch_size}"
-        )
-    return H // patch_size, W // patch_size
-
-
-def check_text(y: Array | None, batch: int, dim: int, max_length: int | None, name: str) -> None:
-    """Text embeddings (B, L, dim) with 1 <= L (<= max_length), or None for a model without text."""
-    if dim == 0:
-        if y is not None:
-            raise StarflowError(f"{name}: this model is not text-conditioned; pass no text and no guidance")
-        return
-    if y is None:
-        raise StarflowError(
-            f"{name}: this model is text-conditioned; pass ({batch}, L, {dim}) text embeddings"
-        )
-    longest = max_length or math.inf
-    if (
-        not hasattr(y, "shape")
-        or len(y.shape) != 3
-        or y.shape[0] != batch
-        or y.shape[2] != dim
-        or not 1 <= y.shape[1] <= longest
-    ):
-        limit = f"1 <= L <= {max_length}" if max_length else "L >= 1"
-        raise StarflowError(
-            f"{name}: expected text embeddings of shape ({batch}, L, {dim}) with {limit}, got {_shape(y)}"
-        )
-
-
 def check_sample_inputs(
     noise: Array,
     y: Array | None,
@@ -294,7 +258,7 @@ def check_sample_inputs(
 ) -> tuple[int, int]:
     """Everything a caller of `sample` can get wrong, before any work; returns the grid (h, w)."""
     options.check()
-    grid = check_latent(noise, channels, patch_size, "noise", video)
+    grid = check_latent(noise, channels, patch_size, "noise", (4, 5) if video else (4,))
     frames = noise.shape[1] if len(noise.shape) == 5 else 1
     if options.method == "sequential" and options.window is not None and frames > options.window:
         raise StarflowError(
@@ -308,7 +272,7 @@ def check_sample_inputs(
         if y_uncond is None:
             raise StarflowError("guidance > 0 needs y_uncond (the encoded empty prompt), same shape as y")
         if tuple(y_uncond.shape) != tuple(y.shape):
-            raise StarflowError(f"y_uncond: expected shape {_shape(y)} (as y), got {_shape(y_uncond)}")
+            raise StarflowError(f"y_uncond: expected shape {shape_of(y)} (as y), got {shape_of(y_uncond)}")
     xp = array_namespace(noise)
     for name, array in (("noise", noise), ("y", y), ("y_uncond", y_uncond if options.guidance > 0 else None)):
         if array is not None and not bool(xp.all(xp.isfinite(array))):
@@ -442,7 +406,7 @@ def solve_jacobi(
 
 
 def sample(
-    blocks: Sequence[Block],
+    blocks: Sequence[SamplerBlock],
     noise: Array,
     y: Array | None,
     y_uncond: Array | None,
@@ -450,7 +414,7 @@ def sample(
     *,
     patch_size: int,
     guide_deep_only: bool,
-    progress: Progress | None = None,
+    progress: Progress[int] | None = None,
     agree: Callable[[bool], bool] | None = None,
 ) -> tuple[Array, list[BlockStats]]:
     """Invert the flow: noise (B, C, H, W) or clips (B, F, C, H, W) float32 -> latents, and
@@ -498,6 +462,37 @@ def sample(
         record.seconds = time.perf_counter() - began
         stats.append(record)
     return unpatchify(x, patch_size, *grid, n_frames if clip else None), stats
+
+
+def density(
+    blocks: Sequence[SamplerBlock], x: Array, y: Array | None, *, patch_size: int
+) -> tuple[Array, list[Array], list[Array]]:
+    """The density direction (training's): latents x (B, C, H, W) or clips (B, F, C, H, W) -> z
+    (same shape, x's dtype), the logdet of each block and the sequence after each block.
+
+    `blocks` come in forward order (the reverse of sampling order). Each sees its own token
+    order; a frame-local block takes each frame of a clip as its own sequence, and its logdet is
+    then (B, F, h*w, D), else (B, T, D) in the block's order. The sequences are (B, T, D) in
+    raster order, the patchified input first. Inputs must have passed the engine's checks.
+    """
+    xp = array_namespace(x)
+    clip = len(x.shape) == 5
+    B, n_frames = x.shape[0], x.shape[1] if clip else 1
+    h, w = x.shape[-2] // patch_size, x.shape[-1] // patch_size
+    grid = xp.asarray([h, w], dtype=xp.int64, device=device(x))
+    seq = patchify(x, patch_size)  # (B, frames * h * w, D)
+    outputs, logdets = [seq], []
+    for block in blocks:
+        local = block.frame_local and clip
+        rows = xp.reshape(seq, (B * n_frames, h * w, seq.shape[2])) if local else seq
+        frames = 1 if local else n_frames
+        text = y if block.text_conditioned else None
+        z, logdet = block.density(permute(rows, block.flip, block.flip_in_frame, frames), grid, text)
+        z = xp.astype(permute(z, block.flip, block.flip_in_frame, frames), rows.dtype, copy=False)
+        seq = xp.reshape(z, (B, n_frames * h * w, z.shape[2])) if local else z
+        logdets.append(xp.reshape(logdet, (B, n_frames, h * w, logdet.shape[2])) if local else logdet)
+        outputs.append(seq)
+    return unpatchify(seq, patch_size, h, w, n_frames if clip else None), logdets, outputs
 
 
 def denoise_windows(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starflow.core import sampler
+from starflow.core.checks import check_latent, check_text
 from starflow.core.config import DENOISER_LAYERS, StarFlowConfig
 from starflow.core.errors import StarflowError
 from starflow.core.limits import check_fits
@@ -250,7 +251,7 @@ class FlowBlock(nn.Module):
 
     The sequence is permuted (identity or flip) before the causal transformer; RoPE positions
     are not permuted. Text tokens, when the block is conditioned, are prepended to the sequence.
-    As a `starflow.core.sampler.Block` it is inverted by the shared sampling loop through `open`.
+    As a `starflow.core.sampler.SamplerBlock` it is inverted by the shared sampling loop through `open`.
     """
 
     def __init__(
@@ -391,7 +392,7 @@ class FlowBlock(nn.Module):
 
     def open(self, rows: int, grid: tuple[int, int], text: Tensor | None, tokens: int) -> CachedStep:
         """`step` over a fresh cache of `tokens` positions for `rows` sequences, the text
-        prefilled (sampler.Block)."""
+        prefilled (sampler.SamplerBlock)."""
         device, dtype = self.proj_in.weight.device, self.proj_in.weight.dtype
         grid_tensor = torch.tensor(grid, dtype=torch.int64, device=device)
         text_length = 0 if text is None else text.size(1)
@@ -417,10 +418,10 @@ class FlowBlock(nn.Module):
 class IdentityBlock(nn.Module):
     """A block with `layers_per_block` 0: passes tokens through (official `IdentityBlock`)."""
 
-    text_conditioned = False
-    frame_local = False
+    text_conditioned = flip = flip_in_frame = frame_local = False
 
-    def forward(self, x: Tensor, text: Tensor | None, grid: Tensor, frames: int = 1) -> tuple[Tensor, Tensor]:
+    def density(self, x: Tensor, grid: Tensor, text: Tensor | None) -> tuple[Tensor, Tensor]:
+        """z = x, logdet 0 (the sampler's density loop; sampling leaves the block out)."""
         return x, torch.zeros_like(x, dtype=torch.float32)
 
 
@@ -533,9 +534,9 @@ class StarFlow(nn.Module):
         return [b for b in reversed(self.blocks) if isinstance(b, FlowBlock)]
 
     def check_latent(self, x: Tensor, name: str) -> tuple[int, int]:
-        """`sampler.check_latent`, plus what only the PyTorch model needs; returns the grid."""
+        """`checks.check_latent`, plus what only the PyTorch model needs; returns the grid."""
         cfg = self.config
-        h, w = sampler.check_latent(x, cfg.channel_size, cfg.patch_size, name, cfg.video)
+        h, w = check_latent(x, cfg.channel_size, cfg.patch_size, name, (4, 5) if cfg.video else (4,))
         if not x.is_floating_point():
             raise StarflowError(f"{name}: expected a floating-point tensor, got {x.dtype}")
         if not cfg.rope and (h, w) != (side := cfg.latent_size // cfg.patch_size,) * 2:
@@ -549,23 +550,10 @@ class StarFlow(nn.Module):
     def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
         """Training direction: latent x (B, C, H, W) or clip (B, F, C, H, W) -> z, per-block logdets."""
         h, w = self.check_latent(x, "x")
-        sampler.check_text(y, x.size(0), self.text_dim, None, "y")
-        B, frames = x.size(0), x.size(1) if x.dim() == 5 else 1
-        grid = torch.tensor([h, w], device=x.device)
-        seq = sampler.patchify(x, self.config.patch_size)  # (B, F*h*w, D), frame-major
-        shape = (frames, h, w) if x.dim() == 5 else (h, w)
-        outputs, logdets = [seq.unflatten(1, shape)], []
-        for block in self.blocks:
-            text = y if block.text_conditioned else None
-            if block.frame_local and x.dim() == 5:  # each frame its own sequence (official rearrange)
-                seq, logdet = block(seq.reshape(B * frames, h * w, -1), text, grid)
-                seq, logdet = seq.reshape(B, frames * h * w, -1), logdet.reshape(B, frames, h * w, -1)
-            else:
-                seq, logdet = block(seq, text, grid, frames)
-            outputs.append(seq.unflatten(1, shape))
-            logdets.append(logdet)
-        z = sampler.unpatchify(seq, self.config.patch_size, h, w, frames if x.dim() == 5 else None)
-        return FlowOutput(z, logdets, outputs)
+        check_text(y, x.size(0), self.text_dim, None, "y")
+        z, logdets, outputs = sampler.density(self.blocks, x, y, patch_size=self.config.patch_size)
+        shape = (x.size(1), h, w) if x.dim() == 5 else (h, w)
+        return FlowOutput(z, logdets, [seq.unflatten(1, shape) for seq in outputs])
 
     @staticmethod
     def loss(out: FlowOutput) -> Tensor:
@@ -619,7 +607,7 @@ class StarFlow(nn.Module):
         options: SampleOptions | None = None,
         *,
         return_stats: bool = False,
-        progress: sampler.Progress | None = None,
+        progress: sampler.Progress[int] | None = None,
     ) -> Tensor | tuple[Tensor, list[BlockStats]]:
         """Invert the flow: noise (B, C, H, W) or (B, F, C, H, W) -> latent, through
         `starflow.core.sampler.sample`.

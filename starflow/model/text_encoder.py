@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from starflow.core.checks import check_count, check_prompt_list
 from starflow.core.errors import StarflowError
 from starflow.model.label_encoder import LabelEncoder, labels_path, load_label_encoder
-from starflow.runtime.text import check_prompts, warn_truncated
+from starflow.runtime.text import warn_truncated
 
 if TYPE_CHECKING:
     import tokenizers
@@ -80,8 +81,7 @@ class HFTextEncoder(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise StarflowError(f"text encoder {directory}: no such directory")
-        if max_length < 1:
-            raise StarflowError(f"text encoder: max_length must be >= 1, got {max_length}")
+        check_count(max_length, "text encoder max_length")
         transformers = _import_transformers()
         try:
             config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -117,7 +117,7 @@ class HFTextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) int64 (B, max_length); warns for each truncated prompt."""
-        check_prompts(prompts)
+        check_prompt_list(prompts)
         warn_truncated([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], self.max_length)
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
@@ -152,7 +152,7 @@ class LabelTextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) int64 (B, 1); the null label is padding (mask 0)."""
-        check_prompts(prompts)
+        check_prompt_list(prompts)
         null = self.labels.null_label
         ids = torch.tensor([[self.labels.label_of(p) if p else null] for p in prompts])
         return ids, (ids != null).long()
