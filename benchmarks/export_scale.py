@@ -27,8 +27,9 @@ import torch
 
 from starflow.contract.manifest import Manifest
 from starflow.core.config import load_config
-from starflow.export.exporter import DEFAULT_OPSET, export_block_graph
+from starflow.export.defaults import DEFAULT_OPSET
 from starflow.export.graphs import Precision, block_specs
+from starflow.export.trace import export_block_graph
 from starflow.export.validate import reference, shape_cases
 from starflow.model.checkpoint import load_model, save_model
 from starflow.model.testing import random_model

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 import starflow
 from starflow.core.sampler import JacobiSettings, SampleOptions
-from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.runtime import Pipeline
 
 JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)  # the fixture's settings

@@ -98,7 +98,7 @@ def onnx(
     from starflow.cli.parse import parse_hw
     from starflow.cli.progress import step_lines
     from starflow.core.sampling_presets import load_presets
-    from starflow.export.onnx_export import ExportOptions, export_onnx
+    from starflow.export.onnx import ExportOptions, export_onnx
     from starflow.export.validate import describe_results
 
     interrupted = f"interrupted: nothing was written to {out} (the export is staged in a temporary folder)"

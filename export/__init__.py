@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from starflow.export.onnx_export import export_onnx
+    from starflow.export.onnx import export_onnx
     from starflow.export.validate import validate_directory
 
 __all__ = ["export_onnx", "validate_directory"]
 
-_LAZY = {"export_onnx": "starflow.export.onnx_export", "validate_directory": "starflow.export.validate"}
+_LAZY = {"export_onnx": "starflow.export.onnx", "validate_directory": "starflow.export.validate"}
 
 
 def __getattr__(name: str) -> Any:

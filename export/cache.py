@@ -81,7 +81,7 @@ def cached_export(
             pass  # absent, partial or tampered: export it again
         _clear(directory)
         try:
-            from starflow.export.onnx_export import ExportOptions, export_onnx
+            from starflow.export.onnx import ExportOptions, export_onnx
         except ImportError as err:
             raise StarflowError(
                 f"the export {directory} is not in the cache yet, and exporting it needs torch and onnx "

@@ -15,8 +15,8 @@ from typing import Protocol
 
 from starflow.contract.manifest import VAE_SCALE, Comparison, Decoder, Denoise, TextComponent
 from starflow.export.defaults import DEFAULT_OPSET
-from starflow.export.exporter import dynamic_shapes_of, export_module
 from starflow.export.graphs import ComponentGraph, GraphSpec
+from starflow.export.trace import dynamic_shapes_of, export_module
 from starflow.export.validate import check_results, compare
 from starflow.model.flow import StarFlow
 from starflow.runtime.backends import OrtRunner

@@ -3,7 +3,7 @@ or, for models with one (STARFlow-V), the learned denoiser's correction.
 
 The runtime applies one Tweedie step `x - noise_std^2 * grad` to the sampled latent; the graph
 holds the teacher-forced forward *and* backward pass through every flow block, so it is exported
-as an autograd graph (`starflow.export.exporter.export_module`).
+as an autograd graph (`starflow.export.trace.export_module`).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def cast_block(block: FlowBlock, precision: Precision) -> FlowBlock:
     return out
 
 
-class BlockGraph(nn.Module):
+class BlockMethod(nn.Module):
     """One method of a FlowBlock (see BLOCK_METHODS) as a module, for torch.onnx.export."""
 
     def __init__(self, block: FlowBlock, kind: str, precision: Precision):
@@ -182,7 +182,7 @@ class ComponentGraph:
     reference: Callable[[Feeds], Feeds]  # PyTorch's outputs of one case, by output name
     tolerance: Tolerance
     entry: TextComponent | Decoder | Denoise  # what the component adds to the manifest
-    # the module takes gradients: traced by make_fx first (see `exporter.export_module`)
+    # the module takes gradients: traced by make_fx first (see `trace.export_module`)
     autograd: bool = False
     # files written beside the graph, by name, each with its writer (the tokenizer)
     files: dict[str, Callable[[Path], None]] = dataclasses.field(default_factory=dict)

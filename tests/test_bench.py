@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from starflow.apps import bench
 from starflow.contract.manifest import SCHEMA_VERSION, sha256
 from starflow.core.errors import StarflowError
-from starflow.export import cache, onnx_export
+from starflow.export import cache
 
 
 class MarkerManifest:
@@ -33,7 +33,7 @@ def test_a_preset_is_exported_once_into_the_cache_and_a_broken_entry_heals(tmp_p
         (out / "source.sha256").write_text(sha256(checkpoint))
 
     monkeypatch.setenv("STARFLOW_CACHE", str(tmp_path))
-    monkeypatch.setattr(onnx_export, "export_onnx", fake_export)
+    monkeypatch.setattr("starflow.export.onnx.export_onnx", fake_export)
     monkeypatch.setattr(cache, "Manifest", MarkerManifest)
     options = bench.BenchOptions(preset="tiny-t2i")
     _, artifacts = bench.prepare(options)

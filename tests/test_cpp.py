@@ -24,7 +24,7 @@ from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, Manifest
 from starflow.core.config import config_from_dict
 from starflow.core.errors import StarflowError
 from starflow.core.generation import make_noise
-from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.model.checkpoint import save_model
 from starflow.model.testing import random_model
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions

@@ -159,8 +159,8 @@ def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     """Shallow blocks differing only in weights, index and flip share one trace; each file is
     byte-for-byte the one a trace of that block gives, and a differently shaped block is traced."""
     from starflow.core.config import StarFlowConfig
-    from starflow.export.exporter import BlockGraphExporter, structure_key
-    from starflow.export.graphs import BlockGraph, Precision, block_specs
+    from starflow.export.graphs import BlockMethod, Precision, block_specs
+    from starflow.export.trace import BlockGraphExporter, structure_key
     from starflow.model.testing import random_model
 
     shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
@@ -187,6 +187,6 @@ def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     # learned positions (rope: 0) are held flipped inside the graph: a flip is a new structure
     learned = random_model(dataclasses.replace(config, rope=False))
     keys = {
-        structure_key(spec, BlockGraph(b, "step", Precision("fp32"))) for b in learned.sampling_blocks()[1:]
+        structure_key(spec, BlockMethod(b, "step", Precision("fp32"))) for b in learned.sampling_blocks()[1:]
     }
     assert len(keys) == 2

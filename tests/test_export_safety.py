@@ -15,9 +15,9 @@ import starflow
 from starflow.cli.main import app
 from starflow.contract.manifest import Manifest
 from starflow.core.config import config_from_dict
-from starflow.export import exporter
+from starflow.export import trace
 from starflow.export import validate as validate_module
-from starflow.export.onnx_export import ExportOptions, check_out, export_onnx, replace_dir
+from starflow.export.onnx import ExportOptions, check_out, export_onnx, replace_dir
 from starflow.model.testing import random_model
 
 # Shared fixtures live beside the repo, as in conftest.py (bare `pytest` cannot import `tests.`).
@@ -148,7 +148,7 @@ def test_failed_validation_leaves_the_previous_export_intact(tmp_path, monkeypat
     checkpoint = tmp_path / "one-block.safetensors"
     starflow.save_model(random_model(config_from_dict(ONE_BLOCK)), checkpoint)
     out = tmp_path / "artifacts"
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)  # the > 2 GB path, on a small model
+    monkeypatch.setattr(trace, "EXTERNAL_DATA_BYTES", 0)  # the > 2 GB path, on a small model
     options = ExportOptions(precisions=("fp32",), denoise=False)
     export_onnx(checkpoint, out, options)
     before = (out / "manifest.json").read_bytes()

@@ -422,7 +422,7 @@ def test_engine_writes_that_fail_are_one_line(export_copy, monkeypatch):
 @pytest.fixture
 def counted_exports(demo_export: Path, monkeypatch, tmp_path):
     """demo_artifacts with export_onnx replaced by a slow copy of the real export, counted."""
-    from starflow.export import cache, onnx_export
+    from starflow.export import cache
 
     monkeypatch.setenv("STARFLOW_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -432,7 +432,7 @@ def counted_exports(demo_export: Path, monkeypatch, tmp_path):
         time.sleep(0.5)
         shutil.copytree(demo_export, out)
 
-    monkeypatch.setattr(onnx_export, "export_onnx", fake_export)
+    monkeypatch.setattr("starflow.export.onnx.export_onnx", fake_export)
     return cache, calls
 
 
@@ -460,7 +460,7 @@ def test_a_broken_entry_heals_and_stale_partials_go(counted_exports):
 
 def test_two_exports_into_one_place_never_fail_halfway(tmp_path):
     """Both renames of `replace_dir` race with another process's: the last export wins, whole."""
-    from starflow.export.onnx_export import replace_dir
+    from starflow.export.onnx import replace_dir
 
     out = tmp_path / "artifacts"
     for trial in range(40):

@@ -21,8 +21,8 @@ from starflow.core.errors import StarflowError
 from starflow.core.outputs import to_unit_images
 from starflow.export import denoise
 from starflow.export.components import export_component
+from starflow.export.defaults import DEFAULT_OPSET
 from starflow.export.denoise import NLLGradient, denoise_spec
-from starflow.export.exporter import DEFAULT_OPSET
 from starflow.export.worker import DenoiseJob
 from starflow.model.checkpoint import save_model
 from starflow.model.flow import StarFlow

@@ -13,7 +13,7 @@ from starflow.contract.manifest import Manifest
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets, presets_from_json, presets_to_json
-from starflow.export.onnx_export import ExportOptions
+from starflow.export.onnx import ExportOptions
 from starflow.model.reference import ReferenceGenerator
 from starflow.runtime.generator import Generator
 

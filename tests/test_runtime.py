@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from starflow.core.config import config_from_dict, load_config
 from starflow.core.errors import StarflowError
-from starflow.export.onnx_export import ExportOptions, export_onnx
+from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.model.checkpoint import load_model, save_model
 from starflow.model.testing import random_model
 from starflow.runtime import JacobiSettings, Pipeline, SampleOptions

@@ -22,7 +22,7 @@ from starflow.contract.manifest import Manifest  # noqa: E402
 from starflow.core.config import StarFlowConfig, load_config  # noqa: E402
 from starflow.core.errors import StarflowError  # noqa: E402
 from starflow.core.sampler import SampleOptions  # noqa: E402
-from starflow.export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from starflow.export.onnx import ExportOptions, export_onnx  # noqa: E402
 from starflow.model.checkpoint import save_model  # noqa: E402
 from starflow.model.reference import ReferenceGenerator  # noqa: E402
 from starflow.model.testing import random_model  # noqa: E402

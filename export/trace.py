@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
 from starflow.export.defaults import DEFAULT_OPSET as DEFAULT_OPSET
-from starflow.export.graphs import BlockGraph, GraphSpec, Precision
+from starflow.export.graphs import BlockMethod, GraphSpec, Precision
 from starflow.model.flow import FlowBlock
 
 # Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
@@ -82,7 +82,7 @@ def export_block_graph(
 GRAPH_NEUTRAL_ATTRIBUTES = frozenset({"index", "deep", "training"})
 
 
-def structure_key(spec: GraphSpec, module: BlockGraph) -> tuple:
+def structure_key(spec: GraphSpec, module: BlockMethod) -> tuple:
     """What decides the traced graph of `module`: the graph's signature, every submodule's type and
     plain attributes, and every weight's name, shape and dtype (but not its values)."""
     neutral = GRAPH_NEUTRAL_ATTRIBUTES | ({"flip"} if module.block.rope is not None else set())
@@ -121,7 +121,7 @@ class BlockGraphExporter:
 
     def export(self, spec: GraphSpec, block: FlowBlock, precision: Precision, path: Path) -> bool:
         """Export `spec` of `block` to `path`; True when a template was reused (no trace)."""
-        module = BlockGraph(block, spec.kind, precision)
+        module = BlockMethod(block, spec.kind, precision)
         key = structure_key(spec, module)
         tensors = _named_tensors(module)
         reused = key in self._templates

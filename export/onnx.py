@@ -48,8 +48,8 @@ from starflow.export.defaults import (
     DEFAULT_PRECISIONS,
     SUPPORTED_OPSETS,
 )
-from starflow.export.exporter import BlockGraphExporter, weight_bytes
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_entry, block_specs, profile_dims
+from starflow.export.trace import BlockGraphExporter, weight_bytes
 from starflow.export.worker import DenoiseJob
 from starflow.model.flow import FlowBlock, StarFlow
 
