@@ -14,7 +14,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -36,9 +36,10 @@ from starflow.contract.manifest import (
     sha256,
 )
 from starflow.core.atomic import current_umask
+from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import DEFAULT_FPS
-from starflow.core.sampler import LATER_CHUNK_FACTOR, JacobiSettings, SampleOptions
+from starflow.core.sampler import LATER_CHUNK_FACTOR, JacobiSettings, Progress, SampleOptions
 from starflow.core.sampling_presets import check_preset_name
 from starflow.export.components import ComponentEntries, Components
 from starflow.export.defaults import (
@@ -59,7 +60,6 @@ from starflow.model.flow import FlowBlock, StarFlow
 # fp16 norms overflow, so both stay fp32: the cost is a cast around each.
 PRECISIONS = {"fp32": Precision("fp32"), "fp16": Precision("fp16", fp32_norms=True)}
 
-Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
 # A worker process exporting the denoise graph loads a second copy of the model: by default only
 # for models whose weights fit this (the 3B model's would double the export's peak memory).
 WORKER_MODEL_BYTES = 1 << 30
@@ -111,16 +111,10 @@ class ExportOptions:
                 "RMSNorm of fp16 graphs into an RMSNormalization node that fails ONNX shape inference; "
                 "use opset 22 or lower, or fp32 graphs only"
             )
-        if self.jobs is not None and (
-            isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
-        ):
-            raise StarflowError(f"jobs: must be an integer >= 1, got {self.jobs!r}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise StarflowError(f"max_batch: must be an integer >= 1, got {self.max_batch!r}")
-        if self.max_frames is not None and (
-            isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1
-        ):
-            raise StarflowError(f"max_frames: must be an integer >= 1, got {self.max_frames!r}")
+        check_count(self.max_batch, "max_batch")
+        for name in ("jobs", "max_frames"):  # None: the default
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name)
         if self.fps is not None and not (isinstance(self.fps, int | float) and 0 < self.fps < float("inf")):
             raise StarflowError(f"fps: must be a number > 0, got {self.fps!r}")
 
@@ -174,7 +168,7 @@ def export_onnx(
     options: ExportOptions | None = None,
     *,
     config: str | Path | None = None,
-    progress: Progress | None = None,
+    progress: Progress[str] | None = None,
 ) -> Manifest:
     """Export every flow block of a checkpoint, and its pipeline components, into `out`.
 

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import importlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +29,7 @@ from starflow.contract.manifest import Engine, EngineBuilder, EngineProfile, Gra
 from starflow.core.atomic import atomic_path
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import check_writable
+from starflow.core.sampler import Progress
 from starflow.export.trt_profiles import (
     BuildSettings,
     cache_key,
@@ -36,8 +37,6 @@ from starflow.export.trt_profiles import (
     graph_profiles,
     input_shapes,
 )
-
-Progress = Callable[[str, int, int], None]  # (what is being done, steps done, steps in all)
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # builder option -> module
 INSTALL_HINT = (
@@ -147,7 +146,7 @@ def _logger(trt: ModuleType) -> Any:
     return Log()
 
 
-def _monitor(trt: ModuleType, phases: Progress) -> Any:
+def _monitor(trt: ModuleType, phases: Progress[str]) -> Any:
     """A TensorRT progress monitor reporting (phase, steps done, steps) to `phases`."""
 
     class Monitor(trt.IProgressMonitor):
@@ -177,7 +176,7 @@ def build_engine(
     profiles: Sequence[EngineProfile],
     settings: BuildSettings,
     timing_cache: Path | None = None,
-    phases: Progress | None = None,
+    phases: Progress[str] | None = None,
 ) -> bytes:
     """Parse the ONNX file and build a serialized engine; TensorRT's errors become StarflowError."""
     trt = builder.module
@@ -279,8 +278,8 @@ def build_engines(
     directory: str | Path,
     options: EngineOptions | None = None,
     *,
-    progress: Progress | None = None,
-    phases: Progress | None = None,
+    progress: Progress[str] | None = None,
+    phases: Progress[str] | None = None,
 ) -> list[EngineResult]:
     """Build (or keep, when its key is unchanged) an engine for every flow-block graph.
 

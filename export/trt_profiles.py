@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 
 from starflow.contract.manifest import EngineProfile, Graph, Latent, Range
+from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 
 PROFILE_KINDS = ("default", "sequential", "jacobi")
@@ -44,8 +45,7 @@ def derive_profiles(
                 f"the graphs allow rows {exported.min}..{exported.max}"
             )
         dims = {**dims, "batch": batch}
-    if jacobi_chunk < 1:
-        raise StarflowError(f"jacobi_chunk: must be >= 1, got {jacobi_chunk}")
+    check_count(jacobi_chunk, "jacobi_chunk")
     c = min(jacobi_chunk, dims["chunk"].max)
     profiles = []
     for kind in dict.fromkeys(kinds):

@@ -103,7 +103,7 @@ def test_profiles_derive_from_the_manifest_dims():
         (dict(grids=[(2, 8)]), "covers token grids 4x4 .. 16x16"),
         (dict(batch=Range(1, 2, 32)), "allow rows 1..16"),
         (dict(kinds=()), "no profiles"),
-        (dict(chunk=0), "jacobi_chunk: must be >= 1"),
+        (dict(chunk=0), "jacobi_chunk: must be an integer >= 1"),
     ],
 )
 def test_profile_options_out_of_range_are_refused(kwargs, message):

@@ -22,6 +22,7 @@ import numpy as np
 
 from starflow.apps.timing import interleaved
 from starflow.contract.manifest import SCHEMA_VERSION
+from starflow.core.checks import check_count
 from starflow.core.config import load_config
 from starflow.core.errors import StarflowError
 from starflow.core.limits import check_threads
@@ -105,15 +106,13 @@ class BenchOptions:
         if self.options_row is not None:
             self.options_row.check()
         for name in ("batch", "repeats"):
-            if getattr(self, name) < 1:
-                raise StarflowError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.throughput_batch < 0:
-            raise StarflowError(f"throughput_batch: must be >= 0, got {self.throughput_batch}")
+            check_count(getattr(self, name), name)
+        check_count(self.throughput_batch, "throughput_batch", 0)
         check_threads(self.threads)
         if self.artifacts is not None and self.checkpoint is None:
             raise StarflowError("artifacts needs checkpoint too: the PyTorch rows run that checkpoint")
-        if self.frames is not None and self.frames < 1:
-            raise StarflowError(f"frames: must be >= 1, got {self.frames}")
+        if self.frames is not None:
+            check_count(self.frames, "frames")
 
 
 @dataclasses.dataclass

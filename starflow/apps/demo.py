@@ -8,16 +8,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from starflow.apps.timing import interleaved
+from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 from starflow.core.generation import Generation, ImageGenerator, check_seed
 from starflow.core.limits import check_threads
 from starflow.core.outputs import output_kind, save_png, video_output_kind, write_video
+from starflow.core.sampler import Progress
 from starflow.export.cache import demo_artifacts
 from starflow.runtime.generator import Generator
 
@@ -68,11 +69,11 @@ def run_demo(
     per_digit: int = 4,
     seed: int = 0,
     threads: int | None = None,
-    export_progress: Callable[[str, int, int], None] | None = None,
+    export_progress: Progress[str] | None = None,
     rounds: int = 3,
     video_out: Path | None = None,
     frames: int = 8,
-    video_export_progress: Callable[[str, int, int], None] | None = None,
+    video_export_progress: Progress[str] | None = None,
     pytorch: bool = True,
 ) -> DemoResult:
     """Draw `per_digit` samples of every digit into the PNG grid `out` (column = digit), and time
@@ -86,8 +87,7 @@ def run_demo(
     output_kind(out)
     if video_out is not None:
         video_output_kind(video_out)
-    if isinstance(per_digit, bool) or not isinstance(per_digit, int) or per_digit < 1:
-        raise StarflowError(f"per_digit: must be an integer >= 1, got {per_digit!r}")
+    check_count(per_digit, "per_digit")
     check_threads(threads)
     check_seed(seed)
     threads = threads or os.cpu_count() or 1

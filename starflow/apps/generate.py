@@ -27,8 +27,7 @@ DEFAULT_IMAGES_OUT = Path("starflow-generate.png")
 DEFAULT_CLIPS_OUT = Path("starflow-generate.gif")
 GRID_COLUMNS = 8  # most tiles per grid row
 # (batches, tokens of one frame or None) -> a context yielding the sampler's progress callback
-Bars = Callable[[int, int | None], AbstractContextManager[Progress]]
-StepProgress = Callable[[str, int, int], None]
+Bars = Callable[[int, int | None], AbstractContextManager[Progress[int]]]
 
 
 @dataclasses.dataclass
@@ -68,7 +67,7 @@ def generate(
     source: ModelSource = ModelSource(),
     out: Path | None = None,
     *,
-    export_progress: StepProgress | None = None,
+    export_progress: Progress[str] | None = None,
     bars: Bars | None = None,
     log: Callable[[str], None] = print,
 ) -> GenerateResult:
@@ -107,7 +106,7 @@ def generate(
 def open_generator(
     request: GenerateRequest,
     source: ModelSource = ModelSource(),
-    export_progress: StepProgress | None = None,
+    export_progress: Progress[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> ImageGenerator:
     """The runtime `Generator` of an export (default: the embedded model's, exported on first use:

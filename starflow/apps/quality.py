@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import SampleOptions
 from starflow.training.data import DIGITS_LEVELS, digits_split
@@ -135,8 +136,7 @@ def quality_bench(
     from starflow.export.cache import demo_artifacts
     from starflow.runtime.generator import Generator
 
-    if isinstance(per_digit, bool) or not isinstance(per_digit, int) or per_digit < 2:
-        raise StarflowError(f"per_digit: must be an integer >= 2 (diversity needs pairs), got {per_digit!r}")
+    check_count(per_digit, "per_digit", 2, note="diversity needs pairs")
     generator = Generator.load(artifacts or demo_artifacts(), threads=threads)
     text = generator.manifest.text
     classes = text.component.classes if text and text.component else None

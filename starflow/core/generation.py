@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from starflow.core.checks import check_count, check_prompt_list
 from starflow.core.errors import StarflowError
 from starflow.core.limits import check_fits
 from starflow.core.outputs import to_unit_images
@@ -25,8 +26,7 @@ from starflow.core.sizes import latent_size
 
 
 def check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise StarflowError(f"seed: must be an integer >= 0, got {seed!r}")
+    check_count(seed, "seed", 0)
 
 
 def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -113,8 +113,7 @@ class ImageGenerator:
             return
         if frames is None:
             raise StarflowError("this is a video model: ask for clips with frames=N (--frames N)")
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise StarflowError(f"frames: must be an integer >= 1, got {frames!r}")
+        check_count(frames, "frames")
 
     def default_sampling(self) -> SampleOptions:
         raise NotImplementedError
@@ -134,7 +133,7 @@ class ImageGenerator:
         raise NotImplementedError
 
     def sample(self, noise: Array, y: Array | None, y_uncond: Array | None, sampling: SampleOptions,
-               progress: Progress | None) -> tuple[Array, list[BlockStats]]:  # fmt: skip
+               progress: Progress[int] | None) -> tuple[Array, list[BlockStats]]:  # fmt: skip
         raise NotImplementedError
 
     def denoise(self, x: Array, y: Array | None) -> Array:
@@ -165,7 +164,7 @@ class ImageGenerator:
         latent_size: tuple[int, int] | None = None,
         sampling: SampleOptions | None = None,
         denoise: bool = True,
-        progress: Progress | None = None,
+        progress: Progress[int] | None = None,
         check_finite: bool = False,
         frames: int | None = None,
     ) -> Generation:
@@ -220,10 +219,8 @@ class ImageGenerator:
 
 def check_request(prompts: list[str], num_images: int, seed: int) -> None:
     """What any generator refuses, known before one is loaded (the command line checks it first)."""
-    if not prompts:
-        raise StarflowError('prompts: pass at least one ("" is the unconditional prompt)')
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise StarflowError(f"num_images: must be an integer >= 1, got {num_images!r}")
+    check_prompt_list(prompts)
+    check_count(num_images, "num_images")
     check_seed(seed)
 
 

@@ -114,7 +114,7 @@ class ReferenceGenerator(ImageGenerator):
 
     def sample(
         self, noise: Tensor, y: Tensor | None, y_uncond: Tensor | None, sampling: SampleOptions,
-        progress: Progress | None,
+        progress: Progress[int] | None,
     ) -> tuple[Tensor, list[BlockStats]]:  # fmt: skip
         return self.model.sample(noise, y, y_uncond, sampling, return_stats=True, progress=progress)
 

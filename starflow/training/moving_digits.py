@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 
 if TYPE_CHECKING:
@@ -30,11 +31,6 @@ DIGIT = 8  # the digits are 8x8
 # (dy, dx) of every non-zero velocity with components in {-1, 0, 1}
 DIRECTIONS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
 MOTIONS = ("bounce", "scroll")
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise StarflowError(f"{name}: must be an integer >= {minimum}, got {value!r}")
 
 
 def make_clips(
@@ -58,10 +54,10 @@ def make_clips(
     no room for a step the digit stays put.) With `motion="scroll"` every clip starts whole and
     moves `speed` pixels right a frame, wrapping around the canvas' edge.
     """
-    _check_int("frames", frames, 2)
-    _check_int("canvas", canvas, DIGIT)
-    _check_int("clips_per_digit", clips_per_digit, 1)
-    _check_int("speed", speed, 1)
+    check_count(frames, "frames", 2)
+    check_count(canvas, "canvas", DIGIT)
+    check_count(clips_per_digit, "clips_per_digit")
+    check_count(speed, "speed")
     if motion not in MOTIONS:
         raise StarflowError(f"make_clips: motion must be one of {MOTIONS}, got {motion!r}")
     images, labels = np.asarray(images), np.asarray(labels)
@@ -232,7 +228,7 @@ def translate(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def _aligned_errors(a: np.ndarray, b: np.ndarray, max_shift: int, wrap: bool) -> np.ndarray:
     """Ink (..., H, W) pairs -> (...) mean |shifted a - b| at the best shift in [-max_shift, max_shift]^2
     (shifted around the edges with `wrap`, else filled with background)."""
-    _check_int("max_shift", max_shift, 0)
+    check_count(max_shift, "max_shift", 0)
     shifts = range(-max_shift, max_shift + 1)
 
     def move(x: np.ndarray, dy: int, dx: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
+from starflow.core.checks import check_count
 from starflow.core.config import StarFlowConfig, load_config
 from starflow.core.errors import StarflowError
 from starflow.model.checkpoint import SafeCheckpointReader, read_checkpoint_metadata
@@ -115,8 +116,8 @@ def check_setup(options: TrainOptions) -> tuple[StarFlowConfig, Dataset]:
         raise StarflowError(
             f"batch_size {options.batch_size} does not split evenly over nproc {options.nproc}"
         )
-    if options.steps < 1 or options.checkpoint_every < 1 or options.log_every < 1:
-        raise StarflowError("steps, checkpoint_every and log_every must be >= 1")
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        check_count(getattr(options, name), name)
     if not 0 <= options.drop_label < 1:
         raise StarflowError(f"drop_label: must be in [0, 1), got {options.drop_label}")
     config = load_config(options.config)
