@@ -66,7 +66,8 @@ def main() -> None:
                 ref, stats = pipe.sample(noise, y, y_null, sampling, return_stats=True)
                 python.append(time.perf_counter() - began)
                 out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                cpp.append(float(out.splitlines()[-1].split()[-2]))  # the second (warm) run
+                warm = next(line for line in out.splitlines() if line.startswith("sample 2:"))
+                cpp.append(float(warm.split()[-2]))  # the second (warm) run
             ours = np.load(work / "cpp.npy")
             calls = sum(s["evaluations"] for s in json.loads((work / "stats.json").read_text()))
             same_calls = calls == sum(s.evaluations for s in stats)

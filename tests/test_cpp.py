@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +25,7 @@ from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, Manifest
 from starflow.core.config import config_from_dict
 from starflow.core.errors import StarflowError
 from starflow.core.generation import make_noise
+from starflow.core.outputs import grid, slug, to_uint8, upscale
 from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.model.checkpoint import save_model
 from starflow.model.testing import random_model
@@ -179,14 +181,15 @@ def test_digits_model_end_to_end_equals_starflow_generate(demo_export, tmp_path)
     assert np.abs(np.load(tmp_path / "images.npy") - generation.images).max() <= 1e-4
     assert np.abs(np.load(tmp_path / "latents.npy") - generation.latents).max() <= 1e-4
 
-    result = run(BUILD / "starflow-run", *args, "--out", tmp_path / "digit.png")
+    result = run(BUILD / "starflow-run", *args, "--out", tmp_path / "digits")  # a folder: one PNG each
     assert result.returncode == 0, result.stderr
     from PIL import Image
 
-    with Image.open(tmp_path / "digit-5.png") as image:
+    names = ["0000-3", "0001-3", "0002-7", "0003-7", "0004-unconditional", "0005-unconditional"]
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [f"{n}.png" for n in names]
+    with Image.open(tmp_path / "digits" / "0005-unconditional.png") as image:
         pixels = np.asarray(image)
-    assert pixels.shape == generation.images.shape[1:3]
-    expected = np.round(np.clip(generation.images[5, ..., 0], 0, 1) * 255)
+    expected = upscale(to_uint8(generation.images[5]), 4)[..., 0]  # 8x8 drawn 4x, as generate does
     assert np.abs(pixels.astype(int) - expected).max() <= 1
 
 
@@ -406,3 +409,79 @@ def test_sampler_presets_from_the_manifest(demo_export, tmp_path):
         result.returncode == 1
         and "sampler 'nope': this export has the presets ['official', 'fast']" in result.stderr
     )
+
+
+# ---- starflow-run's outputs and messages: as `starflow generate`'s ----------------------------------------
+def _prompt_run(artifacts: Path, out: Path, *extra: str | Path) -> subprocess.CompletedProcess:
+    args = ["--artifacts", artifacts, "--prompt", "3", "--prompt", "", "--num-images", "3", "--seed", "2"]
+    return run(built(BUILD) / "starflow-run", *args, "--threads", "1", *extra, "--out", out)
+
+
+def test_png_out_is_one_grid_as_starflow_generate_draws_it(demo_export, tmp_path):
+    """--out x.png: one grid, a row per prompt, 1-pixel borders, 4x upscaled (8x8 digits), pixel
+    for pixel starflow.core.outputs.grid of the same images; and one success line."""
+    assert _prompt_run(demo_export, tmp_path / "images.npy").returncode == 0
+    result = _prompt_run(demo_export, tmp_path / "grid.png")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "images.npy"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as image:
+        pixels = np.asarray(image)
+    images = np.load(tmp_path / "images.npy")
+    assert images.shape == (6, 8, 8, 1)
+    assert np.array_equal(pixels, upscale(grid(images, columns=3), 4)[..., 0])
+    assert re.fullmatch(
+        rf"generated 6 images 8x8 -> {re.escape(str(tmp_path / 'grid.png'))} in \d+\.\d\d s "
+        r"\(\d+\.\d images/s\)\n",
+        result.stdout,
+    ), result.stdout
+
+
+def test_folder_out_is_one_png_per_image_named_as_starflow_generate_names_them(demo_export, tmp_path):
+    result = _prompt_run(demo_export, tmp_path / "images")
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.name for p in (tmp_path / "images").iterdir())
+    prompts = ["3"] * 3 + [""] * 3
+    assert files == [f"{i:04d}-{slug(p)}.png" for i, p in enumerate(prompts)]
+    assert files[3] == "0003-unconditional.png"
+    assert result.stdout.startswith(f"generated 6 images 8x8 -> {tmp_path / 'images'}/ (6 PNGs) in ")
+
+
+def test_latent_mode_prints_what_it_wrote(demo_export, tmp_path):
+    np.save(tmp_path / "noise.npy", make_noise(1, (2, 1, 8, 8)))
+    np.save(tmp_path / "y.npy", Generator.load(demo_export, threads=1).encode(["3", "7"]))
+    args = ["--artifacts", demo_export, "--noise", tmp_path / "noise.npy", "--text", tmp_path / "y.npy"]
+    args += ["--guidance", "0", "--threads", "1"]
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "latent.npy")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        rf"sampled a \(2, 1, 8, 8\) latent -> {re.escape(str(tmp_path / 'latent.npy'))} in \d+\.\d\d s\n",
+        result.stdout,
+    ), result.stdout
+
+
+def test_export_without_denoise_graph_needs_no_denoise_before_any_work(fixture_artifacts, tmp_path):
+    """The fixture's export has no denoise graph: prompt mode names --no-denoise before sampling."""
+    result = _prompt_run(fixture_artifacts, tmp_path / "x.png")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "this export has no denoise graph (exported without it); pass --no-denoise" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "phrase"),
+    [
+        ("missing/x.png", "directory {tmp}/missing does not exist"),
+        ("file", "exists and is not a folder"),
+        ("folder.png", "is a directory, expected a .png file"),
+        ("x.jpg", "a .png (grid), a .npy (N, H, W, C) array or a folder (one PNG per image)"),
+    ],
+)
+def test_bad_out_is_refused_before_loading(tmp_path, out, phrase):
+    """Checked before the export is read: the artifacts directory here does not even exist."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    result = _prompt_run(tmp_path / "no-export", tmp_path / out)
+    assert result.returncode == 1, result.stdout
+    assert phrase.format(tmp=tmp_path) in result.stderr and "manifest" not in result.stderr, result.stderr

@@ -1,10 +1,13 @@
 // starflow-run: sample an export from the command line through libstarflow's C API.
 //
 // Latent mode: --noise N.npy [--text Y.npy --text-uncond Y0.npy] -> --out latent.npy
-// Prompt mode: --prompt P ... [--num-images N --seed S | --noise N.npy] -> --out images.npy / .png
+// Prompt mode: --prompt P ... [--num-images N --seed S | --noise N.npy] -> --out grid.png / folder / images.npy
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <set>
@@ -35,9 +38,11 @@ Prompt mode (label-table exports, e.g. the embedded digits model; writes images)
   --seed S                 noise seed (default 0); starflow-run's own stream, not numpy's
   --noise N.npy            instead of --seed: (prompts*N, C, H, W) noise, e.g. numpy's
   --negative-prompt P      the unconditional text under guidance (default "")
-  --no-denoise             skip the self-denoise step
+  --no-denoise             skip the self-denoise step (needed when the export has no denoise graph)
   --latents-out L.npy      also write the latents
-  OUT ending in .npy: (N, H, W, C) float32 in [0, 1]; in .png: one PNG per image (OUT, or OUT-i.png)
+  OUT as `starflow generate --out`: a .png is one grid (N images per prompt a row, at most 8), a
+  .npy the (N, H, W, C) float32 array in [0, 1], a folder (no suffix) one PNG per image; PNGs are
+  upscaled (nearest) until an image's smaller side is at least 32 pixels
 
 Sampling (default: the export's; the options below change the chosen settings):
   --sampler NAME           official (default) or a preset the export carries, e.g. fast
@@ -144,6 +149,68 @@ bool ends_with(const std::string& text, const std::string& tail) {
   return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
 }
 
+// What prompt mode writes for --out, as `starflow generate` (starflow.core.outputs.output_kind):
+// "png" (a grid), "npy" or "dir" (one PNG per image); checked before the export is loaded.
+std::string output_kind(const std::string& out) {
+  namespace fs = std::filesystem;
+  fs::path path(out);
+  std::string suffix = path.extension().string();
+  if (!suffix.empty() && suffix != ".png" && suffix != ".npy")
+    throw starflow::Error("--out: prompt mode writes images to a .png (grid), a .npy (N, H, W, C) array or a "
+                          "folder (one PNG per image), got '" + out + "'");
+  std::error_code error;
+  if (suffix.empty() && fs::exists(path, error) && !fs::is_directory(path, error))
+    throw starflow::Error("--out " + out + ": exists and is not a folder");
+  if (!suffix.empty() && fs::is_directory(path, error))
+    throw starflow::Error("--out " + out + ": is a directory, expected a " + suffix + " file");
+  fs::path parent = (path.has_filename() ? path : path.parent_path()).parent_path();  // "foxes/": ""
+  if (!parent.empty() && !fs::is_directory(parent, error))
+    throw starflow::Error("--out " + out + ": directory " + parent.string() + " does not exist");
+  return suffix.empty() ? "dir" : suffix.substr(1);
+}
+
+// Images [first, first + count) of (N, H, W, C) as one (1, H', W', C) picture, as `starflow generate`
+// draws it: `columns` tiles a row with `pad` black pixels around each, then upscaled (nearest) until
+// an image's smaller side is at least 32 pixels.
+starflow::Tensor mosaic(starflow::Tensor& images, int64_t first, int64_t count, int64_t columns, int64_t pad) {
+  std::vector<int64_t> shape = images.shape();
+  int64_t h = shape[1], w = shape[2], c = shape[3], rows = (count + columns - 1) / columns;
+  int64_t scale = std::max<int64_t>(1, 32 / std::min(h, w));
+  int64_t height = rows * (h + pad) + pad, width = columns * (w + pad) + pad;
+  starflow::Tensor picture = starflow::Tensor::zeros(SF_FLOAT32, {1, height * scale, width * scale, c});
+  const float* source = images.f32();
+  float* target = picture.f32();
+  for (int64_t y = 0; y < height * scale; ++y) {
+    for (int64_t x = 0; x < width * scale; ++x) {
+      int64_t gy = y / scale - pad, gx = x / scale - pad;  // inside the grid, past its first border
+      if (gy < 0 || gx < 0 || gy % (h + pad) >= h || gx % (w + pad) >= w) continue;
+      int64_t index = gy / (h + pad) * columns + gx / (w + pad);
+      if (index >= count) continue;
+      const float* pixel = source + (((first + index) * h + gy % (h + pad)) * w + gx % (w + pad)) * c;
+      std::copy(pixel, pixel + c, target + (y * width * scale + x) * c);
+    }
+  }
+  return picture;
+}
+
+// starflow.core.outputs.slug: a prompt as a file name part.
+std::string slug(const std::string& prompt) {
+  std::string text;
+  bool gap = false;
+  for (unsigned char ch : prompt) {
+    bool plain = ch < 128 && std::isalnum(ch);
+    if (plain && gap && !text.empty()) text += '-';
+    if (plain) text += static_cast<char>(ch);
+    gap = !plain;
+  }
+  text = text.substr(0, 40);
+  return text.empty() ? "unconditional" : text;
+}
+
+void save_png(starflow::Tensor& picture, const std::string& path) {
+  starflow::check(sf_image_save_png(picture.get(), 0, path.c_str()));
+}
+
 int run(const Arguments& args) {
   for (const char* key : {"--artifacts", "--out"})
     if (!args.has(key)) throw starflow::Error(std::string("missing ") + key + " (see --help)");
@@ -157,6 +224,11 @@ int run(const Arguments& args) {
   if (args.has("--text") && args.has("--token-ids"))
     throw starflow::Error("pass --text or --token-ids, not both");
   if (prompt_mode && args.has("--noise") && args.has("--seed")) throw starflow::Error("pass --noise or --seed, not both");
+  if (!prompt_mode && args.has("--no-denoise")) throw starflow::Error("--no-denoise applies to --prompt mode");
+  std::string out = args.get("--out");
+  if (!prompt_mode && !ends_with(out, ".npy"))
+    throw starflow::Error("--out: latent mode writes a .npy file, got '" + out + "'");
+  std::string kind = prompt_mode ? output_kind(out) : "npy";
 
   starflow::Config config;
   if (args.has("--precision")) config.precision(args.get("--precision"));
@@ -206,10 +278,8 @@ int run(const Arguments& args) {
                             static_cast<int>(integer(one, "--shallow-jacobi max_iter", 0, 1)),
                             number(one, "--shallow-jacobi threshold"), parts.size() == 4 ? parts[3] : "noise");
   }
-  std::string out = args.get("--out");
 
   if (!prompt_mode) {
-    if (!ends_with(out, ".npy")) throw starflow::Error("--out: latent mode writes a .npy file, got '" + out + "'");
     starflow::Tensor noise = starflow::Tensor::load(args.get("--noise"));
     starflow::Tensor text, uncond;
     if (args.has("--text")) text = starflow::Tensor::load(args.get("--text"));
@@ -218,20 +288,26 @@ int run(const Arguments& args) {
     if (args.has("--uncond-token-ids"))
       uncond = encode_tokens(pipeline, args, "--uncond-token-ids", "--uncond-attention-mask");
     starflow::Tensor latent;
+    double seconds = 0;
     for (long long i = 0, n = integer(args, "--repeat", 1, 1); i < n; ++i) {
       auto began = std::chrono::steady_clock::now();
       latent = pipeline.sample(sampling, noise, text, uncond);
-      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+      seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
       if (args.has("--repeat")) std::printf("sample %lld: %.6f s\n", i + 1, seconds);
     }
     latent.save(out);
     write_stats(pipeline, args);
+    std::string shape;
+    for (int64_t d : latent.shape()) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+    std::printf("sampled a (%s) latent -> %s in %.2f s\n", shape.c_str(), out.c_str(), seconds);
     return 0;
   }
 
-  if (!ends_with(out, ".npy") && !ends_with(out, ".png"))
-    throw starflow::Error("--out: prompt mode writes images to a .npy or .png path, got '" + out + "'");
   nlohmann::json info = nlohmann::json::parse(pipeline.describe());
+  if (!args.flags.count("--no-denoise") && !info["denoise"].get<bool>())
+    throw starflow::Error(args.get("--artifacts") +
+                          ": this export has no denoise graph (exported without it); pass --no-denoise, "
+                          "or re-export with the denoise graph");
   long long per_prompt = integer(args, "--num-images", 1, 1);
   std::vector<std::string> prompts;
   for (const std::string& p : args.prompts)
@@ -245,20 +321,36 @@ int run(const Arguments& args) {
   for (const std::string& p : prompts) pointers.push_back(p.c_str());
   std::string negative = args.get("--negative-prompt");
   sf_tensor *images = nullptr, *latents = nullptr;
+  auto began = std::chrono::steady_clock::now();
   starflow::check(sf_pipeline_generate(pipeline.get(), sampling.get(), pointers.data(), pointers.size(),
                                        negative.c_str(), noise.get(), !args.flags.count("--no-denoise"), &images,
                                        args.has("--latents-out") ? &latents : nullptr));
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
   starflow::Tensor owned_images(images), owned_latents(latents);
   if (owned_latents) owned_latents.save(args.get("--latents-out"));
-  if (ends_with(out, ".npy")) {
+  std::string where = out;
+  if (kind == "npy") {
     owned_images.save(out);
+  } else if (kind == "png") {
+    starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1);
+    save_png(grid, out);
   } else {
+    std::error_code error;
+    std::filesystem::create_directory(out, error);
+    if (error) throw starflow::Error("--out " + out + ": cannot create the folder (" + error.message() + ")");
     for (int64_t i = 0; i < count; ++i) {
-      std::string path = count == 1 ? out : out.substr(0, out.size() - 4) + "-" + std::to_string(i) + ".png";
-      starflow::check(sf_image_save_png(owned_images.get(), static_cast<std::size_t>(i), path.c_str()));
+      char number[24];
+      std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
+      starflow::Tensor image = mosaic(owned_images, i, 1, 1, 0);
+      save_png(image, (std::filesystem::path(out) / (number + slug(prompts[i]) + ".png")).string());
     }
+    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + " PNGs)";
   }
   write_stats(pipeline, args);
+  std::vector<int64_t> shape = owned_images.shape();
+  std::printf("generated %lld images %lldx%lld -> %s in %.2f s (%.1f images/s)\n", static_cast<long long>(count),
+              static_cast<long long>(shape[1]), static_cast<long long>(shape[2]), where.c_str(), seconds,
+              static_cast<double>(count) / std::max(seconds, 1e-9));
   return 0;
 }
 
