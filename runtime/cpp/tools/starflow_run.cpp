@@ -344,13 +344,13 @@ int run(const Arguments& args) {
       starflow::Tensor image = mosaic(owned_images, i, 1, 1, 0);
       save_png(image, (std::filesystem::path(out) / (number + slug(prompts[i]) + ".png")).string());
     }
-    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + " PNGs)";
+    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
   }
   write_stats(pipeline, args);
   std::vector<int64_t> shape = owned_images.shape();
-  std::printf("generated %lld images %lldx%lld -> %s in %.2f s (%.1f images/s)\n", static_cast<long long>(count),
-              static_cast<long long>(shape[1]), static_cast<long long>(shape[2]), where.c_str(), seconds,
-              static_cast<double>(count) / std::max(seconds, 1e-9));
+  std::printf("generated %lld %s %lldx%lld -> %s in %.2f s (%.1f images/s)\n", static_cast<long long>(count),
+              count == 1 ? "image" : "images", static_cast<long long>(shape[1]), static_cast<long long>(shape[2]),
+              where.c_str(), seconds, static_cast<double>(count) / std::max(seconds, 1e-9));
   return 0;
 }
 
