@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from starflow.core import outputs
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import video_output_kind, write_video
-from starflow.core import outputs
 
 
 def blocky(n: int, t: int, h: int, w: int, c: int, block: int = 4, seed: int = 0) -> np.ndarray:

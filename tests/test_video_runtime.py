@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from starflow.cli.main import app
-from starflow.contract.manifest import Manifest
+from starflow.contract.manifest import SCHEMA_VERSION, Manifest
 from starflow.core.errors import StarflowError
 from starflow.model.checkpoint import load_model
 from starflow.model.label_encoder import LabelEncoder, labels_path, save_label_encoder
@@ -58,7 +58,7 @@ def model():
 
 def test_manifest_describes_the_video_model(video_export):
     manifest = Manifest.load(video_export)
-    assert manifest.schema_version == 6
+    assert manifest.schema_version == SCHEMA_VERSION
     video = manifest.video
     assert (video.frames.min, video.frames.max) == (1, MAX_FRAMES)
     assert video.later_chunk_factor == 4 and video.warm_start and video.window is None
@@ -144,7 +144,7 @@ def test_generate_writes_latent_clips_as_npy(video_export, tmp_path):
 def test_generate_refuses_frame_options_without_a_video_model(fixture_artifacts, tmp_path):
     args = ["generate", "--artifacts", str(fixture_artifacts), "--prompt", "a photo"]
     result = CliRunner().invoke(app, [*args, "--fps", "4", "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 2 and "--fps: a clip option" in result.output
+    assert result.exit_code == 2 and "fps: a clip option" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--fps", "0", "--out", str(tmp_path / "x.gif")])
     assert result.exit_code == 2 and "--fps: must be a number > 0, got 0.0" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--out", str(tmp_path / "x.png")])
