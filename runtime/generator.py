@@ -13,7 +13,7 @@ import numpy as np
 
 from starflow.contract.manifest import Manifest, inside
 from starflow.core.errors import StarflowError
-from starflow.core.generation import ImageGenerator, check_prompts, make_noise
+from starflow.core.generation import ImageGenerator, make_noise
 from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import SampleOptions
 from starflow.runtime.backends import OrtRunner
@@ -42,6 +42,7 @@ class Generator(ImageGenerator):
         self.train_side, self.multiple_of = latent.train[0], latent.multiple_of
         self.factor = self.manifest.decoder.factor or 1
         self.video = self.manifest.video is not None
+        self.text_conditioned = self.manifest.text is not None
         self.fps = self.manifest.video.fps if self.manifest.video else DEFAULT_FPS
 
     @classmethod
@@ -75,19 +76,8 @@ class Generator(ImageGenerator):
         decoder = DecoderRunner(runner(decoding.graph), latent.channels) if decoding.graph else None
         return cls(pipeline, text_runner, denoiser, decoder)
 
-    def check(
-        self,
-        prompts: list[str],
-        num_images: int,
-        seed: int,
-        sampling: SampleOptions,
-        denoise: bool,
-        frames: int | None = None,
-    ) -> None:
+    def check_stages(self, denoise: bool, frames: int | None) -> None:
         manifest, directory = self.manifest, self.pipeline.directory
-        sampling.check()
-        check_prompts(prompts, num_images, seed, sampling.guidance, manifest.text is not None)
-        self.check_frames(frames)
         if frames is not None:
             self.pipeline.check_frames(frames)
         video = manifest.video

@@ -90,6 +90,7 @@ class ImageGenerator:
     factor: int
     video: bool  # a STARFlow-V model: it makes clips, `frames` is required
     fps: float  # the frame rate clips are shown at
+    text_conditioned: bool  # prompts are read (else the model is unconditional)
 
     # ---- the stages ----------------------------------------------------------------------------
     def check(
@@ -102,6 +103,13 @@ class ImageGenerator:
         frames: int | None = None,
     ) -> None:
         """Everything a caller can get wrong, before any work."""
+        sampling.check()
+        check_prompts(prompts, num_images, seed, sampling.guidance, self.text_conditioned)
+        self.check_frames(frames)
+        self.check_stages(denoise, frames)
+
+    def check_stages(self, denoise: bool, frames: int | None) -> None:
+        """What this engine's loaded stages cannot do (no text encoder, denoiser or decoder loaded)."""
         raise NotImplementedError
 
     def check_frames(self, frames: int | None) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from starflow.contract.manifest import VAE_SCALE
 from starflow.core.config import DEMO_CHECKPOINT
 from starflow.core.errors import StarflowError
-from starflow.core.generation import ImageGenerator, check_prompts, make_noise
+from starflow.core.generation import ImageGenerator, make_noise
 from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import BlockStats, Progress, SampleOptions
 from starflow.core.sampling_presets import DIGITS_PRESETS, OFFICIAL, choose, load_presets
@@ -43,6 +43,7 @@ class ReferenceGenerator(ImageGenerator):
         self.train_side, self.multiple_of = config.latent_size, config.patch_size
         self.factor = config.img_size // config.latent_size if config.vae else 1
         self.video, self.fps = config.video, DEFAULT_FPS
+        self.text_conditioned = model.text_dim > 0
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -72,19 +73,8 @@ class ReferenceGenerator(ImageGenerator):
             generator.presets = load_presets(DIGITS_PRESETS)
         return generator
 
-    def check(
-        self,
-        prompts: list[str],
-        num_images: int,
-        seed: int,
-        sampling: SampleOptions,
-        denoise: bool,
-        frames: int | None = None,
-    ) -> None:
-        sampling.check()
+    def check_stages(self, denoise: bool, frames: int | None) -> None:
         model, cfg = self.model, self.model.config
-        check_prompts(prompts, num_images, seed, sampling.guidance, model.text_dim > 0)
-        self.check_frames(frames)
         if cfg.video and cfg.vae:
             raise StarflowError(f"decoding {cfg.vae} video latents is not built yet")
         if model.text_dim and self.encoder is None:
