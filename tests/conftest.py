@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 # Shared fixtures live beside the repo (<parent>/shared/fixtures) unless STARFLOW_FIXTURES says where.
-FIXTURES = Path(
-    os.environ.get("STARFLOW_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
-)
+FIXTURES = Path(os.environ.get("STARFLOW_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 T2I = FIXTURES / "official-t2i-tiny"
 # the tiny T5's word-level vocabulary (besides <pad>, </s>, <unk>)
 T5_WORDS = "a an the photo of cat dog red blue green big small house tree car on in with and sky".split()

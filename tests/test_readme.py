@@ -44,7 +44,7 @@ EMBEDDED_EXPORT = "starflow export onnx --checkpoint starflow/assets/digits.safe
 RUN = (CPP_PROMPTS, CPP_LATENTS, INSPECT, VALIDATE, GRID, PYTORCH, GIF, MP4, EMBEDDED_EXPORT)
 
 SKIPPED = {
-    "make demo": "creates .venv and runs `starflow demo`, which tests/test_generate.py runs "
+    "make demo": "creates .venv and runs `starflow demo`, which tests/apps/test_generate.py runs "
     "(test_demo_writes_the_grid_and_the_timing)",
     "make test": "is this test suite (with `make cpp`, `make cpp-asan`, ruff and scripts/check_layers.py)",
     "pip install": "needs the network; CI's fresh clone installs this way",
@@ -52,19 +52,19 @@ SKIPPED = {
     "commands here use that build",
     "starflow export onnx --checkpoint checkpoint.pth": "an official checkpoint with flan-t5-xl and "
     "sd-vae-ft-ema; conftest's fixture_artifacts exports the tiny official fixture through the same "
-    "command (without the encoder and VAE, which tests/test_t2i.py exports as tiny random ones)",
+    "command (without the encoder and VAE, which tests/model/test_reference.py exports as tiny random ones)",
     "starflow generate --artifacts artifacts/ --prompt 'a red fox'": "needs an export with a T5 text "
-    "encoder (flan-t5-xl); tests/test_t2i.py generates through a tiny random T5 and VAE",
+    "encoder (flan-t5-xl); tests/model/test_reference.py generates through a tiny random T5 and VAE",
     "starflow export onnx --checkpoint starflow-v.pth": "an official STARFlow-V checkpoint; "
-    "tests/test_video_runtime.py exports the official video fixture",
+    "tests/runtime/test_pipeline_video.py exports the official video fixture",
     "starflow generate --artifacts video/": "the official STARFlow-V export of the line above",
-    "starflow export trt": "engine builds take minutes; tests/test_trt.py builds these grids, batch "
+    "starflow export trt": "engine builds take minutes; tests/export/test_trt.py builds these grids, batch "
     "range and target on the fixture's export (at optimization level 0)",
-    "starflow train --config": "1,800 steps take about an hour here; tests/test_train.py trains "
+    "starflow train --config": "1,800 steps take about an hour here; tests/training/test_train.py trains "
     "through the same code for a few steps",
     "starflow train ...": "not a whole command (`...` stands for the line above's options); "
-    "tests/test_train.py trains with nproc=2",
-    "starflow checkpoint consolidate": "needs the 1,800-step run above; tests/test_train.py "
+    "tests/training/test_train.py trains with nproc=2",
+    "starflow checkpoint consolidate": "needs the 1,800-step run above; tests/training/test_train.py "
     "consolidates a short run through this command",
 }
 
@@ -95,7 +95,7 @@ def starflow(args: list[str]) -> str:
 
 def starflow_run(args: list[str], cwd: Path) -> str:
     """A README `build/cpp/starflow-run ...` command with this checkout's build; returns its stdout."""
-    from tests.test_cpp import BUILD, built
+    from tests.runtime.cpp.test_libstarflow import BUILD, built
 
     assert args[0] == "build/cpp/starflow-run"
     program = built(BUILD) / "starflow-run"
@@ -198,7 +198,7 @@ def test_generate_examples_on_the_embedded_models(
     demo_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The image lines reuse the session's cached export; the video lines export the embedded video
-    model on first use (once per session: tests/test_generate.py's demo makes the same export)."""
+    model on first use (once per session: tests/apps/test_generate.py's demo makes the same export)."""
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, SCHEMA_VERSION, schema
 from starflow.contract.schema import path, render
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("name", [MANIFEST_NAME, RECORD_NAME])

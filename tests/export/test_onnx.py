@@ -1,7 +1,7 @@
 """ONNX export of the official tiny T2I fixture: checker, symbolic dims, manifest, validation.
 
 That the graphs alone reproduce the official samples (fp32 and fp16, a non-square grid) is
-tested through the runtime, which drives only the graphs: tests/test_runtime.py.
+tested through the runtime, which drives only the graphs: tests/runtime/test_pipeline.py.
 """
 
 from __future__ import annotations

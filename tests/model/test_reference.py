@@ -16,8 +16,6 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from conftest import T5_WORDS  # noqa: E402
-
 from starflow.contract.manifest import Manifest  # noqa: E402
 from starflow.core.config import StarFlowConfig, load_config  # noqa: E402
 from starflow.core.errors import StarflowError  # noqa: E402
@@ -27,6 +25,7 @@ from starflow.model.checkpoint import save_model  # noqa: E402
 from starflow.model.reference import ReferenceGenerator  # noqa: E402
 from starflow.model.testing import random_model  # noqa: E402
 from starflow.runtime.generator import Generator  # noqa: E402
+from tests.conftest import T5_WORDS  # noqa: E402
 
 TXT_SIZE = 8
 LONG = " ".join(T5_WORDS)  # 20 words: truncated to 8 tokens

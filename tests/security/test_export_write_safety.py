@@ -19,9 +19,9 @@ from starflow.export import trace
 from starflow.export import validate as validate_module
 from starflow.export.onnx import ExportOptions, check_out, export_onnx, replace_dir
 from starflow.model.testing import random_model
+from tests.conftest import T2I
 
 # Shared fixtures live beside the repo, as in conftest.py (bare `pytest` cannot import `tests.`).
-T2I = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-t2i-tiny"
 runner = CliRunner()
 # One text-free block of one layer: two graphs per precision, the cheapest export there is.
 ONE_BLOCK = dict(

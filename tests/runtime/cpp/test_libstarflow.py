@@ -30,12 +30,11 @@ from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.model.checkpoint import save_model
 from starflow.model.testing import random_model
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
-from tests.conftest import T2I
+from tests.conftest import ROOT, T2I
 
-ROOT = Path(__file__).resolve().parents[1]
 BUILD, ASAN_BUILD = ROOT / "build" / "cpp", ROOT / "build" / "cpp-asan"
 FIXTURE_JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)
-FP16_TOLERANCE = 2e-3  # the Python runtime's fp16 limit (tests/test_runtime.py)
+FP16_TOLERANCE = 2e-3  # the Python runtime's fp16 limit (tests/runtime/test_pipeline.py)
 # GQA, SwiGLU, RMSNorm, patch 2, text in every block: latent 16x24 is an 8x12 token grid.
 GQA_SWIGLU_PATCH2 = dict(
     channel_size=2, img_size=16, patch_size=2, channels=64, layers_per_block=[1, 2],
