@@ -5,7 +5,7 @@ step the PyTorch sampler uses, and `FlowBlock.density`), so the comparison cover
 and the fp16 casts. Each graph runs at three shape cases that differ from the export example:
 another batch, a non-square grid and a small one, chunk 1 and chunk c, an empty and a non-empty
 cache, two text lengths. Pipeline-level parity (the runtime's samples against the reference's
-and the official goldens) is tested separately, in tests/test_runtime.py.
+and the official goldens) is tested separately, in tests/runtime/test_pipeline.py.
 """
 
 from __future__ import annotations

@@ -46,13 +46,13 @@ path() { # path NAME REASON-EXPRESSION PYTEST-ARGS...
 }
 
 CUDA='None if __import__("torch").cuda.is_available() else "torch sees no CUDA GPU"'
-path "reference model on CUDA (pytest -m gpu)" "$CUDA" -m gpu tests --ignore=tests/test_trt_gpu.py
+path "reference model on CUDA (pytest -m gpu)" "$CUDA" -m gpu tests --ignore=tests/runtime/test_trt_backend.py
 path "onnxruntime CUDA/TensorRT providers" \
     '"onnxruntime has no CUDA provider (install starflow[gpu])" if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers() else None' \
-    -m gpu tests/test_trt_gpu.py -k onnxruntime
+    -m gpu tests/runtime/test_trt_backend.py -k onnxruntime
 path "TensorRT backend (native engines)" \
     '__import__("importlib").util.find_spec("tensorrt") is None and __import__("importlib").util.find_spec("tensorrt_rtx") is None and "neither tensorrt nor tensorrt_rtx is installed" or __import__("importlib").util.find_spec("cuda") is None and "cuda-python is not installed" or None' \
-    -m gpu tests/test_trt_gpu.py -k tensorrt_backend
+    -m gpu tests/runtime/test_trt_backend.py -k tensorrt_backend
 
 echo
 echo "GPU paths on $(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'):"

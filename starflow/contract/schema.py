@@ -4,7 +4,7 @@ Regenerate after changing a type in `entries.py` or `manifest.py`:
 
     python -m starflow.contract.schema
 
-tests/test_schema.py fails while a committed schema differs from the generated one. The schemas
+tests/contract/test_schema.py fails while a committed schema differs from the generated one. The schemas
 are what another language implements (libstarflow reads the schema version from here), and what
 `check_schema` holds every file to, so every field is required in them: writers write every
 field, and a field's Python default is for Python callers only.

@@ -2,7 +2,7 @@
 //
 // usage: starflow-tests GOOD_EXPORT BAD_EXPORTS
 //   GOOD_EXPORT  a valid text-conditioned export (label table, latent range including 8x8)
-//   BAD_EXPORTS  a folder of broken exports (prepared by tests/test_cpp.py), each holding
+//   BAD_EXPORTS  a folder of broken exports (prepared by tests/runtime/cpp/test_libstarflow.py), each holding
 //                `expect.txt`: a phrase the load error must contain
 // Exits 0 when every case passes; prints one line per case.
 #include <cmath>
