@@ -146,7 +146,7 @@ def test_generate_refuses_frame_options_without_a_video_model(fixture_artifacts,
     result = CliRunner().invoke(app, [*args, "--fps", "4", "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "fps: a clip option" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--fps", "0", "--out", str(tmp_path / "x.gif")])
-    assert result.exit_code == 2 and "--fps: must be a number > 0, got 0.0" in result.output
+    assert result.exit_code == 2 and "fps: input should be greater than 0, got 0.0" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "expected an .mp4 (H.264), a .gif" in result.output
     result = CliRunner().invoke(app, [*args, "--frames", "3", "--out", str(tmp_path / "x.gif")])
