@@ -95,6 +95,10 @@ def onnx(
     Prints one line per step; the export appears in --out only once every graph has passed
     validation.
     """
+    from starflow.core.request import ModelSource
+
+    with user_errors():  # every path, before torch and onnx load
+        ModelSource(checkpoint=checkpoint, config=config, text_encoder=text_encoder, vae=vae).check("pytorch")
     from starflow.cli.parse import parse_hw
     from starflow.cli.progress import step_lines
     from starflow.core.sampling_presets import load_presets

@@ -230,13 +230,20 @@ def train(
     export_ema: Annotated[bool, typer.Option(help="Export EMA weights (else the raw weights).")] = True,
 ) -> None:
     """Train with FSDP2 (single process, --nproc N, or under torchrun); exports OUT/model.safetensors."""
+    from starflow.core.errors import StarflowError
     from starflow.core.limits import check_threads
+    from starflow.core.request import ModelSource
+
+    with user_errors():  # the paths, before torch loads
+        check_threads(threads)
+        ModelSource(config=config).check("pytorch")
+        if data != "digits" and not Path(data).is_dir():
+            raise StarflowError(f"dataset {data}: no such folder")
     from starflow.training.train import TrainOptions
     from starflow.training.train import train as run_training
 
     given = {k: v for k, v in locals().items() if k in TrainOptions.__dataclass_fields__}
     with user_errors("interrupted: the checkpoints already saved in --out stay (continue with --resume)"):
-        check_threads(threads)
         path = run_training(
             TrainOptions(**{**given, "threads": threads or 0})
         )  # 0: torch's default, all cores
@@ -257,6 +264,11 @@ def consolidate(
     ema: Annotated[bool, typer.Option(help="EMA weights (default) or the raw training weights.")] = True,
 ) -> None:
     """Merge a sharded training checkpoint into one .safetensors with the config embedded."""
+    from starflow.core.errors import StarflowError
+
+    with user_errors():  # before torch loads
+        if not checkpoint.is_dir():
+            raise StarflowError(f"checkpoint {checkpoint}: no such folder (a runs/NAME/checkpoints/step_N)")
     from starflow.training.train import consolidate as run_consolidate
 
     with user_errors():
@@ -271,6 +283,11 @@ def validate(
     config: Annotated[str | None, typer.Option(help="YAML config; default: the manifest's model.")] = None,
 ) -> None:
     """Rerun the export's validation: every graph against PyTorch through ONNX Runtime."""
+    from starflow.core.request import ModelSource
+
+    with user_errors():  # both paths, before torch and onnx load
+        ModelSource(artifacts=directory).check("runtime")
+        ModelSource(checkpoint=checkpoint, config=config).check("pytorch")
     from starflow.export.validate import describe_results, validate_directory
 
     with user_errors():
