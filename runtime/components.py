@@ -56,19 +56,28 @@ class DecoderRunner:
         return self.runner.run({"latent": np.ascontiguousarray(latent)})["image"]
 
 
-class DenoiserRunner:
-    """The official self-denoise: one Tweedie step x - noise_std^2 * grad_x NLL(x), per sample.
+class _DenoiseGraphRunner:
+    """A denoise graph's Runner, its inputs x (and text) checked against the graph once.
 
     `text_dim` 0 means a model without text (the graph has no `text` input); `multiple_of` is the
     patch size, since the graph only sees whole patches.
     """
 
+    output: str  # the graph's one output
+    kind: str  # for messages
+
     def __init__(self, runner: Runner, channels: int, text_dim: int = 0, multiple_of: int = 1):
-        _check_graph(runner, ["x", "text"] if text_dim else ["x"], ["grad"], "denoise")
+        _check_graph(runner, ["x", "text"] if text_dim else ["x"], [self.output], self.kind)
         self.runner = runner
         self.channels = channels
         self.text_dim = text_dim
         self.multiple_of = multiple_of
+
+
+class DenoiserRunner(_DenoiseGraphRunner):
+    """The official self-denoise: one Tweedie step x - noise_std^2 * grad_x NLL(x), per sample."""
+
+    output, kind = "grad", "denoise"
 
     def denoise(self, x: np.ndarray, text: np.ndarray | None, noise_std: float) -> np.ndarray:
         """x (B, C, H, W) float32, text (B, L, text_dim) float32 or None -> the denoised x."""
@@ -83,16 +92,11 @@ class DenoiserRunner:
         return x - np.float32(noise_std**2) * grad  # float32 whatever the type of noise_std
 
 
-class LearnedDenoiserRunner:
+class LearnedDenoiserRunner(_DenoiseGraphRunner):
     """STARFlow-V's learned denoiser: clips x (B, F, C, H, W) -> x - step * correction, clips longer
     than the sampling window in overlapping windows (`starflow.core.sampler.denoise_windows`)."""
 
-    def __init__(self, runner: Runner, channels: int, text_dim: int = 0, multiple_of: int = 1):
-        _check_graph(runner, ["x", "text"] if text_dim else ["x"], ["correction"], "learned denoise")
-        self.runner = runner
-        self.channels = channels
-        self.text_dim = text_dim
-        self.multiple_of = multiple_of
+    output, kind = "correction", "learned denoise"
 
     def denoise(
         self, x: np.ndarray, text: np.ndarray | None, step: float, window: int | None, overlap: int | None
