@@ -109,6 +109,9 @@ class Generator(ImageGenerator):
         """The export's batch profile (halved under guidance)."""
         return self.manifest.images_per_batch(guidance)
 
+    def cache_bytes_per_token(self) -> int:
+        return max((4 * 2 * b.layers * b.kv_heads * b.head_dim for b in self.manifest.blocks), default=0)
+
     def noise(self, seed: int, shape: tuple[int, ...]) -> np.ndarray:
         return make_noise(seed, shape)
 

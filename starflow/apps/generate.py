@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from starflow.core.generation import Generation, ImageGenerator, array_bytes, counted
-from starflow.core.limits import check_fits
+from starflow.core.generation import Generation, ImageGenerator, counted
 from starflow.core.outputs import output_kind, save_images, video_output_kind, write_video
 from starflow.core.request import DEFAULT_BACKEND, DEFAULT_PRECISION, GenerateRequest, ModelSource, Resolved
 from starflow.core.sampler import Progress
@@ -80,7 +78,6 @@ def generate(
     check_out(request, out)
     generator = open_generator(request, source, export_progress, log)
     resolved = request.resolve(generator)
-    check_memory(generator, request, resolved)
     batches = -(
         -len(request.prompts) * request.num_images // generator.images_per_batch(resolved.sampling.guidance)
     )
@@ -137,29 +134,3 @@ def open_generator(
         artifacts, backend=request.backend or DEFAULT_BACKEND,
         precision=request.precision or DEFAULT_PRECISION, threads=request.threads,
     )  # fmt: skip
-
-
-def check_memory(generator: Any, request: GenerateRequest, resolved: Resolved) -> None:
-    """Refuse a request the machine cannot hold before sampling starts: the arrays the loop holds
-    whole, plus the largest block's key/value cache for one batch (clips: every frame the deep
-    block attends to, so long clips grow it)."""
-    images = len(request.prompts) * request.num_images
-    H, W = resolved.latent_size
-    arrays = array_bytes(images, request.frames, (H, W), generator.channels, generator.factor)
-    rows = min(images, generator.images_per_batch(resolved.sampling.guidance))
-    rows *= 2 if resolved.sampling.guidance > 0 else 1
-    tokens = rows * (request.frames or 1) * (H // generator.multiple_of) * (W // generator.multiple_of)
-    what = f"{counted(images, 'clip' if request.clips else 'image')} of {H}x{W} latent pixels"
-    if request.clips:
-        what = f"{counted(images, 'clip')} of {request.frames} frames of {H}x{W} latent pixels"
-    check_fits(arrays + tokens * cache_bytes_per_token(generator), what)
-
-
-def cache_bytes_per_token(generator: Any) -> int:
-    """The largest flow block's keys and values per token (float32), from the export's manifest
-    or the PyTorch model's blocks."""
-    if hasattr(generator, "manifest"):
-        blocks = [(b.layers, b.kv_heads, b.head_dim) for b in generator.manifest.blocks]
-    else:
-        blocks = [(len(b.attn_blocks), b.num_kv_heads, b.head_dim) for b in generator.model.sampling_blocks()]
-    return max((4 * 2 * layers * heads * dim for layers, heads, dim in blocks), default=0)

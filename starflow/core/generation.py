@@ -133,6 +133,25 @@ class ImageGenerator:
     def images_per_batch(self, guidance: float) -> int:
         raise NotImplementedError
 
+    def cache_bytes_per_token(self) -> int:
+        """The largest flow block's keys and values per token (float32)."""
+        raise NotImplementedError
+
+    def check_memory(
+        self, images: int, frames: int | None, latent_size: tuple[int, int], guidance: float
+    ) -> None:
+        """Refuse what the machine cannot hold, before the noise is drawn: the arrays the loop holds
+        whole, plus the largest block's key/value cache for one batch (clips: every frame the deep
+        block attends to, so long clips grow it)."""
+        H, W = latent_size
+        arrays = array_bytes(images, frames, (H, W), self.channels, self.factor)
+        rows = min(images, self.images_per_batch(guidance)) * (2 if guidance > 0 else 1)
+        tokens = rows * (frames or 1) * (H // self.multiple_of) * (W // self.multiple_of)
+        what = counted(images, "clip" if frames else "image")
+        if frames:
+            what += f" of {frames} frames"
+        check_fits(arrays + tokens * self.cache_bytes_per_token(), f"{what} of {H}x{W} latent pixels")
+
     def noise(self, seed: int, shape: tuple[int, ...]) -> Array:
         raise NotImplementedError
 
@@ -184,10 +203,8 @@ class ImageGenerator:
         options = sampling or self.default_sampling()
         self.check(prompts, num_images, seed, options, denoise, frames)
         H, W = latent_size or self.latent_size()
+        self.check_memory(len(prompts) * num_images, frames, (H, W), options.guidance)
         per_image = [p for p in prompts for _ in range(num_images)]
-        needed = array_bytes(len(per_image), frames, (H, W), self.channels, self.factor)
-        what = counted(len(per_image), "clip" if frames else "image")
-        check_fits(needed, f"{what} of {H}x{W} latent pixels")
         clip = () if frames is None else (frames,)
         noise = self.noise(seed, (len(per_image), *clip, self.channels, H, W))
         xp = array_namespace(noise)

@@ -95,6 +95,10 @@ class ReferenceGenerator(ImageGenerator):
     def images_per_batch(self, guidance: float) -> int:
         return self.batch_size or 2**31
 
+    def cache_bytes_per_token(self) -> int:
+        blocks = self.model.sampling_blocks()
+        return max((4 * 2 * len(b.attn_blocks) * b.num_kv_heads * b.head_dim for b in blocks), default=0)
+
     def noise(self, seed: int, shape: tuple[int, ...]) -> Tensor:
         return torch.from_numpy(make_noise(seed, shape)).to(self.device)
 
