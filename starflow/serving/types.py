@@ -94,6 +94,8 @@ class ModelInfo(BaseModel):
     samplers: list[str]  # "official" and the export's calibrated presets
     default_guidance: float
     images_per_call: int  # the most images one sampler call holds (without guidance)
+    channels: int  # latent channels
+    pixel_space: bool  # the decoder is the identity: images are latents (/v1/likelihood takes images)
 
 
 @dataclasses.dataclass
@@ -109,3 +111,5 @@ class Served:
     batch_images: int  # images in the shared call
     block_calls: int  # flow block calls of the sampler calls that held these images
     seconds: dict[str, float]  # text, flow, denoise, decode, total of the shared call
+    # where it ran, for the response headers X-Starflow-<Key> (a Ray replica sets "node", "replica")
+    served_by: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -61,6 +61,7 @@ class ModelWorker:
             frames=(video.frames.min, video.frames.max) if video else None, fps=g.fps if video else None,
             samplers=[OFFICIAL, *manifest.sampling_presets],
             default_guidance=manifest.guidance.default_weight, images_per_call=g.images_per_batch(0.0),
+            channels=g.channels, pixel_space=manifest.decoder.kind == "identity",
         )  # fmt: skip
 
     def run(self, requests: list[GenerateRequest]) -> list[Served | StarflowError]:
