@@ -1,13 +1,15 @@
 """Writing images and video clips: grids, folders of PNGs, .npy arrays, GIF and MP4; atomically.
 
-Shared by `starflow generate` (runtime and PyTorch engines), `starflow demo` and training sample
-grids; numpy + Pillow only, plus imageio (the `video` extra) for MP4. `output_kind` and
-`video_output_kind` check a destination before any work is done for it.
+Shared by `starflow generate` (runtime and PyTorch engines), `starflow demo`, training sample
+grids and the server (`png_bytes`, `clip_bytes`: one image or clip in memory); numpy + Pillow
+only, plus imageio (the `video` extra) for MP4. `output_kind` and `video_output_kind` check a
+destination before any work is done for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import numbers
 import os
@@ -44,6 +46,13 @@ def to_unit_images(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((x + 1.0) / 2.0).transpose(order))
 
 
+def from_unit_images(images: np.ndarray) -> np.ndarray:
+    """`to_unit_images` undone: (N, H, W, C) in [0, 1] -> (N, C, H, W) float32 in [-1, 1]; clips
+    (N, T, H, W, C) -> (N, T, C, H, W). A pixel-space model's latents are these."""
+    order = (0, 3, 1, 2) if images.ndim == 4 else (0, 1, 4, 2, 3)
+    return np.ascontiguousarray(images.transpose(order) * 2.0 - 1.0, dtype=np.float32)
+
+
 def output_kind(path: Path) -> str:
     """'png' (grid), 'npy' or 'dir' (one PNG per image); the place must be writable, checked
     before any work by creating (and removing) a temporary file there."""
@@ -61,7 +70,7 @@ def video_output_kind(path: Path) -> str:
         "an .mp4 (H.264), a .gif, a .npy (N, T, H, W, C) uint8 array, or a folder (one PNG per frame)",
     )
     if kind == "mp4":
-        _imageio(path)
+        imageio_for_mp4(f"out {path}")
     return kind
 
 
@@ -145,6 +154,13 @@ def _picture(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(H, W, C) uint8 -> a PNG file's bytes."""
+    f = io.BytesIO()
+    _picture(pixels).save(f, format="PNG")
+    return f.getvalue()
+
+
 def _png(path: Path, pixels: np.ndarray) -> None:
     picture = _picture(pixels)
     _atomic_write(path, lambda f: picture.save(f, format="PNG"))
@@ -202,13 +218,30 @@ def write_video(clips: np.ndarray, path: Path, fps: float, columns: int | None =
     if kind == "gif":
         _atomic_write(path, lambda f: _gif(f, frames, fps))
         return [path]
-    iio = _imageio(path)
+    iio = imageio_for_mp4(f"out {path}")
     with _write_errors(path), atomic_path(path) as tmp:
-        iio.imwrite(
-            tmp, frames, is_batch=True, plugin="FFMPEG", extension=".mp4", fps=fps, codec="libx264",
-            pixelformat="yuv420p", macro_block_size=1, output_params=["-f", "mp4"],  # tmp ends in .tmp
-        )  # fmt: skip
+        _mp4(iio, tmp, frames, fps)
     return [path]
+
+
+def clip_bytes(clip: np.ndarray, kind: str, fps: float) -> bytes:
+    """One clip (T, H, W, C) uint8 as the bytes of a .gif or .mp4 (`kind`) that `write_video` would
+    write for it; mp4 needs `imageio_for_mp4`."""
+    _check_clips(clip[None], fps)
+    frames = _grid_frames(clip[None], 1)
+    if kind == "gif":
+        f = io.BytesIO()
+        _gif(f, frames, fps)
+        return f.getvalue()
+    return _mp4(imageio_for_mp4(kind), "<bytes>", frames, fps)
+
+
+def _mp4(iio: ModuleType, target: Path | str, frames: Iterator[np.ndarray], fps: float) -> bytes | None:
+    """H.264 in an MP4 container, to a file or (target "<bytes>") returned as bytes."""
+    return iio.imwrite(
+        target, frames, is_batch=True, plugin="FFMPEG", extension=".mp4", fps=fps, codec="libx264",
+        pixelformat="yuv420p", macro_block_size=1, output_params=["-f", "mp4"],  # a tmp file ends in .tmp
+    )  # fmt: skip
 
 
 def _check_clips(clips: np.ndarray, fps: float) -> None:
@@ -223,14 +256,15 @@ def _check_clips(clips: np.ndarray, fps: float) -> None:
         raise StarflowError(f"fps: expected a finite number > 0, got {fps!r}")
 
 
-def _imageio(path: Path) -> ModuleType:
-    """imageio.v3 with its ffmpeg plugin (imageio-ffmpeg ships the ffmpeg binary), imported only for .mp4."""
+def imageio_for_mp4(what: str) -> ModuleType:
+    """imageio.v3 with its ffmpeg plugin (imageio-ffmpeg ships the ffmpeg binary), imported only for
+    .mp4; missing, a one-line error naming `what` (the destination, or the server's mp4 format)."""
     try:
         import imageio.v3 as iio
         import imageio_ffmpeg  # noqa: F401  the FFMPEG plugin needs it; fail here, not mid-write
     except ImportError as err:
         raise StarflowError(
-            f"out {path}: writing .mp4 needs imageio and imageio-ffmpeg ({err.name} is missing): "
+            f"{what}: writing .mp4 needs imageio and imageio-ffmpeg ({err.name} is missing): "
             "pip install 'starflow[video]'"
         ) from None
     return iio
