@@ -66,6 +66,7 @@ log = logging.getLogger("starflow.serve")
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 300.0
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json")  # no token needed
+LOGGED = ("model", "images", "batch_requests", "batch_images")  # what a route tells the log line
 SERVED_BY_HEADER = "X-Starflow-"  # + Served.served_by's key, capitalised: X-Starflow-Node, X-Starflow-Replica
 
 
@@ -148,7 +149,7 @@ ImagesRequest = create_model(
     size=(str | None, Field(None, description='"WIDTHxHEIGHT" in pixels, or "auto": the model\'s size.')),
     response_format=(Literal["b64_json", "url"] | None, Field(None, description="b64_json only.")),
     output_format=(Literal["png", "gif"] | None, Field(None, description="png (images), gif (clips).")),
-    stream=(Literal[False] | None, None),
+    stream=(Literal[False] | None, Field(None, description="false only: one answer, no events.")),
     **{name: (str | None, Field(None, description="Accepted and ignored.")) for name in IGNORED},
     **OPTIONS,
 )  # fmt: skip
@@ -272,7 +273,8 @@ def create_app(
         limits.check(job, model.info)
         served = await answer(model.generate(job))
         request.state.images = len(served.images)
-        request.state.batch = f"{served.batch_requests} requests/{served.batch_images} images"
+        request.state.batch_requests = served.batch_requests
+        request.state.batch_images = served.batch_images
         if "queue" in served.seconds:
             request.state.queue_s = served.seconds["queue"]
         return served
@@ -293,7 +295,7 @@ def create_app(
         job = checked_request(
             prompts=[body.prompt], num_images=body.n or 1, size=_openai_size(body.size), **options
         )
-        kind = _output_format(body.output_format, job)
+        kind = _output_format(body.output_format, job.clips, ("gif",) if job.clips else ("png",))
         served = await serve(request, model, job)
         encoded = await run_in_threadpool(_encode, served.images, kind, served.fps)
         h, w = served.images.shape[-3:-1]
@@ -311,7 +313,7 @@ def create_app(
         body = _parse(ServeRequest, await request.body())
         name, model = client(body.model, request)
         job = body.generate_request()
-        kind = _output_format(body.output_format, job)
+        kind = _output_format(body.output_format, job.clips, CLIP_FORMATS if job.clips else IMAGE_FORMATS)
         served = await serve(request, model, job)
         encoded = await run_in_threadpool(_encode, served.images, kind, served.fps)
         response = GenerateResponse(
@@ -329,12 +331,7 @@ def create_app(
     async def likelihood(request: Request) -> LikelihoodResponse:
         body = _parse(LikelihoodRequest, await request.body())
         name, model = client(body.model, request)
-        latents = _latents(body, model.info)
-        longest = max((len(p) for p in body.prompts or []), default=0)
-        if longest > limits.max_prompt_chars:
-            raise StarflowError(
-                f"prompts: a prompt of {longest} characters; this server allows {limits.max_prompt_chars}"
-            )
+        latents = _latents(body, model.info)  # how many and how long: bounded by the body's size
         bits = await answer(model.bits_per_dim(latents, body.prompts))
         request.state.images = len(latents)
         return LikelihoodResponse(model=name, bits_per_dim=bits)
@@ -398,12 +395,11 @@ def _openai_size(size: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _output_format(asked: str | None, job: GenerateRequest) -> str:
-    """The output format (png for images, gif for clips by default), checked before any work."""
-    formats = CLIP_FORMATS if job.clips else IMAGE_FORMATS
+def _output_format(asked: str | None, clips: bool, formats: tuple[str, ...]) -> str:
+    """The output format (default: the first of the route's `formats`), checked before any work."""
     kind = asked or formats[0]
     if kind not in formats:
-        what = "clips" if job.clips else "images"
+        what = "clips" if clips else "images"
         raise StarflowError(
             f"output_format: {kind} is not a format for {what}; choose one of {', '.join(formats)}"
         )
@@ -529,14 +525,15 @@ class _Gate:
             413, "request_too_large", f"the body is over this server's limit of {self.max_body_bytes} bytes"
         )
         headers = Headers(scope=scope)
+        length = headers.get("content-length", "")
         try:
             if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorised(headers):
-                response = _error(
-                    401, "authentication_error", "a bearer token is required: Authorization: Bearer KEY"
+                refusal = _error(
+                    401, "authentication_error", "missing or wrong token: send Authorization: Bearer KEY"
                 )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                await response(scope, receive, sending)
-            elif int(headers.get("content-length") or 0) > self.max_body_bytes:
+                refusal.headers["WWW-Authenticate"] = "Bearer"
+                await refusal(scope, receive, sending)
+            elif length.isdigit() and int(length) > self.max_body_bytes:
                 await too_large(scope, receive, sending)
             else:
                 await self.app(scope, receiving, sending)
@@ -550,12 +547,10 @@ class _Gate:
                     scope, receive, sending
                 )
         finally:
-            extras = " ".join(f"{key}={state[key]}" for key in ("model", "images", "batch") if key in state)
+            told = " ".join(f"{key}={state[key]}" for key in LOGGED if key in state)
             queue = f" queue={state['queue_s']:.3f}s" if "queue_s" in state else ""
-            log.info(
-                "%s %s %d %.3fs %s%s", scope["method"], scope["path"], status, time.perf_counter() - began,
-                extras, queue,
-            )  # fmt: skip
+            seconds = time.perf_counter() - began
+            log.info("%s %s %d %.3fs %s%s", scope["method"], scope["path"], status, seconds, told, queue)
 
     def _authorised(self, headers: Headers) -> bool:
         assert self.api_key is not None
