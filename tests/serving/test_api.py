@@ -22,7 +22,7 @@ from starflow.core.outputs import from_unit_images, to_uint8
 from starflow.core.request import GenerateRequest, ModelSource, request
 from starflow.runtime import Generator
 from starflow.serving.api import LocalClient, Overloaded, create_app
-from starflow.serving.types import Limits, ModelInfo, Served
+from starflow.serving.types import CLIP_FORMATS, Limits, ModelInfo, Served
 from starflow.serving.worker import ModelWorker
 
 KEY = "sk-test"
@@ -292,3 +292,49 @@ def test_one_log_line_per_request(client: TestClient, caplog: pytest.LogCaptureF
 def test_a_refused_request_is_a_starflow_error_from_the_local_client(worker: ModelWorker) -> None:
     with pytest.raises(StarflowError, match="frames: 3 asked of an image model"):
         asyncio.run(LocalClient(worker).generate(request(prompts=["1"], frames=3)))
+
+
+# ---- clips --------------------------------------------------------------------------------------------
+CLIP = {
+    "prompts": ["8"],
+    "frames": 3,
+    "seed": 4,
+    "jacobi_max_iter": 2,
+}  # cheap: clips are checked, not judged
+
+
+@pytest.fixture(scope="module")
+def clips(demo_video_export: Path) -> tuple[TestClient, ModelWorker, Served]:
+    worker = ModelWorker("digits-video", Generator.load(demo_video_export, threads=1))
+    (served,) = worker.run([request(**CLIP)])
+    assert isinstance(served, Served)
+    return TestClient(create_app({"digits-video": LocalClient(worker)})), worker, served
+
+
+def test_clips_in_every_format(clips: tuple[TestClient, ModelWorker, Served]) -> None:
+    client, _, served = clips
+    answers = {
+        kind: client.post("/v1/generate", json=CLIP | {"output_format": kind}) for kind in CLIP_FORMATS
+    }
+    assert all(a.status_code == 200 for a in answers.values()), {k: a.text for k, a in answers.items()}
+    (array,) = answers["npy"].json()["images"]
+    np.testing.assert_array_equal(npy(array), served.images[0])
+    (frames,) = answers["png"].json()["images"]
+    np.testing.assert_array_equal(np.stack([png_pixels(f) for f in frames]), to_uint8(served.images[0]))
+    gif = Image.open(io.BytesIO(base64.b64decode(answers["gif"].json()["images"][0])))
+    assert gif.n_frames == 3 and gif.info["duration"] == 10 * round(100 / served.fps)
+    assert base64.b64decode(answers["mp4"].json()["images"][0])[4:8] == b"ftyp"
+    assert answers["gif"].json()["fps"] == served.fps and answers["gif"].json()["frames"] == 3
+    openai_gif = client.post(
+        "/v1/images/generations", json={"prompt": "8", "frames": 3, "seed": 4, "jacobi_max_iter": 2}
+    )
+    assert openai_gif.json()["output_format"] == "gif"
+    assert openai_gif.json()["data"][0]["b64_json"] == answers["gif"].json()["images"][0]
+
+
+def test_likelihood_of_clips(clips: tuple[TestClient, ModelWorker, Served]) -> None:
+    client, worker, served = clips
+    answer = client.post("/v1/likelihood", json={"images": b64_npy(served.images), "prompts": ["8"]})
+    expected = worker.generator.bits_per_dim(from_unit_images(served.images), ["8"])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["bits_per_dim"] == expected.tolist()
