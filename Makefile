@@ -10,7 +10,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,onnx,components,dev,tensorrt-rtx,video]'
+	$(BIN)/pip install -q -e '.[torch,onnx,components,dev,tensorrt-rtx,video,serve]'
 	touch $@
 
 demo: venv

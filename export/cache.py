@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 
 def demo_artifacts(progress=None, video: bool = False) -> Path:
     """An embedded model's fp32 sampling export: step/prefill graphs, label-table text encoder,
-    denoise graph (no density graphs: sampling does not use them), and the digits model's
+    denoise graph, density graphs (the likelihood a server reports), and the digits model's
     calibrated sampling presets; `video`: the moving-digits model's."""
     return demo_export(progress, video)[0]
 
@@ -47,7 +47,7 @@ def demo_export(progress=None, video: bool = False) -> tuple[Path, bool]:
     key = f"{name}-{sha256(checkpoint)[:12]}-presets{presets}-schema{SCHEMA_VERSION}"
     options = {
         "precisions": ("fp32",),
-        "density": False,
+        "density": True,
         "sampling_presets": load_presets(DIGITS_PRESETS) if calibrated else {},
     }
     return cached_export(cache_folder("demo") / key, checkpoint, options, progress)

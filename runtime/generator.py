@@ -15,7 +15,7 @@ from starflow.contract.manifest import Manifest, inside
 from starflow.core.errors import StarflowError
 from starflow.core.generation import ImageGenerator, make_noise
 from starflow.core.outputs import DEFAULT_FPS
-from starflow.core.sampler import SampleOptions
+from starflow.core.sampler import SampleOptions, nll_per_sample, to_bits_per_dim
 from starflow.runtime.backends import OrtRunner
 from starflow.runtime.components import DecoderRunner, DenoiserRunner, LearnedDenoiserRunner
 from starflow.runtime.pipeline import Pipeline
@@ -115,6 +115,10 @@ class Generator(ImageGenerator):
     def noise(self, seed: int, shape: tuple[int, ...]) -> np.ndarray:
         return make_noise(seed, shape)
 
+    def check_texts(self, texts: list[str]) -> None:
+        if self.text is not None:
+            self.text.check_known(texts)
+
     def encode(self, prompts: list[str]) -> np.ndarray | None:
         return None if self.text is None else self.text.encode(prompts)
 
@@ -133,3 +137,21 @@ class Generator(ImageGenerator):
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self.decoder.decode(latent) if self.decoder else latent
+
+    def bits_per_dim(self, latents: np.ndarray, prompts: list[str] | None = None) -> np.ndarray:
+        """Each latent's (clip's) exact negative log-likelihood under the flow, in bits per latent
+        dimension (`StarFlow.nll`'s per sample), given its prompt (text models: one per latent)."""
+        if self.text_conditioned and (prompts is None or len(prompts) != len(latents)):
+            got = "none" if prompts is None else len(prompts)
+            raise StarflowError(
+                f"prompts: this model reads text; give one per latent ({len(latents)}), got {got}"
+            )
+        if not self.text_conditioned and prompts and any(prompts):
+            raise StarflowError("prompts: this model is unconditional: give no prompt text")
+        step, bits = self.images_per_batch(0.0), []
+        for first in range(0, len(latents), step):
+            x = np.ascontiguousarray(latents[first : first + step], dtype=np.float32)
+            y = self.encode(prompts[first : first + step]) if self.text_conditioned else None
+            z, logdets = self.pipeline.forward(x, y)
+            bits.append(to_bits_per_dim(nll_per_sample(z, logdets)))
+        return np.concatenate(bits)

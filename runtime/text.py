@@ -79,8 +79,8 @@ class TextEncoderRunner:
         )
         self._tokenizer.enable_truncation(max_length=self.token_length, direction=cut_side)
 
-    def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask), both int64 (B, token_length); warns when it truncates."""
+    def check_known(self, prompts: list[str]) -> None:
+        """A label-table model knows only its classes' prompts (and "")."""
         check_prompt_list(prompts)
         if self.classes is not None:
             for prompt in prompts:
@@ -88,6 +88,10 @@ class TextEncoderRunner:
                     raise StarflowError(
                         f"prompt {prompt!r}: this model knows the prompts {list(self.classes)}"
                     )
+
+    def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), both int64 (B, token_length); warns when it truncates."""
+        self.check_known(prompts)
         warn_truncated([len(e.ids) for e in self._untruncated.encode_batch(prompts)], self.token_length)
         encodings = self._tokenizer.encode_batch(prompts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)

@@ -42,8 +42,10 @@ def fixture_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Exports made on demand (the demo model's) go to a session folder, not ~/.cache."""
-    cache = tmp_path_factory.mktemp("starflow-cache")
+    """Exports made on demand (the demo model's) go to a session folder, not ~/.cache; a local run
+    may keep them across sessions in STARFLOW_TEST_CACHE (CI leaves it unset)."""
+    kept = os.environ.get("STARFLOW_TEST_CACHE")
+    cache = Path(kept) if kept else tmp_path_factory.mktemp("starflow-cache")
     previous = os.environ.get("STARFLOW_CACHE")
     os.environ["STARFLOW_CACHE"] = str(cache)
     yield cache
@@ -59,6 +61,14 @@ def demo_export(isolated_cache: Path) -> Path:
     from starflow.export.cache import demo_artifacts
 
     return demo_artifacts()
+
+
+@pytest.fixture(scope="session")
+def demo_video_export(isolated_cache: Path) -> Path:
+    """The embedded moving-digits model's export, made once per session like `demo_export`."""
+    from starflow.export.cache import demo_artifacts
+
+    return demo_artifacts(video=True)
 
 
 @pytest.fixture(scope="session")

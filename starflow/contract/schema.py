@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema
 
 from starflow.contract.manifest import CONTRACT, MANIFEST_NAME, RECORD, RECORD_NAME
-from starflow.core.sampler import JACOBI_INITS, METHODS
+from starflow.core.sampler import JACOBI_INITS, METHODS, STOP_RULES
 
 HERE = Path(__file__).resolve().parent
 DOCUMENTS: dict[str, tuple[TypeAdapter, str]] = {
@@ -40,6 +40,7 @@ SAMPLER_RULES: dict[str, dict[str, dict[str, Any]]] = {
     "SampleOptions": {
         "guidance": {"minimum": 0},
         "method": {"enum": list(METHODS)},
+        "stop": {"enum": list(STOP_RULES)},
         "window": {"minimum": 1},
         "context": {"minimum": 1},
     },

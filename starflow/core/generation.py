@@ -1,7 +1,10 @@
 """The prompts-to-images loop, written once (against the array API, like the sampler).
 
-`ImageGenerator.generate` draws the noise, encodes the prompts, samples in batches of the
-engine's size, denoises and decodes, timing each stage. An engine supplies the stages:
+`ImageGenerator.generate_many` draws the noise, encodes the prompts, samples in batches of the
+engine's size, denoises and decodes, timing each stage, for several jobs at once: each job's
+noise comes from its own seed, so with the per-row Jacobi stop test (`SampleOptions(stop="row")`)
+a job's images are the same alone or sharing the batch with others (what a server needs).
+`generate` is the one-job case. An engine supplies the stages:
 `starflow.runtime.Generator` runs the graphs of an export, `starflow.model.reference.
 ReferenceGenerator` the PyTorch modules. The noise is numpy's PCG64 (`make_noise`) for both, so
 they give the same images for the same seed. Torch-free and backend-free.
@@ -35,13 +38,30 @@ def make_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """`num_images` images (clips) of each prompt from the noise of `seed`; the unconditional
+    text of guidance is `negative_prompt` or ""."""
+
+    prompts: list[str]
+    num_images: int = 1
+    seed: int = 0
+    negative_prompt: str | None = None
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.num_images
+
+
 @dataclasses.dataclass
 class Generation:
     images: np.ndarray  # (N, H, W, C) float32 in [0, 1]; clips (N, T, H, W, C)
     latents: np.ndarray  # (N, C, h, w) (clips: (N, T, C, h, w)) sampled and denoised, before decoding
     prompts: list[str]  # the prompt of each image
-    stats: list[BlockStats]  # per batch, per block in sampling order
-    seconds: dict[str, float]  # text, flow, denoise, decode, total
+    stats: list[BlockStats]  # per sampler call that held these images, per block in sampling order
+    seconds: dict[str, float]  # text, flow, denoise, decode, total (of the whole `generate_many` call)
+    iterations: list[int]  # Jacobi iterations (sequential: tokens) each image ran, over every block
+    batch_images: int  # images in the `generate_many` call these came from
 
     def summary(self) -> str:
         """The timing line: images per second (or seconds per image) and where the time went."""
@@ -152,6 +172,9 @@ class ImageGenerator:
             what += f" of {frames} frames"
         check_fits(arrays + tokens * self.cache_bytes_per_token(), f"{what} of {H}x{W} latent pixels")
 
+    def check_texts(self, texts: list[str]) -> None:
+        """Prompts the text encoder cannot take (a label table's unknown ones), before any work."""
+
     def noise(self, seed: int, shape: tuple[int, ...]) -> Array:
         raise NotImplementedError
 
@@ -200,14 +223,43 @@ class ImageGenerator:
 
         With `check_finite`, NaN or inf anywhere in the result ends with a StarflowError.
         """
+        job = Job(prompts, num_images, seed, negative_prompt)
+        return self.generate_many(
+            [job], latent_size=latent_size, sampling=sampling, denoise=denoise, progress=progress,
+            check_finite=check_finite, frames=frames,
+        )[0]  # fmt: skip
+
+    def generate_many(
+        self,
+        jobs: list[Job],
+        *,
+        latent_size: tuple[int, int] | None = None,
+        sampling: SampleOptions | None = None,
+        denoise: bool = True,
+        progress: Progress[int] | None = None,
+        check_finite: bool = False,
+        frames: int | None = None,
+    ) -> list[Generation]:
+        """Several jobs with the same settings in shared sampler calls, a `Generation` each.
+
+        Each job's noise is drawn from its own seed, as if it ran alone; with `sampling.stop`
+        "row" its images are then the same as alone (the "batch" rule couples the rows of a call).
+        With `check_finite`, NaN or inf anywhere in the result ends with a StarflowError.
+        """
         options = sampling or self.default_sampling()
-        self.check(prompts, num_images, seed, options, denoise, frames)
+        if not jobs:
+            raise StarflowError("jobs: pass at least one")
+        for job in jobs:
+            self.check(job.prompts, job.num_images, job.seed, options, denoise, frames)
+            self.check_texts([*job.prompts, job.negative_prompt or ""])
         H, W = latent_size or self.latent_size()
-        self.check_memory(len(prompts) * num_images, frames, (H, W), options.guidance)
-        per_image = [p for p in prompts for _ in range(num_images)]
+        total = sum(job.images for job in jobs)
+        self.check_memory(total, frames, (H, W), options.guidance)
         clip = () if frames is None else (frames,)
-        noise = self.noise(seed, (len(per_image), *clip, self.channels, H, W))
-        xp = array_namespace(noise)
+        per_image = [p for job in jobs for p in job.prompts for _ in range(job.num_images)]
+        noise = [self.noise(job.seed, (job.images, *clip, self.channels, H, W)) for job in jobs]
+        xp = array_namespace(noise[0])
+        noise = xp.concat(noise)
         seconds = dict.fromkeys(("text", "flow", "denoise", "decode"), 0.0)
         began = time.perf_counter()
 
@@ -220,15 +272,22 @@ class ImageGenerator:
         y = timed("text", self.encode, per_image)
         y_uncond = None
         if options.guidance > 0:
-            y_uncond = xp.broadcast_to(timed("text", self.encode, [negative_prompt or ""]), y.shape)
-        latents, stats = [], []
+            negatives = [job.negative_prompt or "" for job in jobs]
+            unique = sorted(set(negatives))
+            encoded = timed("text", self.encode, unique)
+            y_uncond = xp.concat(
+                [xp.broadcast_to(encoded[unique.index(n) : unique.index(n) + 1], (job.images, *y.shape[1:]))
+                 for n, job in zip(negatives, jobs, strict=True)]
+            )  # fmt: skip
+        latents, calls, iterations = [], [], []
         step = self.images_per_batch(options.guidance)
-        for first in range(0, len(per_image), step):
+        for first in range(0, total, step):
             part = slice(first, first + step)
             cond = None if y is None else y[part]
             uncond = None if y_uncond is None else y_uncond[part]
             x, block_stats = timed("flow", self.sample, noise[part], cond, uncond, options, progress)
-            stats += block_stats
+            calls.append((first, first + x.shape[0], block_stats))
+            iterations += [sum(b.iterations_of(i) for b in block_stats) for i in range(x.shape[0])]
             latents.append(timed("denoise", self.denoise, x, cond) if denoise else x)
         latent = xp.concat(latents)
         image = timed("decode", self.decode, latent)
@@ -239,7 +298,19 @@ class ImageGenerator:
                 "the sampled latents or images contain NaN or inf: the model overflowed on these inputs "
                 "(nothing was written)"
             )
-        return Generation(to_unit_images(images), latents, per_image, stats, seconds)
+        images = to_unit_images(images)
+        results, first = [], 0
+        for job in jobs:
+            last = first + job.images
+            stats = [b for lo, hi, block_stats in calls if lo < last and first < hi for b in block_stats]
+            results.append(
+                Generation(
+                    images[first:last], latents[first:last], per_image[first:last], stats, seconds,
+                    iterations[first:last], total,
+                )
+            )  # fmt: skip
+            first = last
+        return results
 
 
 def check_request(prompts: list[str], num_images: int, seed: int) -> None:

@@ -60,6 +60,9 @@ class GenerateRequest(BaseModel):
     jacobi_block_size: Count | None = None
     jacobi_max_iter: Count | None = None
     jacobi_threshold: Annotated[Finite, Field(ge=0)] | None = None
+    jacobi_stop: Literal["batch", "row"] | None = Field(
+        None, description='Stop test: "batch" (official, default) or "row" (each image alone; servers).'
+    )
     denoise: bool = Field(True, description="The self-denoise step after the flow.")
     precision: Literal["fp32", "fp16"] | None = Field(None, description=f"runtime; {DEFAULT_PRECISION}.")
     backend: Literal["onnxruntime", "tensorrt"] | None = Field(
@@ -126,6 +129,7 @@ class GenerateRequest(BaseModel):
         sampling = with_overrides(
             generator.sampling(self.sampler), guidance=self.guidance, method=self.method,
             block_size=self.jacobi_block_size, max_iter=self.jacobi_max_iter, threshold=self.jacobi_threshold,
+            stop=self.jacobi_stop,
         )  # fmt: skip
         sampling.check()
         generator.check_frames(self.frames)

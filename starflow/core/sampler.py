@@ -33,6 +33,11 @@ METHODS = ("jacobi", "sequential")
 # First guess of a Jacobi chunk. "noise": the chunk's input z (the reference). "chunk-mean": z
 # through the previous chunk's mean affine map, x = mean(mu) + mean(sigma) * z, per row and channel.
 JACOBI_INITS = ("noise", "chunk-mean")
+# When a Jacobi chunk stops. "batch" (the official rule): one test over every row of the batch, so
+# a row's result depends on what shares its batch. "row": each row stops on its own test and then
+# holds still while the others iterate, so a row's result is the same alone or in any batch (what
+# a server batching unrelated requests needs).
+STOP_RULES = ("batch", "row")
 What = TypeVar("What")
 # progress(what, done, in all): the sampler reports (block index, tokens done, tokens in the block),
 # an export (what is being done, steps done, steps in all): `Progress[int]`, `Progress[str]`
@@ -75,10 +80,13 @@ class SampleOptions:
     # when they are full the last `context` frames are re-encoded into a fresh cache
     window: int | None = None  # None: the model's `local_attn_window` (None there: no limit)
     context: int | None = None  # None: window - 1
+    stop: str = "batch"  # the Jacobi stop test: see STOP_RULES
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise StarflowError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
+        if self.stop not in STOP_RULES:
+            raise StarflowError(f"stop: expected one of {list(STOP_RULES)}, got {self.stop!r}")
         if (
             not isinstance(self.guidance, int | float)
             or not math.isfinite(self.guidance)
@@ -108,13 +116,13 @@ class SampleOptions:
 
 
 def with_overrides(defaults: SampleOptions, **given: Any) -> SampleOptions:
-    """`defaults` with every setting that is not None replaced: guidance, method, the clip
+    """`defaults` with every setting that is not None replaced: guidance, method, stop, the clip
     settings warm_start, window, context, and the Jacobi settings block_size, max_iter,
     threshold, init (applied to `jacobi`).
 
     Options a user left unset keep the model's defaults (the manifest's, or the checkpoint's cfg).
     """
-    top_level = ("guidance", "method", "warm_start", "window", "context")
+    top_level = ("guidance", "method", "warm_start", "window", "context", "stop")
     unknown = set(given) - set(top_level) - {f.name for f in dataclasses.fields(JacobiSettings)}
     if unknown:
         raise StarflowError(f"unknown sampling setting(s) {sorted(unknown)}")
@@ -130,6 +138,8 @@ class BlockStats:
     block: int  # index in forward order (the deep block is the last)
     method: str
     iterations: list[int] = dataclasses.field(default_factory=list)  # per chunk; all 1 for sequential
+    # per chunk, the iterations each image's rows ran (the "row" stop rule lets them differ)
+    image_iterations: list[list[int]] = dataclasses.field(default_factory=list)
     evaluations: int = 0  # transformer calls over image tokens (the text prefill not counted)
     tokens: int = 0  # image tokens those calls processed, summed over rows ([cond ; uncond])
     seconds: float = 0.0
@@ -141,6 +151,10 @@ class BlockStats:
     @property
     def mean_iterations(self) -> float:
         return sum(self.iterations) / max(len(self.iterations), 1)
+
+    def iterations_of(self, image: int) -> int:
+        """The iterations image `image` (its index in the sampled batch) ran, over every chunk."""
+        return sum(chunk[image] for chunk in self.image_iterations)
 
 
 # ---- what a flow block must offer ------------------------------------------------------------------
@@ -313,6 +327,7 @@ def solve_sequential(
             mu, sigma = guide(mu, sigma, guidance)
         x[:, t] = z[:, t] * sigma[:, 0] + mu[:, 0]
         stats.iterations.append(1)
+        stats.image_iterations.append([1] * rows)
         stats.evaluations += 1
         stats.tokens += rows
         report(t + 1, T)
@@ -342,12 +357,16 @@ def solve_jacobi(
     report: Callable[[int, int], None],
     agree: Callable[[bool], bool] | None = None,
     frames: Frames | None = None,
+    stop: str = "batch",
 ) -> Array:
     """Block-wise Jacobi (the official `jacobi`): iterate each chunk to a fixed point.
 
     The noise is the first guess (or the chunk-mean map). Each iteration rewrites the chunk's
     cache entries, so the cache ends one iterate behind the returned values, exactly as in the
     official code. `agree(done)` makes every rank of a distributed run stop together.
+    With `stop="row"` each row stops on its own test: a stopped row keeps its values and is fed
+    the inputs of its last iteration again, so its cache entries stay those of that iteration,
+    as if it had stopped alone.
     Over the frames of a clip (the official video rules): chunks after the first frame are
     LATER_CHUNK_FACTOR times longer, their first iteration reads the inputs one frame earlier
     (`warm_start`), and past `window` frames the cache restarts from the last `context` frames,
@@ -362,6 +381,7 @@ def solve_jacobi(
     x_full = xp.concat([xp.broadcast_to(sos, (rows, 1, D)), z], axis=1)  # input position t: x_{t-1}
     window = T if frames.window is None else min(T, frames.window * F)
     start, end, previous_map = 0, window, None  # previous_map: the last (mu, sigma) of the previous chunk
+    by_row = stop == "row"
     while True:
         while start < end:
             c = min(settings.block_size * (1 if start <= F else LATER_CHUNK_FACTOR), end - start)
@@ -373,22 +393,39 @@ def solve_jacobi(
                     xp.mean(sigma, axis=1, keepdims=True),
                 )
                 x_full[:, start + 1 : start + 1 + c] = mean_mu + mean_sigma * target
+            stopped = xp.zeros((rows, 1, 1), dtype=xp.bool, device=device(z))  # "row": rows done
+            ran = xp.zeros((rows,), dtype=xp.int64, device=device(z))  # iterations per row
+            held = None  # "row": the inputs of the last iteration
             for i in range(settings.max_iter):
                 warm = i == 0 and frames.warm_start and start > F
                 first = start - F if warm else start
-                mu, sigma = step(x_full[:, first : first + c], start)
+                inputs = x_full[:, first : first + c]
+                if by_row:  # a stopped row sees its last inputs again: its cache entries stay
+                    inputs = (
+                        xp.asarray(inputs, copy=True) if held is None else xp.where(stopped, held, inputs)
+                    )
+                    held = inputs
+                mu, sigma = step(inputs, start)
                 if guidance > 0:
                     mu, sigma = guide(mu, sigma, guidance)
                 new = mu + sigma * target
                 old = x_full[:, start + 1 : start + 1 + c]
-                diff = xp.mean(xp.square(new - old)) / xp.mean(xp.square(new))
+                ran = ran + xp.astype(~stopped[:, 0, 0], xp.int64)
+                if by_row:
+                    diff = xp.mean(xp.square(new - old), axis=(1, 2)) / xp.mean(xp.square(new), axis=(1, 2))
+                    new = xp.where(stopped, old, new)
+                    stopped = stopped | (diff < settings.threshold)[:, None, None]
+                    done = bool(xp.all(stopped)) or i == settings.max_iter - 1
+                else:
+                    diff = xp.mean(xp.square(new - old)) / xp.mean(xp.square(new))
+                    done = bool(diff < settings.threshold) or i == settings.max_iter - 1
                 x_full[:, start + 1 : start + 1 + c] = new
                 stats.evaluations += 1
                 stats.tokens += rows * c
-                done = bool(diff < settings.threshold) or i == settings.max_iter - 1
                 if agree(done) if agree else done:
                     break
             stats.iterations.append(i + 1)
+            stats.image_iterations.append([int(n) for n in ran])
             previous_map = mu, sigma
             start += c
             report(start, T)
@@ -455,13 +492,29 @@ def sample(
             x = solve_sequential(step, z, block.sos, guidance, record, report)
         else:
             settings = options.jacobi_for(block.deep)
-            x = solve_jacobi(step, z, block.sos, guidance, settings, record, report, agree, frames)
+            x = solve_jacobi(
+                step, z, block.sos, guidance, settings, record, report, agree, frames, options.stop
+            )
+        record.image_iterations = [
+            per_image(chunk, B, n_frames if local else 1) for chunk in record.image_iterations
+        ]
         x = permute(x, block.flip, block.flip_in_frame, seq_frames)
         x = xp.reshape(x, (rows, n_frames * F, x.shape[2])) if local else x
         x = x[:B]
         record.seconds = time.perf_counter() - began
         stats.append(record)
     return unpatchify(x, patch_size, *grid, n_frames if clip else None), stats
+
+
+def per_image(row_counts: list[int], images: int, rows_per_sequence: int) -> list[int]:
+    """A block's per-row counts -> per image: the most over the image's rows, which are its
+    guidance twin (`[cond ; uncond]`, image-major halves) and, in a frame-local block, the
+    `rows_per_sequence` consecutive rows of its frames."""
+    by_image = [0] * images
+    for row, n in enumerate(row_counts):
+        image = (row // rows_per_sequence) % images
+        by_image[image] = max(by_image[image], n)
+    return by_image
 
 
 def density(
@@ -493,6 +546,22 @@ def density(
         logdets.append(xp.reshape(logdet, (B, n_frames, h * w, logdet.shape[2])) if local else logdet)
         outputs.append(seq)
     return unpatchify(seq, patch_size, h, w, n_frames if clip else None), logdets, outputs
+
+
+def nll_per_sample(z: Array, logdets: Sequence[Array]) -> Array:
+    """The official training loss of each sample: 0.5 * mean(z^2) - sum over blocks of mean(logdet)
+    (means over every dimension but the batch): its negative log-likelihood per latent dimension,
+    in nats, less the Gaussian's constant."""
+    xp = array_namespace(z)
+    loss = 0.5 * xp.mean(xp.reshape(xp.square(z), (z.shape[0], -1)), axis=1)
+    for logdet in logdets:
+        loss = loss - xp.mean(xp.reshape(logdet, (logdet.shape[0], -1)), axis=1)
+    return loss
+
+
+def to_bits_per_dim(nll: Array) -> Array:
+    """`nll_per_sample` -> the Gaussian negative log-likelihood per latent dimension, in bits."""
+    return (nll + 0.5 * math.log(2 * math.pi)) / math.log(2)
 
 
 def denoise_windows(

@@ -17,7 +17,6 @@ top to bottom, and the step the exporter depends on stays beside the layers it r
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -558,14 +557,11 @@ class StarFlow(nn.Module):
     @staticmethod
     def loss(out: FlowOutput) -> Tensor:
         """The official loss: mean over batch of 0.5*mean(z^2) - sum over blocks of mean(logdet)."""
-        z = out.z
-        loss_z = 0.5 * z.pow(2).mean(dim=tuple(range(1, z.dim())))
-        loss_logdet = -sum(ld.mean(dim=tuple(range(1, ld.dim()))) for ld in out.logdets)
-        return (loss_z + loss_logdet).mean()
+        return sampler.nll_per_sample(out.z, out.logdets).mean()
 
     def nll(self, x: Tensor, y: Tensor | None = None) -> NLL:
         loss = self.loss(self(x, y))
-        return NLL(loss, (loss + 0.5 * math.log(2 * math.pi)) / math.log(2))
+        return NLL(loss, sampler.to_bits_per_dim(loss))
 
     def denoise(self, x: Tensor, y: Tensor | None, noise_std: float, window: int | None = None) -> Tensor:
         """The official denoising step after sampling: the learned denoiser when the model has

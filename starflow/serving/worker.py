@@ -112,6 +112,7 @@ class ModelWorker:
         resolved = req.resolve(self.generator)
         sampling = dataclasses.replace(resolved.sampling, stop=SERVED_STOP)
         self.generator.check(req.prompts, req.num_images, req.seed, sampling, req.denoise, req.frames)
+        self.generator.check_texts([*req.prompts, req.negative_prompt or ""])
         return sampling, resolved.latent_size, resolved.fps
 
     def bits_per_dim(self, latents: np.ndarray, prompts: list[str] | None) -> list[float]:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from starflow.core.checks import check_count
 from starflow.core.config import StarFlowConfig, load_config
 from starflow.core.errors import StarflowError
+from starflow.core.sampler import to_bits_per_dim
 from starflow.model.checkpoint import SafeCheckpointReader, read_checkpoint_metadata
 from starflow.model.flow import FlowBlock, StarFlow
 from starflow.model.label_encoder import LabelEncoder
@@ -351,7 +352,7 @@ class Trainer:
         dist.all_reduce(stats)  # a sum: gloo has no AVG
         nll_mean, loss_mean = (stats / self.world).tolist()
         self.step += 1
-        bpd = (nll_mean + 0.5 * math.log(2 * math.pi)) / math.log(2)
+        bpd = to_bits_per_dim(nll_mean)
         return dict(
             step=self.step, loss=loss_mean, nll=nll_mean, bits_per_dim=bpd, lr=lr,
             grad_norm=float(norm), skipped=not finite,
