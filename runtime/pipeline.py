@@ -120,28 +120,31 @@ class Pipeline:
             )
         return cls(directory, manifest, blocks, precision)
 
-    def check_inputs(self, noise: Any, y: Any, y_uncond: Any, options: SampleOptions) -> tuple[int, int]:
-        """`sampler.check_sample_inputs`, then float32 and this export's latent, frame and batch ranges."""
+    def check_inputs(
+        self, noise: Any, y: Any, y_uncond: Any, options: SampleOptions, name: str = "noise"
+    ) -> tuple[int, int]:
+        """`sampler.check_sample_inputs`, then float32 and this export's latent, frame and batch
+        ranges; errors call the first array `name`."""
         manifest = self.manifest
         latent, text, video = manifest.latent, manifest.text, manifest.video
         grid = sampler.check_sample_inputs(
             noise, y, y_uncond, options, channels=latent.channels, patch_size=latent.patch_size,
             text_dim=text.dim if text else 0, max_text_length=text.max_length if text else None,
-            video=video is not None,
+            video=video is not None, name=name,
         )  # fmt: skip
-        arrays = {"noise": noise, "y": y, "y_uncond": y_uncond if options.guidance > 0 else None}
+        arrays = {name: noise, "y": y, "y_uncond": y_uncond if options.guidance > 0 else None}
         for name, array in arrays.items():
             if array is not None:
                 check_float32(array, name)
         B, H, W = noise.shape[0], *noise.shape[-2:]
         if not latent.holds(H, W):
             raise StarflowError(
-                f"noise: latent {H}x{W} is outside this export's range {latent.describe_range()} "
+                f"{name}: latent {H}x{W} is outside this export's range {latent.describe_range()} "
                 "(re-export with min_latent/max_latent to cover it)"
             )
         if video is not None and noise.ndim != 5:
             raise StarflowError(
-                f"noise: this is a video export; pass clips (B, F, C, H, W) of {video.frames.min} .. "
+                f"{name}: this is a video export; pass clips (B, F, C, H, W) of {video.frames.min} .. "
                 f"{video.frames.max} frames, got shape {noise.shape}"
             )
         frames = noise.shape[1] if noise.ndim == 5 else 1  # an image export took no clip above
@@ -151,7 +154,7 @@ class Pipeline:
             rows = max(rows, B * frames)
         if rows > manifest.max_rows:
             raise StarflowError(
-                f"noise: batch {B} of {frames} frame(s) runs as {rows} graph rows (guidance doubles the "
+                f"{name}: batch {B} of {frames} frame(s) runs as {rows} graph rows (guidance doubles the "
                 "batch, frame-local blocks take a row per frame); this export allows "
                 f"1 .. {manifest.max_rows} rows"
             )
@@ -175,7 +178,7 @@ class Pipeline:
     def forward(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Latent x (B, C, H, W) or clip (B, F, C, H, W) -> z (same shape) and the logdets of the
         blocks in forward order: `StarFlow.forward`'s loop (`starflow.core.sampler.density`)."""
-        self.check_inputs(x, y, None, SampleOptions())
+        self.check_inputs(x, y, None, SampleOptions(), name="latents")
         p = self.manifest.latent.patch_size
         z, logdets, _ = sampler.density(self.blocks[::-1], x, y, patch_size=p)
         return z, logdets

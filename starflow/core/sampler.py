@@ -269,14 +269,16 @@ def check_sample_inputs(
     text_dim: int,
     max_text_length: int | None = None,
     video: bool = False,
+    name: str = "noise",
 ) -> tuple[int, int]:
-    """Everything a caller of `sample` can get wrong, before any work; returns the grid (h, w)."""
+    """Everything a caller of `sample` can get wrong, before any work; returns the grid (h, w).
+    Errors call the first array `name` (the density direction's is latents)."""
     options.check()
-    grid = check_latent(noise, channels, patch_size, "noise", (4, 5) if video else (4,))
+    grid = check_latent(noise, channels, patch_size, name, (4, 5) if video else (4,))
     frames = noise.shape[1] if len(noise.shape) == 5 else 1
     if options.method == "sequential" and options.window is not None and frames > options.window:
         raise StarflowError(
-            f"noise: {frames} frames roll past the {options.window}-frame window, which needs "
+            f"{name}: {frames} frames roll past the {options.window}-frame window, which needs "
             "method='jacobi' (the official rolling generation is Jacobi's)"
         )
     check_text(y, noise.shape[0], text_dim, max_text_length, "y")
@@ -288,9 +290,9 @@ def check_sample_inputs(
         if tuple(y_uncond.shape) != tuple(y.shape):
             raise StarflowError(f"y_uncond: expected shape {shape_of(y)} (as y), got {shape_of(y_uncond)}")
     xp = array_namespace(noise)
-    for name, array in (("noise", noise), ("y", y), ("y_uncond", y_uncond if options.guidance > 0 else None)):
+    for what, array in ((name, noise), ("y", y), ("y_uncond", y_uncond if options.guidance > 0 else None)):
         if array is not None and not bool(xp.all(xp.isfinite(array))):
-            raise StarflowError(f"{name}: contains NaN or inf values; the sample would be NaN")
+            raise StarflowError(f"{what}: contains NaN or inf values; the result would be NaN")
     return grid
 
 

@@ -119,16 +119,6 @@ class ModelWorker:
         """Each latent's exact negative log-likelihood under the flow, in bits per dimension."""
         return [float(b) for b in self.generator.bits_per_dim(latents, prompts)]
 
-    def images_to_latents(self, images: np.ndarray) -> np.ndarray:
-        """Images (N, H, W, C) (clips (N, T, H, W, C)) in [0, 1] -> the latents of a pixel-space
-        model (its decoder is the identity); a latent model's images need its encoder, which an
-        export does not carry, so its latents must be given."""
-        kind = self.generator.manifest.decoder.kind
-        if kind != "identity":
-            raise StarflowError(f"images: this model decodes with {kind}; give its latents instead")
-        order = (0, 3, 1, 2) if images.ndim == 4 else (0, 1, 4, 2, 3)
-        return np.ascontiguousarray(images.transpose(order) * 2.0 - 1.0, dtype=np.float32)
-
     def health(self) -> None:
         """One tiny sample through every stage (raises if the replica cannot serve)."""
         info = self.info()

@@ -11,6 +11,7 @@ import pytest
 
 from starflow.core.errors import StarflowError
 from starflow.core.generation import Job
+from starflow.core.outputs import from_unit_images
 from starflow.core.request import GenerateRequest, request
 from starflow.runtime import Generator
 from starflow.serving.types import Served
@@ -79,7 +80,7 @@ def test_likelihood_equals_the_pytorch_model(image_worker):
     from starflow.model.reference import ReferenceGenerator
 
     (served,) = image_worker.run([request(prompts=["2", "5"], seed=4)])
-    latents = image_worker.images_to_latents(served.images)
+    latents = from_unit_images(served.images)
     ours = image_worker.bits_per_dim(latents, served.prompts)
     reference = ReferenceGenerator.load(None)
     y = reference.encode(served.prompts)
