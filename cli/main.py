@@ -61,6 +61,7 @@ def main(
 
 SAMPLING = dict(rich_help_panel="Sampling")
 MODEL = dict(rich_help_panel="Model (the caller's files, never part of a request)")
+BULK = dict(rich_help_panel="Bulk generation (a prompts file)")
 
 
 @app.command()
@@ -148,19 +149,37 @@ def generate(
         bool | None,
         typer.Option(help="Fail (writing nothing) when a sample holds NaN or inf; default on.", **SAMPLING),
     ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(help="One prompt per line; prompt i from seed --seed + i. --out: a folder.", **BULK),
+    ] = None,
+    ray: Annotated[
+        str | None, typer.Option(help="local (start Ray here), auto, HOST:PORT or ray://HOST:PORT.", **BULK)
+    ] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Prompts per shard; default 16.", **BULK)] = None,
+    format: Annotated[str | None, typer.Option(help="png or npy (clips: gif or npy).", **BULK)] = None,
 ) -> None:
     """Images (or clips, with --frames) from prompts: through an export (the torch-free runtime) or
-    the PyTorch reference. Every option and path is checked before the engine loads."""
+    the PyTorch reference. Every option and path is checked before the engine loads. With
+    --prompts-file: shards of images in --out, resumable, here or over a Ray cluster (--ray)."""
     fields = dict(locals())
     from starflow.apps.generate import generate as run_generate
     from starflow.cli.progress import block_bars, step_lines
     from starflow.core.request import ModelSource, request
 
+    bulk = {name: fields.pop(name) for name in ("prompts_file", "ray", "shard_size", "format")}
+    source = ModelSource(**{name: fields.pop(name) for name in MODEL_FIELDS})
+    given = {name: value for name, value in fields.items() if value is not None and name in REQUEST_FIELDS}
+    if any(value is not None for value in bulk.values()):
+        from starflow.serving.bulk import INTERRUPTED, run_bulk
+
+        with user_errors(INTERRUPTED):
+            shards = run_bulk(
+                given | {"prompts": prompt}, source, out, **bulk, log=lambda line: typer.echo(line, err=True)
+            )
+        typer.echo("\n".join(shards.lines()))
+        return
     with user_errors():
-        source = ModelSource(**{name: fields.pop(name) for name in MODEL_FIELDS})
-        given = {
-            name: value for name, value in fields.items() if value is not None and name in REQUEST_FIELDS
-        }
         result = run_generate(
             request(**given, prompts=prompt or []), source, out, export_progress=step_lines("export: "),
             bars=block_bars, log=lambda line: typer.echo(line, err=True),
