@@ -142,6 +142,12 @@ def generate(
     jacobi_block_size: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
     jacobi_max_iter: Annotated[int | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
     jacobi_threshold: Annotated[float | None, typer.Option(help="Default: the model's.", **SAMPLING)] = None,
+    jacobi_stop: Annotated[
+        str | None,
+        typer.Option(
+            help="batch (official, default) or row: each image stops alone, as a server.", **SAMPLING
+        ),
+    ] = None,
     denoise: Annotated[
         bool | None, typer.Option(help="The self-denoise step after the flow; default on.", **SAMPLING)
     ] = None,
