@@ -18,6 +18,7 @@ from starflow.apps import bench as B  # its defaults and column legend (no torch
 from starflow.apps.generate import DEFAULT_CLIPS_OUT, DEFAULT_IMAGES_OUT
 from starflow.cli.errors import user_errors
 from starflow.cli.export import export_app
+from starflow.cli.serve import serve
 from starflow.core.request import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -278,6 +279,7 @@ def train(
 checkpoint_app = typer.Typer(help="Training checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(export_app, name="export")
+app.command("serve")(serve)
 
 
 @checkpoint_app.command()
