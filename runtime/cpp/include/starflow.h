@@ -89,6 +89,10 @@ SF_API sf_status* sf_sampling_create(const sf_pipeline* pipeline, sf_sampling** 
 SF_API sf_status* sf_sampling_create_preset(const sf_pipeline* pipeline, const char* name, sf_sampling** out);
 SF_API sf_status* sf_sampling_set_guidance(sf_sampling* sampling, double weight); /* >= 0; 0: none */
 SF_API sf_status* sf_sampling_set_method(sf_sampling* sampling, const char* method); /* jacobi|sequential */
+/* When a Jacobi chunk stops: "batch" (default, the official) is one test over every row of the
+ * batch, so an image depends on what shares its batch; "row": each row stops on its own test and
+ * then holds still, so an image is the same alone or in any batch (a server batching requests). */
+SF_API sf_status* sf_sampling_set_stop(sf_sampling* sampling, const char* rule);
 SF_API sf_status* sf_sampling_set_block_size(sf_sampling* sampling, int block_size);   /* >= 1 */
 SF_API sf_status* sf_sampling_set_max_iter(sf_sampling* sampling, int max_iter);       /* >= 1 */
 SF_API sf_status* sf_sampling_set_threshold(sf_sampling* sampling, double threshold);  /* >= 0 */

@@ -92,6 +92,7 @@ class Sampling {
   explicit Sampling(const Pipeline& pipeline, const std::string& preset = "official");
   Sampling& guidance(double w) { return check(sf_sampling_set_guidance(get(), w)), *this; }
   Sampling& method(const std::string& m) { return check(sf_sampling_set_method(get(), m.c_str())), *this; }
+  Sampling& stop(const std::string& rule) { return check(sf_sampling_set_stop(get(), rule.c_str())), *this; }
   Sampling& block_size(int n) { return check(sf_sampling_set_block_size(get(), n)), *this; }
   Sampling& max_iter(int n) { return check(sf_sampling_set_max_iter(get(), n)), *this; }
   Sampling& threshold(double t) { return check(sf_sampling_set_threshold(get(), t)), *this; }

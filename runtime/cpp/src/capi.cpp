@@ -78,13 +78,14 @@ std::string text(const char* value, const char* function, const char* name) {
   return value;
 }
 
-// A sampling setter: `edit` a copy, check it, keep it only when it passes.
+// A sampling setter: `edit(copy, function)` a copy, check it, keep it only when it passes (the
+// setter's name is passed on because a lambda's own __func__ is "operator()").
 template <typename Edit>
 sf_status* change(sf_sampling* s, const char* function, Edit edit) {
   return guarded(function, [&](const char* fn) {
     require(s, fn, "sampling");
     native::Sampling changed = s->sampling;
-    edit(changed);
+    edit(changed, fn);
     changed.check();
     s->sampling = changed;
   });
@@ -242,33 +243,37 @@ sf_status* sf_sampling_create_preset(const sf_pipeline* pipeline, const char* na
 }
 
 sf_status* sf_sampling_set_guidance(sf_sampling* s, double weight) {
-  return change(s, __func__, [&](native::Sampling& x) { x.guidance = weight; });
+  return change(s, __func__, [&](native::Sampling& x, const char*) { x.guidance = weight; });
 }
 
 sf_status* sf_sampling_set_method(sf_sampling* s, const char* method) {
-  return change(s, __func__, [&](native::Sampling& x) { x.method = text(method, __func__, "method"); });
+  return change(s, __func__, [&](native::Sampling& x, const char* fn) { x.method = text(method, fn, "method"); });
+}
+
+sf_status* sf_sampling_set_stop(sf_sampling* s, const char* rule) {
+  return change(s, __func__, [&](native::Sampling& x, const char* fn) { x.stop = text(rule, fn, "rule"); });
 }
 
 sf_status* sf_sampling_set_block_size(sf_sampling* s, int block_size) {
-  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.block_size = block_size; });
+  return change(s, __func__, [&](native::Sampling& x, const char*) { x.jacobi.block_size = block_size; });
 }
 
 sf_status* sf_sampling_set_max_iter(sf_sampling* s, int max_iter) {
-  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.max_iter = max_iter; });
+  return change(s, __func__, [&](native::Sampling& x, const char*) { x.jacobi.max_iter = max_iter; });
 }
 
 sf_status* sf_sampling_set_threshold(sf_sampling* s, double threshold) {
-  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.threshold = threshold; });
+  return change(s, __func__, [&](native::Sampling& x, const char*) { x.jacobi.threshold = threshold; });
 }
 
 sf_status* sf_sampling_set_init(sf_sampling* s, const char* init) {
-  return change(s, __func__, [&](native::Sampling& x) { x.jacobi.init = text(init, __func__, "init"); });
+  return change(s, __func__, [&](native::Sampling& x, const char* fn) { x.jacobi.init = text(init, fn, "init"); });
 }
 
 sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* s, int block_size, int max_iter, double threshold,
                                           const char* init) {
-  return change(s, __func__, [&](native::Sampling& x) {
-    x.shallow_jacobi = native::Jacobi{block_size, max_iter, threshold, text(init, __func__, "init")};
+  return change(s, __func__, [&](native::Sampling& x, const char* fn) {
+    x.shallow_jacobi = native::Jacobi{block_size, max_iter, threshold, text(init, fn, "init")};
   });
 }
 

@@ -257,6 +257,12 @@ Manifest load_manifest(const std::string& directory) {
     Sampling preset;
     preset.guidance = r.number(item, "guidance", where);
     preset.method = r.text(item, "method", where);
+    preset.stop = r.text(item, "stop", where);
+    try {
+      check_stop(preset.stop, "stop");
+    } catch (const Error& err) {
+      r.fail(where + "stop", std::string("is not valid: ") + err.what());
+    }
     preset.jacobi = jacobi(r.at(item, "jacobi", where), where + "jacobi.");
     const json& shallow = r.at(item, "shallow_jacobi", where);
     if (!shallow.is_null()) preset.shallow_jacobi = jacobi(shallow, where + "shallow_jacobi.");

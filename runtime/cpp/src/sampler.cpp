@@ -64,11 +64,22 @@ void chunk_mean_guess(Sequence& full, const Sequence& mu, const Sequence& sigma,
     }
 }
 
-Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, const Jacobi& options,
+// mean((new - old)^2) / mean(new^2) over n values from their double sums, divided in float32 as
+// the Python runtime divides its float32 means
+float change_ratio(double change, double size, int64_t n) {
+  const double count = static_cast<double>(n);
+  return static_cast<float>(change / count) / static_cast<float>(size / count);
+}
+
+// With `by_row` each row stops on its own test; a stopped row keeps its values and is fed the inputs
+// of its last iteration again, so the cache entries the step rewrites for it stay those of that
+// iteration, as if it had stopped alone.
+Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, const Jacobi& options, bool by_row,
                       BlockStats& stats) {
   const std::vector<float>& sos = block.sos();
   if (sos.empty()) throw Error("Jacobi sampling needs a model with `sos: 1`; use method 'sequential'");
   const int64_t rows = z.rows, T = z.length, D = z.dim;
+  const float threshold = static_cast<float>(options.threshold);
   Sequence full(rows, T + 1, D), mu, sigma;  // input position t holds x_{t-1}; position 0 the sos
   for (int64_t r = 0; r < rows; ++r) {
     std::copy(sos.begin(), sos.end(), full.at(r, 0));
@@ -77,12 +88,19 @@ Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, c
   for (int64_t start = 0; start < T;) {
     const int64_t c = std::min<int64_t>(options.block_size, T - start);
     if (options.init == "chunk-mean" && start > 0) chunk_mean_guess(full, mu, sigma, z, start, c);
+    Sequence inputs(rows, c, D);
+    std::vector<char> stopped(rows, 0);  // rows done (`by_row`; the batch rule stops all at once)
     int i = 0;
     for (; i < options.max_iter; ++i) {
-      block.step(slice(full, 0, rows, start, c), start, mu, sigma);
+      for (int64_t r = 0; r < rows; ++r)
+        if (!stopped[r]) std::memcpy(inputs.at(r, 0), full.at(r, start), sizeof(float) * c * D);
+      block.step(inputs, start, mu, sigma);
       if (guidance > 0) guide(mu, sigma, guidance);
-      double change = 0, size = 0;  // mean((new - old)^2) / mean(new^2): the official stop test
+      double change = 0, size = 0;  // the official stop test's sums: over the batch, or per row
+      bool all_stopped = true;
       for (int64_t r = 0; r < rows; ++r) {
+        if (stopped[r]) continue;
+        if (by_row) change = size = 0;
         float* old = full.at(r, start + 1);
         const float *m = mu.at(r, 0), *s = sigma.at(r, 0), *target = z.at(r, start);
         for (int64_t k = 0; k < c * D; ++k) {
@@ -92,12 +110,15 @@ Sequence solve_jacobi(SamplerBlock& block, const Sequence& z, double guidance, c
           size += static_cast<double>(updated * updated);
           old[k] = updated;
         }
+        if (by_row) {
+          stopped[r] = change_ratio(change, size, c * D) < threshold;
+          all_stopped = all_stopped && stopped[r];
+        }
       }
       stats.evaluations += 1;
       stats.tokens += rows * c;
-      const double n = static_cast<double>(rows * c * D);
-      const float diff = static_cast<float>(change / n) / static_cast<float>(size / n);
-      if (diff < static_cast<float>(options.threshold) || i == options.max_iter - 1) break;
+      const bool done = by_row ? all_stopped : change_ratio(change, size, rows * c * D) < threshold;
+      if (done || i == options.max_iter - 1) break;
     }
     stats.iterations.push_back(i + 1);
     start += c;
@@ -115,9 +136,14 @@ void Jacobi::check(const std::string& name) const {
     throw Error(name + ".init: expected 'noise' or 'chunk-mean', got '" + init + "'");
 }
 
+void check_stop(const std::string& rule, const std::string& name) {
+  if (rule != "batch" && rule != "row") throw Error(name + ": expected 'batch' or 'row', got '" + rule + "'");
+}
+
 void Sampling::check() const {
   if (method != "jacobi" && method != "sequential")
     throw Error("method: expected 'jacobi' or 'sequential', got '" + method + "'");
+  check_stop(stop, "stop");
   if (!std::isfinite(guidance) || guidance < 0)
     throw Error("guidance: must be a finite number >= 0, got " + std::to_string(guidance));
   jacobi.check("jacobi");
@@ -196,7 +222,8 @@ Tensor sample(const std::vector<SamplerBlock*>& blocks, const Tensor& noise, con
     block->open(z.rows, h, w, block->text_conditioned() ? rows_text : nullptr);
     if (block->flip()) flip(z);
     x = options.method == "sequential" ? solve_sequential(*block, z, guidance, record)
-                                       : solve_jacobi(*block, z, guidance, options.jacobi_for(block->deep()), record);
+                                       : solve_jacobi(*block, z, guidance, options.jacobi_for(block->deep()),
+                                                      options.stop == "row", record);
     if (block->flip()) flip(x);
     if (x.rows != B) x = slice(x, 0, B, 0, x.length);
     record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();

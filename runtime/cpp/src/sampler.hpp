@@ -1,5 +1,6 @@
 // The sampling algorithm of starflow/core/sampler.py, over float32 buffers: guidance, the sequential
-// and block-Jacobi solvers with the official stop test, and the loop over blocks (deep first).
+// and block-Jacobi solvers with the official stop test (or the per-row one), and the loop over blocks
+// (deep first).
 // The numbers follow the Python runtime operation for operation in float32.
 #pragma once
 
@@ -19,9 +20,15 @@ struct Jacobi {
   void check(const std::string& name) const;
 };
 
+// The Jacobi stop test (starflow.sampler.STOP_RULES): "batch" (official) is one test over every row,
+// so a row's result depends on its batch; with "row" each row stops on its own test and then holds
+// still, so a row's result is the same alone or in any batch (a server batching unrelated requests).
+void check_stop(const std::string& rule, const std::string& name);
+
 struct Sampling {
   double guidance = 0;
   std::string method = "jacobi";  // or "sequential"
+  std::string stop = "batch";     // or "row": see check_stop
   Jacobi jacobi;
   std::optional<Jacobi> shallow_jacobi;  // the shallow blocks' own settings; none: `jacobi`
   void check() const;

@@ -106,6 +106,10 @@ int main(int argc, char** argv) {
   expect_ok("guidance 0", sf_sampling_set_guidance(sampling, 0));
   expect_error("block size 0", sf_sampling_set_block_size(sampling, 0), "block_size: must be an integer >= 1");
   expect_error("unknown method", sf_sampling_set_method(sampling, "euler"), "expected 'jacobi' or 'sequential'");
+  expect_error("unknown stop rule", sf_sampling_set_stop(sampling, "column"),
+               "stop: expected 'batch' or 'row', got 'column'");
+  expect_error("NULL stop rule", sf_sampling_set_stop(sampling, nullptr), "sf_sampling_set_stop: rule is NULL");
+  expect_ok("stop row", sf_sampling_set_stop(sampling, "row"));  // the sample below runs per-row stops
   expect_error("negative guidance", sf_sampling_set_guidance(sampling, -1), "guidance: must be a finite number");
   expect_error("NaN threshold", sf_sampling_set_threshold(sampling, std::nan("")), "threshold: must be a number >= 0");
 

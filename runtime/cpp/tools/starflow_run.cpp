@@ -48,6 +48,8 @@ Sampling (default: the export's; the options below change the chosen settings):
   --sampler NAME           official (default) or a preset the export carries, e.g. fast
   --guidance G  --method jacobi|sequential  --block-size N  --max-iter N  --threshold T
   --init noise|chunk-mean  a Jacobi chunk's first guess (default noise, the official)
+  --stop batch|row         when a Jacobi chunk stops: one test over the batch (default, the official)
+                           or each row alone (an image is then the same in any batch)
   --shallow-jacobi B,M,T[,INIT]  the shallow blocks' own block size, max iterations, threshold
 
 Running:
@@ -77,7 +79,8 @@ Arguments parse(int argc, char** argv) {
       "--artifacts", "--out", "--noise", "--text", "--text-uncond", "--token-ids", "--attention-mask",
       "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
-      "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler"};
+      "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
+      "--stop"};
   static const std::set<std::string> switches = {"--no-denoise", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
@@ -256,6 +259,7 @@ int run(const Arguments& args) {
   starflow::Sampling sampling(pipeline, args.get("--sampler", "official"));
   if (args.has("--guidance")) sampling.guidance(number(args, "--guidance"));
   if (args.has("--method")) sampling.method(args.get("--method"));
+  if (args.has("--stop")) sampling.stop(args.get("--stop"));
   if (args.has("--block-size")) sampling.block_size(static_cast<int>(integer(args, "--block-size", 0, 1)));
   if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(integer(args, "--max-iter", 0, 1)));
   if (args.has("--threshold")) sampling.threshold(number(args, "--threshold"));

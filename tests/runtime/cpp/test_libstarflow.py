@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, Manifest
+from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME, SCHEMA_VERSION, Manifest
 from starflow.core.config import config_from_dict
 from starflow.core.errors import StarflowError
 from starflow.core.generation import make_noise
@@ -76,7 +76,7 @@ def cpp_sample(
     args += ["--stats", work / "stats.json", "--threads", "1", "--guidance", str(options.guidance)]
     args += ["--method", options.method, "--block-size", str(options.jacobi.block_size)]
     args += ["--max-iter", str(options.jacobi.max_iter), "--threshold", repr(options.jacobi.threshold)]
-    args += ["--init", options.jacobi.init]
+    args += ["--init", options.jacobi.init, "--stop", options.stop]
     if options.shallow_jacobi:
         s = options.shallow_jacobi
         args += ["--shallow-jacobi", f"{s.block_size},{s.max_iter},{s.threshold!r},{s.init}"]
@@ -135,6 +135,26 @@ def test_jacobi_options_match_the_python_runtime(random_export, tmp_path):
     ours, cpp_stats = cpp_sample(random_export, tmp_path, noise, y, np.zeros_like(y), options)
     assert np.abs(ours - ref).max() <= 1e-5
     assert same_counts(cpp_stats, stats)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_per_row_stop_matches_the_python_runtime(random_export, tmp_path, guidance):
+    """stop="row": each row stops on its own test, then keeps its values and its last inputs, as
+    the Python runtime does; an image then comes out as it does sampled alone."""
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal((3, 2, 16, 24), dtype=np.float32)
+    y = rng.standard_normal((3, 4, 8), dtype=np.float32)
+    y_null = np.zeros_like(y) if guidance else None
+    options = SampleOptions(guidance, jacobi=JacobiSettings(block_size=8, threshold=1e-3), stop="row")
+    ref, stats = Pipeline.load(random_export, threads=1).sample(noise, y, y_null, options, return_stats=True)
+    assert any(len(set(chunk)) > 1 for s in stats for chunk in s.image_iterations)  # rows stopped apart
+    ours, cpp_stats = cpp_sample(random_export, tmp_path / "batch", noise, y, y_null, options)
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert same_counts(cpp_stats, stats)
+    alone, _ = cpp_sample(
+        random_export, tmp_path / "alone", noise[1:2], y[1:2], y_null[1:2] if guidance else None, options
+    )
+    assert np.abs(alone[0] - ours[1]).max() <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +249,20 @@ def _bad_exports(good: Path, root: Path) -> Path:
     directory, _ = case("tampered-graph", "does not match its sha256")
     with open(directory / step, "ab") as graph:
         graph.write(b"\0")
-    directory, data = case("schema-version", "schema_version 6, this libstarflow reads 7; re-export")
-    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": 6}))
+    old = SCHEMA_VERSION - 1
+    directory, data = case(
+        "schema-version", f"schema_version {old}, this libstarflow reads {SCHEMA_VERSION}; re-export"
+    )
+    (directory / "manifest.json").write_text(json.dumps({**data, "schema_version": old}))
+    preset = next(iter(json.loads((good / MANIFEST_NAME).read_text())["sampling_presets"]))
+    directory, data = case(
+        "preset-stop", f"key 'sampling_presets.{preset}.stop' is not valid: stop: expected"
+    )
+    data["sampling_presets"][preset]["stop"] = "column"
+    _set_digest(directory, data)
+    directory, data = case("preset-without-stop", f"key 'sampling_presets.{preset}.stop' is missing")
+    del data["sampling_presets"][preset]["stop"]
+    _set_digest(directory, data)
     directory, _ = case("missing-record", "no readable record.json beside it")
     (directory / RECORD_NAME).unlink()
     directory, data = case(
@@ -298,12 +330,13 @@ def test_the_digest_is_manifest_json_bytes_in_both_languages(demo_export, tmp_pa
     assert result.returncode != 0 and "digest mismatch" in result.stderr
 
 
-def test_sampling_under_sanitizers_matches_release(demo_export, tmp_path):
+@pytest.mark.parametrize("stop", ["batch", "row"])
+def test_sampling_under_sanitizers_matches_release(demo_export, tmp_path, stop):
     generator = Generator.load(demo_export, threads=1)
     y = generator.encode(["2", "8"])
     y_null = np.ascontiguousarray(np.broadcast_to(generator.encode([""]), y.shape))
     noise = make_noise(3, (2, 1, 8, 8))
-    options = SampleOptions(1.0, "jacobi", JacobiSettings(8, 16, 1e-3, init="chunk-mean"))
+    options = SampleOptions(1.0, "jacobi", JacobiSettings(8, 16, 1e-3, init="chunk-mean"), stop=stop)
     release, _ = cpp_sample(demo_export, tmp_path / "release", noise, y, y_null, options)
     checked, _ = cpp_sample(
         demo_export, tmp_path / "asan", noise, y, y_null, options, build=built(ASAN_BUILD)
@@ -338,6 +371,10 @@ def test_driver_errors_are_one_line_and_write_nothing(demo_export, tmp_path):
         (("--artifacts", demo_export, *noise, *out), "noise: expected a (B, 1, H, W)"),
         (("--artifacts", tmp_path, *noise, *out), "no readable manifest.json"),
         (("--artifacts", demo_export, "--prompt", "3", *out, "--block-size", "0"), "--block-size: expected"),
+        (
+            ("--artifacts", demo_export, "--prompt", "3", *out, "--stop", "column"),
+            "stop: expected 'batch' or 'row'",
+        ),
         (("--artifacts", demo_export, "--prompt", "cat", *out), "this model knows the prompts"),
         (
             ("--artifacts", demo_export, "--prompt", "3", "--out", tmp_path / "o.txt"),
