@@ -72,7 +72,11 @@ def serve(
     ] = None,
     batch_wait_s: Annotated[
         float | None,
-        typer.Option(min=0, help="The longest wait for a batch to fill; default 0.01.", **DEPLOY),
+        typer.Option(
+            min=0,
+            help="An idle replica's wait for more requests; default 0 (a busy one gathers them anyway).",
+            **DEPLOY,
+        ),
     ] = None,
     max_ongoing_requests: Annotated[
         int | None, typer.Option(min=1, help="Requests one replica takes at a time; default 16.", **DEPLOY)
@@ -157,7 +161,10 @@ def _run(settings: ServeConfig, address: str | None, api_key: str | None) -> Non
     """Start, say where, block until Ctrl-C (or SIGTERM), then stop what was started."""
     from starflow.serving.deployment import start, stop
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: clean up too
+    # Ctrl-C and a service manager's stop both clean up, even where SIGINT came ignored (a
+    # background job of a non-interactive shell inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with user_errors("interrupted while starting: what had started was stopped"):
         running = start(settings, address=address, api_key=api_key)
     try:

@@ -53,7 +53,7 @@ from starflow.core.outputs import (
 )
 from starflow.core.request import GenerateRequest, ModelSource, request
 from starflow.serving.types import Limits
-from starflow.serving.worker import SERVED_STOP, ModelWorker
+from starflow.serving.worker import ModelWorker
 
 SHARD_SIZE = 16  # prompts per shard: one sampler call of the digits export
 FORMATS = {False: ("png", "npy"), True: ("gif", "npy")}  # images, clips; the first is the default
@@ -371,14 +371,12 @@ def check_model(worker: ModelWorker, base: GenerateRequest, shard_images: int) -
     """What the model refuses of these settings (as a server would settle them: the per-row
     stop), and whether a shard fits in memory; the clips' frame rate."""
     generator = worker.generator
-    resolved = base.resolve(generator)
-    sampling = dataclasses.replace(resolved.sampling, stop=SERVED_STOP)
     prompt = (worker.info().prompts or [""])[0] if generator.text_conditioned else ""
-    generator.check([prompt], base.num_images, base.seed, sampling, base.denoise, base.frames)
+    settled = worker.settle(base.model_copy(update={"prompts": [prompt]}))
     generator.check_memory(
-        shard_images * base.num_images, base.frames, resolved.latent_size, sampling.guidance
+        shard_images * base.num_images, base.frames, settled.latent_size, settled.sampling.guidance
     )
-    return resolved.fps
+    return settled.fps
 
 
 # ---- Ray ------------------------------------------------------------------------------------------

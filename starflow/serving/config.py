@@ -44,8 +44,9 @@ class ModelConfig(BaseModel):
     min_replicas: Annotated[int, Field(ge=0)] | None = Field(None, description="Autoscaling lower bound.")
     max_replicas: Positive | None = Field(None, description="Autoscaling upper bound.")
     threads: Positive | None = Field(None, description="CPU threads per replica; unset: every core.")
-    max_batch_size: Positive = Field(8, description="Most requests one @serve.batch call gathers.")
-    batch_wait_timeout_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
+    max_batch_size: Positive = Field(8, description="Most requests one sampler call gathers.")
+    # an idle replica's wait for a burst's other requests (a busy one gathers them meanwhile anyway)
+    batch_wait_timeout_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     max_ongoing_requests: Positive = Field(16, description="Per replica; room for a batch and the next.")
     max_queued_requests: Positive = Field(64, description="Per caller; beyond it requests get 503 at once.")
     max_replicas_per_node: Positive | None = Field(None, description="1 spreads replicas over nodes.")

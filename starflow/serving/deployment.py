@@ -1,8 +1,9 @@
 """`starflow serve` on Ray Serve: one `ModelDeployment` per served export, one `Ingress` holding
 the HTTP app (`api.create_app`) over a `RayClient` per model.
 
-A model replica holds a `ModelWorker`; `@serve.batch` gathers the requests that reach it within
-`batch_wait_timeout_s` and the worker runs those with the same settings as one sampler call. A
+A model replica holds a `ModelWorker`; its `Batcher` gathers the requests that reach it while
+the sampler is busy (an idle one waits `batch_wait_timeout_s`), and the worker runs those with
+the same settings as one sampler call. A
 request the model refuses comes back as a value, so it fails alone. Overload is bounded twice:
 a replica takes `max_ongoing_requests`, and each caller queues at most `max_queued_requests`
 more; beyond that Ray raises `BackPressureError` at once, which the `RayClient` turns into a 429.
@@ -36,6 +37,7 @@ from starflow.core.errors import StarflowError
 from starflow.core.request import GenerateRequest
 from starflow.serving import api
 from starflow.serving.api import Overloaded, create_app
+from starflow.serving.batcher import Batcher
 from starflow.serving.config import APP_NAME, ModelConfig, ServeConfig
 from starflow.serving.types import ModelInfo, Served
 from starflow.serving.worker import ModelWorker
@@ -105,8 +107,7 @@ class ModelDeployment:
         artifacts = Path(model.artifacts) if model.artifacts else None
         video = model.embedded == "digits-video"
         self.worker = ModelWorker.load(name, artifacts, video=video, threads=model.threads)
-        self._batch.set_max_batch_size(model.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(model.batch_wait_timeout_s)
+        self.batcher = Batcher(self._batch, model.max_batch_size, model.batch_wait_timeout_s)
         replica = serve.get_replica_context().replica_id.unique_id
         self.served_by = {"node": ray.get_runtime_context().get_node_id(), "replica": replica}
         self.metrics = _Metrics(name)
@@ -118,9 +119,8 @@ class ModelDeployment:
     async def generate(self, request: GenerateRequest) -> Served | StarflowError:
         """The request's images, or the one-line error that refused it (returned, not raised:
         Ray would wrap a raised one in its traceback)."""
-        return await self._batch((request, time.perf_counter()))
+        return await self.batcher.submit((request, time.perf_counter()))
 
-    @serve.batch  # sizes set per model in __init__
     async def _batch(self, items: list[tuple[GenerateRequest, float]]) -> list[Served | StarflowError]:
         async with self.lock:
             began = time.perf_counter()

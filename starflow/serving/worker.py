@@ -25,6 +25,15 @@ from starflow.serving.types import ModelInfo, Served
 SERVED_STOP = "row"  # the Jacobi stop rule that keeps batching invisible (see module docstring)
 
 
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    """A request's settings as this model serves them."""
+
+    sampling: SampleOptions  # with the per-row stop test
+    latent_size: tuple[int, int]
+    fps: float | None  # clips
+
+
 class ModelWorker:
     """An export's `Generator` behind the batch interface the server and the bulk job use."""
 
@@ -68,15 +77,14 @@ class ModelWorker:
         """Each request's images (or the one-line error that refused it), in order."""
         outcomes: list[Served | StarflowError | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        settled: dict[int, tuple[SampleOptions, tuple[int, int], float | None]] = {}
+        settled: dict[int, Settled] = {}
         for i, req in enumerate(requests):
             try:
-                settled[i] = self._settle(req)
+                settled[i] = self.settle(req)
             except StarflowError as err:
                 outcomes[i] = err
                 continue
-            sampling, latent_size, _ = settled[i]
-            key = (sampling, latent_size, req.frames, req.denoise)
+            key = (settled[i].sampling, settled[i].latent_size, req.frames, req.denoise)
             groups.setdefault(key, []).append(i)
         for (sampling, latent_size, frames, denoise), members in groups.items():
             jobs = [Job(requests[i].prompts, requests[i].num_images, requests[i].seed,
@@ -96,13 +104,13 @@ class ModelWorker:
                     )
                     continue
                 outcomes[i] = Served(
-                    result.images, result.prompts, requests[i].seed, settled[i][2], result.iterations,
+                    result.images, result.prompts, requests[i].seed, settled[i].fps, result.iterations,
                     len(members), result.batch_images, sum(b.evaluations for b in result.stats),
                     result.seconds,
                 )  # fmt: skip
         return outcomes  # type: ignore[return-value]  # every index was filled above
 
-    def _settle(self, req: GenerateRequest) -> tuple[SampleOptions, tuple[int, int], float | None]:
+    def settle(self, req: GenerateRequest) -> Settled:
         """The request's sampling settings (the per-row stop test), latent size and frame rate,
         with everything this model refuses found before any work."""
         if req.jacobi_stop == "batch":
@@ -113,7 +121,7 @@ class ModelWorker:
         sampling = dataclasses.replace(resolved.sampling, stop=SERVED_STOP)
         self.generator.check(req.prompts, req.num_images, req.seed, sampling, req.denoise, req.frames)
         self.generator.check_texts([*req.prompts, req.negative_prompt or ""])
-        return sampling, resolved.latent_size, resolved.fps
+        return Settled(sampling, resolved.latent_size, resolved.fps)
 
     def bits_per_dim(self, latents: np.ndarray, prompts: list[str] | None) -> list[float]:
         """Each latent's exact negative log-likelihood under the flow, in bits per dimension."""
