@@ -41,7 +41,8 @@ PYTORCH = "starflow generate --prompt 7 --engine pytorch"
 GIF = "starflow generate --prompt 3 --frames 8"
 MP4 = "starflow generate --prompt 3 --frames 16"
 EMBEDDED_EXPORT = "starflow export onnx --checkpoint starflow/assets/digits.safetensors"
-RUN = (CPP_PROMPTS, CPP_LATENTS, INSPECT, VALIDATE, GRID, PYTORCH, GIF, MP4, EMBEDDED_EXPORT)
+CURL = "curl -s http://127.0.0.1:8000/v1/"
+RUN = (CPP_PROMPTS, CPP_LATENTS, INSPECT, VALIDATE, GRID, PYTORCH, GIF, MP4, EMBEDDED_EXPORT, CURL)
 
 SKIPPED = {
     "make demo": "creates .venv and runs `starflow demo`, which tests/apps/test_generate.py runs "
@@ -64,6 +65,15 @@ SKIPPED = {
     "through the same code for a few steps",
     "starflow train ...": "not a whole command (`...` stands for the line above's options); "
     "tests/training/test_train.py trains with nproc=2",
+    "starflow serve": "serves until Ctrl-C; tests/serving/test_deployment.py runs `starflow serve --config` "
+    "(the file `--write-config` writes) on a two-node Ray cluster, and benchmarks/serve_load.py times "
+    "`starflow serve` to its first answer",
+    "python -c": "the openai package against `starflow serve`: tests/serving/test_deployment.py "
+    "(test_openai_client_gets_starflow_generates_image) makes this call on the served embedded model",
+    "serve deploy": "Ray's own CLI onto a running Ray cluster with its dashboard; not run here "
+    "(`serve run` of the same file was run by hand)",
+    "starflow generate --prompts-file": "starts Ray; tests/serving/test_bulk.py runs bulk generation in "
+    "this process and over a two-node Ray cluster, killed and resumed",
     "starflow checkpoint consolidate": "needs the 1,800-step run above; tests/training/test_train.py "
     "consolidates a short run through this command",
 }
@@ -243,3 +253,24 @@ def test_embedded_export_line_is_the_export_generate_caches(
     assert readme_checkpoint == cache_checkpoint
     assert replace(readme_options, force=True) == cache_options
     assert "fast" in readme_options.sampling_presets and readme_options.denoise
+
+
+def test_serving_requests_are_answered(demo_export: Path, demo_video_export: Path) -> None:
+    """The README's curl requests, sent to the app `starflow serve` runs, here in process over the
+    session's embedded exports (tests/serving/ sends them through Ray Serve)."""
+    from starlette.testclient import TestClient
+
+    from starflow.runtime import Generator
+    from starflow.serving.api import LocalClient, create_app
+    from starflow.serving.worker import ModelWorker
+
+    workers = {name: ModelWorker(name, Generator.load(path, threads=1))
+               for name, path in (("digits", demo_export), ("digits-video", demo_video_export))}  # fmt: skip
+    client = TestClient(create_app({name: LocalClient(worker) for name, worker in workers.items()}))
+    curls = [args for args in shell_commands() if shlex.join(args).startswith(CURL)]
+    assert len(curls) >= 3
+    for args in curls:
+        path = args[2].removeprefix("http://127.0.0.1:8000")
+        body = args[args.index("-d") + 1] if "-d" in args else None
+        response = client.get(path) if body is None else client.post(path, content=body)
+        assert response.status_code == 200, (shlex.join(args), response.text)
