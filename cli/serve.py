@@ -9,17 +9,18 @@ from typing import Annotated, Any
 import typer
 
 from starflow.cli.errors import user_errors
-from starflow.serving.config import API_KEY_ENV, DEFAULT_TIMEOUT_S, EMBEDDED, ServeConfig
+from starflow.serving.config import API_KEY_ENV, EMBEDDED, ServeConfig
+from starflow.serving.types import DEFAULT_TIMEOUT_S
 
 DEPLOY = dict(rich_help_panel="Replicas (every model)")
 LIMITS = dict(rich_help_panel="Limits on one request")
 DEPLOY_FLAGS = ("replicas", "min_replicas", "max_replicas", "threads", "max_batch_size",
                 "max_ongoing_requests", "max_queued_requests", "max_replicas_per_node")  # fmt: skip
+LIMIT_FLAGS = ("max_images", "max_frames", "max_pixels", "max_guidance", "max_jacobi_iter",
+               "max_prompt_chars", "max_body_bytes")  # fmt: skip
+TOP_FLAGS = ("host", "port", "timeout_s")
 # the flags that make a config (not with --config)
-SETTINGS = ("artifacts", "host", "port", "timeout_s", "replicas", "min_replicas", "max_replicas", "threads",
-            "max_batch_size", "batch_wait_s", "max_ongoing_requests", "max_queued_requests",
-            "max_replicas_per_node", "max_images", "max_frames", "max_pixels", "max_guidance",
-            "max_prompt_chars", "max_body_bytes")  # fmt: skip
+SETTINGS = ("artifacts", *TOP_FLAGS, *DEPLOY_FLAGS, "batch_wait_s", *LIMIT_FLAGS)
 
 
 def serve(
@@ -93,6 +94,9 @@ def serve(
     max_frames: Annotated[int | None, typer.Option(min=1, help="Default: the export's.", **LIMITS)] = None,
     max_pixels: Annotated[int | None, typer.Option(min=1, help="H x W of an image.", **LIMITS)] = None,
     max_guidance: Annotated[float | None, typer.Option(min=0, help="Default 20.", **LIMITS)] = None,
+    max_jacobi_iter: Annotated[
+        int | None, typer.Option(min=1, help="Jacobi iterations per chunk; default 128.", **LIMITS)
+    ] = None,
     max_prompt_chars: Annotated[int | None, typer.Option(min=1, help="Default 2000.", **LIMITS)] = None,
     max_body_bytes: Annotated[int | None, typer.Option(min=1, help="Default 1 MiB.", **LIMITS)] = None,
 ) -> None:
@@ -121,6 +125,8 @@ def serve(
         if address is None:
             C.check_local(settings)
             _export_embedded(settings)
+        else:
+            C.check_ray_address(address, "address")  # in seconds: Ray's own connect retries for minutes
     _run(settings, address, key)
 
 
@@ -142,9 +148,8 @@ def _settings(fields: dict[str, Any]) -> ServeConfig:
         models[name] = {"artifacts": str(Path(directory).expanduser().resolve()), **deploy}
     if not models:
         models = {name: {"embedded": name, **deploy} for name in EMBEDDED}
-    limits = {name: fields[name] for name in ("max_images", "max_frames", "max_pixels", "max_guidance",
-              "max_prompt_chars", "max_body_bytes") if fields[name] is not None}  # fmt: skip
-    top = {name: fields[name] for name in ("host", "port", "timeout_s") if fields[name] is not None}
+    limits = {name: fields[name] for name in LIMIT_FLAGS if fields[name] is not None}
+    top = {name: fields[name] for name in TOP_FLAGS if fields[name] is not None}
     return serve_config(models=models, limits=limits, **top)
 
 
@@ -179,5 +184,7 @@ def _run(settings: ServeConfig, address: str | None, api_key: str | None) -> Non
     except KeyboardInterrupt:
         pass
     finally:
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
+            signal.signal(stop_signal, signal.SIG_IGN)
         stop(running)
     typer.echo("stopped")

@@ -51,6 +51,7 @@ from starflow.core.request import Count, GenerateRequest, one_line
 from starflow.core.request import request as checked_request
 from starflow.serving.types import (
     CLIP_FORMATS,
+    DEFAULT_TIMEOUT_S,
     IMAGE_FORMATS,
     SERVER_FIELDS,
     Limits,
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("starflow.serve")
 T = TypeVar("T")
-DEFAULT_TIMEOUT_S = 300.0
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json")  # no token needed
 LOGGED = ("model", "images", "batch_requests", "batch_images")  # what a route tells the log line
 SERVED_BY_HEADER = "X-Starflow-"  # + Served.served_by's key, capitalised: X-Starflow-Node, X-Starflow-Replica

@@ -5,7 +5,7 @@ handler is free, so batches then queue behind a busy sampler instead of growing:
 `benchmarks/serve_load.py` (digits 16x16, 2 threads, concurrency 32) its batches held 3.3
 requests on average and the server reached 0.78x the in-process batch-8 throughput. Here the
 next batch is cut when the sampler frees up, from everything that arrived meanwhile (up to
-`max_batch_size`); an idle sampler waits at most `wait_s` for company. One call runs at a time.
+`max_batch_size`); an idle sampler first waits `wait_s` for company (0 by default). One call runs at a time.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +51,7 @@ from starflow.core.outputs import (
     visible_scale,
 )
 from starflow.core.request import GenerateRequest, ModelSource, request
+from starflow.serving.config import check_ray_address
 from starflow.serving.types import Limits
 from starflow.serving.worker import ModelWorker
 
@@ -111,7 +111,8 @@ def read_prompts(path: Path) -> list[str]:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise StarflowError(f"{where} line {line}: not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines()]
+    # only a newline ends a line (splitlines would also split at \x0c, \x85, \u2028, ...)
+    prompts = [line.strip() for line in text.removesuffix("\n").split("\n")] if text else []
     if not prompts:
         raise StarflowError(f"{where}: holds no prompts (one per line)")
     for number, prompt in enumerate(prompts, 1):
@@ -380,20 +381,6 @@ def check_model(worker: ModelWorker, base: GenerateRequest, shard_images: int) -
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
-def check_ray_address(address: str) -> None:
-    """`local`, `auto`, or a HOST:PORT (ray://HOST:PORT) that answers, checked in seconds (Ray's
-    own connect retries for minutes)."""
-    if address in ("local", "auto"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise StarflowError(f"ray: {address!r}; expected local, auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
-        raise StarflowError(f"ray {address}: nothing answers there ({err.strerror or err})") from None
-
-
 class RayShardWorker:
     """A Ray Data actor: loads the export once, then turns each row (a shard) into its images."""
 

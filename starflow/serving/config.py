@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from starflow.core.atomic import atomic_path
 from starflow.core.config import read_yaml
 from starflow.core.errors import StarflowError
-from starflow.serving.types import Limits
+from starflow.core.outputs import save_text
+from starflow.serving.types import DEFAULT_TIMEOUT_S, Limits
 
 APP_NAME = "starflow"
 IMPORT_PATH = "starflow.serving.deployment:app_builder"
 API_KEY_ENV = "STARFLOW_API_KEY"
 EMBEDDED = ("digits", "digits-video")  # the embedded models a config names instead of a directory
-DEFAULT_TIMEOUT_S = 300.0
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a Ray deployment name and a URL-safe model id
 
 Positive = Annotated[int, Field(ge=1)]
@@ -48,7 +48,7 @@ class ModelConfig(BaseModel):
     # an idle replica's wait for a burst's other requests (a busy one gathers them meanwhile anyway)
     batch_wait_timeout_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     max_ongoing_requests: Positive = Field(16, description="Per replica; room for a batch and the next.")
-    max_queued_requests: Positive = Field(64, description="Per caller; beyond it requests get 503 at once.")
+    max_queued_requests: Positive = Field(64, description="Per caller; beyond it requests get 429 at once.")
     max_replicas_per_node: Positive | None = Field(None, description="1 spreads replicas over nodes.")
 
     @field_validator("artifacts")
@@ -165,8 +165,7 @@ def ray_config(config: ServeConfig) -> dict[str, Any]:
 
 def write_config(config: ServeConfig, path: Path) -> None:
     """`ray_config` as YAML, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(ray_config(config), sort_keys=False))
+    save_text(path, yaml.safe_dump(ray_config(config), sort_keys=False))
 
 
 def read_config(path: Path) -> ServeConfig:
@@ -207,3 +206,17 @@ def _one_line(err: ValidationError, where: str) -> StarflowError:
     else:
         message = f"{message[0].lower()}{message[1:]}, got {first['input']!r}"
     return StarflowError(f"{where}{field}: {message}" if field else f"{where}{message}")
+
+
+def check_ray_address(address: str, field: str = "ray") -> None:
+    """`local`, `auto`, or a HOST:PORT (ray://HOST:PORT) that answers, checked in seconds (Ray's
+    own connect retries for minutes)."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise StarflowError(f"{field}: {address!r}; expected local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise StarflowError(f"{field} {address}: nothing answers there ({err.strerror or err})") from None

@@ -271,7 +271,6 @@ class Running:
 
     url: str
     seconds: float  # from the call to the first healthy answer
-    started_ray: bool  # a local Ray instance (else it joined a cluster)
     started_serve: bool  # Serve's controller and proxy (else only the application is ours)
     metrics_url: str | None  # the local instance's Prometheus endpoint
 
@@ -280,15 +279,22 @@ def start(config: ServeConfig, *, address: str | None = None, api_key: str | Non
     """Deploy `config` on a local Ray instance (address None) or the cluster at `address`
     ("auto", "HOST:PORT" or "ray://HOST:PORT"), and wait for the first healthy answer."""
     began = time.perf_counter()
-    if address is None:
-        context = ray.init()
-        port = context.address_info.get("metrics_export_port")
-        metrics_url = f"http://127.0.0.1:{port}/metrics" if port else None
-    else:
-        ray.init(address=address)
-        metrics_url = None
-    serving = bool(serve.status().proxies)  # Serve already runs on the cluster
-    running = Running(f"http://{config.host}:{config.port}", 0.0, address is None, not serving, metrics_url)
+    try:
+        # "local": a new instance, never a cluster that RAY_ADDRESS or `ray start` left around
+        context = ray.init(address=address or "local")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"address {address}: cannot join a Ray cluster there" if address else "cannot start Ray here"
+        raise StarflowError(f"{where} ({err})") from None
+    port = context.address_info.get("metrics_export_port") if address is None else None
+    metrics_url = f"http://127.0.0.1:{port}/metrics" if port else None
+    status = serve.status()
+    if APP_NAME in status.applications:
+        ray.shutdown()
+        raise StarflowError(
+            f"address {address}: the cluster already serves an application named {APP_NAME!r}; "
+            "delete it first (serve shutdown, or the starflow serve that runs it)"
+        )
+    running = Running(f"http://{config.host}:{config.port}", 0.0, not status.proxies, metrics_url)
     try:
         serve.start(
             http_options={"host": config.host, "port": config.port}, proxy_location=config.proxy_location

@@ -18,6 +18,7 @@ from starflow.core.request import GenerateRequest
 SERVER_FIELDS = ("engine", "backend", "precision", "threads")
 IMAGE_FORMATS = ("png", "npy")
 CLIP_FORMATS = ("gif", "mp4", "npy", "png")  # png: one PNG per frame
+DEFAULT_TIMEOUT_S = 300.0  # a request's answer, or 503
 
 
 class ServeRequest(GenerateRequest):
@@ -49,6 +50,7 @@ class Limits(BaseModel):
     max_frames: Annotated[int, Field(ge=1)] | None = None  # None: the export's maximum
     max_pixels: Annotated[int, Field(ge=1)] = 1024 * 1024  # height x width of one image
     max_guidance: Annotated[float, Field(ge=0)] = 20.0
+    max_jacobi_iter: Annotated[int, Field(ge=1)] = 128  # per chunk (threshold 0 runs every one)
     max_prompt_chars: Annotated[int, Field(ge=1)] = 2000
     max_body_bytes: Annotated[int, Field(ge=1)] = 1 << 20
 
@@ -57,10 +59,18 @@ class Limits(BaseModel):
         images = len(request.prompts) * request.num_images
         if images > self.max_images:
             raise StarflowError(f"num_images: {images} images asked; this server allows {self.max_images}")
-        longest = max(len(p) for p in request.prompts)
-        if longest > self.max_prompt_chars:
+        for field, texts in (
+            ("prompts", request.prompts),
+            ("negative_prompt", [request.negative_prompt or ""]),
+        ):
+            longest = max(len(p) for p in texts)
+            if longest > self.max_prompt_chars:
+                raise StarflowError(
+                    f"{field}: a prompt of {longest} characters; this server allows {self.max_prompt_chars}"
+                )
+        if request.jacobi_max_iter is not None and request.jacobi_max_iter > self.max_jacobi_iter:
             raise StarflowError(
-                f"prompts: a prompt of {longest} characters; this server allows {self.max_prompt_chars}"
+                f"jacobi_max_iter: {request.jacobi_max_iter}; at most {self.max_jacobi_iter} here"
             )
         if request.frames is not None and model.frames is not None:
             most = min(self.max_frames or model.frames[1], model.frames[1])

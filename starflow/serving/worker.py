@@ -86,7 +86,9 @@ class ModelWorker:
                 continue
             key = (settled[i].sampling, settled[i].latent_size, req.frames, req.denoise)
             groups.setdefault(key, []).append(i)
-        for (sampling, latent_size, frames, denoise), members in groups.items():
+
+        def serve(key: tuple, members: list[int]) -> None:
+            sampling, latent_size, frames, denoise = key
             jobs = [Job(requests[i].prompts, requests[i].num_images, requests[i].seed,
                         requests[i].negative_prompt) for i in members]  # fmt: skip
             try:
@@ -94,9 +96,12 @@ class ModelWorker:
                     jobs, latent_size=latent_size, sampling=sampling, denoise=denoise, frames=frames
                 )
             except StarflowError as err:
-                for i in members:
-                    outcomes[i] = err
-                continue
+                if len(members) == 1:
+                    outcomes[members[0]] = err
+                else:  # what the group was refused (its memory, say) may fit each request alone
+                    for i in members:
+                        serve(key, [i])
+                return
             for i, result in zip(members, results, strict=True):
                 if requests[i].check_finite and not np.isfinite(result.images).all():
                     outcomes[i] = StarflowError(
@@ -108,6 +113,9 @@ class ModelWorker:
                     len(members), result.batch_images, sum(b.evaluations for b in result.stats),
                     result.seconds,
                 )  # fmt: skip
+
+        for key, members in groups.items():
+            serve(key, members)
         return outcomes  # type: ignore[return-value]  # every index was filled above
 
     def settle(self, req: GenerateRequest) -> Settled:

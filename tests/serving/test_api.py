@@ -197,6 +197,16 @@ def test_oversized_bodies_are_refused(client: TestClient) -> None:
             "num_images: 9 images asked; this server allows 8",
         ),
         ("generate", b'{"prompts": ["1"], "guidance": 21}', "guidance: 21; this server allows at most 20"),
+        (
+            "generate",
+            b'{"prompts": ["1"], "jacobi_max_iter": 100000000}',
+            "jacobi_max_iter: 100000000; at most 128",
+        ),
+        (
+            "generate",
+            b'{"prompts": ["1"], "negative_prompt": "' + b"x" * 2001 + b'"}',
+            "negative_prompt: a prompt of 2001",
+        ),
         ("generate", b'{"prompts": ["x"]}', "this model knows the prompts"),
         (
             "generate",

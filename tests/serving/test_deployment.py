@@ -226,9 +226,11 @@ def test_losing_a_node_fails_only_its_requests_in_flight(server: Server, ray_clu
         _run(server, 48, concurrency=4, into=calls)
         killing.result()
     failed = [c for c in calls if c.status != 200]
+    in_flight = [c for c in calls if c.began < killed_at < c.ended]  # on either node at the kill
     print(f"48 requests, a node killed after 12 answers ({gone_at - killed_at:.2f} s): {len(failed)} failed")
+    assert in_flight  # the kill did land mid-run (else nothing below would be tested)
     assert all(c.status == 503 and "lost" in (c.error or "") for c in failed), failed
-    assert len(failed) <= 4  # at most the requests in flight at once
+    assert len(failed) <= len(in_flight) <= 4  # at most the requests in flight at once
     # every failed request was out at one moment (the loss), none had ended before the kill, and
     # once the first failure came back (the loss was known) every request went to the head
     assert not failed or max(c.began for c in failed) < min(c.ended for c in failed)

@@ -35,7 +35,7 @@ def mixed(target: GenerateRequest, frames: int | None) -> list[GenerateRequest]:
             prompts=[str(d)],
             seed=100 + d,
             num_images=1 + d % 2,
-            guidance=[0.0, 1.0, 2.0][d % 3],
+            guidance=[None, 0.0, 3.0][d % 3],  # None: the target's (the model's), so some share its call
             frames=frames,
         )
         for d in range(7)
@@ -54,13 +54,15 @@ def test_a_request_is_the_same_alone_or_in_a_mixed_batch(kind, image_worker, vid
     assert batched.batch_requests > 1  # it did share a sampler call
     assert np.abs(batched.images - alone.images).max() <= 1e-5
     assert batched.iterations == alone.iterations
-    # the official whole-batch stop test would not give this: the same jobs, coupled
+    # the official whole-batch stop test would not give this: the call it shared, coupled
     g = worker.generator
     resolved = target.resolve(g)
     coupled = dataclasses.replace(resolved.sampling, stop="batch")
-    jobs = [Job(r.prompts, r.num_images, r.seed) for r in mixed(target, frames) if r.guidance is None]
+    group = [r for r in mixed(target, frames) if r.guidance is None]  # the target's settings
+    assert len(group) == batched.batch_requests > 1
+    jobs = [Job(r.prompts, r.num_images, r.seed) for r in group]
     shared = g.generate_many(jobs, sampling=coupled, latent_size=resolved.latent_size, frames=frames)
-    assert np.abs(shared[-1].images - alone.images).max() > 1e-3
+    assert np.abs(shared[group.index(target)].images - alone.images).max() > 1e-3
 
 
 def test_a_bad_request_fails_alone(image_worker):
