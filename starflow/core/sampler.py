@@ -395,9 +395,10 @@ def solve_jacobi(
                     xp.mean(sigma, axis=1, keepdims=True),
                 )
                 x_full[:, start + 1 : start + 1 + c] = mean_mu + mean_sigma * target
-            stopped = xp.zeros((rows, 1, 1), dtype=xp.bool, device=device(z))  # "row": rows done
-            ran = xp.zeros((rows,), dtype=xp.int64, device=device(z))  # iterations per row
-            held = None  # "row": the inputs of the last iteration
+            if by_row:  # the rows done, the iterations each ran, the inputs of the last iteration
+                stopped = xp.zeros((rows, 1, 1), dtype=xp.bool, device=device(z))
+                ran = xp.zeros((rows,), dtype=xp.int64, device=device(z))
+                held = None
             for i in range(settings.max_iter):
                 warm = i == 0 and frames.warm_start and start > F
                 first = start - F if warm else start
@@ -412,8 +413,8 @@ def solve_jacobi(
                     mu, sigma = guide(mu, sigma, guidance)
                 new = mu + sigma * target
                 old = x_full[:, start + 1 : start + 1 + c]
-                ran = ran + xp.astype(~stopped[:, 0, 0], xp.int64)
                 if by_row:
+                    ran = ran + xp.astype(~stopped[:, 0, 0], xp.int64)
                     diff = xp.mean(xp.square(new - old), axis=(1, 2)) / xp.mean(xp.square(new), axis=(1, 2))
                     new = xp.where(stopped, old, new)
                     stopped = stopped | (diff < settings.threshold)[:, None, None]
@@ -427,7 +428,7 @@ def solve_jacobi(
                 if agree(done) if agree else done:
                     break
             stats.iterations.append(i + 1)
-            stats.image_iterations.append([int(n) for n in ran])
+            stats.image_iterations.append([int(n) for n in ran] if by_row else [i + 1] * rows)
             previous_map = mu, sigma
             start += c
             report(start, T)
