@@ -269,7 +269,10 @@ def create_app(
         except TimeoutError:
             raise Overloaded(f"no answer within {timeout_s:g} s; retry later") from None
 
-    async def serve(request: Request, model: ModelClient, job: GenerateRequest) -> Served:
+    async def serve(
+        request: Request, model: ModelClient, job: GenerateRequest, kind: str
+    ) -> tuple[Served, list[str] | list[list[str]]]:
+        """The job's images, and each encoded as `kind` in base64."""
         limits.check(job, model.info)
         served = await answer(model.generate(job))
         request.state.images = len(served.images)
@@ -277,7 +280,7 @@ def create_app(
         request.state.batch_images = served.batch_images
         if "queue" in served.seconds:
             request.state.queue_s = served.seconds["queue"]
-        return served
+        return served, await run_in_threadpool(_encode, served.images, kind, served.fps)
 
     def headers(served: Served) -> dict[str, str]:
         return {f"{SERVED_BY_HEADER}{key.capitalize()}": value for key, value in served.served_by.items()}
@@ -296,8 +299,7 @@ def create_app(
             prompts=[body.prompt], num_images=body.n or 1, size=_openai_size(body.size), **options
         )
         kind = _output_format(body.output_format, job.clips, ("gif",) if job.clips else ("png",))
-        served = await serve(request, model, job)
-        encoded = await run_in_threadpool(_encode, served.images, kind, served.fps)
+        served, encoded = await serve(request, model, job, kind)
         h, w = served.images.shape[-3:-1]
         response = ImagesResponse(
             created=int(time.time()), data=[ImageData(b64_json=item) for item in encoded], output_format=kind,
@@ -314,8 +316,7 @@ def create_app(
         name, model = client(body.model, request)
         job = body.generate_request()
         kind = _output_format(body.output_format, job.clips, CLIP_FORMATS if job.clips else IMAGE_FORMATS)
-        served = await serve(request, model, job)
-        encoded = await run_in_threadpool(_encode, served.images, kind, served.fps)
+        served, encoded = await serve(request, model, job, kind)
         response = GenerateResponse(
             model=name, output_format=kind, images=encoded, prompts=served.prompts, seed=served.seed,
             size=served.images.shape[-3:-1], frames=job.frames, fps=served.fps, iterations=served.iterations,
