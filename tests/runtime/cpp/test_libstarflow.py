@@ -32,7 +32,9 @@ from starflow.model.testing import random_model
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
 from tests.conftest import ROOT, T2I
 
-BUILD, ASAN_BUILD = ROOT / "build" / "cpp", ROOT / "build" / "cpp-asan"
+# STARFLOW_CPP_BUILD / STARFLOW_CPP_ASAN_BUILD: other build folders (parallel local builds)
+BUILD = Path(os.environ.get("STARFLOW_CPP_BUILD", ROOT / "build" / "cpp"))
+ASAN_BUILD = Path(os.environ.get("STARFLOW_CPP_ASAN_BUILD", ROOT / "build" / "cpp-asan"))
 FIXTURE_JACOBI = JacobiSettings(block_size=16, max_iter=64, threshold=1e-6)
 FP16_TOLERANCE = 2e-3  # the Python runtime's fp16 limit (tests/runtime/test_pipeline.py)
 # GQA, SwiGLU, RMSNorm, patch 2, text in every block: latent 16x24 is an 8x12 token grid.
