@@ -207,6 +207,16 @@ class TextComponent:
     pad_id: Index
     classes: Annotated[tuple[str, ...] | None, Field(description="label-table: the prompts it knows")]
     source: str
+    sentencepiece: Annotated[
+        Name | None,
+        Field(
+            description="hf-encoder: T5's SentencePiece model (spiece.model) behind tokenizer.json's "
+            "Unigram vocabulary, for runtimes without the `tokenizers` library: tokenizer.json's added "
+            "tokens are split out of the prompt first, the text between them is encoded with this "
+            "model, then tokenizer.json's template, truncation and padding apply; null when the "
+            "encoder directory has none (callers pass token ids)"
+        ),
+    ] = None
 
 
 @frozen

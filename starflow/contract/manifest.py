@@ -64,7 +64,7 @@ from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import OFFICIAL, check_preset_name, choose
 
-SCHEMA_VERSION = 8  # the one place: the schemas carry it as a const, CMake reads it from there
+SCHEMA_VERSION = 9  # the one place: the schemas carry it as a const, CMake reads it from there
 MANIFEST_NAME = "manifest.json"
 RECORD_NAME = "record.json"
 MAX_FILE_BYTES = 64 << 20  # either file; libstarflow reads no more either
