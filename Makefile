@@ -3,7 +3,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint format clean cpp cpp-asan
+.PHONY: venv demo test lint format clean cpp cpp-asan cpp-tsan
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ cpp: venv
 
 cpp-asan: venv
 	scripts/build_cpp.sh build/cpp-asan -DSTARFLOW_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+
+# ThreadSanitizer: concurrent pipelines in threads (not part of `make test`: docs/benchmarks.md
+# has its last result)
+cpp-tsan: venv
+	scripts/build_cpp.sh build/cpp-tsan -DSTARFLOW_SANITIZE_THREAD=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	TSAN_OPTIONS=suppressions=runtime/cpp/tests/tsan.supp build/cpp-tsan/starflow-threads-test "$$($(BIN)/python -c 'from starflow.export.cache import demo_artifacts; print(demo_artifacts())')" 4 2
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py
