@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 # Shared fixtures live beside the repo (<parent>/shared/fixtures) unless STARFLOW_FIXTURES says where.
 FIXTURES = Path(os.environ.get("STARFLOW_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 T2I = FIXTURES / "official-t2i-tiny"
+VIDEO = FIXTURES / "official-video-tiny"
+VIDEO_MAX_FRAMES = 6  # the frames `video_export` covers
 # the tiny T5's word-level vocabulary (besides <pad>, </s>, <unk>)
 T5_WORDS = "a an the photo of cat dog red blue green big small house tree car on in with and sky".split()
 
@@ -36,6 +38,34 @@ def fixture_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--no-denoise",
     ]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def video_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official tiny video fixture with a two-class label table beside it (so prompts work),
+    exported once per session by the CLI: fp32, clips of 1 .. VIDEO_MAX_FRAMES frames, without the
+    density graphs. Tests that modify it must work on a copy."""
+    if not VIDEO.is_dir():
+        pytest.skip(f"shared fixtures not found at {VIDEO}")
+    import shutil
+
+    import torch
+    from typer.testing import CliRunner
+
+    from starflow.cli.main import app
+    from starflow.model.label_encoder import LabelEncoder, labels_path, save_label_encoder
+
+    work = tmp_path_factory.mktemp("video-export")
+    checkpoint = work / "checkpoint.pth"
+    shutil.copy(VIDEO / "checkpoint.pth", checkpoint)
+    torch.manual_seed(0)
+    save_label_encoder(LabelEncoder(["up", "down"], 5, 16), labels_path(checkpoint))
+    out = work / "artifacts"
+    args = ["export", "onnx", "--config", str(VIDEO / "config.yaml"), "--checkpoint", str(checkpoint)]
+    args += ["--out", str(out), "--precision", "fp32", "--no-density", "--max-frames", str(VIDEO_MAX_FRAMES)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
 

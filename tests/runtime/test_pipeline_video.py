@@ -6,8 +6,6 @@ and bad frame requests refused before any work."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,31 +17,12 @@ from starflow.cli.main import app
 from starflow.contract.manifest import SCHEMA_VERSION, Manifest
 from starflow.core.errors import StarflowError
 from starflow.model.checkpoint import load_model
-from starflow.model.label_encoder import LabelEncoder, labels_path, save_label_encoder
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
-from tests.conftest import FIXTURES
+from tests.conftest import VIDEO, VIDEO_MAX_FRAMES
 
-VIDEO = FIXTURES / "official-video-tiny"
 JACOBI = JacobiSettings(block_size=4, max_iter=64, threshold=1e-6)  # the fixture's settings
-MAX_FRAMES = 6
 
 pytestmark = pytest.mark.skipif(not VIDEO.is_dir(), reason=f"shared fixtures not found at {VIDEO}")
-
-
-@pytest.fixture(scope="module")
-def video_export(tmp_path_factory) -> Path:
-    """The fixture checkpoint with a two-class label table beside it, exported by the CLI (fp32)."""
-    work = tmp_path_factory.mktemp("video-export")
-    checkpoint = work / "checkpoint.pth"
-    shutil.copy(VIDEO / "checkpoint.pth", checkpoint)
-    torch.manual_seed(0)
-    save_label_encoder(LabelEncoder(["up", "down"], 5, 16), labels_path(checkpoint))
-    out = work / "artifacts"
-    args = ["export", "onnx", "--config", str(VIDEO / "config.yaml"), "--checkpoint", str(checkpoint)]
-    args += ["--out", str(out), "--precision", "fp32", "--no-density", "--max-frames", str(MAX_FRAMES)]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +39,7 @@ def test_manifest_describes_the_video_model(video_export):
     manifest = Manifest.load(video_export)
     assert manifest.schema_version == SCHEMA_VERSION
     video = manifest.video
-    assert (video.frames.min, video.frames.max) == (1, MAX_FRAMES)
+    assert (video.frames.min, video.frames.max) == (1, VIDEO_MAX_FRAMES)
     assert video.later_chunk_factor == 4 and video.warm_start and video.window is None
     assert [(b.index, b.permutation, b.frame_local) for b in manifest.blocks] == [
         (2, "flip-in-frame", False),
@@ -92,7 +71,7 @@ def test_learned_denoiser_through_the_runtime(video_export, golden):
 
 def test_rolling_generation_matches_pytorch(video_export, model, golden):
     """6 frames through a 2-frame window (3 rolls), guided, as the PyTorch reference rolls them."""
-    noise = np.random.default_rng(1).standard_normal((2, MAX_FRAMES, 4, 4, 4), dtype=np.float32)
+    noise = np.random.default_rng(1).standard_normal((2, VIDEO_MAX_FRAMES, 4, 4, 4), dtype=np.float32)
     options = SampleOptions(guidance=1.5, jacobi=JACOBI, window=2, context=1)
     y, y_null = golden["y"], golden["y_null"]
     ours = Pipeline.load(video_export).sample(noise, y, y_null, options)

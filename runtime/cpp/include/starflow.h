@@ -78,7 +78,9 @@ typedef struct sf_pipeline sf_pipeline;
  * and every file's sha256, then opens each graph once. `config` NULL: the defaults. */
 SF_API sf_status* sf_pipeline_load(const char* artifacts_dir, const sf_config* config, sf_pipeline** out);
 SF_API void sf_pipeline_free(sf_pipeline* pipeline);
-/* JSON: latent channels, patch, sizes, text dim, max rows, images per batch, defaults. */
+/* JSON: latent channels, patch, sizes, text dim, max rows, images per batch, defaults, denoise kind,
+ * video (null for an image export; else frames min/opt/max, window, context, later_chunk_factor,
+ * warm_start, fps). */
 SF_API const char* sf_pipeline_describe(const sf_pipeline* pipeline);
 
 /* ---- sampling options: start from the export's defaults, change what you need ------------------ */
@@ -102,15 +104,27 @@ SF_API sf_status* sf_sampling_set_init(sf_sampling* sampling, const char* init);
 /* Separate Jacobi settings for the shallow blocks (the setters above then apply to the deep one). */
 SF_API sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* sampling, int block_size, int max_iter,
                                                  double threshold, const char* init);
+/* Clips (video exports; the defaults are the export's video section): the deep block attends to at
+ * most `window` frames; when they are full its cache restarts from the last `context` frames,
+ * re-encoded, and the next window adds window - context frames (the official rolling generation,
+ * Jacobi only). window 0: no limit; context 0: window - 1; context < window; window at most what the
+ * export's caches hold (sf_pipeline_describe's video.window, else video.frames.max). */
+SF_API sf_status* sf_sampling_set_window(sf_sampling* sampling, int window, int context);
+/* Clips: a Jacobi chunk after the first frame starts its first iteration from the tokens one frame
+ * earlier (non-zero, the official default) or from its own noise (0). */
+SF_API sf_status* sf_sampling_set_warm_start(sf_sampling* sampling, int on);
 SF_API void sf_sampling_free(sf_sampling* sampling);
 
 /* ---- the stages -------------------------------------------------------------------------------- */
 /* noise (B, C, H, W) float32 [, text (B, L, dim) float32 [, text_uncond, same shape]] -> latent.
- * Guidance > 0 needs text_uncond (the encoded empty prompt). */
+ * Guidance > 0 needs text_uncond (the encoded empty prompt). A video export takes clips
+ * (B, T, C, H, W) of T frames within its range (sf_pipeline_describe's video.frames) and gives
+ * clips; an image export refuses clips and a video export images, with a status. */
 SF_API sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* sampling, const sf_tensor* noise,
                                      const sf_tensor* text, const sf_tensor* text_uncond, sf_tensor** latent);
 /* JSON list, one entry per block of the last sample call: block, method, iterations per chunk,
- * evaluations, tokens, seconds. "[]" before the first call. */
+ * image_iterations (per chunk, the iterations each image of the batch ran: they differ under the
+ * "row" stop rule), evaluations, tokens, seconds. "[]" before the first call. */
 SF_API const char* sf_pipeline_stats(const sf_pipeline* pipeline);
 /* Prompts -> text embeddings (count, L, dim). Label-table exports are tokenised here; exports
  * with a subword tokenizer need sf_pipeline_encode_tokens. */
@@ -119,14 +133,18 @@ SF_API sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* 
 /* Token ids and attention mask, int64 (B, token_length) -> text embeddings. */
 SF_API sf_status* sf_pipeline_encode_tokens(sf_pipeline* pipeline, const sf_tensor* ids, const sf_tensor* mask,
                                             sf_tensor** embeddings);
-/* The self-denoise step x - noise_std^2 * grad (needs the export's denoise graph). */
+/* The self-denoise step (needs the export's denoise graph): x - noise_std^2 * grad for images, or
+ * for a video export's learned denoiser, clips (B, T, C, H, W) -> x - step * correction, clips longer
+ * than the export's video window in its overlapping windows. */
 SF_API sf_status* sf_pipeline_denoise(sf_pipeline* pipeline, const sf_tensor* latent, const sf_tensor* text,
                                       sf_tensor** out);
-/* Latents -> (N, H, W, C) float32 images in [0, 1] (the decoder graph, or identity). */
+/* Latents -> (N, H, W, C) float32 images in [0, 1] (the decoder graph, or identity); clips
+ * (N, T, C, H, W) -> (N, T, H, W, C) frames. */
 SF_API sf_status* sf_pipeline_decode(sf_pipeline* pipeline, const sf_tensor* latent, sf_tensor** images);
 /* Prompts -> images, as Generator.generate: one image per prompt with its row of `noise`
  * (count, C, H, W); the uncond text is `negative_prompt` or ""; batches of the export's size;
- * self-denoise when `denoise` is non-zero. `latents` may be NULL. */
+ * self-denoise when `denoise` is non-zero. `latents` may be NULL. A video export takes clip noise
+ * (count, T, C, H, W) and gives clips (count, T, H, W, C) (as `starflow generate --frames T`). */
 SF_API sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampling,
                                        const char* const* prompts, size_t count, const char* negative_prompt,
                                        const sf_tensor* noise, int denoise, sf_tensor** images,

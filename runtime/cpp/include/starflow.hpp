@@ -100,6 +100,8 @@ class Sampling {
   Sampling& shallow_jacobi(int block_size, int max_iter, double threshold, const std::string& first_guess) {
     return check(sf_sampling_set_shallow_jacobi(get(), block_size, max_iter, threshold, first_guess.c_str())), *this;
   }
+  Sampling& window(int frames, int context = 0) { return check(sf_sampling_set_window(get(), frames, context)), *this; }
+  Sampling& warm_start(bool on) { return check(sf_sampling_set_warm_start(get(), on)), *this; }
   sf_sampling* get() const { return handle_.get(); }
 
  private:
@@ -135,6 +137,18 @@ class Pipeline {
     sf_tensor* out = nullptr;
     check(sf_pipeline_decode(get(), latent.get(), &out));
     return Tensor(out);
+  }
+  // Prompts -> images (clips), one per prompt with its row of noise; latents too when asked.
+  Tensor generate(const Sampling& s, const std::vector<std::string>& prompts, const Tensor& noise,
+                  const std::string& negative_prompt = "", bool denoise = true, Tensor* latents = nullptr) {
+    std::vector<const char*> p;
+    for (const auto& prompt : prompts) p.push_back(prompt.c_str());
+    sf_tensor *images = nullptr, *latent = nullptr;
+    check(sf_pipeline_generate(get(), s.get(), p.data(), p.size(), negative_prompt.c_str(), noise.get(), denoise,
+                               &images, latents ? &latent : nullptr));
+    Tensor owned(images);
+    if (latents) *latents = Tensor(latent);
+    return owned;
   }
   std::string describe() const { return sf_pipeline_describe(get()); }
   std::string stats() const { return sf_pipeline_stats(get()); }

@@ -277,6 +277,17 @@ sf_status* sf_sampling_set_shallow_jacobi(sf_sampling* s, int block_size, int ma
   });
 }
 
+sf_status* sf_sampling_set_window(sf_sampling* s, int window, int context) {
+  return change(s, __func__, [&](native::Sampling& x, const char*) {  // 0: none; Sampling::check refuses < 0
+    x.window = window ? std::optional<int>(window) : std::nullopt;
+    x.context = context ? std::optional<int>(context) : std::nullopt;
+  });
+}
+
+sf_status* sf_sampling_set_warm_start(sf_sampling* s, int on) {
+  return change(s, __func__, [&](native::Sampling& x, const char*) { x.warm_start = on != 0; });
+}
+
 void sf_sampling_free(sf_sampling* s) { delete s; }
 
 // ---- stages ----

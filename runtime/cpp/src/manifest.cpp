@@ -193,8 +193,6 @@ Manifest load_manifest(const std::string& directory) {
     throw Error(r.source + ": its fields changed since the export (digest mismatch): the graphs would be driven by "
                 "settings they were not validated with; re-export instead of editing");
 
-  if (doc.contains("video") && !doc["video"].is_null())
-    throw Error(r.source + ": a video (STARFlow-V) export; libstarflow samples image exports only (use the Python runtime)");
   Manifest m;
   m.directory = directory;
   const json& latent = r.at(doc, "latent", "");
@@ -231,10 +229,33 @@ Manifest load_manifest(const std::string& directory) {
   m.decoder_kind = r.text(decoder, "kind", "decoder.");
   if (decoder.contains("graph") && !decoder["graph"].is_null()) m.decoder_graph = r.name(decoder, "graph", "decoder.");
   if (doc.contains("denoise") && !doc["denoise"].is_null()) {
-    if (r.text(doc["denoise"], "kind", "denoise.") != "nll-gradient")
-      r.fail("denoise.kind", "must be nll-gradient (the learned denoiser of video models is not supported here)");
-    m.denoise_graph = r.name(doc["denoise"], "graph", "denoise.");
-    m.denoise_noise_std = r.number(doc["denoise"], "noise_std", "denoise.");
+    const json& denoise = doc["denoise"];
+    std::string kind = r.text(denoise, "kind", "denoise.");
+    if (kind != "nll-gradient" && kind != "learned") r.fail("denoise.kind", "must be nll-gradient or learned");
+    m.denoise_graph = r.name(denoise, "graph", "denoise.");
+    m.denoise_noise_std = r.number(denoise, "noise_std", "denoise.");
+    m.denoise_learned = kind == "learned";
+    if (m.denoise_learned) {  // starflow.contract.Denoise: step > 0, overlap >= 0 or null
+      m.denoise_step = r.number(denoise, "step", "denoise.");
+      if (!(m.denoise_step > 0)) r.fail("denoise.step", "must be a number > 0 for the learned denoiser");
+      if (!r.at(denoise, "overlap", "denoise.").is_null()) m.denoise_overlap = r.small(denoise, "overlap", "denoise.");
+    }
+  }
+  if (doc.contains("video") && !doc["video"].is_null()) {  // starflow.contract.Video
+    const json& video = doc["video"];
+    const json& frames = r.at(video, "frames", "video.");
+    Video v;
+    v.frames = {r.integer(frames, "min", "video.frames."), r.integer(frames, "opt", "video.frames."),
+                r.integer(frames, "max", "video.frames.")};
+    if (v.frames.min < 1 || v.frames.max < v.frames.min) r.fail("video.frames", "must have 1 <= min <= max");
+    for (auto [key, target] : {std::pair{"window", &v.window}, {"context", &v.context}})
+      if (!r.at(video, key, "video.").is_null()) *target = r.small(video, key, "video.", 1);
+    v.later_chunk_factor = r.small(video, "later_chunk_factor", "video.", 1);
+    v.warm_start = r.flag(video, "warm_start", "video.");
+    v.fps = r.number(video, "fps", "video.");
+    if (!(v.fps > 0)) r.fail("video.fps", "must be a number > 0");
+    if (v.context && (!v.window || *v.context >= *v.window)) r.fail("video.context", "must be fewer frames than video.window");
+    m.video = v;
   }
   const json& guidance = r.at(doc, "guidance", "");
   m.default_guidance = r.number(guidance, "default_weight", "guidance.");
@@ -302,7 +323,12 @@ Manifest load_manifest(const std::string& directory) {
     b.index = r.small(item, "index", "blocks[].");
     std::string where = "blocks[" + std::to_string(b.index) + "].";
     b.deep = r.text(item, "role", where) == "deep";
-    b.flip = r.text(item, "permutation", where) == "flip";
+    std::string permutation = r.text(item, "permutation", where);
+    if (permutation != "identity" && permutation != "flip" && permutation != "flip-in-frame")
+      r.fail(where + "permutation", "must be identity, flip or flip-in-frame");
+    b.flip = permutation != "identity";
+    b.flip_in_frame = permutation == "flip-in-frame";
+    b.frame_local = r.flag(item, "frame_local", where);
     b.text_conditioned = r.flag(item, "text_conditioned", where);
     b.layers = r.small(item, "layers", where, 1);
     b.kv_heads = r.small(item, "kv_heads", where, 1);

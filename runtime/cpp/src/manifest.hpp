@@ -44,6 +44,8 @@ struct GraphEntry {
 struct BlockEntry {
   int index = 0;
   bool deep = false, flip = false, text_conditioned = false;
+  bool flip_in_frame = false;  // permutation flip-in-frame: a clip's flip reverses each frame
+  bool frame_local = false;    // a clip's frames are sampled as separate sequences
   int layers = 0, kv_heads = 0, head_dim = 0;
   std::vector<float> sos;
   std::map<std::string, std::map<std::string, std::string>> graphs;  // precision -> kind -> graph
@@ -56,6 +58,15 @@ struct TextComponent {
   std::optional<std::vector<std::string>> classes;
 };
 
+// STARFlow-V exports (starflow.contract.Video): clips (B, F, C, H, W) of frames.min .. frames.max frames.
+struct Video {
+  Range frames;
+  std::optional<int> window, context;  // the deep block's cache in frames (none: all); context none: window - 1
+  int later_chunk_factor = 4;
+  bool warm_start = true;
+  double fps = 8;
+};
+
 struct Manifest {
   std::string directory;  // as given by the caller
   int channels = 0, patch_size = 1, multiple_of = 1;
@@ -65,7 +76,10 @@ struct Manifest {
   std::string decoder_kind;
   std::optional<std::string> decoder_graph;
   std::optional<std::string> denoise_graph;
-  double denoise_noise_std = 0;
+  bool denoise_learned = false;  // kind "learned" (video): x - step * correction in windows; else nll-gradient
+  double denoise_noise_std = 0, denoise_step = 0;
+  std::optional<int> denoise_overlap;  // learned only; none: window - 1
+  std::optional<Video> video;          // none: an image export
   double default_guidance = 0;
   bool guide_deep_only = true;
   Jacobi jacobi;                             // the default block-wise Jacobi settings

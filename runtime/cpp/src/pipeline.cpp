@@ -70,13 +70,17 @@ class GraphBlock : public SamplerBlock {
   int index() const override { return entry_.index; }
   bool deep() const override { return entry_.deep; }
   bool flip() const override { return entry_.flip; }
+  bool flip_in_frame() const override { return entry_.flip_in_frame; }
+  bool frame_local() const override { return entry_.frame_local; }
   bool text_conditioned() const override { return entry_.text_conditioned; }
   const std::vector<float>& sos() const override { return entry_.sos; }
 
-  void open(int64_t rows, int64_t h, int64_t w, const Sequence* text) override {
+  // grid (h, w) is one frame's, as the Python GraphBlock feeds it: a clip's step graph places its
+  // positions in frames from it and `start`.
+  void open(int64_t rows, int64_t h, int64_t w, const Sequence* text, int64_t tokens) override {
     rows_ = rows;
     text_length_ = text ? text->length : 0;
-    length_ = text_length_ + h * w;
+    length_ = text_length_ + tokens;
     grid_[0] = h;
     grid_[1] = w;
     auto& cache = caches_[{rows, length_}];  // allocated once per size, reused by later calls
@@ -98,6 +102,9 @@ class GraphBlock : public SamplerBlock {
 
   void step(const Sequence& x, int64_t start, Sequence& mu, Sequence& sigma) override {
     const int64_t past = text_length_ + start, c = x.length;
+    if (past + c > length_)  // the sampler sizes the cache; this guards its bookkeeping
+      throw Error("block " + std::to_string(entry_.index) + ": cache overflow: " + std::to_string(past + c) +
+                  " positions in a cache of " + std::to_string(length_));
     gather(keys_, past_keys_, past);
     gather(values_, past_values_, past);
     int64_t position = start;
@@ -192,7 +199,7 @@ Sampling Pipeline::defaults() const {
   Sampling s;
   s.guidance = manifest_.default_guidance;
   s.jacobi = manifest_.jacobi;
-  return s;
+  return with_clip_settings(s);
 }
 
 Sampling Pipeline::preset(const std::string& name) const {
@@ -203,7 +210,17 @@ Sampling Pipeline::preset(const std::string& name) const {
     for (const auto& [known, unused] : manifest_.presets) names += ", '" + known + "'";
     throw Error("sampler '" + name + "': this export has the presets [" + names + "]");
   }
-  return found->second;
+  return with_clip_settings(found->second);
+}
+
+// A video export's clip settings are its video section's, whatever the preset (Manifest.sampling).
+Sampling Pipeline::with_clip_settings(Sampling s) const {
+  if (const std::optional<Video>& video = manifest_.video) {
+    s.warm_start = video->warm_start;
+    s.window = video->window;
+    s.context = video->context;
+  }
+  return s;
 }
 
 std::string Pipeline::describe() const {
@@ -224,28 +241,47 @@ std::string Pipeline::describe() const {
       {"classes", m.text_component && m.text_component->classes ? json(*m.text_component->classes) : json(nullptr)},
       {"max_rows", m.max_rows()},
       {"denoise", m.denoise_graph.has_value()},
+      {"denoise_kind", m.denoise_graph ? json(m.denoise_learned ? "learned" : "nll-gradient") : json(nullptr)},
+      {"video", nullptr},
       {"decoder", m.decoder_kind},
       {"default_guidance", m.default_guidance},
       {"jacobi", {{"block_size", m.jacobi.block_size}, {"max_iter", m.jacobi.max_iter}, {"threshold", m.jacobi.threshold}}},
       {"presets", json::array()},
   };
   for (const auto& [name, unused] : m.presets) d["presets"].push_back(name);
+  if (const std::optional<Video>& v = m.video)
+    d["video"] = {{"frames", {{"min", v->frames.min}, {"opt", v->frames.opt}, {"max", v->frames.max}}},
+                  {"window", v->window ? json(*v->window) : json(nullptr)},
+                  {"context", v->context ? json(*v->context) : json(nullptr)},
+                  {"later_chunk_factor", v->later_chunk_factor},
+                  {"warm_start", v->warm_start},
+                  {"fps", v->fps}};
   return d.dump();
 }
 
-void Pipeline::check_inputs(const Tensor& noise, const Tensor* y, const Tensor* y_uncond,
-                            const Sampling& options) const {
+// starflow.runtime.Pipeline.check_inputs (with sampler.check_sample_inputs), in its order.
+void Pipeline::check_inputs(const Tensor& noise, const Tensor* y, const Tensor* y_uncond, const Sampling& options,
+                            const std::string& name) const {
   const Manifest& m = manifest_;
+  const std::optional<Video>& video = m.video;
   options.check();
-  const std::string wanted = "(B, " + std::to_string(m.channels) + ", H, W) float32";
-  if (noise.shape.size() != 4 || noise.shape[1] != m.channels || noise.dtype != DType::f32)
-    throw Error("noise: expected a " + wanted + " latent array, got " + dtype_name(noise.dtype) + " " +
-                shape_text(noise.shape));
-  const int64_t B = noise.shape[0], H = noise.shape[2], W = noise.shape[3];
-  if (B == 0) throw Error("noise: the batch is empty, shape " + shape_text(noise.shape));
+  const std::size_t rank = noise.shape.size();
+  const bool rank_ok = rank == 4 || (video && rank == 5);
+  const std::string c = std::to_string(m.channels);
+  std::string wanted = "(B, " + c + ", H, W) float32 latent array";
+  if (video) wanted += " or a (B, F, " + c + ", H, W) float32 clip array";
+  if (!rank_ok || noise.shape[rank - 3] != m.channels || noise.dtype != DType::f32)
+    throw Error(name + ": expected a " + wanted + ", got " + dtype_name(noise.dtype) + " " + shape_text(noise.shape) +
+                (!video && rank == 5 ? " (clips need a video model)" : ""));
+  const int64_t B = noise.shape[0], frames = rank == 5 ? noise.shape[1] : 1, H = noise.shape[rank - 2],
+                W = noise.shape[rank - 1];
+  if (B == 0 || frames == 0) throw Error(name + ": the batch is empty, shape " + shape_text(noise.shape));
   if (H == 0 || W == 0 || H % m.patch_size || W % m.patch_size)
-    throw Error("noise: latent size " + std::to_string(H) + "x" + std::to_string(W) +
+    throw Error(name + ": latent size " + std::to_string(H) + "x" + std::to_string(W) +
                 " is not a positive multiple of patch_size " + std::to_string(m.patch_size));
+  if (options.method == "sequential" && options.window && frames > *options.window)
+    throw Error(name + ": " + std::to_string(frames) + " frames roll past the " + std::to_string(*options.window) +
+                "-frame window, which needs method='jacobi' (the official rolling generation is Jacobi's)");
   if (m.text_dim == 0) {
     if (y) throw Error("y: this model is not text-conditioned; pass no text and no guidance");
   } else {
@@ -264,20 +300,38 @@ void Pipeline::check_inputs(const Tensor& noise, const Tensor* y, const Tensor* 
     if (y_uncond->shape != y->shape)
       throw Error("y_uncond: expected shape " + shape_text(y->shape) + " (as y), got " + shape_text(y_uncond->shape));
   }
-  check_finite(noise, "noise");
+  check_finite(noise, name);
   if (y) check_finite(*y, "y");
   if (options.guidance > 0) check_finite(*y_uncond, "y_uncond");
-  const int64_t h = H, w = W;
-  if (h < m.min_size[0] || h > m.max_size[0] || w < m.min_size[1] || w > m.max_size[1])
-    throw Error("noise: latent " + std::to_string(h) + "x" + std::to_string(w) + " is outside this export's range " +
+  if (H < m.min_size[0] || H > m.max_size[0] || W < m.min_size[1] || W > m.max_size[1])
+    throw Error(name + ": latent " + std::to_string(H) + "x" + std::to_string(W) + " is outside this export's range " +
                 std::to_string(m.min_size[0]) + "x" + std::to_string(m.min_size[1]) + " .. " +
                 std::to_string(m.max_size[0]) + "x" + std::to_string(m.max_size[1]) +
                 " (re-export with min_latent/max_latent to cover it)");
-  const int64_t rows = B * (options.guidance > 0 ? 2 : 1);
+  if (video && rank != 5)
+    throw Error(name + ": this is a video export; pass clips (B, F, C, H, W) of " + std::to_string(video->frames.min) +
+                " .. " + std::to_string(video->frames.max) + " frames, got shape " + shape_text(noise.shape));
+  check_frames(frames);
+  int64_t rows = B * (options.guidance > 0 ? 2 : 1);
+  if (std::any_of(m.blocks.begin(), m.blocks.end(), [](const BlockEntry& b) { return b.frame_local; }))
+    rows = std::max(rows, B * frames);
   if (rows > m.max_rows())
-    throw Error("noise: batch " + std::to_string(B) + " runs as " + std::to_string(rows) +
-                " graph rows (guidance doubles the batch); this export allows 1 .. " + std::to_string(m.max_rows()) +
-                " rows");
+    throw Error(name + ": batch " + std::to_string(B) + " of " + std::to_string(frames) + " frame(s) runs as " +
+                std::to_string(rows) + " graph rows (guidance doubles the batch, frame-local blocks take a row per "
+                "frame); this export allows 1 .. " + std::to_string(m.max_rows()) + " rows");
+  const int64_t held = video ? (video->window ? *video->window : video->frames.max) : 0;
+  if (video && options.window && *options.window > held)
+    throw Error("window: " + std::to_string(*options.window) + " frames is more than this export's caches hold (" +
+                std::to_string(held) + " frames)");
+}
+
+// A video export's clips are within its frame range (an image export's stills pass).
+void Pipeline::check_frames(int64_t frames) const {
+  const std::optional<Video>& video = manifest_.video;
+  if (video && (frames < video->frames.min || frames > video->frames.max))
+    throw Error("frames: " + std::to_string(frames) + " frames is outside this export's range " +
+                std::to_string(video->frames.min) + " .. " + std::to_string(video->frames.max) +
+                " (re-export with max_frames to cover it)");
 }
 
 Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_uncond, const Sampling& options) {
@@ -289,12 +343,14 @@ Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_un
   for (auto& block : blocks_) blocks.push_back(block.get());
   std::vector<BlockStats> stats;
   stats_ = "[]";
+  const int later_chunk_factor = manifest_.video ? manifest_.video->later_chunk_factor : 1;  // images: one frame
   Tensor latent = native::sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
-                                   options, manifest_.patch_size, manifest_.guide_deep_only, stats);
+                                   options, manifest_.patch_size, manifest_.guide_deep_only, later_chunk_factor, stats);
   json record = json::array();
   for (const BlockStats& s : stats)
     record.push_back({{"block", s.block}, {"method", s.method}, {"iterations", s.iterations},
-                      {"evaluations", s.evaluations}, {"tokens", s.tokens}, {"seconds", s.seconds}});
+                      {"image_iterations", s.image_iterations}, {"evaluations", s.evaluations},
+                      {"tokens", s.tokens}, {"seconds", s.seconds}});
   stats_ = record.dump();
   return latent;
 }
@@ -349,42 +405,67 @@ Tensor Pipeline::encode_prompts(const std::vector<std::string>& prompts) {
   return encode_tokens(ids, mask);
 }
 
+// The self-denoise step after sampling (Generator.denoise): x - noise_std^2 * grad for images, or for
+// a video export's learned denoiser clips x - step * correction in the official overlapping windows.
 Tensor Pipeline::denoise(const Tensor& latent, const Tensor* text) {
   if (!manifest_.denoise_graph)
     throw Error(manifest_.directory + ": this export has no denoise graph; skip denoising or re-export with it");
   const Manifest& m = manifest_;
-  if (latent.dtype != DType::f32 || latent.shape.size() != 4 || latent.shape[1] != m.channels || latent.shape[0] < 1 ||
-      latent.shape[2] < 1 || latent.shape[3] < 1 || latent.shape[2] % m.multiple_of || latent.shape[3] % m.multiple_of)
-    throw Error("x: expected a float32 (B, " + std::to_string(m.channels) + ", H, W) latent batch in multiples of " +
-                std::to_string(m.multiple_of) + ", got " + dtype_name(latent.dtype) + " " + shape_text(latent.shape));
-  std::vector<Feed> feeds = {{"x", DType::f32, latent.shape, latent.bytes.data()}};
-  if (m.text_dim) {
+  const std::size_t rank = latent.shape.size();
+  const bool clip = rank == 5 && m.denoise_learned;  // the learned denoiser takes images as one-frame clips
+  if (latent.dtype != DType::f32 || (rank != 4 && !clip) || latent.shape[rank - 3] != m.channels ||
+      std::any_of(latent.shape.begin(), latent.shape.end(), [](int64_t d) { return d < 1; }) ||
+      latent.shape[rank - 2] % m.multiple_of || latent.shape[rank - 1] % m.multiple_of)
+    throw Error("x: expected a float32 (B, " + std::string(m.denoise_learned ? "[F, ]" : "") + std::to_string(m.channels) +
+                ", H, W) latent batch in multiples of " + std::to_string(m.multiple_of) + ", got " +
+                dtype_name(latent.dtype) + " " + shape_text(latent.shape));
+  Session& session = component(*m.denoise_graph);
+  const bool takes_text = std::any_of(m.graph(*m.denoise_graph).inputs.begin(), m.graph(*m.denoise_graph).inputs.end(),
+                                      [](const TensorSpec& t) { return t.name == "text"; });
+  if (takes_text) {
     if (!text || text->dtype != DType::f32 || text->shape.size() != 3 || text->shape[0] != latent.shape[0] ||
         text->shape[1] < 1 || text->shape[2] != m.text_dim)
       throw Error("text: expected (" + std::to_string(latent.shape[0]) + ", L, " + std::to_string(m.text_dim) +
                   ") float32 text embeddings with L >= 1" +
                   (text ? ", got " + dtype_name(text->dtype) + " " + shape_text(text->shape) : std::string()));
-    feeds.push_back({"text", DType::f32, text->shape, text->bytes.data()});
-  } else if (text) {
+  } else if (text && !m.denoise_learned) {  // a learned denoiser without text ignores it, as in Python
     throw Error("text: this model is not text-conditioned; pass none");
   }
-  Session& session = component(*m.denoise_graph);
-  auto out = session.run(feeds);
-  const Output& grad = out[session.index_of("grad")];
-  expect_output(grad, DType::f32, latent.shape, session, "grad");
-  const float scale = static_cast<float>(m.denoise_noise_std * m.denoise_noise_std);
-  Tensor result(DType::f32, latent.shape);
-  for (std::size_t i = 0; i < latent.size(); ++i) result.f32()[i] = latent.f32()[i] - scale * grad.f32()[i];
-  return result;
+  // x - scale * the graph's `output` for x (B, ...), as float32
+  auto apply = [&](const Tensor& x, const char* output, float scale) {
+    std::vector<Feed> feeds = {{"x", DType::f32, x.shape, x.bytes.data()}};
+    if (takes_text) feeds.push_back({"text", DType::f32, text->shape, text->bytes.data()});
+    auto out = session.run(feeds);
+    const Output& delta = out[session.index_of(output)];
+    expect_output(delta, DType::f32, x.shape, session, output);
+    Tensor result(DType::f32, x.shape);
+    for (std::size_t i = 0; i < x.size(); ++i) result.f32()[i] = x.f32()[i] - scale * delta.f32()[i];
+    return result;
+  };
+  if (!m.denoise_learned)
+    return apply(latent, "grad", static_cast<float>(m.denoise_noise_std * m.denoise_noise_std));
+  Tensor clips = latent;
+  if (!clip) clips.shape.insert(clips.shape.begin() + 1, 1);  // (B, 1, C, H, W)
+  const int64_t window = m.video && m.video->window ? *m.video->window : 0;  // the sampling window's frames
+  const float step = static_cast<float>(m.denoise_step);
+  denoise_windows(clips, [&](const Tensor& part) { return apply(part, "correction", step); }, window,
+                  m.denoise_overlap ? std::optional<int64_t>(*m.denoise_overlap) : std::nullopt);
+  clips.shape = latent.shape;
+  return clips;
 }
 
+// Latents -> images (N, H, W, C) in [0, 1], clips (N, T, C, H, W) -> (N, T, H, W, C).
 Tensor Pipeline::decode(const Tensor& latent) {
   const Manifest& m = manifest_;
-  if (latent.dtype != DType::f32 || latent.shape.size() != 4 || latent.shape[1] != m.channels)
-    throw Error("latent: expected a float32 (B, " + std::to_string(m.channels) + ", H, W) batch, got " +
-                dtype_name(latent.dtype) + " " + shape_text(latent.shape));
+  const std::size_t rank = latent.shape.size();
+  if (latent.dtype != DType::f32 || (rank != 4 && rank != 5) || latent.shape[rank - 3] != m.channels)
+    throw Error("latent: expected a float32 (B, " + std::to_string(m.channels) + ", H, W) batch or (B, T, " +
+                std::to_string(m.channels) + ", H, W) clips, got " + dtype_name(latent.dtype) + " " +
+                shape_text(latent.shape));
   if (m.decoder_kind != "identity" && !m.decoder_graph)
     throw Error(m.directory + ": this latent model's export has no decoder graph; re-export with vae=DIR");
+  if (rank == 5 && m.decoder_kind != "identity")  // as the Python Generator
+    throw Error("decoding " + m.decoder_kind + " video latents is not built yet");
   Tensor image = latent;
   if (m.decoder_graph) {
     Session& session = component(*m.decoder_graph);
@@ -392,9 +473,11 @@ Tensor Pipeline::decode(const Tensor& latent) {
     image = out[session.index_of("image")].to_tensor();
     check_float32(image, "graph " + session.name() + " output image");
   }
-  // (N, C, H, W) in [-1, 1] -> (N, H, W, C) in [0, 1], as runtime.image.to_unit_images
-  const int64_t N = image.shape[0], C = image.shape[1], H = image.shape[2], W = image.shape[3];
-  Tensor unit(DType::f32, {N, H, W, C});
+  // (N, C, H, W) in [-1, 1] -> (N, H, W, C) in [0, 1], as starflow.core.outputs.to_unit_images;
+  // a clip's frames are images one after another
+  const int64_t N = rank == 5 ? image.shape[0] * image.shape[1] : image.shape[0];
+  const int64_t C = image.shape[rank - 3], H = image.shape[rank - 2], W = image.shape[rank - 1];
+  Tensor unit(DType::f32, rank == 5 ? Shape{image.shape[0], image.shape[1], H, W, C} : Shape{N, H, W, C});
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < H * W; ++i) {
@@ -409,9 +492,14 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
   const Manifest& m = manifest_;
   options.check();
   if (prompts.empty()) throw Error("prompts: pass at least one (\"\" is the unconditional prompt)");
+  const bool clips = noise.shape.size() == 5;  // (count, T, C, H, W); ImageGenerator.check_frames
+  if (!m.video && clips)
+    throw Error("frames: " + std::to_string(noise.shape[1]) + " asked of an image model; clips need a video model");
+  if (m.video && !clips) throw Error("this is a video model: ask for clips with frames=N (--frames N)");
+  if (clips) check_frames(noise.shape[1]);
   if (noise.shape.empty() || noise.shape[0] != static_cast<int64_t>(prompts.size()))
-    throw Error("noise: expected one row per prompt (" + std::to_string(prompts.size()) + ", C, H, W), got " +
-                shape_text(noise.shape));
+    throw Error("noise: expected one row per prompt (" + std::to_string(prompts.size()) +
+                (clips ? ", T, C, H, W), got " : ", C, H, W), got ") + shape_text(noise.shape));
   bool any_text = std::any_of(prompts.begin(), prompts.end(), [](const std::string& p) { return !p.empty(); });
   if (!m.text_dim && (any_text || options.guidance > 0))
     throw Error("this model is unconditional: give no prompt text and no guidance");

@@ -33,18 +33,24 @@ class Pipeline {
   std::string describe() const;          // JSON
   const std::string& stats() const { return stats_; }  // JSON of the last sample call
 
-  // noise (B, C, H, W) float32, text (B, L, dim) or null, text_uncond as text or null -> latent.
+  // noise (B, C, H, W) or clips (B, F, C, H, W) float32, text (B, L, dim) or null, text_uncond as
+  // text or null -> latents of noise's shape.
   Tensor sample(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options);
   Tensor encode_prompts(const std::vector<std::string>& prompts);
   Tensor encode_tokens(const Tensor& ids, const Tensor& mask);
-  Tensor denoise(const Tensor& latent, const Tensor* text);
-  Tensor decode(const Tensor& latent);  // (N, H, W, C) in [0, 1]
-  // Generator.generate: one image per prompt, its noise row; returns images, fills `latents`.
+  Tensor denoise(const Tensor& latent, const Tensor* text);  // clips through a learned denoiser
+  Tensor decode(const Tensor& latent);  // (N, H, W, C) in [0, 1]; clips (N, T, H, W, C)
+  // Generator.generate: one image (clip) per prompt, its noise row; returns images, fills `latents`.
   Tensor generate(const std::vector<std::string>& prompts, const std::string& negative_prompt, const Tensor& noise,
                   const Sampling& options, bool denoise, Tensor* latents);
 
  private:
-  void check_inputs(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options) const;
+  // Everything a caller can get wrong, before any work; messages call the first array `name` (the
+  // density direction's: latents).
+  void check_inputs(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options,
+                    const std::string& name = "noise") const;
+  void check_frames(int64_t frames) const;
+  Sampling with_clip_settings(Sampling sampling) const;
   Session& component(const std::string& graph);
 
   Manifest manifest_;

@@ -267,14 +267,11 @@ def _bad_exports(good: Path, root: Path) -> Path:
     _set_digest(directory, data)
     directory, _ = case("missing-record", "no readable record.json beside it")
     (directory / RECORD_NAME).unlink()
-    directory, data = case(
-        "video-export", "a video (STARFlow-V) export; libstarflow samples image exports only"
-    )
-    data["video"] = {"frames": {"min": 1, "opt": 4, "max": 8}, "window": None, "context": None,
-                     "later_chunk_factor": 4, "warm_start": True, "fps": 8.0}  # fmt: skip
+    directory, data = case("video-without-frames", "key 'video.frames' is missing")
+    data["video"] = {"window": None, "context": None, "later_chunk_factor": 4, "warm_start": True, "fps": 8.0}
     _set_digest(directory, data)
-    directory, data = case("learned-denoiser", "denoise.kind")
-    data["denoise"]["kind"] = "learned"
+    directory, data = case("learned-denoiser-without-step", "key 'denoise.step' must be a number")
+    data["denoise"] |= {"kind": "learned", "step": None}
     _set_digest(directory, data)
     directory, data = case("edited-field", "digest mismatch")
     data["jacobi"]["threshold"] = 0.5
