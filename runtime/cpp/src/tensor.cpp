@@ -261,26 +261,6 @@ void save_png(const Tensor& images, std::size_t index, const std::string& path) 
   write_atomically(path, png);
 }
 
-Tensor normal_noise(uint64_t seed, const Shape& shape) {
-  Tensor noise(DType::f32, shape);
-  uint64_t state = seed;
-  auto next = [&state] {  // SplitMix64
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  };
-  auto uniform = [&next] { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; };  // (0, 1)
-  float* out = noise.f32();
-  const double two_pi = 6.283185307179586;
-  for (std::size_t i = 0; i < noise.size(); i += 2) {
-    double radius = std::sqrt(-2.0 * std::log(uniform())), angle = two_pi * uniform();
-    out[i] = static_cast<float>(radius * std::cos(angle));
-    if (i + 1 < noise.size()) out[i + 1] = static_cast<float>(radius * std::sin(angle));
-  }
-  return noise;
-}
-
 namespace {
 
 // Lowercase hex sha256 of everything `feed` passes to its callback.

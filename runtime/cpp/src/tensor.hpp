@@ -43,8 +43,6 @@ Tensor load_npy(const std::string& path);
 void save_npy(const Tensor& tensor, const std::string& path);  // to a temporary name, then renamed
 // An (N, H, W, C) float32 image in [0, 1] as an 8-bit PNG (stored deflate blocks; no zlib).
 void save_png(const Tensor& images, std::size_t index, const std::string& path);
-// Standard normal float32 (SplitMix64 + Box-Muller): starflow-cpp's own seeded stream.
-Tensor normal_noise(uint64_t seed, const Shape& shape);
 
 std::string sha256_file(const std::string& path);
 std::string sha256_bytes(const std::string& data);

@@ -4,6 +4,7 @@
 // Prompt mode: --prompt P ... [--num-images N --seed S | --noise N.npy] -> --out grid.png / folder / images.npy
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -35,8 +36,9 @@ Latent mode (writes the sampled latent, (B, C, H, W) float32 .npy):
 Prompt mode (label-table exports, e.g. the embedded digits model; writes images):
   --prompt P               a prompt (repeat for more); "" is the unconditional prompt
   --num-images N           images per prompt (default 1)
-  --seed S                 noise seed (default 0); starflow-run's own stream, not numpy's
-  --noise N.npy            instead of --seed: (prompts*N, C, H, W) noise, e.g. numpy's
+  --seed S                 noise seed, 0 to 2**64-1 (default 0): the noise `starflow generate --seed S`
+                           draws (numpy's default_rng(S)), so the same prompts give the same images
+  --noise N.npy            instead of --seed: (prompts*N, C, H, W) float32 noise
   --negative-prompt P      the unconditional text under guidance (default "")
   --no-denoise             skip the self-denoise step (needed when the export has no denoise graph)
   --latents-out L.npy      also write the latents
@@ -107,6 +109,18 @@ long long integer(const Arguments& args, const std::string& key, long long fallb
   long long value = std::strtoll(text.c_str(), &end, 10);
   if (text.empty() || *end || value < low)
     throw starflow::Error(key + ": expected an integer >= " + std::to_string(low) + ", got '" + text + "'");
+  return value;
+}
+
+// --seed: 0 to 2**64-1, sf_tensor_noise's range (Python's `starflow generate` also takes larger
+// seeds; those are refused here, not wrapped).
+uint64_t parse_seed(const Arguments& args) {
+  std::string text = args.get("--seed", "0");
+  bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c); });
+  errno = 0;
+  unsigned long long value = digits ? std::strtoull(text.c_str(), nullptr, 10) : 0;
+  if (!digits || errno == ERANGE)
+    throw starflow::Error("--seed: expected an integer from 0 to 2**64-1 (18446744073709551615), got '" + text + "'");
   return value;
 }
 
@@ -232,6 +246,7 @@ int run(const Arguments& args) {
   if (!prompt_mode && !ends_with(out, ".npy"))
     throw starflow::Error("--out: latent mode writes a .npy file, got '" + out + "'");
   std::string kind = prompt_mode ? output_kind(out) : "npy";
+  uint64_t seed = parse_seed(args);
 
   starflow::Config config;
   if (args.has("--precision")) config.precision(args.get("--precision"));
@@ -317,10 +332,9 @@ int run(const Arguments& args) {
   for (const std::string& p : args.prompts)
     for (long long i = 0; i < per_prompt; ++i) prompts.push_back(p);
   auto count = static_cast<int64_t>(prompts.size());
-  starflow::Tensor noise =
-      args.has("--noise") ? starflow::Tensor::load(args.get("--noise"))
-                          : starflow::Tensor::noise(static_cast<uint64_t>(integer(args, "--seed", 0, 0)),
-                                                    {count, info["channels"], info["train"][0], info["train"][1]});
+  std::vector<int64_t> noise_shape = {count, info["channels"], info["train"][0], info["train"][1]};
+  starflow::Tensor noise = args.has("--noise") ? starflow::Tensor::load(args.get("--noise"))
+                                               : starflow::Tensor::noise(seed, noise_shape);
   std::vector<const char*> pointers;
   for (const std::string& p : prompts) pointers.push_back(p.c_str());
   std::string negative = args.get("--negative-prompt");
