@@ -45,8 +45,10 @@ SF_API sf_status* sf_tensor_create(sf_dtype dtype, const int64_t* shape, size_t 
 /* A .npy file (little-endian float32, float16 or int64, C order), or a .npy written from it. */
 SF_API sf_status* sf_tensor_load_npy(const char* path, sf_tensor** out);
 SF_API sf_status* sf_tensor_save_npy(const sf_tensor* tensor, const char* path);
-/* Standard normal float32 noise from `seed` (starflow's own stream: SplitMix64 + Box-Muller; it
- * is not numpy's, so pass numpy's noise as a tensor to reproduce a Python run exactly). */
+/* Standard normal float32 noise of any shape from `seed`: bit for bit what numpy draws for
+ * `np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)`, starflow's noise
+ * (starflow.core.generation.make_noise), so a seed gives the same images as `starflow generate`.
+ * Python accepts any seed >= 0; seeds of 2**64 and more exist only there. */
 SF_API sf_status* sf_tensor_noise(uint64_t seed, const int64_t* shape, size_t rank, sf_tensor** out);
 SF_API sf_dtype sf_tensor_dtype(const sf_tensor* tensor);
 SF_API size_t sf_tensor_rank(const sf_tensor* tensor);

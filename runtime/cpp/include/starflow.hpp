@@ -40,6 +40,7 @@ class Tensor {
     check(sf_tensor_load_npy(path.c_str(), &t));
     return Tensor(t);
   }
+  // numpy's default_rng(seed).standard_normal(shape, dtype=float32), as sf_tensor_noise.
   static Tensor noise(uint64_t seed, const std::vector<int64_t>& shape) {
     sf_tensor* t = nullptr;
     check(sf_tensor_noise(seed, shape.data(), shape.size(), &t));

@@ -4,6 +4,7 @@
 #include <new>
 
 #include "pipeline.hpp"
+#include "random.hpp"
 #include "starflow.h"
 
 namespace native = starflow::native;
