@@ -151,6 +151,15 @@ SF_API sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling*
                                        const char* const* prompts, size_t count, const char* negative_prompt,
                                        const sf_tensor* noise, int denoise, sf_tensor** images,
                                        sf_tensor** latents);
+/* Each sample's exact negative log-likelihood under the flow, in bits per latent dimension, as
+ * Generator.bits_per_dim and StarFlow.nll per sample (the density graphs; an export made without them
+ * gets a status): latents (B, C, H, W) float32, or clips (B, T, C, H, W) for a video export, and for
+ * a text-conditioned model text (B, L, dim) float32, one row per sample (NULL otherwise; prompts ->
+ * text: sf_pipeline_encode_prompts or sf_pipeline_encode_tokens) -> bits (B,) float32. Any B: runs in
+ * batches of the export's rows, every batch checked before any graph runs. A pixel-space model's
+ * latents are its images (N, H, W, C) in [0, 1] as (N, C, H, W) * 2 - 1. */
+SF_API sf_status* sf_pipeline_log_likelihood(sf_pipeline* pipeline, const sf_tensor* latents, const sf_tensor* text,
+                                             sf_tensor** bits);
 
 #ifdef __cplusplus
 }

@@ -151,6 +151,12 @@ class Pipeline {
     if (latents) *latents = Tensor(latent);
     return owned;
   }
+  // Each sample's negative log-likelihood in bits per dimension (B,), as sf_pipeline_log_likelihood.
+  Tensor log_likelihood(const Tensor& latents, const Tensor& text = Tensor()) {
+    sf_tensor* out = nullptr;
+    check(sf_pipeline_log_likelihood(get(), latents.get(), text.get(), &out));
+    return Tensor(out);
+  }
   std::string describe() const { return sf_pipeline_describe(get()); }
   std::string stats() const { return sf_pipeline_stats(get()); }
   sf_pipeline* get() const { return handle_.get(); }

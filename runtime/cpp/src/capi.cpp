@@ -371,4 +371,14 @@ sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampli
   });
 }
 
+sf_status* sf_pipeline_log_likelihood(sf_pipeline* pipeline, const sf_tensor* latents, const sf_tensor* text,
+                                      sf_tensor** bits) {
+  return guarded(__func__, [&](const char* fn) {
+    require(pipeline, fn, "pipeline");
+    require(latents, fn, "latents");
+    require(bits, fn, "bits");
+    *bits = new sf_tensor{pipeline->pipeline->log_likelihood(latents->tensor, optional(text))};
+  });
+}
+
 }  // extern "C"

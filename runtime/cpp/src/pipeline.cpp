@@ -4,8 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 #include <nlohmann/json.hpp>
+
+#include "density.hpp"
 
 namespace starflow::native {
 namespace {
@@ -61,11 +64,14 @@ void expect_output(const Output& out, DType dtype, const Shape& shape, const Ses
 
 }  // namespace
 
-// One exported flow block: its step (and prefill) session and a key/value cache per batch size.
-class GraphBlock : public SamplerBlock {
+// One exported flow block: its step (and prefill) session and a key/value cache per batch size; its
+// density (forward) graph is opened on first use by `open_forward`, as the Python GraphBlock does.
+class GraphBlock : public SamplerBlock, public DensityBlock {
  public:
-  GraphBlock(const BlockEntry& entry, std::unique_ptr<Session> step, std::unique_ptr<Session> prefill, DType cache)
-      : entry_(entry), step_(std::move(step)), prefill_(std::move(prefill)), cache_dtype_(cache) {}
+  GraphBlock(const BlockEntry& entry, std::unique_ptr<Session> step, std::unique_ptr<Session> prefill, DType cache,
+             std::function<std::unique_ptr<Session>()> open_forward)
+      : entry_(entry), step_(std::move(step)), prefill_(std::move(prefill)), cache_dtype_(cache),
+        open_forward_(std::move(open_forward)) {}
 
   int index() const override { return entry_.index; }
   bool deep() const override { return entry_.deep; }
@@ -128,6 +134,26 @@ class GraphBlock : public SamplerBlock {
     }
   }
 
+  void open_density() {
+    if (!forward_) forward_ = open_forward_();
+  }
+
+  void density(const Sequence& x, int64_t h, int64_t w, const Sequence* text, Sequence& z,
+               Sequence& logdet) override {
+    open_density();
+    const int64_t grid[2] = {h, w};
+    std::vector<Feed> feeds = {{"x", DType::f32, {x.rows, x.length, x.dim}, x.data.data()},
+                               {"grid", DType::i64, {2}, grid}};
+    if (text) feeds.push_back({"text", DType::f32, {text->rows, text->length, text->dim}, text->data.data()});
+    auto out = forward_->run(feeds);
+    for (auto [output, target] : {std::pair{"z", &z}, {"logdet", &logdet}}) {
+      const Output& o = out[forward_->index_of(output)];
+      expect_output(o, DType::f32, {x.rows, x.length, x.dim}, *forward_, output);
+      target->rows = x.rows, target->length = x.length, target->dim = x.dim;
+      target->data.assign(o.f32(), o.f32() + x.data.size());
+    }
+  }
+
  private:
   Shape cache_shape(int64_t positions) const {
     return {entry_.layers, rows_, entry_.kv_heads, positions, entry_.head_dim};
@@ -156,6 +182,8 @@ class GraphBlock : public SamplerBlock {
   unsigned char *keys_ = nullptr, *values_ = nullptr;
   std::vector<unsigned char> past_keys_, past_values_;  // the contiguous [:past] view fed to the graph
   int64_t rows_ = 0, text_length_ = 0, length_ = 0, grid_[2]{};
+  std::function<std::unique_ptr<Session>()> open_forward_;
+  std::unique_ptr<Session> forward_;  // the density graph, opened on first use
 };
 
 Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
@@ -175,7 +203,18 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
     const GraphEntry& step = manifest_.block_graph(entry, "step", precision);
     std::unique_ptr<Session> prefill;
     if (entry.text_conditioned) prefill = open(manifest_.block_graph(entry, "prefill", precision));
-    blocks_.push_back(std::make_unique<GraphBlock>(entry, open(step), std::move(prefill), step.input("past_keys").dtype));
+    // the density graph: refused only when a likelihood is asked of an export without it
+    auto open_forward = [this, &entry] {
+      auto kinds = entry.graphs.find(settings_.precision);
+      if (kinds == entry.graphs.end() || !kinds->second.count("forward"))
+        throw Error(manifest_.directory + ": block " + std::to_string(entry.index) + " has no " + settings_.precision +
+                    " forward graph (the density graphs, which likelihoods run); re-export with them "
+                    "(`starflow export onnx` writes them unless --no-density)");
+      const GraphEntry& g = manifest_.graph(kinds->second.at("forward"));
+      return std::make_unique<Session>(*library_, g.name, manifest_.path(g.file), settings_.session);
+    };
+    blocks_.push_back(std::make_unique<GraphBlock>(entry, open(step), std::move(prefill), step.input("past_keys").dtype,
+                                                   open_forward));
   }
   // the components run their fp32 graphs, as in the Python Generator
   for (const std::optional<std::string>& graph :
@@ -531,6 +570,50 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
   for (const Tensor* t : {&latent, &images}) check_finite(*t, "the sampled latents or images (the model overflowed)");
   if (latents) *latents = std::move(latent);
   return images;
+}
+
+Tensor Pipeline::log_likelihood(const Tensor& latents, const Tensor* y) {
+  const Manifest& m = manifest_;
+  // samples per batch: the export's rows, of which a frame-local block takes one per frame
+  const bool local = latents.shape.size() == 5 &&
+                     std::any_of(m.blocks.begin(), m.blocks.end(), [](const BlockEntry& b) { return b.frame_local; });
+  const int64_t per_batch = std::max<int64_t>(1, m.max_rows() / (local ? std::max<int64_t>(latents.shape[1], 1) : 1));
+  const int64_t B = latents.shape.empty() ? 0 : latents.shape[0];
+  // every batch is checked before any graph runs; a batch within the rows (or text for another
+  // count of samples) is checked whole, so its messages name the shapes given
+  const bool whole = B <= per_batch || (y && (y->shape.empty() || y->shape[0] != B));
+  std::vector<std::pair<Tensor, std::optional<Tensor>>> parts;
+  if (whole) {
+    check_inputs(latents, y, nullptr, Sampling{}, "latents");
+  } else {
+    for (int64_t first = 0; first < B; first += per_batch) {
+      const int64_t n = std::min(per_batch, B - first);
+      parts.emplace_back(rows_of(latents, first, n), y ? std::optional(rows_of(*y, first, n)) : std::nullopt);
+      try {
+        check_inputs(parts.back().first, parts.back().second ? &*parts.back().second : nullptr, nullptr, Sampling{},
+                     "latents");
+      } catch (const Error& err) {
+        throw Error(std::string(err.what()) + " (in samples " + std::to_string(first) + " .. " +
+                    std::to_string(first + n - 1) + " of " + shape_text(latents.shape) + ", run " +
+                    std::to_string(per_batch) + " at a time)");
+      }
+    }
+  }
+  for (auto& block : blocks_) block->open_density();  // an export without density graphs: refused here
+  std::vector<DensityBlock*> forward;  // forward order: the reverse of sampling order
+  for (auto block = blocks_.rbegin(); block != blocks_.rend(); ++block) forward.push_back(block->get());
+  Tensor bits(DType::f32, {B});
+  auto score = [&](const Tensor& x, const Tensor* text, int64_t first) {
+    std::optional<Sequence> sequence;
+    if (text) sequence = as_sequence(*text);
+    std::vector<float> b =
+        to_bits_per_dim(nll_per_sample(density(forward, x, sequence ? &*sequence : nullptr, m.patch_size)));
+    std::copy(b.begin(), b.end(), bits.f32() + first);
+  };
+  if (whole) score(latents, y, 0);
+  for (std::size_t i = 0; i < parts.size(); ++i)
+    score(parts[i].first, parts[i].second ? &*parts[i].second : nullptr, static_cast<int64_t>(i) * per_batch);
+  return bits;
 }
 
 }  // namespace starflow::native

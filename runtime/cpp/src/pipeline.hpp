@@ -43,6 +43,10 @@ class Pipeline {
   // Generator.generate: one image (clip) per prompt, its noise row; returns images, fills `latents`.
   Tensor generate(const std::vector<std::string>& prompts, const std::string& negative_prompt, const Tensor& noise,
                   const Sampling& options, bool denoise, Tensor* latents);
+  // Generator.bits_per_dim: latents (B, C, H, W) or clips (B, F, C, H, W) float32, text (B, L, dim)
+  // or null -> (B,) float32, each sample's negative log-likelihood in bits per latent dimension. Any
+  // B: runs in batches the export's rows allow, every batch checked before any graph runs.
+  Tensor log_likelihood(const Tensor& latents, const Tensor* text);
 
  private:
   // Everything a caller can get wrong, before any work; messages call the first array `name` (the

@@ -151,6 +151,40 @@ int main(int argc, char** argv) {
                "latent: expected a float32 (B, 1, H, W) batch");
   expect_error("save into a missing folder", sf_tensor_save_npy(latent, "/nonexistent/out.npy"), "cannot write");
 
+  // Likelihood: a status for every bad input, before any graph runs; a batch over the rows in parts.
+  sf_tensor* bits = nullptr;
+  expect_error("likelihood NULL latents", sf_pipeline_log_likelihood(pipeline, nullptr, text, &bits),
+               "sf_pipeline_log_likelihood: latents is NULL");
+  expect_error("likelihood NULL out", sf_pipeline_log_likelihood(pipeline, noise, text, nullptr), "bits is NULL");
+  expect_error("likelihood without text", sf_pipeline_log_likelihood(pipeline, noise, nullptr, &bits),
+               "y: this model is text-conditioned");
+  expect_error("likelihood channels", sf_pipeline_log_likelihood(pipeline, tensor(SF_FLOAT32, {2, 3, 8, 8}), text, &bits),
+               "latents: expected a (B, 1, H, W) float32 latent array, got float32 (2, 3, 8, 8)");
+  expect_error("likelihood dtype", sf_pipeline_log_likelihood(pipeline, tensor(SF_INT64, {2, 1, 8, 8}), text, &bits),
+               "got int64 (2, 1, 8, 8)");
+  expect_error("likelihood NaN", sf_pipeline_log_likelihood(pipeline, tensor(SF_FLOAT32, {2, 1, 8, 8}, NAN), text, &bits),
+               "latents: contains NaN or inf");
+  expect_error("likelihood outside the range",
+               sf_pipeline_log_likelihood(pipeline, tensor(SF_FLOAT32, {2, 1, 2, 2}), text, &bits),
+               "latents: latent 2x2 is outside this export's range");
+  expect_error("likelihood text rows", sf_pipeline_log_likelihood(pipeline, tensor(SF_FLOAT32, {40, 1, 8, 8}), text, &bits),
+               "y: expected float32 text embeddings of shape (40, L, ");
+  sf_tensor* many = tensor(SF_FLOAT32, {40, 1, 8, 8});
+  sf_tensor* many_text = tensor(SF_FLOAT32, {40, 1, 32});  // the demo export's text width
+  static_cast<float*>(sf_tensor_data(many))[40 * 64 - 1] = NAN;  // in the last part only
+  expect_error("likelihood NaN in a later part", sf_pipeline_log_likelihood(pipeline, many, many_text, &bits),
+               "of (40, 1, 8, 8), run ");
+  static_cast<float*>(sf_tensor_data(many))[40 * 64 - 1] = 0.5f;
+  expect_ok("likelihood in parts", sf_pipeline_log_likelihood(pipeline, many, many_text, &bits));
+  if (bits) {
+    const float* b = static_cast<const float*>(sf_tensor_data(bits));
+    bool ok = sf_tensor_rank(bits) == 1 && sf_tensor_shape(bits)[0] == 40 && std::isfinite(b[0]) &&
+              std::fabs(b[0] - b[39]) < 1e-5f;  // the same sample in the first and the last part
+    std::printf("%s likelihood in parts: 40 finite bits per dim, equal rows equal\n", ok ? "ok  " : "FAIL");
+    failures += !ok;
+  }
+  sf_tensor_free(bits);
+
   sf_tensor_free(latent);
   sf_tensor_free(text);
   for (sf_tensor* t : made) sf_tensor_free(t);
