@@ -38,7 +38,7 @@ log() { echo "[build_cpp] $*"; }
 die() { echo "[build_cpp] error: $*" >&2; exit 1; }
 
 # --- 1. system packages --------------------------------------------------------
-SYS_PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev pkg-config curl ca-certificates)
+SYS_PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libsentencepiece-dev pkg-config curl ca-certificates)
 missing=()
 for p in "${SYS_PKGS[@]}"; do
   if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then

@@ -12,8 +12,10 @@ FIXTURES = Path(os.environ.get("STARFLOW_FIXTURES", ROOT.parent / "shared" / "fi
 T2I = FIXTURES / "official-t2i-tiny"
 VIDEO = FIXTURES / "official-video-tiny"
 VIDEO_MAX_FRAMES = 6  # the frames `video_export` covers
-# the tiny T5's word-level vocabulary (besides <pad>, </s>, <unk>)
+# words the tiny T5's SentencePiece model holds whole (one "▁word" piece each; besides <pad>, </s>, <unk>)
 T5_WORDS = "a an the photo of cat dog red blue green big small house tree car on in with and sky".split()
+# other words of its training text: accents, CJK, digits (their characters get pieces; others are <unk>)
+T5_OTHER_WORDS = "café naïve über façade résumé 猫 犬 東京 写真 2024 42 painting portrait zebra".split()
 
 
 @pytest.fixture(scope="session")
@@ -103,26 +105,37 @@ def demo_video_export(isolated_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random T5 encoder + word-level tokenizer with T5's specials and '$A </s>' template."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    """A tiny random T5 encoder with a real T5-style tokenizer, saved as a T5 checkpoint ships: a
+    unigram SentencePiece model (spiece.model; <pad> 0, </s> 1, <unk> 2, 2 sentinels) trained here
+    in well under a second, and the tokenizer.json transformers converts from it ('$A </s>')."""
+    import io
+    import random
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(T5_WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = T5Config(
-        d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, vocab_size=len(vocab),
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    import sentencepiece
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    rng = random.Random(0)  # the training text, and so the model, is the same every session
+    text = [" ".join(rng.choices(T5_WORDS, k=rng.randint(3, 9))) for _ in range(400)]
+    text += [" ".join(rng.choices(T5_WORDS + T5_OTHER_WORDS, k=rng.randint(3, 9))) for _ in range(200)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(  # T5's ids; nmt_nfkc normalisation, the default
+        sentence_iterator=iter(text), model_writer=model, model_type="unigram", vocab_size=150,
+        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
     )  # fmt: skip
     directory = tmp_path_factory.mktemp("encoders") / "tiny-t5"
+    directory.mkdir()
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=2)  # converts spiece.model
+    assert all(len(tokenizer.tokenize(word)) == 1 for word in T5_WORDS)  # the tests count on it
+    torch.manual_seed(0)
+    config = T5Config(
+        d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, vocab_size=len(tokenizer),
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
     T5EncoderModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)  # tokenizer.json beside spiece.model
     return directory
 
 

@@ -481,7 +481,8 @@ def _describe_text(text: Text | None) -> str:
         return (
             line + f"; label table of {len(component.classes)} classes ({', '.join(component.classes[:10])})"
         )
-    return line + f"; {component.kind} graph {component.graph} from {component.source}"
+    line += f"; {component.kind} graph {component.graph} from {component.source}"
+    return line + (f", SentencePiece model {component.sentencepiece}" if component.sentencepiece else "")
 
 
 # ---- files and schema ----------------------------------------------------------------------------------

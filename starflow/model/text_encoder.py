@@ -95,6 +95,13 @@ class HFTextEncoder(nn.Module):
             raise StarflowError(
                 f"text encoder {directory}: no usable tokenizer (tokenizer.json is needed): {err}"
             ) from None
+        # Without either, transformers 5 builds its class's placeholder vocabulary (T5: 6 tokens).
+        vocabulary = [directory / "tokenizer.json", getattr(tokenizer, "vocab_file", None)]
+        if not any(path and Path(path).is_file() for path in vocabulary):
+            raise StarflowError(
+                f"text encoder {directory}: no usable tokenizer (tokenizer.json, or the vocabulary file "
+                "it is converted from, e.g. T5's spiece.model, is needed)"
+            )
         if not getattr(tokenizer, "is_fast", False):
             raise StarflowError(
                 f"text encoder {directory}: the tokenizer is not a fast (tokenizers) one; the runtime "

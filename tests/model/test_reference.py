@@ -65,7 +65,7 @@ def test_manifest_names_every_component(t2i_export: Path) -> None:
     component = manifest.text.component
     assert component.kind == "hf-encoder" and component.token_length == TXT_SIZE
     assert (t2i_export / component.tokenizer).is_file()
-    assert [f.file for f in manifest.files] == [component.tokenizer]
+    assert [f.file for f in manifest.files] == [component.tokenizer, component.sentencepiece]
     assert manifest.decoder.kind == "sd-vae" and manifest.decoder.scale == 0.18215
     assert manifest.denoise.kind == "nll-gradient"
     assert {g.kind for g in manifest.graphs if g.block is None} == {"text_encoder", "decoder", "denoise"}

@@ -34,7 +34,7 @@ from starflow.runtime.text import TextEncoderRunner  # noqa: E402
 
 MAX_LENGTH = 8
 LONG_PROMPT = "a red cat on the big house with a tree and a blue sky"  # 15 tokens with </s>
-PROMPTS = ["", "a red cat", "the small dog on a tree", LONG_PROMPT, "an unseen zebra"]
+PROMPTS = ["", "a red cat", "the small dog on a tree", LONG_PROMPT, "a 🦓 on a tree"]  # 🦓: <unk>
 PARITY = 1e-5
 CLASSES = [str(i) for i in range(10)]
 
@@ -87,7 +87,7 @@ def truncation_warnings(record: list[warnings.WarningMessage]) -> list[str]:
 
 
 # ---- Hugging Face (T5) encoder -------------------------------------------------------------------
-def test_t5_export_writes_graph_tokenizer_and_component(t5_export):
+def test_t5_export_writes_graph_tokenizer_and_component(t5_export, t5_dir):
     directory, spec, component = t5_export
     assert spec.name == "text_encoder.fp32" and spec.block is None
     assert [(t.name, t.dtype, t.shape) for t in spec.inputs + spec.outputs] == [
@@ -103,8 +103,14 @@ def test_t5_export_writes_graph_tokenizer_and_component(t5_export):
         pad_id=0,
         classes=None,
         source="tiny-t5",
+        sentencepiece="spiece.model",
     )
-    assert sorted(p.name for p in directory.iterdir()) == ["text_encoder.fp32.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "spiece.model",
+        "text_encoder.fp32.onnx",
+        "tokenizer.json",
+    ]
+    assert (directory / "spiece.model").read_bytes() == (t5_dir / "spiece.model").read_bytes()
 
 
 def test_t5_runtime_matches_torch_ids_masks_and_embeddings(t5, t5_export):
@@ -161,7 +167,7 @@ def test_label_export_matches_torch_and_empty_prompt_is_the_null_row(labels, lab
     directory, component = label_export
     assert component.kind == "label-table" and component.classes == tuple(CLASSES)
     assert component.token_length == 1 and component.pad_id == 10
-    assert component.source == "label encoder"
+    assert component.source == "label encoder" and component.sentencepiece is None
     text = runtime(directory, component)
     prompts = ["", "3", "7", ""]
     ids, mask = text.tokenize(prompts)
@@ -200,6 +206,7 @@ def test_directory_without_tokenizer_json(t5_dir, tmp_path):
     directory = tmp_path / "no-tokenizer"
     shutil.copytree(t5_dir, directory)
     (directory / "tokenizer.json").unlink()
+    (directory / "spiece.model").unlink()  # transformers would convert tokenizer.json from it
     with pytest.raises(StarflowError, match="no usable tokenizer"):
         HFTextEncoder.from_directory(directory, MAX_LENGTH)
 

@@ -128,10 +128,20 @@ SF_API sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* s
  * image_iterations (per chunk, the iterations each image of the batch ran: they differ under the
  * "row" stop rule), evaluations, tokens, seconds. "[]" before the first call. */
 SF_API const char* sf_pipeline_stats(const sf_pipeline* pipeline);
-/* Prompts -> text embeddings (count, L, dim). Label-table exports are tokenised here; exports
- * with a subword tokenizer need sf_pipeline_encode_tokens. */
+/* Prompts (UTF-8; NULL entries are "") -> text embeddings (count, L, dim): sf_pipeline_tokenize,
+ * then the text encoder graph. */
 SF_API sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* const* prompts, size_t count,
                                              sf_tensor** embeddings);
+/* Prompts -> what the text encoder graph takes: token ids and attention mask, int64
+ * (count, token_length), equal to the Python runtime's (TextEncoderRunner.tokenize). Label-table
+ * exports look each prompt up; T5-family exports carry their SentencePiece model (spiece.model),
+ * and the SentencePiece library tokenises with it as the export's tokenizer.json says (its added
+ * tokens such as "</s>" matched in the text, "$A </s>", truncation keeping the "</s>", padding).
+ * Prompts longer than token_length are truncated without a warning (Python warns). Other subword
+ * tokenizers get a status: tokenise them with the `tokenizers` library and pass the ids to
+ * sf_pipeline_encode_tokens. A prompt that is not valid UTF-8 gets a status. */
+SF_API sf_status* sf_pipeline_tokenize(sf_pipeline* pipeline, const char* const* prompts, size_t count,
+                                       sf_tensor** ids, sf_tensor** mask);
 /* Token ids and attention mask, int64 (B, token_length) -> text embeddings. */
 SF_API sf_status* sf_pipeline_encode_tokens(sf_pipeline* pipeline, const sf_tensor* ids, const sf_tensor* mask,
                                             sf_tensor** embeddings);

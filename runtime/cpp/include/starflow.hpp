@@ -4,6 +4,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "starflow.h"
@@ -128,6 +129,14 @@ class Pipeline {
     sf_tensor* out = nullptr;
     check(sf_pipeline_encode_prompts(get(), p.data(), p.size(), &out));
     return Tensor(out);
+  }
+  // Prompts -> (token ids, attention mask), as sf_pipeline_tokenize.
+  std::pair<Tensor, Tensor> tokenize(const std::vector<std::string>& prompts) {
+    std::vector<const char*> p;
+    for (const auto& prompt : prompts) p.push_back(prompt.c_str());
+    sf_tensor *ids = nullptr, *mask = nullptr;
+    check(sf_pipeline_tokenize(get(), p.data(), p.size(), &ids, &mask));
+    return {Tensor(ids), Tensor(mask)};
   }
   Tensor denoise(const Tensor& latent, const Tensor& text = Tensor()) {
     sf_tensor* out = nullptr;

@@ -315,6 +315,22 @@ sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* const* 
   });
 }
 
+sf_status* sf_pipeline_tokenize(sf_pipeline* pipeline, const char* const* prompts, size_t count, sf_tensor** ids,
+                                sf_tensor** mask) {
+  return guarded(__func__, [&](const char* fn) {
+    require(pipeline, fn, "pipeline");
+    require(ids, fn, "ids");
+    require(mask, fn, "mask");
+    if (count) require(prompts, fn, "prompts");
+    std::vector<std::string> list;
+    for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
+    auto [tokens, on] = pipeline->pipeline->tokenize(list);
+    auto owned_ids = std::make_unique<sf_tensor>(sf_tensor{std::move(tokens)});
+    *mask = new sf_tensor{std::move(on)};
+    *ids = owned_ids.release();
+  });
+}
+
 sf_status* sf_pipeline_encode_tokens(sf_pipeline* pipeline, const sf_tensor* ids, const sf_tensor* mask,
                                      sf_tensor** embeddings) {
   return guarded(__func__, [&](const char* fn) {

@@ -214,7 +214,7 @@ Manifest load_manifest(const std::string& directory) {
       const json& c = text["component"];
       TextComponent component{r.text(c, "kind", "text.component."), r.name(c, "graph", "text.component."),
                               r.name(c, "tokenizer", "text.component."), r.small(c, "token_length", "text.component.", 1),
-                              r.integer(c, "pad_id", "text.component."), std::nullopt};
+                              r.integer(c, "pad_id", "text.component."), std::nullopt, std::nullopt};
       if (c.contains("classes") && !c["classes"].is_null()) {
         component.classes.emplace();
         for (const json& label : r.list(c, "classes", "text.component.")) {
@@ -222,6 +222,8 @@ Manifest load_manifest(const std::string& directory) {
           component.classes->push_back(label.get<std::string>());
         }
       }
+      if (!r.at(c, "sentencepiece", "text.component.").is_null())
+        component.sentencepiece = r.name(c, "sentencepiece", "text.component.");
       m.text_component = component;
     }
   }
@@ -347,6 +349,11 @@ Manifest load_manifest(const std::string& directory) {
   }
   if (m.blocks.empty() || !m.blocks.front().deep) r.fail("blocks", "must list the deep block first (sampling order)");
   if (m.text_dim == 0 && m.text_component) r.fail("text.component", "needs text.dim");
+  if (m.text_component && m.text_component->sentencepiece &&
+      std::none_of(m.files.begin(), m.files.end(),
+                   [&](const FileEntry& f) { return f.file == *m.text_component->sentencepiece; }))
+    r.fail("text.component.sentencepiece", "names '" + *m.text_component->sentencepiece +
+                                               "', which files does not list (every file read has its sha256 there)");
   check_references(m, r);
   return m;
 }

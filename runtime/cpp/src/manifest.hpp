@@ -56,6 +56,7 @@ struct TextComponent {
   int token_length = 0;
   int64_t pad_id = 0;
   std::optional<std::vector<std::string>> classes;
+  std::optional<std::string> sentencepiece;  // hf-encoder: the SentencePiece model behind tokenizer.json
 };
 
 // STARFlow-V exports (starflow.contract.Video): clips (B, F, C, H, W) of frames.min .. frames.max frames.

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "density.hpp"
+#include "tokenizer.hpp"
 
 namespace starflow::native {
 namespace {
@@ -230,7 +231,13 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
       throw Error("text encoder: cannot read the label table in " + path + ": " + err.what());
     }
   }
+  if (manifest_.text_component && manifest_.text_component->sentencepiece) {
+    const TextComponent& c = *manifest_.text_component;
+    tokenizer_ = std::make_unique<Tokenizer>(manifest_.path(*c.sentencepiece), manifest_.path(c.tokenizer),
+                                             c.token_length, c.pad_id);
+  }
 }
+
 
 Pipeline::~Pipeline() = default;
 
@@ -416,16 +423,18 @@ Tensor Pipeline::encode_tokens(const Tensor& ids, const Tensor& mask) {
   return embeddings.to_tensor();
 }
 
-Tensor Pipeline::encode_prompts(const std::vector<std::string>& prompts) {
+std::pair<Tensor, Tensor> Pipeline::tokenize(const std::vector<std::string>& prompts) const {
   if (prompts.empty()) throw Error("prompts: pass at least one (\"\" is the unconditional prompt)");
   if (!manifest_.text_component)
     throw Error(manifest_.directory + ": this export has no text encoder graph" +
                 (manifest_.text_dim ? "; pass text embeddings instead" : " (the model is unconditional)"));
   const TextComponent& c = *manifest_.text_component;
+  if (tokenizer_) return tokenizer_->encode(prompts);
   if (c.kind != "label-table")
-    throw Error(manifest_.directory + ": this export's text encoder (" + c.kind + ") needs its subword tokenizer, "
-                "which libstarflow does not implement; tokenise with the `tokenizers` library and pass the ids "
-                "(sf_pipeline_encode_tokens, starflow-run --token-ids)");
+    throw Error(manifest_.directory + ": this export's text encoder (" + c.kind + ") carries no SentencePiece model "
+                "for its tokenizer (text.component.sentencepiece is null: only T5-family encoders' spiece.model is "
+                "exported); tokenise with the `tokenizers` library and pass the ids (sf_pipeline_encode_tokens, "
+                "starflow-run --token-ids)");
   Tensor ids(DType::i64, {static_cast<int64_t>(prompts.size()), c.token_length}), mask(DType::i64, ids.shape);
   for (std::size_t i = 0; i < prompts.size(); ++i) {
     std::fill(ids.i64() + i * c.token_length, ids.i64() + (i + 1) * c.token_length, c.pad_id);
@@ -441,6 +450,11 @@ Tensor Pipeline::encode_prompts(const std::vector<std::string>& prompts) {
     ids.i64()[i * c.token_length] = token->second;
     mask.i64()[i * c.token_length] = 1;
   }
+  return {std::move(ids), std::move(mask)};
+}
+
+Tensor Pipeline::encode_prompts(const std::vector<std::string>& prompts) {
+  auto [ids, mask] = tokenize(prompts);
   return encode_tokens(ids, mask);
 }
 

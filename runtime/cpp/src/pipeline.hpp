@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "manifest.hpp"
@@ -21,6 +22,7 @@ struct LoadSettings {
 };
 
 class GraphBlock;
+class Tokenizer;
 
 class Pipeline {
  public:
@@ -37,6 +39,9 @@ class Pipeline {
   // text or null -> latents of noise's shape.
   Tensor sample(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options);
   Tensor encode_prompts(const std::vector<std::string>& prompts);
+  // Prompts -> the text encoder graph's (input_ids, attention_mask), int64 (B, token_length), as the
+  // Python runtime's TextEncoderRunner.tokenize: label tables, or the export's SentencePiece model.
+  std::pair<Tensor, Tensor> tokenize(const std::vector<std::string>& prompts) const;
   Tensor encode_tokens(const Tensor& ids, const Tensor& mask);
   Tensor denoise(const Tensor& latent, const Tensor* text);  // clips through a learned denoiser
   Tensor decode(const Tensor& latent);  // (N, H, W, C) in [0, 1]; clips (N, T, H, W, C)
@@ -63,6 +68,7 @@ class Pipeline {
   std::vector<std::unique_ptr<GraphBlock>> blocks_;  // sampling order
   std::map<std::string, std::unique_ptr<Session>> components_;  // opened on first use
   std::map<std::string, int64_t> vocabulary_;  // label-table exports
+  std::unique_ptr<Tokenizer> tokenizer_;       // hf-encoder exports that carry a SentencePiece model
   std::string stats_ = "[]";
 };
 

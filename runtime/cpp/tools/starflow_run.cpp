@@ -33,7 +33,8 @@ Latent mode (writes the sampled latent, (B, C, H, W) float32 .npy):
   --attention-mask M.npy     with their mask (default: all ones)
   --uncond-token-ids U.npy   and the empty prompt's ids (mask: --uncond-attention-mask, default ones)
 
-Prompt mode (label-table exports, e.g. the embedded digits model; writes images):
+Prompt mode (label-table exports, e.g. the embedded digits model, and T5-family exports, which carry
+their SentencePiece model; other subword tokenizers: pass --token-ids in latent mode; writes images):
   --prompt P               a prompt (repeat for more); "" is the unconditional prompt
   --num-images N           images per prompt (default 1)
   --seed S                 noise seed, 0 to 2**64-1 (default 0): the noise `starflow generate --seed S`
@@ -45,6 +46,11 @@ Prompt mode (label-table exports, e.g. the embedded digits model; writes images)
   OUT as `starflow generate --out`: a .png is one grid (N images per prompt a row, at most 8), a
   .npy the (N, H, W, C) float32 array in [0, 1], a folder (no suffix) one PNG per image; PNGs are
   upscaled (nearest) until an image's smaller side is at least 32 pixels
+
+Tokenize mode (what the text encoder graph is fed: the ids and mask that --token-ids and
+--attention-mask take, as the Python runtime's TextEncoderRunner.tokenize gives them):
+  --tokenize               writes the --prompt P ... ids, int64 (N, token_length), to --out (.npy)
+  --mask-out M.npy         and their attention mask
 
 Sampling (default: the export's; the options below change the chosen settings):
   --sampler NAME           official (default) or a preset the export carries, e.g. fast
@@ -78,12 +84,12 @@ struct Arguments {
 
 Arguments parse(int argc, char** argv) {
   static const std::set<std::string> valued = {
-      "--artifacts", "--out", "--noise", "--text", "--text-uncond", "--token-ids", "--attention-mask",
+      "--artifacts", "--out", "--mask-out", "--noise", "--text", "--text-uncond", "--token-ids", "--attention-mask",
       "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
       "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
       "--stop"};
-  static const std::set<std::string> switches = {"--no-denoise", "--help"};
+  static const std::set<std::string> switches = {"--tokenize", "--no-denoise", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
     std::string key = argv[i];
@@ -228,7 +234,31 @@ void save_png(starflow::Tensor& picture, const std::string& path) {
   starflow::check(sf_image_save_png(picture.get(), 0, path.c_str()));
 }
 
+// Tokenize mode: the prompts' token ids and attention mask (sf_pipeline_tokenize), as .npy files.
+int tokenize(const Arguments& args) {
+  for (const auto& [key, value] : args.values)
+    if (key != "--artifacts" && key != "--out" && key != "--mask-out")
+      throw starflow::Error(key + " does not apply to --tokenize");
+  for (const std::string& flag : args.flags)
+    if (flag != "--tokenize") throw starflow::Error(flag + " does not apply to --tokenize");
+  if (!args.providers.empty()) throw starflow::Error("--provider does not apply to --tokenize");
+  for (const char* key : {"--artifacts", "--out"})
+    if (!args.has(key)) throw starflow::Error(std::string("missing ") + key + " (see --help)");
+  if (args.prompts.empty()) throw starflow::Error("--tokenize: pass the prompts with --prompt P (repeat for more)");
+  for (const char* key : {"--out", "--mask-out"})
+    if (args.has(key) && !ends_with(args.get(key), ".npy"))
+      throw starflow::Error(std::string(key) + ": tokenize mode writes an int64 .npy file, got '" + args.get(key) + "'");
+  starflow::Pipeline pipeline(args.get("--artifacts"));
+  auto [ids, mask] = pipeline.tokenize(args.prompts);
+  ids.save(args.get("--out"));
+  if (args.has("--mask-out")) mask.save(args.get("--mask-out"));
+  std::printf("tokenized %zu prompts -> %s%s%s\n", args.prompts.size(), args.get("--out").c_str(),
+              args.has("--mask-out") ? ", " : "", args.get("--mask-out").c_str());
+  return 0;
+}
+
 int run(const Arguments& args) {
+  if (args.flags.count("--tokenize")) return tokenize(args);
   for (const char* key : {"--artifacts", "--out"})
     if (!args.has(key)) throw starflow::Error(std::string("missing ") + key + " (see --help)");
   bool prompt_mode = !args.prompts.empty();
