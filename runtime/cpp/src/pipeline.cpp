@@ -238,7 +238,6 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
   }
 }
 
-
 Pipeline::~Pipeline() = default;
 
 Sampling Pipeline::defaults() const {
