@@ -17,7 +17,7 @@ demo: venv
 	$(BIN)/starflow demo
 
 test: venv cpp cpp-asan
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py && $(BIN)/pytest -q
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py && $(BIN)/pytest -q --durations=25
 
 cpp: venv
 	scripts/build_cpp.sh build/cpp
