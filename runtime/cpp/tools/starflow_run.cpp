@@ -47,6 +47,17 @@ their SentencePiece model; other subword tokenizers: pass --token-ids in latent 
   .npy the (N, H, W, C) float32 array in [0, 1], a folder (no suffix) one PNG per image; PNGs are
   upscaled (nearest) until an image's smaller side is at least 32 pixels
 
+Likelihood mode (each sample's negative log-likelihood in bits per dimension, as the Python runtime's
+Generator.bits_per_dim and POST /v1/likelihood: printed, and with --out written as an (N,) float32 .npy):
+  --likelihood IMAGES.npy  images (N, H, W, C) float32 in [0, 1] (a video export's clips (N, T, H, W, C)),
+                           as prompt mode's --out x.npy (uint8 clips from `starflow generate`: divide by
+                           255 first); pixel-space exports only (their latents are the images,
+                           (N, C, H, W) * 2 - 1): a VAE export has no encoder here
+  --likelihood-latents L.npy  instead: latents (N, C, H, W) float32 (clips (N, T, C, H, W)), any export
+  --prompt P               text-conditioned models: one prompt per sample, in order; or --text Y.npy
+                           (N, L, dim) embeddings, or --token-ids IDS.npy [--attention-mask M.npy]
+  Batches of any size run in parts of the export's rows.
+
 Tokenize mode (what the text encoder graph is fed: the ids and mask that --token-ids and
 --attention-mask take, as the Python runtime's TextEncoderRunner.tokenize gives them):
   --tokenize               writes the --prompt P ... ids, int64 (N, token_length), to --out (.npy)
@@ -88,7 +99,7 @@ Arguments parse(int argc, char** argv) {
       "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
       "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
-      "--stop"};
+      "--stop", "--likelihood", "--likelihood-latents"};
   static const std::set<std::string> switches = {"--tokenize", "--no-denoise", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
@@ -234,6 +245,120 @@ void save_png(starflow::Tensor& picture, const std::string& path) {
   starflow::check(sf_image_save_png(picture.get(), 0, path.c_str()));
 }
 
+starflow::Config make_config(const Arguments& args) {
+  starflow::Config config;
+  if (args.has("--precision")) config.precision(args.get("--precision"));
+  config.threads(static_cast<int>(integer(args, "--threads", 0, 1)));
+  if (args.has("--onnxruntime")) config.onnxruntime_library(args.get("--onnxruntime"));
+  for (const std::string& spec : args.providers) {
+    std::string name = spec.substr(0, spec.find(':'));
+    std::vector<std::string> keys, values;
+    if (spec.find(':') != std::string::npos) {
+      std::string rest = spec.substr(spec.find(':') + 1);
+      for (std::size_t at = 0; at <= rest.size();) {
+        std::size_t comma = rest.find(',', at);
+        std::string pair = rest.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+        std::size_t equals = pair.find('=');
+        if (equals == std::string::npos) throw starflow::Error("--provider " + spec + ": options are key=value");
+        keys.push_back(pair.substr(0, equals));
+        values.push_back(pair.substr(equals + 1));
+        if (comma == std::string::npos) break;
+        at = comma + 1;
+      }
+    }
+    config.provider(name, keys, values);
+  }
+  return config;
+}
+
+// Likelihood mode: each sample's bits per dimension (sf_pipeline_log_likelihood), every option
+// checked before the export loads.
+int likelihood(const Arguments& args) {
+  for (const char* key : {"--noise", "--text-uncond", "--uncond-token-ids", "--uncond-attention-mask", "--num-images",
+                          "--seed", "--negative-prompt", "--latents-out", "--guidance", "--method", "--block-size",
+                          "--max-iter", "--threshold", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
+                          "--stop", "--frames", "--window", "--context"})
+    if (args.has(key)) throw starflow::Error(std::string(key) + " applies to sampling, not to --likelihood");
+  for (const char* flag : {"--no-denoise", "--no-warm-start"})
+    if (args.flags.count(flag)) throw starflow::Error(std::string(flag) + " applies to sampling, not to --likelihood");
+  if (!args.has("--artifacts")) throw starflow::Error("missing --artifacts (see --help)");
+  if (args.has("--likelihood") && args.has("--likelihood-latents"))
+    throw starflow::Error("pass --likelihood IMAGES.npy or --likelihood-latents LATENTS.npy, not both");
+  if (static_cast<int>(!args.prompts.empty()) + args.has("--text") + args.has("--token-ids") > 1)
+    throw starflow::Error("give the text once: --prompt (one per sample), --text or --token-ids");
+  if (args.has("--attention-mask") && !args.has("--token-ids"))
+    throw starflow::Error("--attention-mask applies with --token-ids");
+  const std::string out = args.get("--out");
+  if (args.has("--out") && !ends_with(out, ".npy"))
+    throw starflow::Error("--out: likelihood mode writes an (N,) float32 .npy file, got '" + out + "'");
+  const bool images = args.has("--likelihood");
+  const std::string input = images ? args.get("--likelihood") : args.get("--likelihood-latents");
+  const std::string option = images ? "--likelihood" : "--likelihood-latents";
+  starflow::Tensor x = starflow::Tensor::load(input);
+
+  starflow::Config config = make_config(args);
+  starflow::Pipeline pipeline(args.get("--artifacts"), &config);
+  nlohmann::json info = nlohmann::json::parse(pipeline.describe());
+  const std::vector<int64_t> shape = x.shape();
+  if (images) {  // starflow.core.outputs.from_unit_images: (N, [T,] H, W, C) in [0, 1] -> (N, [T,] C, H, W) in [-1, 1]
+    if (info["decoder"] != "identity")
+      throw starflow::Error(option + ": this export decodes its latents with a " + info["decoder"].get<std::string>() +
+                            " decoder and carries no encoder to turn images into latents; pass its latents with "
+                            "--likelihood-latents");
+    const bool video = !info["video"].is_null();
+    const std::size_t rank = video ? 5 : 4;
+    const int64_t channels = info["channels"];
+    std::string layout = video ? "(N, T, H, W, " : "(N, H, W, ";
+    if (x.dtype() != SF_FLOAT32 || shape.size() != rank || shape.back() != channels) {
+      std::string got;
+      for (int64_t d : shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
+      throw starflow::Error(option + " " + input + ": expected float32 images " + layout + std::to_string(channels) +
+                            ") in [0, 1] for this " + (video ? "video" : "image") + " export, got " +
+                            (x.dtype() == SF_FLOAT32 ? "float32" : x.dtype() == SF_INT64 ? "int64" : "float16") + " (" +
+                            got + (shape.size() == 1 ? ",)" : ")"));
+    }
+    std::vector<int64_t> latent_shape = shape;
+    latent_shape.pop_back();
+    latent_shape.insert(latent_shape.end() - 2, channels);
+    starflow::Tensor latents = starflow::Tensor::zeros(SF_FLOAT32, latent_shape);
+    const int64_t pixels = shape[rank - 3] * shape[rank - 2];
+    int64_t count = 1;  // images, or clips' frames
+    for (std::size_t d = 0; d + 3 < rank; ++d) count *= shape[d];
+    const float* from = x.f32();
+    float* to = latents.f32();
+    for (int64_t n = 0; n < count; ++n)  // each image (each frame of a clip)
+      for (int64_t i = 0; i < pixels; ++i)
+        for (int64_t c = 0; c < channels; ++c)
+          to[(n * channels + c) * pixels + i] = from[(n * pixels + i) * channels + c] * 2.0f - 1.0f;
+    x = std::move(latents);
+  }
+  starflow::Tensor text;
+  if (!args.prompts.empty()) {
+    if (shape.empty() || static_cast<int64_t>(args.prompts.size()) != shape[0])
+      throw starflow::Error("--prompt: give one per sample (" + std::to_string(shape.empty() ? 0 : shape[0]) + " in " +
+                            input + "), got " + std::to_string(args.prompts.size()));
+    text = pipeline.encode(args.prompts);
+  }
+  if (args.has("--text")) text = starflow::Tensor::load(args.get("--text"));
+  if (args.has("--token-ids")) text = encode_tokens(pipeline, args, "--token-ids", "--attention-mask");
+  auto began = std::chrono::steady_clock::now();
+  starflow::Tensor bits = pipeline.log_likelihood(x, text);
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  if (args.has("--out")) bits.save(out);
+  const float* b = bits.f32();
+  const int64_t n = bits.shape()[0];
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    total += b[i];
+    std::printf("%lld: %.6f bits/dim%s%s%s\n", static_cast<long long>(i), b[i], args.prompts.empty() ? "" : " (prompt '",
+                args.prompts.empty() ? "" : args.prompts[i].c_str(), args.prompts.empty() ? "" : "')");
+  }
+  std::printf("mean %.6f bits/dim over %lld %s in %.2f s%s%s\n", total / static_cast<double>(n),
+              static_cast<long long>(n), n == 1 ? "sample" : "samples", seconds, args.has("--out") ? " -> " : "",
+              out.c_str());
+  return 0;
+}
+
 // Tokenize mode: the prompts' token ids and attention mask (sf_pipeline_tokenize), as .npy files.
 int tokenize(const Arguments& args) {
   for (const auto& [key, value] : args.values)
@@ -259,6 +384,7 @@ int tokenize(const Arguments& args) {
 
 int run(const Arguments& args) {
   if (args.flags.count("--tokenize")) return tokenize(args);
+  if (args.has("--likelihood") || args.has("--likelihood-latents")) return likelihood(args);
   for (const char* key : {"--artifacts", "--out"})
     if (!args.has(key)) throw starflow::Error(std::string("missing ") + key + " (see --help)");
   bool prompt_mode = !args.prompts.empty();
@@ -278,28 +404,7 @@ int run(const Arguments& args) {
   std::string kind = prompt_mode ? output_kind(out) : "npy";
   uint64_t seed = parse_seed(args);
 
-  starflow::Config config;
-  if (args.has("--precision")) config.precision(args.get("--precision"));
-  config.threads(static_cast<int>(integer(args, "--threads", 0, 1)));
-  if (args.has("--onnxruntime")) config.onnxruntime_library(args.get("--onnxruntime"));
-  for (const std::string& spec : args.providers) {
-    std::string name = spec.substr(0, spec.find(':'));
-    std::vector<std::string> keys, values;
-    if (spec.find(':') != std::string::npos) {
-      std::string rest = spec.substr(spec.find(':') + 1);
-      for (std::size_t at = 0; at <= rest.size();) {
-        std::size_t comma = rest.find(',', at);
-        std::string pair = rest.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
-        std::size_t equals = pair.find('=');
-        if (equals == std::string::npos) throw starflow::Error("--provider " + spec + ": options are key=value");
-        keys.push_back(pair.substr(0, equals));
-        values.push_back(pair.substr(equals + 1));
-        if (comma == std::string::npos) break;
-        at = comma + 1;
-      }
-    }
-    config.provider(name, keys, values);
-  }
+  starflow::Config config = make_config(args);
   starflow::Pipeline pipeline(args.get("--artifacts"), &config);
   starflow::Sampling sampling(pipeline, args.get("--sampler", "official"));
   if (args.has("--guidance")) sampling.guidance(number(args, "--guidance"));
