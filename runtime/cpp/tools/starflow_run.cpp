@@ -25,8 +25,8 @@ const char* kUsage = R"(usage: starflow-run --artifacts DIR --out OUT [options]
 
 Samples a starflow export (the directory `starflow export onnx` writes) with libstarflow.
 
-Latent mode (writes the sampled latent, (B, C, H, W) float32 .npy):
-  --noise N.npy            prior noise, (B, C, H, W) float32
+Latent mode (writes the sampled latent, (B, C, H, W) float32 .npy; clips (B, T, C, H, W)):
+  --noise N.npy            prior noise, (B, C, H, W) float32; a video export's clips (B, T, C, H, W)
   --text Y.npy             text embeddings (B, L, dim) float32 (text-conditioned models)
   --text-uncond Y0.npy     the empty prompt's embeddings, as --text (needed when guidance > 0)
   --token-ids IDS.npy      instead of --text: int64 (B, token_length) ids for the text encoder graph,
@@ -43,9 +43,14 @@ their SentencePiece model; other subword tokenizers: pass --token-ids in latent 
   --negative-prompt P      the unconditional text under guidance (default "")
   --no-denoise             skip the self-denoise step (needed when the export has no denoise graph)
   --latents-out L.npy      also write the latents
+  --frames N               clips of N frames (video exports, within the export's frame range); with
+                           --noise, its (prompts*N, T, C, H, W) clips give the frames
   OUT as `starflow generate --out`: a .png is one grid (N images per prompt a row, at most 8), a
   .npy the (N, H, W, C) float32 array in [0, 1], a folder (no suffix) one PNG per image; PNGs are
-  upscaled (nearest) until an image's smaller side is at least 32 pixels
+  upscaled (nearest) until an image's smaller side is at least 32 pixels. Clips: a .npy is the
+  (N, T, H, W, C) float32 array in [0, 1], a folder one PNG per clip and frame named as
+  `starflow generate --frames` names them (clip000_frame0000.png, ...; upscaled until the smaller
+  side is at least 128 pixels); no grid .png (nor .gif/.mp4: use `starflow generate`)
 
 Likelihood mode (each sample's negative log-likelihood in bits per dimension, as the Python runtime's
 Generator.bits_per_dim and POST /v1/likelihood: printed, and with --out written as an (N,) float32 .npy):
@@ -70,6 +75,10 @@ Sampling (default: the export's; the options below change the chosen settings):
   --stop batch|row         when a Jacobi chunk stops: one test over the batch (default, the official)
                            or each row alone (an image is then the same in any batch)
   --shallow-jacobi B,M,T[,INIT]  the shallow blocks' own block size, max iterations, threshold
+  --window W [--context C] clips: the deep block attends to at most W frames, then its cache restarts
+                           from the last C frames (default W - 1), re-encoded (rolling; Jacobi only)
+  --no-warm-start          clips: a chunk after the first frame starts from its noise, not the
+                           tokens one frame earlier (the official warm start)
 
 Running:
   --precision fp32|fp16    graph set (default fp32)
@@ -99,8 +108,8 @@ Arguments parse(int argc, char** argv) {
       "--uncond-token-ids", "--uncond-attention-mask", "--num-images", "--seed", "--negative-prompt",
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
       "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
-      "--stop", "--likelihood", "--likelihood-latents"};
-  static const std::set<std::string> switches = {"--tokenize", "--no-denoise", "--help"};
+      "--stop", "--frames", "--window", "--context", "--likelihood", "--likelihood-latents"};
+  static const std::set<std::string> switches = {"--tokenize", "--no-denoise", "--no-warm-start", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
     std::string key = argv[i];
@@ -203,13 +212,14 @@ std::string output_kind(const std::string& out) {
   return suffix.empty() ? "dir" : suffix.substr(1);
 }
 
-// Images [first, first + count) of (N, H, W, C) as one (1, H', W', C) picture, as `starflow generate`
-// draws it: `columns` tiles a row with `pad` black pixels around each, then upscaled (nearest) until
-// an image's smaller side is at least 32 pixels.
-starflow::Tensor mosaic(starflow::Tensor& images, int64_t first, int64_t count, int64_t columns, int64_t pad) {
+// Images [first, first + count) of (N, H, W, C) (clips (N, T, H, W, C): their N*T frames) as one
+// (1, H', W', C) picture, as `starflow generate` draws it: `columns` tiles a row with `pad` black
+// pixels around each, then upscaled `scale` times (nearest).
+starflow::Tensor mosaic(starflow::Tensor& images, int64_t first, int64_t count, int64_t columns, int64_t pad,
+                        int64_t scale) {
   std::vector<int64_t> shape = images.shape();
-  int64_t h = shape[1], w = shape[2], c = shape[3], rows = (count + columns - 1) / columns;
-  int64_t scale = std::max<int64_t>(1, 32 / std::min(h, w));
+  std::size_t rank = shape.size();
+  int64_t h = shape[rank - 3], w = shape[rank - 2], c = shape[rank - 1], rows = (count + columns - 1) / columns;
   int64_t height = rows * (h + pad) + pad, width = columns * (w + pad) + pad;
   starflow::Tensor picture = starflow::Tensor::zeros(SF_FLOAT32, {1, height * scale, width * scale, c});
   const float* source = images.f32();
@@ -240,6 +250,11 @@ std::string slug(const std::string& prompt) {
   text = text.substr(0, 40);
   return text.empty() ? "unconditional" : text;
 }
+
+// starflow.core.outputs.visible_scale: tiny images (8x8 digits) drawn at a visible size; clips'
+// frames (outputs._video_scale) until their smaller side is at least 128 pixels.
+int64_t image_scale(int64_t h, int64_t w) { return std::max<int64_t>(1, 32 / std::min(h, w)); }
+int64_t frame_scale(int64_t h, int64_t w) { return (128 + std::min(h, w) - 1) / std::min(h, w); }
 
 void save_png(starflow::Tensor& picture, const std::string& path) {
   starflow::check(sf_image_save_png(picture.get(), 0, path.c_str()));
@@ -398,10 +413,16 @@ int run(const Arguments& args) {
     throw starflow::Error("pass --text or --token-ids, not both");
   if (prompt_mode && args.has("--noise") && args.has("--seed")) throw starflow::Error("pass --noise or --seed, not both");
   if (!prompt_mode && args.has("--no-denoise")) throw starflow::Error("--no-denoise applies to --prompt mode");
+  if (!prompt_mode && args.has("--frames"))
+    throw starflow::Error("--frames applies to --prompt mode (latent mode takes the frames from --noise)");
+  if (args.has("--context") && !args.has("--window")) throw starflow::Error("--context applies with --window W");
   std::string out = args.get("--out");
   if (!prompt_mode && !ends_with(out, ".npy"))
     throw starflow::Error("--out: latent mode writes a .npy file, got '" + out + "'");
   std::string kind = prompt_mode ? output_kind(out) : "npy";
+  long long frames = integer(args, "--frames", 0, 1);  // 0: images (or --noise's clips)
+  const char* clip_outs = "--out: clips are written to a .npy (N, T, H, W, C) array or a folder (one PNG per frame)";
+  if (frames && kind == "png") throw starflow::Error(std::string(clip_outs) + ", got '" + out + "'");
   uint64_t seed = parse_seed(args);
 
   starflow::Config config = make_config(args);
@@ -414,6 +435,9 @@ int run(const Arguments& args) {
   if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(integer(args, "--max-iter", 0, 1)));
   if (args.has("--threshold")) sampling.threshold(number(args, "--threshold"));
   if (args.has("--init")) sampling.init(args.get("--init"));
+  if (args.has("--window"))
+    sampling.window(static_cast<int>(integer(args, "--window", 0, 1)), static_cast<int>(integer(args, "--context", 0, 1)));
+  if (args.flags.count("--no-warm-start")) sampling.warm_start(false);
   if (args.has("--shallow-jacobi")) {
     std::string spec = args.get("--shallow-jacobi");
     std::vector<std::string> parts;
@@ -468,8 +492,14 @@ int run(const Arguments& args) {
     for (long long i = 0; i < per_prompt; ++i) prompts.push_back(p);
   auto count = static_cast<int64_t>(prompts.size());
   std::vector<int64_t> noise_shape = {count, info["channels"], info["train"][0], info["train"][1]};
+  if (frames) noise_shape.insert(noise_shape.begin() + 1, frames);
   starflow::Tensor noise = args.has("--noise") ? starflow::Tensor::load(args.get("--noise"))
                                                : starflow::Tensor::noise(seed, noise_shape);
+  const bool clips = noise.shape().size() == 5;  // the frame count itself is the library's to check
+  if (clips && kind == "png") throw starflow::Error(std::string(clip_outs) + ", got '" + out + "'");
+  if (frames && clips && noise.shape()[1] != frames)
+    throw starflow::Error("--frames " + std::to_string(frames) + ": the --noise clips have " +
+                          std::to_string(noise.shape()[1]) + " frames");
   std::vector<const char*> pointers;
   for (const std::string& p : prompts) pointers.push_back(p.c_str());
   std::string negative = args.get("--negative-prompt");
@@ -482,11 +512,26 @@ int run(const Arguments& args) {
   starflow::Tensor owned_images(images), owned_latents(latents);
   if (owned_latents) owned_latents.save(args.get("--latents-out"));
   std::string where = out;
+  std::vector<int64_t> shape = owned_images.shape();
+  const int64_t h = shape[shape.size() - 3], w = shape[shape.size() - 2];
   if (kind == "npy") {
     owned_images.save(out);
   } else if (kind == "png") {
-    starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1);
+    starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1, image_scale(h, w));
     save_png(grid, out);
+  } else if (clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
+    std::error_code error;
+    std::filesystem::create_directory(out, error);
+    if (error) throw starflow::Error("--out " + out + ": cannot create the folder (" + error.message() + ")");
+    const int64_t T = shape[1];
+    for (int64_t i = 0; i < count * T; ++i) {
+      char name[64];
+      std::snprintf(name, sizeof name, "clip%03lld_frame%04lld.png", static_cast<long long>(i / T),
+                    static_cast<long long>(i % T));
+      starflow::Tensor frame = mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w));
+      save_png(frame, (std::filesystem::path(out) / name).string());
+    }
+    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count * T) + " PNGs)";
   } else {
     std::error_code error;
     std::filesystem::create_directory(out, error);
@@ -494,16 +539,20 @@ int run(const Arguments& args) {
     for (int64_t i = 0; i < count; ++i) {
       char number[24];
       std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
-      starflow::Tensor image = mosaic(owned_images, i, 1, 1, 0);
+      starflow::Tensor image = mosaic(owned_images, i, 1, 1, 0, image_scale(h, w));
       save_png(image, (std::filesystem::path(out) / (number + slug(prompts[i]) + ".png")).string());
     }
     where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
   }
   write_stats(pipeline, args);
-  std::vector<int64_t> shape = owned_images.shape();
-  std::printf("generated %lld %s %lldx%lld -> %s in %.2f s (%.1f images/s)\n", static_cast<long long>(count),
-              count == 1 ? "image" : "images", static_cast<long long>(shape[1]), static_cast<long long>(shape[2]),
-              where.c_str(), seconds, static_cast<double>(count) / std::max(seconds, 1e-9));
+  std::string what = count == 1 ? "image" : "images", unit = "images";
+  if (clips) {
+    what = (count == 1 ? "clip of " : "clips of ") + std::to_string(shape[1]) + " frames";
+    unit = "clips";
+  }
+  std::printf("generated %lld %s %lldx%lld -> %s in %.2f s (%.1f %s/s)\n", static_cast<long long>(count),
+              what.c_str(), static_cast<long long>(h), static_cast<long long>(w), where.c_str(), seconds,
+              static_cast<double>(count) / std::max(seconds, 1e-9), unit.c_str());
   return 0;
 }
 
