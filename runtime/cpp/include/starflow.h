@@ -45,9 +45,11 @@ SF_API sf_status* sf_tensor_create(sf_dtype dtype, const int64_t* shape, size_t 
 /* A .npy file (little-endian float32, float16 or int64, C order), or a .npy written from it. */
 SF_API sf_status* sf_tensor_load_npy(const char* path, sf_tensor** out);
 SF_API sf_status* sf_tensor_save_npy(const sf_tensor* tensor, const char* path);
-/* Standard normal float32 noise of any shape from `seed`: bit for bit what numpy draws for
+/* Standard normal float32 noise of any shape from `seed`: what numpy draws for
  * `np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)`, starflow's noise
  * (starflow.core.generation.make_noise), so a seed gives the same images as `starflow generate`.
+ * Bit for bit as measured on x86-64 glibc against numpy builds that do not fuse multiply-add;
+ * another libm (its log1pf, exp) or an FMA-contracting numpy build may differ in rare values.
  * Python accepts any seed >= 0; seeds of 2**64 and more exist only there. */
 SF_API sf_status* sf_tensor_noise(uint64_t seed, const int64_t* shape, size_t rank, sf_tensor** out);
 SF_API sf_dtype sf_tensor_dtype(const sf_tensor* tensor);

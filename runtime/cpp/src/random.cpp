@@ -1,12 +1,19 @@
-// numpy's default generator and its float32 normal, from the published algorithms:
+// numpy's default generator and its float32 normal, reproduced from the published algorithms in
+// our own structure:
 //   SeedSequence: NEP 19 and numpy.random.SeedSequence's documented design (after M. O'Neill's
-//     seed_seq_fe): the seed as 32-bit words hashed into a pool of 4 words, which generate_state
-//     hashes again into as many words as asked;
+//     seed_seq_fe): the seed's 32-bit words hashed into a pool of 4 words, each pool word folded
+//     into the others, and generate_state reading the pool through a second hash;
 //   PCG64: M. O'Neill, "PCG: A Family of Simple Fast Space-Efficient Statistically Good Algorithms
 //     for Random Number Generation" (2014): a 128-bit LCG with the XSL-RR 64-bit output; numpy
 //     seeds it with SeedSequence's generate_state(4, uint64) (state, then increment);
 //   the float32 normal: G. Marsaglia and W. W. Tsang, "The Ziggurat Method for Generating Random
-//     Variables" (2000), with 256 layers drawn from numpy's 32-bit output.
+//     Variables" (2000), with 256 layers.
+// What those leave open was established against numpy's outputs and documentation, and
+// tests/runtime/cpp/test_noise.py pins each choice: a 32-bit draw is a 64-bit output's low half,
+// then its high half; a uniform is a 32-bit draw's top 24 bits; the tail's exponentials are
+// -log1p(-u) in float and its sign is bit 17 of the draw that chose the base layer; the box
+// thresholds are rounded to the nearest integer and the layers' heights rounded from double; the
+// wedge compares with exp in double.
 #include "random.hpp"
 
 #include <array>
@@ -18,45 +25,54 @@ namespace {
 using u128 = unsigned __int128;
 
 // ---- SeedSequence -------------------------------------------------------------------------------
-constexpr uint32_t kInitA = 0x43b0d7e5, kMultA = 0x931e8875;  // hashing the entropy into the pool
-constexpr uint32_t kInitB = 0x8b51f9dd, kMultB = 0x58f38ded;  // hashing the pool into the output
-constexpr uint32_t kMixMultL = 0xca01f9dd, kMixMultR = 0x4973f715;
-constexpr int kPoolSize = 4;
+// Both of SeedSequence's hashes have one shape, a keyed multiply: XOR the word with the key, step
+// the key (times a fixed odd number), multiply by the stepped key, fold the high half onto the low.
+// The constants (start keys, key steps, the two blend factors) are numpy's SeedSequence's.
+constexpr int kPoolWords = 4;
+
+uint32_t fold_high(uint32_t word) { return word ^ (word >> 16); }
+
+class KeyedHash {
+ public:
+  KeyedHash(uint32_t key, uint32_t key_step) : key_(key), key_step_(key_step) {}
+  uint32_t operator()(uint32_t word) {
+    uint32_t keyed = word ^ key_;
+    key_ *= key_step_;
+    return fold_high(keyed * key_);
+  }
+
+ private:
+  uint32_t key_, key_step_;
+};
+
+// `incoming` folded into `word`: the difference of two odd multiples, high half folded down.
+uint32_t blend(uint32_t word, uint32_t incoming) {
+  return fold_high(0xca01f9ddu * word - 0x4973f715u * incoming);
+}
 
 // SeedSequence(seed).generate_state(4, np.uint64) for a seed below 2**64 (no spawn key).
 std::array<uint64_t, 4> seed_sequence_state(uint64_t seed) {
-  // The integer as little-endian 32-bit words: 0 is one word [0], 2**32 is [0, 1].
-  uint32_t entropy[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
-  int words = seed >> 32 ? 2 : 1;  // never more than the pool holds, so no words are mixed in later
+  // The seed's 32-bit words, least significant first, padded with zero words to the pool's size (a
+  // seed below 2**32 is one word, [low], and pads to what [low, 0] pads to). At most 2 words: none
+  // are left over to fold in after the pool is full.
+  std::array<uint32_t, kPoolWords> pool = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  KeyedHash intake(0x43b0d7e5, 0x931e8875);
+  for (uint32_t& word : pool) word = intake(word);
+  // Every word into every other, in pool order, the intake hash's key still stepping.
+  for (int from = 0; from < kPoolWords; ++from)
+    for (int into = 0; into < kPoolWords; ++into)
+      if (into != from) pool[into] = blend(pool[into], intake(pool[from]));
 
-  uint32_t hash_const = kInitA;
-  auto hashmix = [&hash_const](uint32_t value) {
-    value ^= hash_const;
-    hash_const *= kMultA;
-    value *= hash_const;
-    return value ^ (value >> 16);
-  };
-  auto mix = [](uint32_t x, uint32_t y) {
-    uint32_t result = kMixMultL * x - kMixMultR * y;
-    return result ^ (result >> 16);
-  };
-  std::array<uint32_t, kPoolSize> pool;
-  for (int i = 0; i < kPoolSize; ++i) pool[i] = hashmix(i < words ? entropy[i] : 0);
-  for (int source = 0; source < kPoolSize; ++source)
-    for (int target = 0; target < kPoolSize; ++target)
-      if (source != target) pool[target] = mix(pool[target], hashmix(pool[source]));
-
-  std::array<uint32_t, 8> out32;  // generate_state cycles through the pool
-  uint32_t hash = kInitB;
-  for (int i = 0; i < 8; ++i) {
-    uint32_t value = pool[i % kPoolSize] ^ hash;
-    hash *= kMultB;
-    value *= hash;
-    out32[i] = value ^ (value >> 16);
+  // generate_state: 8 words read round-robin from the pool through the output hash, each pair
+  // (low, high) one 64-bit word.
+  KeyedHash output(0x8b51f9dd, 0x58f38ded);
+  std::array<uint64_t, 4> state;
+  for (int i = 0; i < 4; ++i) {
+    uint64_t low = output(pool[(2 * i) % kPoolWords]);
+    uint64_t high = output(pool[(2 * i + 1) % kPoolWords]);
+    state[i] = high << 32 | low;
   }
-  std::array<uint64_t, 4> out;  // uint64 words are pairs of uint32 words, little-endian
-  for (int i = 0; i < 4; ++i) out[i] = out32[2 * i] | static_cast<uint64_t>(out32[2 * i + 1]) << 32;
-  return out;
+  return state;
 }
 
 // ---- PCG64 and numpy's 32-bit draw ------------------------------------------------------------
@@ -93,7 +109,8 @@ class Pcg64 {
     return static_cast<uint32_t>(value);
   }
 
-  float uniform() { return static_cast<float>(next32() >> 8) * (1.0f / 16777216.0f); }  // [0, 1), top 24 bits
+  // [0, 1): a draw's top 24 bits (a float's precision) as a multiple of 2^-24, exactly.
+  float uniform() { return std::ldexp(static_cast<float>(next32() >> 8), -24); }
 
  private:
   static constexpr u128 kMultiplier = static_cast<u128>(0x2360ed051fc65da4ull) << 64 | 0x4385df649fccf645ull;
@@ -116,8 +133,10 @@ struct Ziggurat {
   // numpy's are (truncating gives 1 less in 118 layers: a draw at that value takes a wedge test,
   // consumes one more number, and every later value differs).
   std::array<uint32_t, 256> accept;
-  std::array<float, 256> width;      // the layer's half-width per unit of the 23-bit draw
-  std::array<float, 256> height;     // exp(-x^2/2) at the layer's outer edge; 1 at the peak
+  std::array<float, 256> width;  // the layer's half-width per unit of the 23-bit draw
+  // exp(-x^2/2) at the layer's outer edge (1 at the peak), in double rounded to float (a float exp
+  // is an ulp off in 147 layers, and moves rare wedge decisions)
+  std::array<float, 256> height;
 };
 
 // Marsaglia and Tsang's construction: each edge from the one below, x' = f^-1(v / x + f(x)).
@@ -148,28 +167,45 @@ const Ziggurat& ziggurat() {
   return table;
 }
 
-// Generator.standard_normal(dtype=np.float32), one value.
+// An Exp(1) variate by inversion, -log(1 - u); log1p in float, as numpy's tail.
+float exponential(Pcg64& rng) { return -std::log1p(-rng.uniform()); }
+
+// Marsaglia and Tsang's tail past r: an excess x = E1 / r over r, kept when 2 E2 > x^2 (E1 and E2
+// exponential), the value r + x. (x is E1 times the float nearest 1/r, not E1 / r.)
+float tail(Pcg64& rng, bool negative) {
+  float excess, bound;
+  do {
+    excess = kInverseRf * exponential(rng);
+    bound = exponential(rng);
+  } while (2.0f * bound <= excess * excess);
+  float value = kRf + excess;
+  return negative ? -value : value;
+}
+
+// The wedge of `layer` at `magnitude`: a height drawn uniformly between the layer's outer height and
+// the next layer's, kept under the curve. The band times the uniform is exact in double and rounded
+// once to float, so no compiler fuses it with the add (numpy's x86-64 build does not); the curve in
+// double, as numpy's (a float exp decides otherwise about once in 2e7 values).
+bool under_curve(Pcg64& rng, const Ziggurat& z, unsigned layer, float magnitude) {
+  float band = z.height[layer - 1] - z.height[layer];
+  float height = static_cast<float>(static_cast<double>(band) * rng.uniform()) + z.height[layer];
+  double half_square = 0.5 * magnitude * magnitude;  // exact in double
+  return height < std::exp(-half_square);
+}
+
+// Generator.standard_normal(dtype=np.float32), one value: a 32-bit draw picks a layer (bits 0-7),
+// a sign (bit 8) and a position across the layer (bits 9-31); most land in the layer's box.
 float standard_normal(Pcg64& rng, const Ziggurat& z) {
   for (;;) {
-    uint32_t draw = rng.next32();  // bits 0-7: the layer, 8: the sign, 9-31: the position
+    uint32_t draw = rng.next32();
     unsigned layer = draw & 0xff;
+    bool negative = (draw >> 8) & 1;
     uint32_t position = draw >> 9;
-    float x = static_cast<float>(position) * z.width[layer];
-    if ((draw >> 8) & 1) x = -x;
-    if (position < z.accept[layer]) return x;
-    if (layer == 0) {  // the tail past r (Marsaglia's method), its sign from bit 8 of the position
-      for (;;) {
-        float xx = -kInverseRf * std::log1p(-rng.uniform());
-        float yy = -std::log1p(-rng.uniform());
-        if (yy + yy > xx * xx) return ((position >> 8) & 1) ? -(kRf + xx) : kRf + xx;
-      }
-    }
-    // The wedge between this layer's box and the curve. The product is exact in double and
-    // rounded once to float, so no compiler fuses it with the add (numpy's x86-64 build does not);
-    // the curve in double, as numpy's (a float exp decides otherwise about once in 2e7 values).
-    float gap = z.height[layer - 1] - z.height[layer];
-    float y = static_cast<float>(static_cast<double>(gap) * rng.uniform()) + z.height[layer];
-    if (y < std::exp(-0.5 * x * x)) return x;
+    float magnitude = static_cast<float>(position) * z.width[layer];
+    if (position < z.accept[layer]) return negative ? -magnitude : magnitude;
+    if (layer == 0) return tail(rng, (draw >> 17) & 1);  // the tail's sign: the position's bit 8
+    if (under_curve(rng, z, layer, magnitude)) return negative ? -magnitude : magnitude;
+    // rejected: a fresh draw
   }
 }
 
