@@ -149,6 +149,8 @@ class Generator(ImageGenerator):
         if not self.text_conditioned and prompts and any(prompts):
             raise StarflowError("prompts: this model is unconditional: give no prompt text")
         step, bits = self.images_per_batch(0.0), []
+        if latents.ndim == 5 and any(b.frame_local for b in self.pipeline.blocks):
+            step = max(step // latents.shape[1], 1)  # a frame-local block runs a row per frame
         for first in range(0, len(latents), step):
             x = np.ascontiguousarray(latents[first : first + step], dtype=np.float32)
             y = self.encode(prompts[first : first + step]) if self.text_conditioned else None

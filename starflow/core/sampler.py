@@ -579,7 +579,7 @@ def denoise_windows(
     if overlap is not None and overlap >= size:
         raise StarflowError(f"denoiser overlap {overlap} must be fewer frames than the window {size}")
     start, kept = 0, 0
-    while start < n:
+    while start + kept < n:  # the next window still has frames to write
         x[:, start + kept : start + size] = step(x[:, start : start + size])[:, kept:]
         kept = size - 1 if overlap is None else overlap
         start += size - kept

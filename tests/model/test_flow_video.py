@@ -136,7 +136,14 @@ def test_window_covering_the_clip_changes_nothing(model, golden):
 def test_denoising_in_windows_follows_the_official_overlap(model, golden):
     x, y = golden["reverse.sequential"], golden["y"]
     step = model.learned_denoise_step(y)
-    assert torch.equal(sampler.denoise_windows(x.clone(), step, None), step(x))
+    calls = []
+
+    def counted(frames: torch.Tensor) -> torch.Tensor:
+        calls.append(frames.shape[1])
+        return step(frames)
+
+    assert torch.equal(sampler.denoise_windows(x.clone(), counted, None), step(x))
+    assert calls == [x.shape[1]]  # one window holds the clip: no second window writing nothing
     # window 2, overlap 1: frames 0-1 from the first window, frame 2 from the window [1, 3)
     expected = x.clone()
     expected[:, :2] = step(x[:, :2])

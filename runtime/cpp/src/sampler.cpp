@@ -314,9 +314,9 @@ void denoise_windows(Tensor& x, const std::function<Tensor(const Tensor&)>& step
     throw Error("denoiser overlap " + std::to_string(*overlap) + " must be fewer frames than the window " +
                 std::to_string(size));
   const std::size_t frame = x.size() / static_cast<std::size_t>(B * n);  // floats per frame
-  for (int64_t start = 0, kept = 0; start < n; kept = overlap ? *overlap : size - 1, start += size - kept) {
+  // while the next window still has frames to write
+  for (int64_t start = 0, kept = 0; start + kept < n; kept = overlap ? *overlap : size - 1, start += size - kept) {
     const int64_t stop = std::min(start + size, n);
-    if (start + kept >= stop) continue;  // a tail window that would write no frame: its result is unused
     Tensor part(DType::f32, {B, stop - start, x.shape[2], x.shape[3], x.shape[4]});
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(part.f32() + b * (stop - start) * frame, x.f32() + (b * n + start) * frame,

@@ -113,15 +113,13 @@ def test_digits_images_with_prompts_equal_generator_bits_per_dim(demo_export, tm
 
 def test_moving_digits_clips_equal_generator_bits_per_dim(demo_video_export, tmp_path):
     """Clips (frame-local shallow blocks, the flip inside each frame): 9 clips of 16 frames run as
-    8 + 1 (a frame-local block takes a row per frame, 128 rows), as Generator.bits_per_dim per part."""
+    8 + 1 (a frame-local block takes a row per frame, 128 rows), in both runtimes."""
     generator = Generator.load(demo_video_export, threads=1)
     rng = np.random.default_rng(3)
     clips = rng.uniform(0, 1, (9, 16, 10, 10, 1)).astype(np.float32)
     prompts = [str(i) for i in range(9)]
     latents = from_unit_images(clips)
-    expected = np.concatenate(
-        [generator.bits_per_dim(latents[:8], prompts[:8]), generator.bits_per_dim(latents[8:], prompts[8:])]
-    )
+    expected = generator.bits_per_dim(latents, prompts)
     paths = save(tmp_path, clips=clips, latents=latents)
     ours = cpp_bits(demo_video_export, tmp_path, "--likelihood", paths["clips"], *prompt_args(prompts))
     assert np.abs(ours - expected).max() <= SAME_BATCHES
