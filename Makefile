@@ -29,7 +29,10 @@ cpp-asan: venv
 # has its last result)
 cpp-tsan: venv
 	scripts/build_cpp.sh build/cpp-tsan -DSTARFLOW_SANITIZE_THREAD=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
-	TSAN_OPTIONS=suppressions=runtime/cpp/tests/tsan.supp build/cpp-tsan/starflow-threads-test "$$($(BIN)/python -c 'from starflow.export.cache import demo_artifacts; print(demo_artifacts())')" 4 2
+	for video in False True; do \
+	  export_dir="$$($(BIN)/python -c "from starflow.export.cache import demo_artifacts; print(demo_artifacts(video=$$video))")" && \
+	  TSAN_OPTIONS=suppressions=runtime/cpp/tests/tsan.supp build/cpp-tsan/starflow-threads-test "$$export_dir" 4 2 || exit 1; \
+	done
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py

@@ -7,6 +7,7 @@
 // library is loaded under contention) and generates ROUNDS batches from its own seeds; every
 // batch must equal, bit for bit, the same batch generated alone beforehand. One intra-op thread
 // per graph, so the numbers do not depend on how the work is split. Exits 0 when all are equal.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,8 +37,8 @@ std::vector<std::string> prompts_for(const starflow::Pipeline& pipeline) {
   return {"a red car", "a small house"};
 }
 
-// One batch from `seed`: the export's official settings, the per-row stop rule, no self-denoise
-// unless the export has its graph; the images as a flat copy.
+// One batch (of clips, for a video export) from `seed`: the export's official settings, the
+// per-row stop rule, self-denoise when the export has its graph; the images as a flat copy.
 std::vector<float> generate(starflow::Pipeline& pipeline, uint64_t seed) {
   nlohmann::json about = nlohmann::json::parse(pipeline.describe());
   std::vector<std::string> prompts = prompts_for(pipeline);
@@ -45,6 +46,8 @@ std::vector<float> generate(starflow::Pipeline& pipeline, uint64_t seed) {
   for (const std::string& p : prompts) text.push_back(p.c_str());
   std::vector<int64_t> shape = {static_cast<int64_t>(prompts.size()), about["channels"].get<int64_t>(),
                                 about["train"][0].get<int64_t>(), about["train"][1].get<int64_t>()};
+  if (!about["video"].is_null())  // a video export's clips: (B, T, C, H, W), a few frames
+    shape.insert(shape.begin() + 1, std::min<int64_t>(4, about["video"]["frames"]["max"].get<int64_t>()));
   starflow::Tensor noise = starflow::Tensor::noise(seed, shape);
   starflow::Sampling sampling(pipeline);
   sampling.stop("row");

@@ -511,10 +511,11 @@ def test_bad_out_is_refused_before_loading(tmp_path, out, phrase):
     assert phrase.format(tmp=tmp_path) in result.stderr and "manifest" not in result.stderr, result.stderr
 
 
-def test_pipelines_in_threads_equal_pipelines_alone(demo_export):
+@pytest.mark.parametrize("export", ["demo_export", "demo_video_export"])
+def test_pipelines_in_threads_equal_pipelines_alone(export, request):
     """starflow.h's promise: pipelines in different threads at once (loads overlapping) give the
-    numbers each gives alone (runtime/cpp/tests/threads_test.cpp; `make cpp-tsan` runs it under
-    ThreadSanitizer)."""
-    result = run(built(BUILD) / "starflow-threads-test", demo_export, "3", "2")
+    numbers each gives alone, images and clips (runtime/cpp/tests/threads_test.cpp; `make
+    cpp-tsan` runs it under ThreadSanitizer)."""
+    result = run(built(BUILD) / "starflow-threads-test", request.getfixturevalue(export), "3", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed: 3 thread(s) x 2 round(s), 0 failure(s)" in result.stdout
