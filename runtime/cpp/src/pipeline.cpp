@@ -233,8 +233,12 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
   }
   if (manifest_.text_component && manifest_.text_component->sentencepiece) {
     const TextComponent& c = *manifest_.text_component;
-    tokenizer_ = std::make_unique<Tokenizer>(manifest_.path(*c.sentencepiece), manifest_.path(c.tokenizer),
-                                             c.token_length, c.pad_id);
+    try {
+      tokenizer_ = std::make_unique<Tokenizer>(manifest_.path(*c.sentencepiece), manifest_.path(c.tokenizer),
+                                               c.token_length, c.pad_id);
+    } catch (const Error& err) {  // prompts only: token ids and embeddings still work
+      tokenizer_refused_ = err.what();
+    }
   }
 }
 
@@ -429,6 +433,7 @@ std::pair<Tensor, Tensor> Pipeline::tokenize(const std::vector<std::string>& pro
                 (manifest_.text_dim ? "; pass text embeddings instead" : " (the model is unconditional)"));
   const TextComponent& c = *manifest_.text_component;
   if (tokenizer_) return tokenizer_->encode(prompts);
+  if (!tokenizer_refused_.empty()) throw Error(tokenizer_refused_);
   if (c.kind != "label-table")
     throw Error(manifest_.directory + ": this export's text encoder (" + c.kind + ") carries no SentencePiece model "
                 "for its tokenizer (text.component.sentencepiece is null: only T5-family encoders' spiece.model is "

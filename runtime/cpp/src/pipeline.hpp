@@ -69,6 +69,7 @@ class Pipeline {
   std::map<std::string, std::unique_ptr<Session>> components_;  // opened on first use
   std::map<std::string, int64_t> vocabulary_;  // label-table exports
   std::unique_ptr<Tokenizer> tokenizer_;       // hf-encoder exports that carry a SentencePiece model
+  std::string tokenizer_refused_;  // why it could not be built: thrown by tokenize, not by the load (ids still work)
   std::string stats_ = "[]";
 };
 

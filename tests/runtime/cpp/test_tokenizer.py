@@ -222,3 +222,27 @@ def test_a_prompt_that_is_not_utf8_gets_a_status(t5_export, tmp_path):
     args = [*map(str, args), "--prompt", "a cat", "--prompt", b"a \xff cat"]
     result = subprocess.run(args, capture_output=True, timeout=600)
     assert result.returncode == 1 and b"prompt 1: not valid UTF-8" in result.stderr, result.stderr
+
+
+def test_a_refused_tokenizer_still_takes_token_ids(t5_export, tmp_path):
+    """A tokenizer.json libstarflow cannot follow refuses prompts only: the export loads, and token
+    ids (the way the refusal points to) sample as from the unedited export."""
+    refused = _edited(t5_export, tmp_path / "refused", None, CANNOT["other-template"][1])
+    ids, mask = python_tokenize(t5_export, ["a red cat"])
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    noise = make_noise(3, (1, 2, 8, 8))
+    np.save(tmp_path / "noise.npy", noise)
+    images = []
+    for export in (t5_export, refused):
+        args = ["--artifacts", export, "--noise", tmp_path / "noise.npy", "--threads", "1", "--no-denoise"]
+        args += ["--guidance", "0", "--token-ids", tmp_path / "ids.npy"]
+        args += ["--attention-mask", tmp_path / "mask.npy"]
+        result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "out.npy")
+        assert result.returncode == 0, result.stderr
+        images.append(np.load(tmp_path / "out.npy"))
+    assert np.array_equal(images[0], images[1]) and images[0].std() > 0.01
+    args = ["--artifacts", refused, "--noise", tmp_path / "noise.npy", "--no-denoise"]
+    args += ["--prompt", "a red cat"]
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "prompt.npy")
+    assert result.returncode == 1 and 'its post_processor is "BertProcessing"' in result.stderr, result.stderr
