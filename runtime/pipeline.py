@@ -133,9 +133,9 @@ class Pipeline:
             video=video is not None, name=name,
         )  # fmt: skip
         arrays = {name: noise, "y": y, "y_uncond": y_uncond if options.guidance > 0 else None}
-        for name, array in arrays.items():
+        for what, array in arrays.items():
             if array is not None:
-                check_float32(array, name)
+                check_float32(array, what)
         B, H, W = noise.shape[0], *noise.shape[-2:]
         if not latent.holds(H, W):
             raise StarflowError(

@@ -88,7 +88,7 @@ def test_bad_frame_requests_fail_before_any_work(video_export, golden):
     y = golden["y"]
     with pytest.raises(StarflowError, match=r"7 frames is outside this export's range 1 \.\. 6"):
         pipe.sample(np.zeros((2, 7, 4, 4, 4), np.float32), y)
-    with pytest.raises(StarflowError, match="this is a video export; pass clips"):
+    with pytest.raises(StarflowError, match="^noise: this is a video export; pass clips"):
         pipe.sample(np.zeros((2, 4, 4, 4), np.float32), y)
     with pytest.raises(StarflowError, match="more than this export's caches hold"):
         pipe.sample(np.zeros((2, 3, 4, 4, 4), np.float32), y, options=SampleOptions(window=7))
