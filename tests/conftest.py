@@ -103,31 +103,40 @@ def demo_video_export(isolated_cache: Path) -> Path:
     return demo_artifacts(video=True)
 
 
+def t5_tokenizer(directory: Path, **options: object):  # noqa: ANN201 (a transformers T5Tokenizer)
+    """A unigram SentencePiece model trained on T5_WORDS text (the same every time; `options` are
+    SentencePieceTrainer's, e.g. byte_fallback=True), written to `directory` as spiece.model, and the
+    T5Tokenizer transformers converts from it (saved by the caller: tokenizer.json)."""
+    import io
+    import random
+
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    rng = random.Random(0)
+    text = [" ".join(rng.choices(T5_WORDS, k=rng.randint(3, 9))) for _ in range(400)]
+    text += [" ".join(rng.choices(T5_WORDS + T5_OTHER_WORDS, k=rng.randint(3, 9))) for _ in range(200)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(  # T5's ids; nmt_nfkc normalisation, the default
+        sentence_iterator=iter(text), model_writer=model, model_type="unigram", hard_vocab_limit=False,
+        vocab_size=150 + 256 * bool(options.get("byte_fallback")), pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2, **options,
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    return T5Tokenizer.from_pretrained(directory, extra_ids=2)  # converts spiece.model
+
+
 @pytest.fixture(scope="session")
 def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random T5 encoder with a real T5-style tokenizer, saved as a T5 checkpoint ships: a
     unigram SentencePiece model (spiece.model; <pad> 0, </s> 1, <unk> 2, 2 sentinels) trained here
     in well under a second, and the tokenizer.json transformers converts from it ('$A </s>')."""
-    import io
-    import random
-
-    import sentencepiece
     import torch
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5Config, T5EncoderModel
 
-    rng = random.Random(0)  # the training text, and so the model, is the same every session
-    text = [" ".join(rng.choices(T5_WORDS, k=rng.randint(3, 9))) for _ in range(400)]
-    text += [" ".join(rng.choices(T5_WORDS + T5_OTHER_WORDS, k=rng.randint(3, 9))) for _ in range(200)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(  # T5's ids; nmt_nfkc normalisation, the default
-        sentence_iterator=iter(text), model_writer=model, model_type="unigram", vocab_size=150,
-        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        num_threads=1, minloglevel=2,
-    )  # fmt: skip
     directory = tmp_path_factory.mktemp("encoders") / "tiny-t5"
-    directory.mkdir()
-    (directory / "spiece.model").write_bytes(model.getvalue())
-    tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=2)  # converts spiece.model
+    tokenizer = t5_tokenizer(directory)
     assert all(len(tokenizer.tokenize(word)) == 1 for word in T5_WORDS)  # the tests count on it
     torch.manual_seed(0)
     config = T5Config(

@@ -2,6 +2,7 @@
 #include "tokenizer.hpp"
 
 #include <algorithm>
+#include <cstdio>
 
 #include <nlohmann/json.hpp>
 #include <openssl/evp.h>
@@ -42,25 +43,21 @@ bool valid_utf8(const std::string& text) {
   return true;
 }
 
-// Unicode's White_Space characters: where tokenizers' WhitespaceSplit ends a word (Rust's
-// char::is_whitespace), after the normalizer. SentencePiece ends words at ' ' only.
-constexpr char32_t kWhiteSpace[] = {0x09,   0x0A,   0x0B,   0x0C,   0x0D,   0x20,   0x85,   0xA0,   0x1680,
-                                    0x2000, 0x2001, 0x2002, 0x2003, 0x2004, 0x2005, 0x2006, 0x2007, 0x2008,
-                                    0x2009, 0x200A, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000};
+// Unicode's White_Space characters (code point, UTF-8): where tokenizers' WhitespaceSplit ends a word
+// (Rust's char::is_whitespace), after the normalizer. SentencePiece ends words at ' ' only.
+constexpr std::pair<char32_t, const char*> kWhiteSpace[] = {
+    {0x09, "\t"},          {0x0A, "\n"},          {0x0B, "\v"},          {0x0C, "\f"},          {0x0D, "\r"},
+    {0x20, " "},           {0x85, "\xC2\x85"},    {0xA0, "\u00A0"},     {0x1680, "\u1680"}, {0x2000, "\u2000"},
+    {0x2001, "\u2001"},   {0x2002, "\u2002"},   {0x2003, "\u2003"},   {0x2004, "\u2004"}, {0x2005, "\u2005"},
+    {0x2006, "\u2006"},   {0x2007, "\u2007"},   {0x2008, "\u2008"},   {0x2009, "\u2009"}, {0x200A, "\u200A"},
+    {0x2028, "\u2028"},   {0x2029, "\u2029"},   {0x202F, "\u202F"},   {0x205F, "\u205F"}, {0x3000, "\u3000"}};
 
-std::string utf8(char32_t c) {
-  std::string out;
-  if (c < 0x80) {
-    out += static_cast<char>(c);
-  } else if (c < 0x800) {
-    out += static_cast<char>(0xC0 | c >> 6);
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  } else {  // the BMP is enough for kWhiteSpace
-    out += static_cast<char>(0xE0 | c >> 12);
-    out += static_cast<char>(0x80 | (c >> 6 & 0x3F));
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  }
-  return out;
+// The first "<0xHH>" (a byte piece's name: upper-case hex) in `text`, or "".
+std::string byte_piece_in(const std::string& text) {
+  auto hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F'); };
+  for (std::size_t at = text.find("<0x"); at != text.npos; at = text.find("<0x", at + 1))
+    if (at + 6 <= text.size() && hex(text[at + 3]) && hex(text[at + 4]) && text[at + 5] == '>') return text.substr(at, 6);
+  return {};
 }
 
 std::string base64_decode(const std::string& text) {
@@ -117,6 +114,9 @@ Tokenizer::Tokenizer(const std::string& model_path, const std::string& tokenizer
         fail("id " + std::to_string(id) + " is " + vocab[id].dump() + " there, '" + model_->IdToPiece(id) +
              "' (score " + std::to_string(model_->GetScore(id)) + ") in " + model_path);
     }
+    if (pad_id_ < 0 || static_cast<std::size_t>(pad_id_) >= vocab.size())
+      fail("text.component.pad_id " + std::to_string(pad_id_) + " is not an id of its vocabulary (0.." +
+           std::to_string(vocab.size() - 1) + ")");
     if (model.at("unk_id") != model_->unk_id())
       fail("its unk_id is " + model.at("unk_id").dump() + ", " + std::to_string(model_->unk_id()) + " in " + model_path);
     std::vector<bool> added_id(vocab.size(), false);
@@ -170,14 +170,39 @@ Tokenizer::Tokenizer(const std::string& model_path, const std::string& tokenizer
            std::to_string(length_));
     // White_Space characters the model's normalizer keeps (nmt_nfkc: U+0085) end a word in
     // tokenizers but are letters to SentencePiece: they become ' ' before it reads them.
-    for (char32_t c : kWhiteSpace) {
+    for (const auto& [code, text] : kWhiteSpace) {
       std::vector<std::string> pieces;
-      const std::string text = utf8(c);
       auto probe = model_->Encode(text, &pieces);
-      if (!probe.ok()) throw Error(model_path + ": cannot encode U+" + std::to_string(c) + " (" + probe.ToString() + ")");
-      if (std::any_of(pieces.begin(), pieces.end(), [&](const std::string& p) { return p.find(text) != p.npos; }))
+      if (!probe.ok()) {
+        char hex[16];
+        std::snprintf(hex, sizeof hex, "U+%04X", static_cast<unsigned>(code));
+        throw Error(model_path + ": cannot encode " + hex + " (" + probe.ToString() + ")");
+      }
+      // kept: in a piece, or spelt in byte pieces (byte_fallback: an unknown character)
+      if (std::any_of(pieces.begin(), pieces.end(), [&, text = std::string(text)](const std::string& p) {
+            return p.find(text) != p.npos || model_->IsByte(model_->PieceToId(p));
+          }))
         kept_spaces_.push_back(text);
     }
+    // What tokenizer.json's WhitespaceSplit + Metaspace do, the model's normalizer must do too: drop
+    // extra whitespace and prepend "▁" (its spec is a protobuf the system library gives no
+    // access to: probed by behaviour).
+    std::vector<int> spaced, plain;
+    std::vector<std::string> first;
+    if (!model_->Encode(" x  y ", &spaced).ok() || !model_->Encode("x y", &plain).ok() ||
+        !model_->Encode("x", &first).ok() || first.empty())
+      throw Error(model_path + ": cannot encode the probes ' x  y ', 'x y' and 'x'");
+    if (spaced != plain)
+      throw Error(model_path + ": keeps extra whitespace (remove_extra_whitespaces false), which " + tokenizer_path +
+                  "'s WhitespaceSplit drops" + refused);
+    if (first[0].rfind("▁", 0) != 0 && first[0] != "<0xE2>")  // "▁" may be unknown: its first byte
+      throw Error(model_path + ": adds no '▁' before the text (add_dummy_prefix false), as " + tokenizer_path +
+                  "'s Metaspace does" + refused);
+    // Byte pieces (<0x00>..<0xFF>): a model with byte_fallback spells an unknown character in them,
+    // tokenizers without it (T5's converter: byte_fallback false) gives one <unk> for each run of
+    // unknown characters, as SentencePiece's own unknowns are merged.
+    for (int id = 0; id < pieces && !has_bytes_; ++id) has_bytes_ = model_->IsByte(id);
+    merge_bytes_ = has_bytes_ && !model.value("byte_fallback", false);
     // the sides (transformers' own; the Python runtime reads them from here too; absent: right)
     for (auto [key, left] : {std::pair{"truncation", &truncate_left_}, {"padding", &pad_left_}}) {
       const json& section = doc.at(key);
@@ -202,7 +227,10 @@ std::vector<int64_t> Tokenizer::tokens(const std::string& prompt) const {
       for (std::size_t at = text.find(space); at != text.npos; at = text.find(space, at + 1)) text.replace(at, space.size(), " ");
     auto status = model_->Encode(text, &ids);
     if (!status.ok()) throw Error(model_path_ + ": cannot encode a prompt (" + status.ToString() + ")");
-    out.insert(out.end(), ids.begin(), ids.end());
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      if (!merge_bytes_ || !model_->IsByte(ids[i])) out.push_back(ids[i]);
+      else if (i == 0 || !model_->IsByte(ids[i - 1])) out.push_back(model_->unk_id());  // a run's first byte
+    }
   };
   std::size_t start = 0;  // the text not yet encoded begins here
   for (std::size_t at = 0; at < prompt.size();) {
@@ -222,8 +250,13 @@ std::vector<int64_t> Tokenizer::tokens(const std::string& prompt) const {
 }
 
 std::pair<Tensor, Tensor> Tokenizer::encode(const std::vector<std::string>& prompts) const {
-  for (std::size_t b = 0; b < prompts.size(); ++b)
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
     if (!valid_utf8(prompts[b])) throw Error("prompt " + std::to_string(b) + ": not valid UTF-8");
+    if (has_bytes_)
+      if (std::string spelt = byte_piece_in(prompts[b]); !spelt.empty())
+        throw Error("prompt " + std::to_string(b) + ": contains '" + spelt + "', a byte piece's name, which "
+                    "tokenizer.json reads as that piece and SentencePiece as text (pass token ids instead)");
+  }
   const int64_t rows = static_cast<int64_t>(prompts.size());
   Tensor ids(DType::i64, {rows, length_}), mask(DType::i64, {rows, length_});
   const std::size_t room = static_cast<std::size_t>(length_) - prefix_.size() - suffix_.size();

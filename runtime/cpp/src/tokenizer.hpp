@@ -7,7 +7,11 @@
 // a Unigram vocabulary whose first ids are the model's pieces, the model's own normalizer
 // (Precompiled, the same character map), whitespace split + Metaspace prepending "▁" to every word
 // (the model's dummy prefix and whitespace rules), added tokens matched verbatim in the raw prompt,
-// a TemplateProcessing post-processor (T5: "$A </s>").
+// a TemplateProcessing post-processor (T5: "$A </s>"); the model must drop extra whitespace and add
+// the dummy "▁" (probed), as the pre_tokenizer does. Refusals are errors of the constructor.
+// byte_fallback models (mT5's) spell an unknown character in byte pieces; without byte_fallback in
+// tokenizer.json (T5's converter) each run of them is one <unk>, and a prompt holding a byte
+// piece's name ("<0xF0>", a vocabulary entry to tokenizers) is refused.
 // Per prompt: split out the added tokens (leftmost match, longest first), encode the text between
 // them with the model (White_Space characters its normalizer keeps made ' ' first, as tokenizers'
 // WhitespaceSplit ends words at them), truncate to token_length less the template's tokens on tokenizer.json's side,
@@ -45,6 +49,8 @@ class Tokenizer {
   std::vector<int64_t> prefix_, suffix_;                 // the template's tokens around the prompt's
   std::vector<std::string> kept_spaces_;                 // White_Space the normalizer keeps: ' ' for the model
   bool truncate_left_ = false, pad_left_ = false;
+  bool has_bytes_ = false;    // the model has byte pieces: a prompt spelling one is refused
+  bool merge_bytes_ = false;  // ... and tokenizer.json no byte_fallback: each run of them is one <unk>
   int64_t length_ = 0, pad_id_ = 0;
 };
 

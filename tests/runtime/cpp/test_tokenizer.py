@@ -23,7 +23,7 @@ from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.model.checkpoint import save_model
 from starflow.model.testing import random_model
 from starflow.runtime import Generator
-from tests.conftest import T5_OTHER_WORDS, T5_WORDS
+from tests.conftest import T5_OTHER_WORDS, T5_WORDS, t5_tokenizer
 from tests.runtime.cpp.test_libstarflow import ASAN_BUILD, BUILD, _set_digest, built, run
 
 TOKEN_LENGTH = 24  # the flow's txt_size: the text encoder's token_length
@@ -246,3 +246,49 @@ def test_a_refused_tokenizer_still_takes_token_ids(t5_export, tmp_path):
     args += ["--prompt", "a red cat"]
     result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "prompt.npy")
     assert result.returncode == 1 and 'its post_processor is "BertProcessing"' in result.stderr, result.stderr
+
+
+def _variant(export: Path, directory: Path, **options: object) -> Path:
+    """`export` with its tokenizer trained again with SentencePieceTrainer `options` (spiece.model and
+    the tokenizer.json transformers converts from it); the tests only tokenise (no graph runs)."""
+
+    def replace(copy: Path) -> None:
+        t5_tokenizer(directory / "tokenizer", **options).save_pretrained(directory / "tokenizer")
+        for name in ("spiece.model", "tokenizer.json"):
+            shutil.copyfile(directory / "tokenizer" / name, copy / name)
+
+    return _edited(export, directory / "export", edit_files=replace)
+
+
+def test_byte_fallback_models_get_the_python_runtimes_ids(t5_export, tmp_path):
+    """mT5's model spells unknown characters in byte pieces, tokenizers (byte_fallback false in the
+    converted tokenizer.json) gives one <unk> per run of them: libstarflow merges each run."""
+    export = _variant(t5_export, tmp_path, byte_fallback=True)
+    prompts = corpus()
+    ids, mask = cpp_tokenize(BUILD, export, prompts, tmp_path)
+    want_ids, want_mask = python_tokenize(export, prompts)
+    differ = [
+        i for i in range(len(prompts)) if (ids[i] != want_ids[i]).any() or (mask[i] != want_mask[i]).any()
+    ]
+    assert not differ, [(prompts[i], ids[i].tolist(), want_ids[i].tolist()) for i in differ[:5]]
+    assert (ids == UNK).any(axis=1).sum() > 100  # the merged runs
+    # a byte piece's name in the text is that piece to tokenizers, text to SentencePiece: refused
+    args = ["--artifacts", export, "--tokenize", "--prompt", "a cat", "--prompt", "a <0xF0> cat"]
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "bytes.npy")
+    assert result.returncode == 1 and "prompt 1: contains '<0xF0>', a byte piece's name" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        ("remove_extra_whitespaces", "keeps extra whitespace (remove_extra_whitespaces false)"),
+        ("add_dummy_prefix", "adds no '\u2581' before the text (add_dummy_prefix false)"),
+    ],
+)
+def test_models_normalising_unlike_tokenizer_json_are_refused(t5_export, tmp_path, option, phrase):
+    """transformers converts these to T5's tokenizer.json all the same (WhitespaceSplit, Metaspace):
+    their ids would differ from the Python runtime's."""
+    export = _variant(t5_export, tmp_path, **{option: False})
+    args = ["--artifacts", export, "--tokenize", "--prompt", "a cat", "--out", tmp_path / "ids.npy"]
+    result = run(built(BUILD) / "starflow-run", *args)
+    assert result.returncode == 1 and f"spiece.model: {phrase}" in result.stderr, result.stderr
