@@ -325,6 +325,18 @@ class Manifest(Contract):
                     _check_block_shapes(block, graph, D, source)
         text = self.text.component if self.text else None
         refer(text.graph if text else None, "text_encoder", "text")
+        if text:  # what the runtimes read has its sha256 (libstarflow's reader refuses the same)
+            listed = {f.file for f in self.files}
+            for key, name in (("tokenizer", text.tokenizer), ("sentencepiece", text.sentencepiece)):
+                if name is not None and name not in listed:
+                    raise StarflowError(
+                        f"{source}: text.component.{key} names {name!r}, which files does not list "
+                        "(every file read has its sha256 there)"
+                    )
+            if text.kind == "label-table" and text.sentencepiece is not None:
+                raise StarflowError(
+                    f"{source}: text.component.sentencepiece must be null for a label-table component"
+                )
         refer(self.decoder.graph, "decoder", "decoder")
         refer(self.denoise.graph if self.denoise else None, "denoise", "denoise")
         for engine in self.engines:

@@ -349,11 +349,15 @@ Manifest load_manifest(const std::string& directory) {
   }
   if (m.blocks.empty() || !m.blocks.front().deep) r.fail("blocks", "must list the deep block first (sampling order)");
   if (m.text_dim == 0 && m.text_component) r.fail("text.component", "needs text.dim");
-  if (m.text_component && m.text_component->sentencepiece &&
-      std::none_of(m.files.begin(), m.files.end(),
-                   [&](const FileEntry& f) { return f.file == *m.text_component->sentencepiece; }))
-    r.fail("text.component.sentencepiece", "names '" + *m.text_component->sentencepiece +
-                                               "', which files does not list (every file read has its sha256 there)");
+  if (m.text_component) {  // what is read has its sha256 (the Python reader refuses the same)
+    const TextComponent& c = *m.text_component;
+    for (auto [key, name] : {std::pair{"tokenizer", std::optional(c.tokenizer)}, {"sentencepiece", c.sentencepiece}})
+      if (name && std::none_of(m.files.begin(), m.files.end(), [&](const FileEntry& f) { return f.file == *name; }))
+        r.fail(std::string("text.component.") + key,
+               "names '" + *name + "', which files does not list (every file read has its sha256 there)");
+    if (c.kind == "label-table" && c.sentencepiece)
+      r.fail("text.component.sentencepiece", "must be null for a label-table component");
+  }
   check_references(m, r);
   return m;
 }

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from starflow.contract.manifest import MANIFEST_NAME, sha256
+from starflow.contract.manifest import MANIFEST_NAME, Manifest, sha256
 from starflow.core.config import config_from_dict
+from starflow.core.errors import StarflowError
 from starflow.core.generation import make_noise
 from starflow.export.onnx import ExportOptions, export_onnx
 from starflow.model.checkpoint import save_model
@@ -292,3 +293,27 @@ def test_models_normalising_unlike_tokenizer_json_are_refused(t5_export, tmp_pat
     args = ["--artifacts", export, "--tokenize", "--prompt", "a cat", "--out", tmp_path / "ids.npy"]
     result = run(built(BUILD) / "starflow-run", *args)
     assert result.returncode == 1 and f"spiece.model: {phrase}" in result.stderr, result.stderr
+
+
+MANIFEST_REFUSALS = {  # name: (manifest edit, what both readers say)
+    "unlisted-tokenizer": (
+        lambda d: d.update(files=[f for f in d["files"] if f["file"] != "tokenizer.json"]),
+        "names 'tokenizer.json', which files does not list",
+    ),
+    "unlisted-model": (_unlist_the_model, "names 'spiece.model', which files does not list"),
+    "label-table-model": (
+        lambda d: d["text"]["component"].update(kind="label-table"),
+        "must be null for a label-table component",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MANIFEST_REFUSALS)
+def test_both_manifest_readers_refuse_text_files_alike(t5_export, tmp_path, name):
+    edit, phrase = MANIFEST_REFUSALS[name]
+    directory = _edited(t5_export, tmp_path / name, edit)
+    with pytest.raises(StarflowError, match=phrase):
+        Manifest.load(directory)
+    args = ["--artifacts", directory, "--tokenize", "--prompt", "a cat", "--out", tmp_path / "ids.npy"]
+    result = run(built(BUILD) / "starflow-run", *args)
+    assert result.returncode == 1 and phrase in result.stderr, result.stderr
