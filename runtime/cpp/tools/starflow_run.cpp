@@ -67,6 +67,8 @@ Tokenize mode (what the text encoder graph is fed: the ids and mask that --token
 --attention-mask take, as the Python runtime's TextEncoderRunner.tokenize gives them):
   --tokenize               writes the --prompt P ... ids, int64 (N, token_length), to --out (.npy)
   --mask-out M.npy         and their attention mask
+  The Python runtime's ids, except (rarely) where a character the normalizer maps is followed by
+  combining marks or a zero-width joiner: tokenizers maps that grapheme cluster as a whole.
 
 Sampling (default: the export's; the options below change the chosen settings):
   --sampler NAME           official (default) or a preset the export carries, e.g. fast
