@@ -390,6 +390,9 @@ int tokenize(const Arguments& args) {
   for (const char* key : {"--out", "--mask-out"})
     if (args.has(key) && !ends_with(args.get(key), ".npy"))
       throw starflow::Error(std::string(key) + ": tokenize mode writes an int64 .npy file, got '" + args.get(key) + "'");
+  auto file = [&](const char* key) { return std::filesystem::weakly_canonical(std::filesystem::absolute(args.get(key))); };
+  if (args.has("--mask-out") && file("--mask-out") == file("--out"))  // one file: the mask would replace the ids
+    throw starflow::Error("--mask-out: '" + args.get("--mask-out") + "' is --out's file; name another");
   starflow::Pipeline pipeline(args.get("--artifacts"));
   auto [ids, mask] = pipeline.tokenize(args.prompts);
   ids.save(args.get("--out"));
@@ -401,6 +404,7 @@ int tokenize(const Arguments& args) {
 
 int run(const Arguments& args) {
   if (args.flags.count("--tokenize")) return tokenize(args);
+  if (args.has("--mask-out")) throw starflow::Error("--mask-out applies to --tokenize");
   if (args.has("--likelihood") || args.has("--likelihood-latents")) return likelihood(args);
   for (const char* key : {"--artifacts", "--out"})
     if (!args.has(key)) throw starflow::Error(std::string("missing ") + key + " (see --help)");

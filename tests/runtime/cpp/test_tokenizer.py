@@ -317,3 +317,26 @@ def test_both_manifest_readers_refuse_text_files_alike(t5_export, tmp_path, name
     args = ["--artifacts", directory, "--tokenize", "--prompt", "a cat", "--out", tmp_path / "ids.npy"]
     result = run(built(BUILD) / "starflow-run", *args)
     assert result.returncode == 1 and phrase in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "phrase"),
+    [
+        (["--noise", "n.npy", "--mask-out", "m.npy"], "--mask-out applies to --tokenize"),
+        (["--tokenize", "--prompt", "a", "--mask-out", "./o.npy"], "--mask-out: './o.npy' is --out's file"),
+    ],
+    ids=["without-tokenize", "same-as-out"],
+)
+def test_mask_out_is_refused_where_it_cannot_apply(tmp_path, extra, phrase):
+    """One line, before the export is read (there is none here)."""
+    args = ["--artifacts", tmp_path / "none", "--out", "o.npy", *extra]
+    result = subprocess.run(
+        [str((built(BUILD) / "starflow-run").resolve()), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1 and phrase in result.stderr and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
+    assert not list(tmp_path.glob("*.npy"))
