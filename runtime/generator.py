@@ -105,9 +105,10 @@ class Generator(ImageGenerator):
     def sampling(self, preset: str = "official") -> SampleOptions:
         return self.manifest.sampling(preset)
 
-    def images_per_batch(self, guidance: float) -> int:
-        """The export's batch profile (halved under guidance)."""
-        return self.manifest.images_per_batch(guidance)
+    def images_per_batch(self, guidance: float, frames: int | None = None) -> int:
+        """The export's batch profile (halved under guidance; clips: a row per frame when a block is
+        frame-local)."""
+        return self.manifest.images_per_batch(guidance, frames)
 
     def cache_bytes_per_token(self) -> int:
         return max((4 * 2 * b.layers * b.kv_heads * b.head_dim for b in self.manifest.blocks), default=0)
@@ -148,9 +149,7 @@ class Generator(ImageGenerator):
             )
         if not self.text_conditioned and prompts and any(prompts):
             raise StarflowError("prompts: this model is unconditional: give no prompt text")
-        step, bits = self.images_per_batch(0.0), []
-        if latents.ndim == 5 and any(b.frame_local for b in self.pipeline.blocks):
-            step = max(step // latents.shape[1], 1)  # a frame-local block runs a row per frame
+        step, bits = self.images_per_batch(0.0, latents.shape[1] if latents.ndim == 5 else None), []
         for first in range(0, len(latents), step):
             x = np.ascontiguousarray(latents[first : first + step], dtype=np.float32)
             y = self.encode(prompts[first : first + step]) if self.text_conditioned else None

@@ -253,8 +253,13 @@ class Manifest(Contract):
         """Graph rows per call: images, or twice the images under guidance ([cond ; uncond])."""
         return self.dims["batch"].max
 
-    def images_per_batch(self, guidance: float) -> int:
-        return self.max_rows // 2 if guidance > 0 else self.max_rows
+    def images_per_batch(self, guidance: float, frames: int | None = None) -> int:
+        """Samples (images or clips of `frames`) per graph call: guidance doubles the rows, and a
+        frame-local block runs a row per frame (at least 1: a clip too long is refused elsewhere)."""
+        per_row = 2 if guidance > 0 else 1
+        if frames is not None and any(b.frame_local for b in self.blocks):
+            per_row = max(per_row, frames)
+        return max(self.max_rows // per_row, 1)
 
     # -- reading and writing --
     @classmethod

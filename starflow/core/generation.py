@@ -150,7 +150,8 @@ class ImageGenerator:
         """The model's default settings ("official") or one of its calibrated presets."""
         raise NotImplementedError
 
-    def images_per_batch(self, guidance: float) -> int:
+    def images_per_batch(self, guidance: float, frames: int | None = None) -> int:
+        """Images (clips of `frames`) per sampler call."""
         raise NotImplementedError
 
     def cache_bytes_per_token(self) -> int:
@@ -165,7 +166,7 @@ class ImageGenerator:
         block attends to, so long clips grow it)."""
         H, W = latent_size
         arrays = array_bytes(images, frames, (H, W), self.channels, self.factor)
-        rows = min(images, self.images_per_batch(guidance)) * (2 if guidance > 0 else 1)
+        rows = min(images, self.images_per_batch(guidance, frames)) * (2 if guidance > 0 else 1)
         tokens = rows * (frames or 1) * (H // self.multiple_of) * (W // self.multiple_of)
         what = counted(images, "clip" if frames else "image")
         if frames:
@@ -280,7 +281,7 @@ class ImageGenerator:
                  for n, job in zip(negatives, jobs, strict=True)]
             )  # fmt: skip
         latents, calls, iterations = [], [], []
-        step = self.images_per_batch(options.guidance)
+        step = self.images_per_batch(options.guidance, frames)
         for first in range(0, total, step):
             part = slice(first, first + step)
             cond = None if y is None else y[part]

@@ -92,7 +92,7 @@ class ReferenceGenerator(ImageGenerator):
         """The defaults, or a preset calibrated for this checkpoint (the embedded model's)."""
         return choose(preset, self.default_sampling(), self.presets, "this model")
 
-    def images_per_batch(self, guidance: float) -> int:
+    def images_per_batch(self, guidance: float, frames: int | None = None) -> int:
         return self.batch_size or 2**31
 
     def cache_bytes_per_token(self) -> int:

@@ -4,6 +4,7 @@
 // request) every file's sha256. The fields are starflow/contract/manifest.schema.json's.
 #pragma once
 
+#include <algorithm>
 #include <map>
 #include <optional>
 #include <string>
@@ -92,6 +93,17 @@ struct Manifest {
   std::vector<FileEntry> files;
 
   int64_t max_rows() const { return dims.at("batch").max; }
+  bool any_frame_local() const {  // some block samples a clip's frames as separate sequences
+    return std::any_of(blocks.begin(), blocks.end(), [](const BlockEntry& b) { return b.frame_local; });
+  }
+  // Manifest.images_per_batch: samples (images, or clips of `frames` when frames > 0) per graph call;
+  // guidance doubles the rows and a frame-local block runs a row per frame. At least 1: a clip too
+  // long for one call is refused by the rows check.
+  int64_t images_per_batch(double guidance, int64_t frames = 0) const {
+    int64_t per_sample = guidance > 0 ? 2 : 1;
+    if (frames > 0 && any_frame_local()) per_sample = std::max(per_sample, frames);
+    return std::max<int64_t>(max_rows() / per_sample, 1);
+  }
   const GraphEntry& graph(const std::string& name) const;
   const GraphEntry& block_graph(const BlockEntry& block, const std::string& kind, const std::string& precision) const;
   std::string path(const std::string& file) const;  // directory/file, refused unless inside

@@ -361,17 +361,21 @@ void Pipeline::check_inputs(const Tensor& noise, const Tensor* y, const Tensor* 
     throw Error(name + ": this is a video export; pass clips (B, F, C, H, W) of " + std::to_string(video->frames.min) +
                 " .. " + std::to_string(video->frames.max) + " frames, got shape " + shape_text(noise.shape));
   check_frames(frames);
-  int64_t rows = B * (options.guidance > 0 ? 2 : 1);
-  if (std::any_of(m.blocks.begin(), m.blocks.end(), [](const BlockEntry& b) { return b.frame_local; }))
-    rows = std::max(rows, B * frames);
-  if (rows > m.max_rows())
-    throw Error(name + ": batch " + std::to_string(B) + " of " + std::to_string(frames) + " frame(s) runs as " +
-                std::to_string(rows) + " graph rows (guidance doubles the batch, frame-local blocks take a row per "
-                "frame); this export allows 1 .. " + std::to_string(m.max_rows()) + " rows");
   const int64_t held = video ? (video->window ? *video->window : video->frames.max) : 0;
   if (video && options.window && *options.window > held)
     throw Error("window: " + std::to_string(*options.window) + " frames is more than this export's caches hold (" +
                 std::to_string(held) + " frames)");
+}
+
+// One graph call's rows: `batch` samples of `frames` frames (1: images) fit the export's batch profile.
+void Pipeline::check_rows(int64_t batch, int64_t frames, double guidance, const std::string& name) const {
+  const Manifest& m = manifest_;
+  int64_t rows = batch * (guidance > 0 ? 2 : 1);
+  if (m.any_frame_local()) rows = std::max(rows, batch * frames);
+  if (rows > m.max_rows())
+    throw Error(name + ": batch " + std::to_string(batch) + " of " + std::to_string(frames) + " frame(s) runs as " +
+                std::to_string(rows) + " graph rows (guidance doubles the batch, frame-local blocks take a row per "
+                "frame); this export allows 1 .. " + std::to_string(m.max_rows()) + " rows");
 }
 
 // A video export's clips are within its frame range (an image export's stills pass).
@@ -385,6 +389,7 @@ void Pipeline::check_frames(int64_t frames) const {
 
 Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_uncond, const Sampling& options) {
   check_inputs(noise, y, y_uncond, options);
+  check_rows(noise.shape[0], noise.shape.size() == 5 ? noise.shape[1] : 1, options.guidance, "noise");
   std::optional<Sequence> text, text_uncond;
   if (y) text = as_sequence(*y);
   if (options.guidance > 0) text_uncond = as_sequence(*y_uncond);
@@ -573,7 +578,7 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
       y_uncond = concat_rows(copies);
     }
   }
-  const int64_t per_batch = options.guidance > 0 ? m.max_rows() / 2 : m.max_rows();
+  const int64_t per_batch = m.images_per_batch(options.guidance, clips ? noise.shape[1] : 0);
   std::vector<Tensor> parts;
   for (int64_t first = 0; first < noise.shape[0]; first += per_batch) {
     const int64_t n = std::min(per_batch, noise.shape[0] - first);
@@ -592,31 +597,11 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
 
 Tensor Pipeline::log_likelihood(const Tensor& latents, const Tensor* y) {
   const Manifest& m = manifest_;
-  // samples per batch: the export's rows, of which a frame-local block takes one per frame
-  const bool local = latents.shape.size() == 5 &&
-                     std::any_of(m.blocks.begin(), m.blocks.end(), [](const BlockEntry& b) { return b.frame_local; });
-  const int64_t per_batch = std::max<int64_t>(1, m.max_rows() / (local ? std::max<int64_t>(latents.shape[1], 1) : 1));
-  const int64_t B = latents.shape.empty() ? 0 : latents.shape[0];
-  // every batch is checked before any graph runs; a batch within the rows (or text for another
-  // count of samples) is checked whole, so its messages name the shapes given
-  const bool whole = B <= per_batch || (y && (y->shape.empty() || y->shape[0] != B));
-  std::vector<std::pair<Tensor, std::optional<Tensor>>> parts;
-  if (whole) {
-    check_inputs(latents, y, nullptr, Sampling{}, "latents");
-  } else {
-    for (int64_t first = 0; first < B; first += per_batch) {
-      const int64_t n = std::min(per_batch, B - first);
-      parts.emplace_back(rows_of(latents, first, n), y ? std::optional(rows_of(*y, first, n)) : std::nullopt);
-      try {
-        check_inputs(parts.back().first, parts.back().second ? &*parts.back().second : nullptr, nullptr, Sampling{},
-                     "latents");
-      } catch (const Error& err) {
-        throw Error(std::string(err.what()) + " (in samples " + std::to_string(first) + " .. " +
-                    std::to_string(first + n - 1) + " of " + shape_text(latents.shape) + ", run " +
-                    std::to_string(per_batch) + " at a time)");
-      }
-    }
-  }
+  check_inputs(latents, y, nullptr, Sampling{}, "latents");  // the whole input, once, before any split
+  const int64_t B = latents.shape[0];
+  const int64_t frames = latents.shape.size() == 5 ? latents.shape[1] : 0;
+  const int64_t per_batch = m.images_per_batch(0, frames);
+  check_rows(std::min(B, per_batch), std::max<int64_t>(frames, 1), 0, "latents");  // a clip too long for one call
   for (auto& block : blocks_) block->open_density();  // an export without density graphs: refused here
   std::vector<DensityBlock*> forward;  // forward order: the reverse of sampling order
   for (auto block = blocks_.rbegin(); block != blocks_.rend(); ++block) forward.push_back(block->get());
@@ -628,9 +613,16 @@ Tensor Pipeline::log_likelihood(const Tensor& latents, const Tensor* y) {
         to_bits_per_dim(nll_per_sample(density(forward, x, sequence ? &*sequence : nullptr, m.patch_size)));
     std::copy(b.begin(), b.end(), bits.f32() + first);
   };
-  if (whole) score(latents, y, 0);
-  for (std::size_t i = 0; i < parts.size(); ++i)
-    score(parts[i].first, parts[i].second ? &*parts[i].second : nullptr, static_cast<int64_t>(i) * per_batch);
+  if (B <= per_batch) {
+    score(latents, y, 0);  // one call: no copy
+    return bits;
+  }
+  for (int64_t first = 0; first < B; first += per_batch) {
+    const int64_t n = std::min(per_batch, B - first);
+    std::optional<Tensor> text;
+    if (y) text = rows_of(*y, first, n);
+    score(rows_of(latents, first, n), text ? &*text : nullptr, first);
+  }
   return bits;
 }
 

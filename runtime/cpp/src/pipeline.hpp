@@ -50,7 +50,8 @@ class Pipeline {
                   const Sampling& options, bool denoise, Tensor* latents);
   // Generator.bits_per_dim: latents (B, C, H, W) or clips (B, F, C, H, W) float32, text (B, L, dim)
   // or null -> (B,) float32, each sample's negative log-likelihood in bits per latent dimension. Any
-  // B: runs in batches the export's rows allow, every batch checked before any graph runs.
+  // B: runs in batches the export's rows allow (Manifest::images_per_batch), the whole input checked
+  // before any graph runs.
   Tensor log_likelihood(const Tensor& latents, const Tensor* text);
 
  private:
@@ -59,6 +60,7 @@ class Pipeline {
   void check_inputs(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options,
                     const std::string& name = "noise") const;
   void check_frames(int64_t frames) const;
+  void check_rows(int64_t batch, int64_t frames, double guidance, const std::string& name) const;
   Sampling with_clip_settings(Sampling sampling) const;
   Session& component(const std::string& graph);
 

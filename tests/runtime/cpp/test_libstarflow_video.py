@@ -116,6 +116,21 @@ def test_moving_digits_model_end_to_end_equals_starflow_generate(demo_video_expo
     assert np.abs(pixels.astype(int) - expected).max() <= 1
 
 
+def test_clips_run_in_calls_of_the_rows_a_frame_local_block_allows(demo_video_export, tmp_path):
+    """9 clips of 16 frames are 144 frame rows, more than the export's 128: both runtimes split the
+    batch by the same rule (Manifest.images_per_batch with frames) and give the same clips."""
+    generator = Generator.load(demo_video_export, threads=1)
+    assert generator.manifest.max_rows < 9 * 16 and generator.images_per_batch(0.0, 16) < 9
+    prompts = [str(n) for n in range(9)]
+    generation = generator.generate(prompts, seed=5, frames=16, latent_size=(5, 5))
+    np.save(tmp_path / "noise.npy", make_noise(5, (9, 16, 1, 5, 5)))
+    args = ["--artifacts", demo_video_export, *(a for p in prompts for a in ("--prompt", p))]
+    args += ["--frames", "16", "--noise", tmp_path / "noise.npy", "--threads", "1"]
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "clips.npy")
+    assert result.returncode == 0, result.stderr
+    assert np.abs(np.load(tmp_path / "clips.npy") - generation.images).max() <= 1e-4
+
+
 def test_denoiser_windows_and_the_export_window(demo_video_export, tmp_path):
     """An export whose video section sets a 3-frame window (and the denoiser an overlap of 1): the
     clip rolls by default and the learned denoiser runs in overlapping windows, as in Python."""
