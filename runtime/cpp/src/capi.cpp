@@ -225,6 +225,14 @@ const char* sf_pipeline_stats(const sf_pipeline* pipeline) {
   return pipeline ? pipeline->pipeline->stats().c_str() : "[]";
 }
 
+sf_status* sf_pipeline_save_stats(const sf_pipeline* pipeline, const char* path) {
+  return guarded(__func__, [&](const char* fn) {
+    require(pipeline, fn, "pipeline");
+    require(path, fn, "path");
+    native::write_atomically(path, pipeline->pipeline->stats());
+  });
+}
+
 // ---- sampling options ----
 sf_status* sf_sampling_create(const sf_pipeline* pipeline, sf_sampling** out) {
   return guarded(__func__, [&](const char* fn) {
@@ -324,9 +332,9 @@ sf_status* sf_pipeline_tokenize(sf_pipeline* pipeline, const char* const* prompt
     if (count) require(prompts, fn, "prompts");
     std::vector<std::string> list;
     for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
-    auto [tokens, on] = pipeline->pipeline->tokenize(list);
+    auto [tokens, attention] = pipeline->pipeline->tokenize(list);
     auto owned_ids = std::make_unique<sf_tensor>(sf_tensor{std::move(tokens)});
-    *mask = new sf_tensor{std::move(on)};
+    *mask = new sf_tensor{std::move(attention)};
     *ids = owned_ids.release();
   });
 }

@@ -270,10 +270,10 @@ std::pair<Tensor, Tensor> Tokenizer::encode(const std::vector<std::string>& prom
     row.insert(row.end(), suffix_.begin(), suffix_.end());
     const std::size_t first = pad_left_ ? length_ - row.size() : 0;  // where the tokens go
     int64_t* id = ids.i64() + b * length_;
-    int64_t* on = mask.i64() + b * length_;
+    int64_t* attention = mask.i64() + b * length_;
     std::fill(id, id + length_, pad_id_);
     std::copy(row.begin(), row.end(), id + first);
-    std::fill(on + first, on + first + row.size(), 1);
+    std::fill(attention + first, attention + first + row.size(), 1);
   }
   return {std::move(ids), std::move(mask)};
 }

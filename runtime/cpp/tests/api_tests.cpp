@@ -119,6 +119,23 @@ int main(int argc, char** argv) {
   const char* unknown[] = {"cat"};
   sf_tensor* unused = nullptr;
   expect_error("unknown prompt", sf_pipeline_encode_prompts(pipeline, unknown, 1, &unused), "this model knows the prompts");
+  sf_tensor *ids = nullptr, *mask = nullptr;
+  expect_error("tokenize NULL pipeline", sf_pipeline_tokenize(nullptr, prompts, 2, &ids, &mask), "pipeline is NULL");
+  expect_error("tokenize NULL prompts", sf_pipeline_tokenize(pipeline, nullptr, 2, &ids, &mask), "prompts is NULL");
+  expect_error("tokenize NULL ids", sf_pipeline_tokenize(pipeline, prompts, 2, nullptr, &mask), "ids is NULL");
+  expect_error("tokenize NULL mask", sf_pipeline_tokenize(pipeline, prompts, 2, &ids, nullptr), "mask is NULL");
+  expect_error("tokenize no prompts", sf_pipeline_tokenize(pipeline, nullptr, 0, &ids, &mask), "pass at least one");
+  const char* with_null[] = {"3", nullptr};  // NULL: the unconditional prompt
+  expect_ok("tokenize", sf_pipeline_tokenize(pipeline, with_null, 2, &ids, &mask));
+  if (ids && mask) {
+    made.push_back(ids);
+    made.push_back(mask);
+    const auto* mask_of = static_cast<const int64_t*>(sf_tensor_data(mask));
+    const int64_t length = sf_tensor_shape(mask)[1];
+    bool ok = mask_of[0] == 1 && mask_of[length] == 0;  // "3": its label; "": padding only
+    std::printf("%s tokenize masks\n", ok ? "ok  " : "FAIL");
+    failures += !ok;
+  }
   sf_tensor* latent = nullptr;
   sf_tensor* noise = tensor(SF_FLOAT32, {2, 1, 8, 8});
   expect_error("noise channels", sf_pipeline_sample(pipeline, sampling, tensor(SF_FLOAT32, {2, 3, 8, 8}), text, nullptr, &latent),
