@@ -5,6 +5,7 @@ end to end, and a status for what it cannot tokenise."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import random
@@ -185,6 +186,13 @@ def _edit_tokenizer_json(edit):  # noqa: ANN001, ANN202
     return write
 
 
+def _other_charsmap(tokenizer: dict) -> str:
+    """The Precompiled map with one byte of its normalised strings changed."""
+    data = bytearray(base64.b64decode(tokenizer["normalizer"]["precompiled_charsmap"]))
+    data[-2] ^= 1
+    return base64.b64encode(bytes(data)).decode()
+
+
 CANNOT = {  # name: (manifest edit, files edit, what the status says)
     "no-model": (_no_sentencepiece, None, "carries no SentencePiece model for its tokenizer"),
     "garbage-model": (None, _garbage_model, "spiece.model: not a SentencePiece model"),
@@ -204,6 +212,26 @@ CANNOT = {  # name: (manifest edit, files edit, what the status says)
         "its pre_tokenizer is",
     ),
     "unlisted-model": (_unlist_the_model, None, "names 'spiece.model', which files does not list"),
+    "other-charsmap": (
+        None,
+        _edit_tokenizer_json(lambda t: t["normalizer"].update(precompiled_charsmap=_other_charsmap(t))),
+        "its Precompiled character map is not the one in",
+    ),
+    "other-unk-id": (
+        None,
+        _edit_tokenizer_json(lambda t: t["model"].update(unk_id=0)),
+        f"its unk_id is 0, {UNK} in",
+    ),
+    "template-without-prompt": (
+        None,
+        _edit_tokenizer_json(lambda t: t["post_processor"].update(single=t["post_processor"]["single"][1:])),
+        "its template has no place for the prompt ($A)",
+    ),
+    "pad-id-outside": (
+        lambda d: d["text"]["component"].update(pad_id=100000),
+        None,
+        "text.component.pad_id 100000 is not an id of its vocabulary",
+    ),
 }
 
 
