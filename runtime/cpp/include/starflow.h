@@ -130,6 +130,9 @@ SF_API sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* s
  * image_iterations (per chunk, the iterations each image of the batch ran: they differ under the
  * "row" stop rule), evaluations, tokens, seconds. "[]" before the first call. */
 SF_API const char* sf_pipeline_stats(const sf_pipeline* pipeline);
+/* sf_pipeline_stats's JSON written to `path` through a temporary file beside it, renamed when
+ * complete: a failure leaves no partial file. */
+SF_API sf_status* sf_pipeline_save_stats(const sf_pipeline* pipeline, const char* path);
 /* Prompts (UTF-8; NULL entries are "") -> text embeddings (count, L, dim): sf_pipeline_tokenize,
  * then the text encoder graph. */
 SF_API sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* const* prompts, size_t count,

@@ -168,6 +168,7 @@ class Pipeline {
   }
   std::string describe() const { return sf_pipeline_describe(get()); }
   std::string stats() const { return sf_pipeline_stats(get()); }
+  void save_stats(const std::string& path) const { check(sf_pipeline_save_stats(get(), path.c_str())); }
   sf_pipeline* get() const { return handle_.get(); }
 
  private:

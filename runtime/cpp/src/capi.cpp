@@ -225,6 +225,14 @@ const char* sf_pipeline_stats(const sf_pipeline* pipeline) {
   return pipeline ? pipeline->pipeline->stats().c_str() : "[]";
 }
 
+sf_status* sf_pipeline_save_stats(const sf_pipeline* pipeline, const char* path) {
+  return guarded(__func__, [&](const char* fn) {
+    require(pipeline, fn, "pipeline");
+    require(path, fn, "path");
+    native::write_atomically(path, pipeline->pipeline->stats());
+  });
+}
+
 // ---- sampling options ----
 sf_status* sf_sampling_create(const sf_pipeline* pipeline, sf_sampling** out) {
   return guarded(__func__, [&](const char* fn) {

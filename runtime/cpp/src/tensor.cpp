@@ -1,14 +1,17 @@
 // Tensors and the files they travel in: .npy in and out, PNG out, sha256 of inputs.
 #include "tensor.hpp"
 
+#include <fcntl.h>
 #include <openssl/evp.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <memory>
@@ -21,25 +24,41 @@ constexpr std::size_t kMaxTensorBytes = std::size_t{1} << 36;  // 64 GiB: past t
 
 std::string quoted(const std::string& path) { return "'" + path + "'"; }
 
-// Writes through a temporary name in the same directory, renamed over `path` when complete.
+}  // namespace
+
+// Writes through a temporary file created exclusively (O_EXCL: never another writer's or a planted
+// file) beside `path`, named ".<name>.<pid>-<n>.tmp" like starflow.core.atomic's, with the
+// permissions a plain open would give (mode 0666 less the umask); renamed over `path` when complete,
+// removed on any failure.
 void write_atomically(const std::string& path, const std::string& data) {
-  std::string temporary = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error("cannot write " + quoted(path) + ": " + std::strerror(errno));
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    out.close();
-    if (!out) {
-      std::remove(temporary.c_str());
-      throw Error("cannot write " + quoted(path) + ": " + std::strerror(errno));
-    }
+  static std::atomic<unsigned> counter{0};
+  const std::filesystem::path target(path);
+  const auto fail = [&](const std::string& reason) { throw Error("cannot write " + quoted(path) + ": " + reason); };
+  std::string temporary;
+  int fd = -1;
+  for (int attempt = 0; fd < 0 && attempt < 100; ++attempt) {
+    temporary = (target.parent_path() / ("." + target.filename().string() + "." + std::to_string(::getpid()) + "-" +
+                                         std::to_string(counter++) + ".tmp"))
+                    .string();
+    fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) fail(std::strerror(errno));
   }
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    std::string reason = std::strerror(errno);
-    std::remove(temporary.c_str());
-    throw Error("cannot write " + quoted(path) + ": " + reason);
+  if (fd < 0) fail("no free temporary name beside it");
+  std::string reason;
+  for (std::size_t done = 0; done < data.size() && reason.empty();) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno != EINTR) reason = std::strerror(errno);
+    if (n > 0) done += static_cast<std::size_t>(n);
+  }
+  if (::close(fd) != 0 && reason.empty()) reason = std::strerror(errno);
+  if (reason.empty() && std::rename(temporary.c_str(), path.c_str()) != 0) reason = std::strerror(errno);
+  if (!reason.empty()) {
+    ::unlink(temporary.c_str());
+    fail(reason);
   }
 }
+
+namespace {
 
 // The value of `key` in a .npy header dict: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".
 std::string header_field(const std::string& header, const std::string& key, const std::string& path) {

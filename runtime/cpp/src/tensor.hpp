@@ -41,6 +41,9 @@ struct Tensor {
 // .npy files (format 1.0/2.0, little-endian float32/float16/int64, C order).
 Tensor load_npy(const std::string& path);
 void save_npy(const Tensor& tensor, const std::string& path);  // to a temporary name, then renamed
+// The one file writer: `data` into a temporary file created exclusively beside `path`, renamed over
+// it when complete (removed on failure), so a reader never sees a partial file.
+void write_atomically(const std::string& path, const std::string& data);
 // An (N, H, W, C) float32 image in [0, 1] as an 8-bit PNG (stored deflate blocks; no zlib).
 void save_png(const Tensor& images, std::size_t index, const std::string& path);
 

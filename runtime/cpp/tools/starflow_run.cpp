@@ -8,12 +8,16 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
 #include <string>
 #include <vector>
+
+#include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 
@@ -179,15 +183,7 @@ starflow::Tensor encode_tokens(starflow::Pipeline& pipeline, const Arguments& ar
 }
 
 void write_stats(const starflow::Pipeline& pipeline, const Arguments& args) {
-  if (!args.has("--stats")) return;
-  std::string path = args.get("--stats"), temporary = path + ".tmp";
-  std::FILE* file = std::fopen(temporary.c_str(), "w");
-  if (!file) throw starflow::Error("--stats: cannot write '" + path + "'");
-  std::string stats = pipeline.stats();
-  bool written = std::fputs(stats.c_str(), file) >= 0;
-  written = std::fclose(file) == 0 && written;
-  if (!written || std::rename(temporary.c_str(), path.c_str()) != 0)
-    throw starflow::Error("--stats: cannot write '" + path + "'");
+  if (args.has("--stats")) pipeline.save_stats(args.get("--stats"));
 }
 
 bool ends_with(const std::string& text, const std::string& tail) {
@@ -402,6 +398,57 @@ int tokenize(const Arguments& args) {
   return 0;
 }
 
+// PNGs written as starflow.core.outputs writes a folder: into a hidden sibling folder first, so a
+// failure leaves nothing in `out`; place_folder then renames it into place or, when `out` exists,
+// moves its files in (same-named ones replaced). `picture(i)` is the i-th file's name and picture.
+std::filesystem::path stage_pngs(const std::string& out, int64_t count,
+                                 const std::function<std::pair<std::string, starflow::Tensor>(int64_t)>& picture) {
+  namespace fs = std::filesystem;
+  fs::path target = fs::path(out).has_filename() ? fs::path(out) : fs::path(out).parent_path();  // "frames/"
+  std::string pattern = (target.parent_path() / ("." + target.filename().string() + ".XXXXXX")).string();
+  if (!::mkdtemp(pattern.data()))
+    throw starflow::Error("--out " + out + ": cannot create a folder beside it (" + std::strerror(errno) + ")");
+  fs::path staged(pattern);
+  try {
+    for (int64_t i = 0; i < count; ++i) {
+      auto [name, image] = picture(i);
+      save_png(image, (staged / name).string());
+    }
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(staged, ignored);
+    throw;
+  }
+  return staged;
+}
+
+void place_folder(const std::filesystem::path& staged, const std::string& out) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  if (fs::is_directory(out, error)) {
+    for (const fs::directory_entry& file : fs::directory_iterator(staged))  // before any file moves
+      if (fs::is_directory(fs::path(out) / file.path().filename(), error)) {
+        fs::remove_all(staged, error);
+        throw starflow::Error("--out " + out + ": " + file.path().filename().string() + " is a folder in the way");
+      }
+    for (const fs::directory_entry& file : fs::directory_iterator(staged)) {
+      fs::rename(file.path(), fs::path(out) / file.path().filename(), error);
+      if (error) break;
+    }
+    if (!error) fs::remove(staged, error);
+  } else {
+    const mode_t mask = ::umask(0);  // mkdtemp's folder is 0700; a plain mkdir's is 0777 less the umask
+    ::umask(mask);
+    fs::permissions(staged, static_cast<fs::perms>(0777 & ~mask), error);
+    if (!error) fs::rename(staged, fs::path(out).has_filename() ? fs::path(out) : fs::path(out).parent_path(), error);
+  }
+  if (error) {
+    std::error_code ignored;
+    fs::remove_all(staged, ignored);
+    throw starflow::Error("--out " + out + ": cannot put the folder in place (" + error.message() + ")");
+  }
+}
+
 int run(const Arguments& args) {
   if (args.flags.count("--tokenize")) return tokenize(args);
   if (args.has("--mask-out")) throw starflow::Error("--mask-out applies to --tokenize");
@@ -516,39 +563,50 @@ int run(const Arguments& args) {
                                        args.has("--latents-out") ? &latents : nullptr));
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
   starflow::Tensor owned_images(images), owned_latents(latents);
-  if (owned_latents) owned_latents.save(args.get("--latents-out"));
   std::string where = out;
   std::vector<int64_t> shape = owned_images.shape();
   const int64_t h = shape[shape.size() - 3], w = shape[shape.size() - 2];
-  if (kind == "npy") {
-    owned_images.save(out);
-  } else if (kind == "png") {
-    starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1, image_scale(h, w));
-    save_png(grid, out);
-  } else if (clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
-    std::error_code error;
-    std::filesystem::create_directory(out, error);
-    if (error) throw starflow::Error("--out " + out + ": cannot create the folder (" + error.message() + ")");
+  // Every output is made before any is put in place, so a failure leaves none: a folder's PNGs are
+  // staged first, then the latents, then the images; a failure after the latents removes them.
+  std::filesystem::path staged;
+  if (kind == "dir" && clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
     const int64_t T = shape[1];
-    for (int64_t i = 0; i < count * T; ++i) {
+    staged = stage_pngs(out, count * T, [&](int64_t i) {
       char name[64];
       std::snprintf(name, sizeof name, "clip%03lld_frame%04lld.png", static_cast<long long>(i / T),
                     static_cast<long long>(i % T));
-      starflow::Tensor frame = mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w));
-      save_png(frame, (std::filesystem::path(out) / name).string());
-    }
+      return std::make_pair(std::string(name), mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w)));
+    });
     where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count * T) + " PNGs)";
-  } else {
-    std::error_code error;
-    std::filesystem::create_directory(out, error);
-    if (error) throw starflow::Error("--out " + out + ": cannot create the folder (" + error.message() + ")");
-    for (int64_t i = 0; i < count; ++i) {
+  } else if (kind == "dir") {
+    staged = stage_pngs(out, count, [&](int64_t i) {
       char number[24];
       std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
-      starflow::Tensor image = mosaic(owned_images, i, 1, 1, 0, image_scale(h, w));
-      save_png(image, (std::filesystem::path(out) / (number + slug(prompts[i]) + ".png")).string());
-    }
+      return std::make_pair(number + slug(prompts[i]) + ".png", mosaic(owned_images, i, 1, 1, 0, image_scale(h, w)));
+    });
     where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
+  }
+  try {
+    if (owned_latents) owned_latents.save(args.get("--latents-out"));
+  } catch (...) {
+    std::error_code ignored;
+    if (!staged.empty()) std::filesystem::remove_all(staged, ignored);
+    throw;
+  }
+  try {
+    if (kind == "npy") {
+      owned_images.save(out);
+    } else if (kind == "png") {
+      starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1, image_scale(h, w));
+      save_png(grid, out);
+    } else {
+      place_folder(staged, out);
+    }
+  } catch (...) {
+    std::error_code ignored;
+    if (!staged.empty()) std::filesystem::remove_all(staged, ignored);
+    if (owned_latents) std::filesystem::remove(args.get("--latents-out"), ignored);
+    throw;
   }
   write_stats(pipeline, args);
   std::string what = count == 1 ? "image" : "images", unit = "images";

@@ -131,6 +131,28 @@ def test_clips_run_in_calls_of_the_rows_a_frame_local_block_allows(demo_video_ex
     assert np.abs(np.load(tmp_path / "clips.npy") - generation.images).max() <= 1e-4
 
 
+def test_a_failing_clip_folder_leaves_no_output(demo_video_export, tmp_path):
+    """The PNGs are staged in a hidden sibling folder and the latents written only once every output
+    is made: a folder in the way of one frame's name leaves no new file, no latents, no staging."""
+    out = tmp_path / "frames"
+    (out / "clip000_frame0001.png" / "inner").mkdir(parents=True)  # a non-empty folder: no rename over it
+    np.save(tmp_path / "noise.npy", make_noise(1, (1, 2, 1, 5, 5)))
+    args = ["--artifacts", demo_video_export, "--prompt", "1", "--frames", "2"]
+    args += ["--noise", tmp_path / "noise.npy"]
+    args += ["--latents-out", tmp_path / "latents.npy", "--stats", tmp_path / "stats.json", "--out", out]
+    result = run(built(BUILD) / "starflow-run", *args)
+    assert result.returncode != 0 and "clip000_frame0001.png is a folder in the way" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "noise.npy"]
+    assert [p.name for p in out.iterdir()] == ["clip000_frame0001.png"]
+    (out / "clip000_frame0001.png" / "inner").rmdir()
+    (out / "clip000_frame0001.png").rmdir()
+    result = run(BUILD / "starflow-run", *args)  # the same call, nothing in the way: all of it written
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["clip000_frame0000.png", "clip000_frame0001.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "latents.npy", "noise.npy", "stats.json"]
+    assert json.loads((tmp_path / "stats.json").read_text())
+
+
 def test_denoiser_windows_and_the_export_window(demo_video_export, tmp_path):
     """An export whose video section sets a 3-frame window (and the denoiser an overlap of 1): the
     clip rolls by default and the learned denoiser runs in overlapping windows, as in Python."""
