@@ -3,12 +3,13 @@
 // tokenizer.json through the `tokenizers` library, made here by the SentencePiece library.
 //
 // tokenizer.json is what the Python runtime reads; it says what surrounds the SentencePiece model,
-// and only the T5 arrangement is accepted (anything else is refused when the pipeline loads):
+// and only the T5 arrangement is accepted (anything else: the constructor throws; Pipeline keeps the
+// reason and throws it from tokenize, so token ids still work):
 // a Unigram vocabulary whose first ids are the model's pieces, the model's own normalizer
 // (Precompiled, the same character map), whitespace split + Metaspace prepending "▁" to every word
 // (the model's dummy prefix and whitespace rules), added tokens matched verbatim in the raw prompt,
 // a TemplateProcessing post-processor (T5: "$A </s>"); the model must drop extra whitespace and add
-// the dummy "▁" (probed), as the pre_tokenizer does. Refusals are errors of the constructor.
+// the dummy "▁" (probed), as the pre_tokenizer does.
 // byte_fallback models (mT5's) spell an unknown character in byte pieces; without byte_fallback in
 // tokenizer.json (T5's converter) each run of them is one <unk>, and a prompt holding a byte
 // piece's name ("<0xF0>", a vocabulary entry to tokenizers) is refused.
