@@ -517,6 +517,16 @@ Tensor Pipeline::denoise(const Tensor& latent, const Tensor* text) {
 }
 
 // Latents -> images (N, H, W, C) in [0, 1], clips (N, T, C, H, W) -> (N, T, H, W, C).
+// The decoder stage can turn these latents into pixels (Generator.check_stages): generate asks
+// before any work, decode before its graph runs.
+void Pipeline::check_decoder(bool clips) const {
+  const Manifest& m = manifest_;
+  if (clips && m.decoder_kind != "identity")  // as the Python Generator
+    throw Error("decoding " + m.decoder_kind + " video latents is not built yet");
+  if (m.decoder_kind != "identity" && !m.decoder_graph)
+    throw Error(m.directory + ": this latent model's export has no decoder graph; re-export with vae=DIR");
+}
+
 Tensor Pipeline::decode(const Tensor& latent) {
   const Manifest& m = manifest_;
   const std::size_t rank = latent.shape.size();
@@ -524,10 +534,7 @@ Tensor Pipeline::decode(const Tensor& latent) {
     throw Error("latent: expected a float32 (B, " + std::to_string(m.channels) + ", H, W) batch or (B, T, " +
                 std::to_string(m.channels) + ", H, W) clips, got " + dtype_name(latent.dtype) + " " +
                 shape_text(latent.shape));
-  if (m.decoder_kind != "identity" && !m.decoder_graph)
-    throw Error(m.directory + ": this latent model's export has no decoder graph; re-export with vae=DIR");
-  if (rank == 5 && m.decoder_kind != "identity")  // as the Python Generator
-    throw Error("decoding " + m.decoder_kind + " video latents is not built yet");
+  check_decoder(rank == 5);
   Tensor image = latent;
   if (m.decoder_graph) {
     Session& session = component(*m.decoder_graph);
@@ -569,6 +576,7 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
     throw Error(m.directory + ": this export has no text encoder; pass text embeddings to sf_pipeline_sample");
   if (denoise && !m.denoise_graph)
     throw Error(m.directory + ": this export has no denoise graph; generate without denoising or re-export with it");
+  check_decoder(clips);
   std::optional<Tensor> y, y_uncond;
   if (m.text_dim) {
     y = encode_prompts(prompts);

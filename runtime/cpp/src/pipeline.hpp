@@ -60,6 +60,7 @@ class Pipeline {
   void check_inputs(const Tensor& noise, const Tensor* text, const Tensor* text_uncond, const Sampling& options,
                     const std::string& name = "noise") const;
   void check_frames(int64_t frames) const;
+  void check_decoder(bool clips) const;
   void check_rows(int64_t batch, int64_t frames, double guidance, const std::string& name) const;
   Sampling with_clip_settings(Sampling sampling) const;
   Session& component(const std::string& graph);

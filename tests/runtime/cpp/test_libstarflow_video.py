@@ -153,6 +153,21 @@ def test_a_failing_clip_folder_leaves_no_output(demo_video_export, tmp_path):
     assert json.loads((tmp_path / "stats.json").read_text())
 
 
+def test_a_video_export_with_a_vae_decoder_is_refused_before_any_work(demo_video_export, tmp_path):
+    """Decoding VAE video latents is not built (the official STARFlow-V's Wan2.2 latents): generate
+    refuses it up front, ahead of the noise's own check (a NaN clip), as Generator.check_stages."""
+    vae = tmp_path / "vae"
+    shutil.copytree(demo_video_export, vae)
+    data = json.loads((vae / "manifest.json").read_text())
+    data["decoder"]["kind"] = "sd-vae"
+    _set_digest(vae, data)
+    np.save(tmp_path / "noise.npy", np.full((1, 2, 1, 5, 5), np.nan, np.float32))
+    args = ["--artifacts", vae, "--prompt", "1", "--frames", "2", "--noise", tmp_path / "noise.npy"]
+    result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "clips.npy")
+    assert result.returncode != 0 and "decoding sd-vae video latents is not built yet" in result.stderr
+    assert not (tmp_path / "clips.npy").exists()
+
+
 def test_denoiser_windows_and_the_export_window(demo_video_export, tmp_path):
     """An export whose video section sets a 3-frame window (and the denoiser an overlap of 1): the
     clip rolls by default and the learned denoiser runs in overlapping windows, as in Python."""
