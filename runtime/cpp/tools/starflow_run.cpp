@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -134,13 +135,17 @@ Arguments parse(int argc, char** argv) {
   return args;
 }
 
-long long integer(const Arguments& args, const std::string& key, long long fallback, long long low) {
+// An integer option from `low` to `high` (every option is an int in the library: never truncated).
+long long integer(const Arguments& args, const std::string& key, long long fallback, long long low,
+                  long long high = std::numeric_limits<int>::max()) {
   if (!args.has(key)) return fallback;
   std::string text = args.get(key);
   char* end = nullptr;
+  errno = 0;
   long long value = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end || value < low)
-    throw starflow::Error(key + ": expected an integer >= " + std::to_string(low) + ", got '" + text + "'");
+  if (text.empty() || *end || errno == ERANGE || value < low || value > high)
+    throw starflow::Error(key + ": expected an integer from " + std::to_string(low) + " to " + std::to_string(high) +
+                          ", got '" + text + "'");
   return value;
 }
 
@@ -477,6 +482,9 @@ int run(const Arguments& args) {
   const char* clip_outs = "--out: clips are written to a .npy (N, T, H, W, C) array or a folder (one PNG per frame)";
   if (frames && kind == "png") throw starflow::Error(std::string(clip_outs) + ", got '" + out + "'");
   uint64_t seed = parse_seed(args);
+  // the integer options, before the export loads
+  const long long block_size = integer(args, "--block-size", 0, 1), max_iter = integer(args, "--max-iter", 0, 1);
+  const long long window = integer(args, "--window", 0, 1), context = integer(args, "--context", 0, 1);
 
   starflow::Config config = make_config(args);
   starflow::Pipeline pipeline(args.get("--artifacts"), &config);
@@ -484,12 +492,12 @@ int run(const Arguments& args) {
   if (args.has("--guidance")) sampling.guidance(number(args, "--guidance"));
   if (args.has("--method")) sampling.method(args.get("--method"));
   if (args.has("--stop")) sampling.stop(args.get("--stop"));
-  if (args.has("--block-size")) sampling.block_size(static_cast<int>(integer(args, "--block-size", 0, 1)));
-  if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(integer(args, "--max-iter", 0, 1)));
+  if (args.has("--block-size")) sampling.block_size(static_cast<int>(block_size));
+  if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(max_iter));
   if (args.has("--threshold")) sampling.threshold(number(args, "--threshold"));
   if (args.has("--init")) sampling.init(args.get("--init"));
   if (args.has("--window"))
-    sampling.window(static_cast<int>(integer(args, "--window", 0, 1)), static_cast<int>(integer(args, "--context", 0, 1)));
+    sampling.window(static_cast<int>(window), static_cast<int>(context));
   if (args.flags.count("--no-warm-start")) sampling.warm_start(false);
   if (args.has("--shallow-jacobi")) {
     std::string spec = args.get("--shallow-jacobi");
@@ -539,6 +547,16 @@ int run(const Arguments& args) {
     throw starflow::Error(args.get("--artifacts") +
                           ": this export has no denoise graph (exported without it); pass --no-denoise, "
                           "or re-export with the denoise graph");
+  // clips or images, and the frame count, as the export describes them: before the noise is drawn
+  const nlohmann::json& video = info["video"];
+  if (frames && video.is_null())
+    throw starflow::Error("frames: " + std::to_string(frames) + " asked of an image model; clips need a video model");
+  if (!frames && !args.has("--noise") && !video.is_null())
+    throw starflow::Error("this is a video model: ask for clips with frames=N (--frames N)");
+  if (frames && (frames < video["frames"]["min"].get<long long>() || frames > video["frames"]["max"].get<long long>()))
+    throw starflow::Error("frames: " + std::to_string(frames) + " frames is outside this export's range " +
+                          video["frames"]["min"].dump() + " .. " + video["frames"]["max"].dump() +
+                          " (re-export with max_frames to cover it)");
   long long per_prompt = integer(args, "--num-images", 1, 1);
   std::vector<std::string> prompts;
   for (const std::string& p : args.prompts)

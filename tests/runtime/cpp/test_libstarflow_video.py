@@ -208,6 +208,7 @@ def test_bad_frames_and_windows_are_refused_with_a_status(demo_video_export, dem
         ((*prompt, "--frames", "17", *out), "frames: 17 frames is outside this export's range 1 .. 16"),
         ((*prompt, "--frames", "3", "--window", "17", *out), "window: 17 frames is more than this export's"),
         ((*prompt, "--frames", "3", "--window", "2", "--context", "2", *out), "context: must be fewer"),
+        ((*prompt, "--frames", "3", "--window", "4294967298", *out), "--window: expected an integer from 1"),
         ((*prompt, *out), "this is a video model: ask for clips with frames=N (--frames N)"),
         ((*prompt, "--frames", "3", "--out", tmp_path / "o.png"), "--out: clips are written to a .npy"),
         (
