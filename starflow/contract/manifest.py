@@ -287,6 +287,12 @@ class Manifest(Contract):
         written = _build(RECORD, record, record_source)
         fields = {f.name: getattr(contract, f.name) for f in dataclasses.fields(Contract)}
         result = cls(**fields, validation=written.validation, engines=written.engines, digest=digest)
+        if result.video is not None and result.video.later_chunk_factor != 4:
+            # the samplers (starflow.core.sampler, libstarflow) run the official rule, 4x
+            raise StarflowError(
+                f"{source}: video.later_chunk_factor is {result.video.later_chunk_factor}; this runtime "
+                "samples clips with the official 4 (chunks after the first frame are 4x the block size)"
+            )
         result.check_references(source)
         return result
 

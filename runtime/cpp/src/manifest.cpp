@@ -253,6 +253,10 @@ Manifest load_manifest(const std::string& directory) {
     for (auto [key, target] : {std::pair{"window", &v.window}, {"context", &v.context}})
       if (!r.at(video, key, "video.").is_null()) *target = r.small(video, key, "video.", 1);
     v.later_chunk_factor = r.small(video, "later_chunk_factor", "video.", 1);
+    if (v.later_chunk_factor != kLaterChunkFactor)  // the samplers (C++ and Python) run the official rule
+      r.fail("video.later_chunk_factor", "is " + std::to_string(v.later_chunk_factor) +
+                                             "; this runtime samples clips with the official 4 (chunks after the "
+                                             "first frame are 4x the block size)");
     v.warm_start = r.flag(video, "warm_start", "video.");
     v.fps = r.number(video, "fps", "video.");
     if (!(v.fps > 0)) r.fail("video.fps", "must be a number > 0");

@@ -61,10 +61,12 @@ struct TextComponent {
 };
 
 // STARFlow-V exports (starflow.contract.Video): clips (B, F, C, H, W) of frames.min .. frames.max frames.
+constexpr int kLaterChunkFactor = 4;  // official video Jacobi: chunks after the first frame are 4x the block size
+
 struct Video {
   Range frames;
   std::optional<int> window, context;  // the deep block's cache in frames (none: all); context none: window - 1
-  int later_chunk_factor = 4;
+  int later_chunk_factor = kLaterChunkFactor;  // a manifest with another is refused
   bool warm_start = true;
   double fps = 8;
 };

@@ -397,7 +397,7 @@ Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_un
   for (auto& block : blocks_) blocks.push_back(block.get());
   std::vector<BlockStats> stats;
   stats_ = "[]";
-  const int later_chunk_factor = manifest_.video ? manifest_.video->later_chunk_factor : 1;  // images: one frame
+  const int later_chunk_factor = manifest_.video ? kLaterChunkFactor : 1;  // images: one frame
   Tensor latent = native::sample(blocks, noise, text ? &*text : nullptr, text_uncond ? &*text_uncond : nullptr,
                                    options, manifest_.patch_size, manifest_.guide_deep_only, later_chunk_factor, stats);
   json record = json::array();

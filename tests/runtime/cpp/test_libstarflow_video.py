@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from starflow.core.errors import StarflowError
 from starflow.core.generation import make_noise
 from starflow.core.outputs import to_unit_images, upscale
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
@@ -166,6 +167,21 @@ def test_a_video_export_with_a_vae_decoder_is_refused_before_any_work(demo_video
     result = run(built(BUILD) / "starflow-run", *args, "--out", tmp_path / "clips.npy")
     assert result.returncode != 0 and "decoding sd-vae video latents is not built yet" in result.stderr
     assert not (tmp_path / "clips.npy").exists()
+
+
+def test_a_later_chunk_factor_other_than_4_is_refused_by_both_runtimes(demo_video_export, tmp_path):
+    """Both samplers run the official rule (later chunks 4x the block size): another factor in the
+    manifest is refused by both readers, naming the key, not silently sampled differently."""
+    other = tmp_path / "other"
+    shutil.copytree(demo_video_export, other)
+    data = json.loads((other / "manifest.json").read_text())
+    data["video"]["later_chunk_factor"] = 2
+    _set_digest(other, data)
+    with pytest.raises(StarflowError, match="video.later_chunk_factor is 2"):
+        Generator.load(other, threads=1)
+    args = ["--artifacts", other, "--prompt", "1", "--frames", "2", "--out", tmp_path / "clips.npy"]
+    result = run(built(BUILD) / "starflow-run", *args)
+    assert result.returncode != 0 and "key 'video.later_chunk_factor' is 2; this runtime" in result.stderr
 
 
 def test_denoiser_windows_and_the_export_window(demo_video_export, tmp_path):
