@@ -163,6 +163,11 @@ class Pipeline:
             raise StarflowError(
                 f"window: {options.window} frames is more than this export's caches hold ({held} frames)"
             )
+        if video is not None and video.window and options.window is None and frames > video.window:
+            raise StarflowError(
+                f"{name}: {frames} frames without a window are more than this export's caches hold "
+                f"({video.window} frames); sample with window <= {video.window}"
+            )
         return grid
 
     def check_frames(self, frames: int) -> None:

@@ -365,6 +365,9 @@ void Pipeline::check_inputs(const Tensor& noise, const Tensor* y, const Tensor* 
   if (video && options.window && *options.window > held)
     throw Error("window: " + std::to_string(*options.window) + " frames is more than this export's caches hold (" +
                 std::to_string(held) + " frames)");
+  if (video && video->window && !options.window && frames > *video->window)
+    throw Error(name + ": " + std::to_string(frames) + " frames without a window are more than this export's caches hold (" +
+                std::to_string(*video->window) + " frames); sample with window <= " + std::to_string(*video->window));
 }
 
 // One graph call's rows: `batch` samples of `frames` frames (1: images) fit the export's batch profile.

@@ -200,6 +200,10 @@ def test_denoiser_windows_and_the_export_window(demo_video_export, tmp_path):
     result = run(built(BUILD) / "starflow-run", *args, "--threads", "1", "--out", tmp_path / "clips.npy")
     assert result.returncode == 0, result.stderr
     assert np.abs(np.load(tmp_path / "clips.npy") - generation.images).max() <= 1e-4
+    # no window at all: 6 frames do not fit the export's 3-frame caches (refused, not run past them)
+    pipeline, y = Pipeline.load(windowed, threads=1), generator.encode(["6"])
+    with pytest.raises(StarflowError, match="noise: 6 frames without a window are more than this export's"):
+        pipeline.sample(make_noise(4, (1, 6, 1, 5, 5)), y, options=SampleOptions(window=None))
 
 
 @pytest.mark.parametrize("build", [BUILD, ASAN_BUILD], ids=["release", "asan-ubsan"])
