@@ -82,7 +82,8 @@ typedef struct sf_pipeline sf_pipeline;
  * and every file's sha256, then opens each graph once. `config` NULL: the defaults. */
 SF_API sf_status* sf_pipeline_load(const char* artifacts_dir, const sf_config* config, sf_pipeline** out);
 SF_API void sf_pipeline_free(sf_pipeline* pipeline);
-/* JSON: latent channels, patch, sizes, text dim, max rows, images per batch, defaults, denoise kind,
+/* JSON: latent channels, patch, sizes, text dim, max_rows (graph rows per call: guidance doubles a
+ * batch, a frame-local block takes a row per frame of a clip), defaults, denoise kind,
  * video (null for an image export; else frames min/opt/max, window, context, later_chunk_factor,
  * warm_start, fps). */
 SF_API const char* sf_pipeline_describe(const sf_pipeline* pipeline);
@@ -165,7 +166,8 @@ SF_API sf_status* sf_pipeline_denoise(sf_pipeline* pipeline, const sf_tensor* la
  * (N, T, C, H, W) -> (N, T, H, W, C) frames. */
 SF_API sf_status* sf_pipeline_decode(sf_pipeline* pipeline, const sf_tensor* latent, sf_tensor** images);
 /* Prompts -> images, as Generator.generate: one image per prompt with its row of `noise`
- * (count, C, H, W); the uncond text is `negative_prompt` or ""; batches of the export's size;
+ * (count, C, H, W); the uncond text is `negative_prompt` or ""; runs in batches of the export's
+ * rows (max_rows, halved under guidance; clips: max_rows / T when a block is frame-local);
  * self-denoise when `denoise` is non-zero. `latents` may be NULL. A video export takes clip noise
  * (count, T, C, H, W) and gives clips (count, T, H, W, C) (as `starflow generate --frames T`). */
 SF_API sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampling,

@@ -102,6 +102,7 @@ class Sampling {
   Sampling& shallow_jacobi(int block_size, int max_iter, double threshold, const std::string& first_guess) {
     return check(sf_sampling_set_shallow_jacobi(get(), block_size, max_iter, threshold, first_guess.c_str())), *this;
   }
+  // frames 0: no limit; context 0: frames - 1 (sf_sampling_set_window)
   Sampling& window(int frames, int context = 0) { return check(sf_sampling_set_window(get(), frames, context)), *this; }
   Sampling& warm_start(bool on) { return check(sf_sampling_set_warm_start(get(), on)), *this; }
   sf_sampling* get() const { return handle_.get(); }

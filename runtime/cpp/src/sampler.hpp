@@ -97,7 +97,7 @@ void guide(Sequence& mu, Sequence& sigma, double weight);  // on [cond ; uncond]
 
 // noise (B, C, H, W) or clips (B, F, C, H, W) and text ((B or 2B), L, dim), already checked -> latents
 // of the same shape; stats per block in sampling order. Over a clip's frames, Jacobi chunks after the
-// first frame are `later_chunk_factor` times the block size (the manifest's video.later_chunk_factor).
+// first frame are `later_chunk_factor` times the block size (kLaterChunkFactor, the official 4).
 Tensor sample(const std::vector<SamplerBlock*>& blocks, const Tensor& noise, const Sequence* text,
               const Sequence* text_uncond, const Sampling& options, int patch, bool guide_deep_only,
               int later_chunk_factor, std::vector<BlockStats>& stats);

@@ -2,6 +2,9 @@
 //
 // Latent mode: --noise N.npy [--text Y.npy --text-uncond Y0.npy] -> --out latent.npy
 // Prompt mode: --prompt P ... [--num-images N --seed S | --noise N.npy] -> --out grid.png / folder / images.npy
+//   (with --frames N: clips -> --out clips.npy / folder)
+// Likelihood mode: --likelihood IMAGES.npy | --likelihood-latents L.npy [--prompt P ...] -> bits per dim [--out B.npy]
+// Tokenize mode: --tokenize --prompt P ... -> --out ids.npy [--mask-out M.npy]
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
@@ -53,7 +56,8 @@ their SentencePiece model; other subword tokenizers: pass --token-ids in latent 
   OUT as `starflow generate --out`: a .png is one grid (N images per prompt a row, at most 8), a
   .npy the (N, H, W, C) float32 array in [0, 1], a folder (no suffix) one PNG per image; PNGs are
   upscaled (nearest) until an image's smaller side is at least 32 pixels. Clips: a .npy is the
-  (N, T, H, W, C) float32 array in [0, 1], a folder one PNG per clip and frame named as
+  (N, T, H, W, C) float32 array in [0, 1] (`starflow generate --frames` writes uint8 0 .. 255), a
+  folder one PNG per clip and frame named as
   `starflow generate --frames` names them (clip000_frame0000.png, ...; upscaled until the smaller
   side is at least 128 pixels); no grid .png (nor .gif/.mp4: use `starflow generate`)
 
