@@ -21,7 +21,9 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -191,6 +193,16 @@ starflow::Tensor encode_tokens(starflow::Pipeline& pipeline, const Arguments& ar
   return starflow::Tensor(out);
 }
 
+// --out's folder takes a new file (the Python output checks test-create one), before any work.
+void check_writable(const std::string& out) {
+  std::filesystem::path path(out), parent = path.parent_path().empty() ? "." : path.parent_path();
+  std::string probe = (parent / ("." + path.filename().string() + "." + std::to_string(::getpid()) + ".probe")).string();
+  int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) throw starflow::Error("--out " + out + ": cannot write in " + parent.string() + " (" + std::strerror(errno) + ")");
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
 void write_stats(const starflow::Pipeline& pipeline, const Arguments& args) {
   if (args.has("--stats")) pipeline.save_stats(args.get("--stats"));
 }
@@ -317,6 +329,10 @@ int likelihood(const Arguments& args) {
   const std::string input = images ? args.get("--likelihood") : args.get("--likelihood-latents");
   const std::string option = images ? "--likelihood" : "--likelihood-latents";
   starflow::Tensor x = starflow::Tensor::load(input);
+  if (!args.prompts.empty() && (x.shape().empty() || static_cast<int64_t>(args.prompts.size()) != x.shape()[0]))
+    throw starflow::Error("--prompt: give one per sample (" + std::to_string(x.shape().empty() ? 0 : x.shape()[0]) +
+                          " in " + input + "), got " + std::to_string(args.prompts.size()));
+  if (args.has("--out")) check_writable(out);
 
   starflow::Config config = make_config(args);
   starflow::Pipeline pipeline(args.get("--artifacts"), &config);
@@ -356,10 +372,7 @@ int likelihood(const Arguments& args) {
   }
   starflow::Tensor text;
   if (!args.prompts.empty()) {
-    if (shape.empty() || static_cast<int64_t>(args.prompts.size()) != shape[0])
-      throw starflow::Error("--prompt: give one per sample (" + std::to_string(shape.empty() ? 0 : shape[0]) + " in " +
-                            input + "), got " + std::to_string(args.prompts.size()));
-    text = pipeline.encode(args.prompts);
+    text = pipeline.encode(args.prompts);  // one per sample: checked before the load
   }
   if (args.has("--text")) text = starflow::Tensor::load(args.get("--text"));
   if (args.has("--token-ids")) text = encode_tokens(pipeline, args, "--token-ids", "--attention-mask");

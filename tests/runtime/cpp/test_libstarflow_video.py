@@ -184,6 +184,18 @@ def test_a_later_chunk_factor_other_than_4_is_refused_by_both_runtimes(demo_vide
     assert result.returncode != 0 and "key 'video.later_chunk_factor' is 2; this runtime" in result.stderr
 
 
+def test_likelihood_checks_prompts_and_out_before_the_export_loads(tmp_path):
+    """The --prompt count and --out's folder are checked before the export loads (a missing export
+    would be the first error otherwise)."""
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 4, 4), np.float32))
+    base = ["--artifacts", tmp_path / "missing", "--likelihood-latents", tmp_path / "x.npy"]
+    result = run(built(BUILD) / "starflow-run", *base, "--prompt", "1")
+    assert result.returncode != 0 and "--prompt: give one per sample (2 in " in result.stderr
+    result = run(BUILD / "starflow-run", *base, "--out", tmp_path / "no" / "bits.npy")
+    assert result.returncode != 0 and "bits.npy: cannot write in " in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
 def test_denoiser_windows_and_the_export_window(demo_video_export, tmp_path):
     """An export whose video section sets a 3-frame window (and the denoiser an overlap of 1): the
     clip rolls by default and the learned denoiser runs in overlapping windows, as in Python."""
