@@ -588,16 +588,12 @@ int run(const Arguments& args) {
   if (frames && clips && noise.shape()[1] != frames)
     throw starflow::Error("--frames " + std::to_string(frames) + ": the --noise clips have " +
                           std::to_string(noise.shape()[1]) + " frames");
-  std::vector<const char*> pointers;
-  for (const std::string& p : prompts) pointers.push_back(p.c_str());
-  std::string negative = args.get("--negative-prompt");
-  sf_tensor *images = nullptr, *latents = nullptr;
+  starflow::Tensor owned_latents(nullptr);
   auto began = std::chrono::steady_clock::now();
-  starflow::check(sf_pipeline_generate(pipeline.get(), sampling.get(), pointers.data(), pointers.size(),
-                                       negative.c_str(), noise.get(), !args.flags.count("--no-denoise"), &images,
-                                       args.has("--latents-out") ? &latents : nullptr));
+  starflow::Tensor owned_images = pipeline.generate(sampling, prompts, noise, args.get("--negative-prompt"),
+                                                    !args.flags.count("--no-denoise"),
+                                                    args.has("--latents-out") ? &owned_latents : nullptr);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-  starflow::Tensor owned_images(images), owned_latents(latents);
   std::string where = out;
   std::vector<int64_t> shape = owned_images.shape();
   const int64_t h = shape[shape.size() - 3], w = shape[shape.size() - 2];
