@@ -34,6 +34,8 @@ DOCS = (README, ROOT / "docs" / "benchmarks.md")
 # Commands the tests below run, by the start of their text (shlex-joined, comments dropped).
 CPP_PROMPTS = "build/cpp/starflow-run --artifacts digits-onnx"
 CPP_LATENTS = "build/cpp/starflow-run --artifacts artifacts/"
+CPP_CLIP = "build/cpp/starflow-run --artifacts digits-video/ --prompt 3"
+CPP_LIKELIHOOD = "build/cpp/starflow-run --artifacts digits-video/ --likelihood"
 INSPECT = "starflow inspect artifacts/"
 VALIDATE = "starflow validate artifacts/"
 GRID = "starflow generate --prompt 7 --num-images 16"
@@ -42,7 +44,8 @@ GIF = "starflow generate --prompt 3 --frames 8"
 MP4 = "starflow generate --prompt 3 --frames 16"
 EMBEDDED_EXPORT = "starflow export onnx --checkpoint starflow/assets/digits.safetensors"
 CURL = "curl -s http://127.0.0.1:8000/v1/"
-RUN = (CPP_PROMPTS, CPP_LATENTS, INSPECT, VALIDATE, GRID, PYTORCH, GIF, MP4, EMBEDDED_EXPORT, CURL)
+RUN = (CPP_PROMPTS, CPP_LATENTS, CPP_CLIP, CPP_LIKELIHOOD, INSPECT, VALIDATE, GRID, PYTORCH, GIF, MP4)
+RUN += (EMBEDDED_EXPORT, CURL)
 
 SKIPPED = {
     "make demo": "creates .venv and runs `starflow demo`, which tests/apps/test_generate.py runs "
@@ -173,6 +176,18 @@ def test_cpp_prompt_example_on_the_python_export(python_examples: tuple[Path, st
     with Image.open(directory / "digits.png") as image:
         assert image.size == ((4 * 9 + 1) * 4, (2 * 9 + 1) * 4)
     assert not list(directory.glob("digits-*.png"))
+
+
+def test_cpp_clip_and_likelihood_examples(demo_video_export: Path, tmp_path: Path) -> None:
+    """The embedded video model's export as digits-video/: one 8-frame clip of "3", then its bits
+    per dimension, as the README prints them."""
+    (tmp_path / "digits-video").symlink_to(demo_video_export)
+    printed = starflow_run(readme_command(CPP_CLIP), tmp_path)
+    assert printed.startswith("generated 1 clip of 8 frames 10x10 -> three.npy in ")
+    assert np.load(tmp_path / "three.npy").shape == (1, 8, 10, 10, 1)
+    printed = starflow_run(readme_command(CPP_LIKELIHOOD), tmp_path).splitlines()
+    assert re.fullmatch(r"0: -?\d+\.\d+ bits/dim \(prompt '3'\)", printed[0]), printed
+    assert printed[1].startswith("mean ") and len(printed) == 2
 
 
 @pytest.fixture(scope="module")
