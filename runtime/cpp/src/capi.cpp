@@ -74,6 +74,14 @@ native::DType dtype_of(sf_dtype dtype) {
 
 const native::Tensor* optional(const sf_tensor* t) { return t ? &t->tensor : nullptr; }
 
+// `count` C strings as prompts; a NULL entry is the unconditional prompt "".
+std::vector<std::string> prompt_list(const char* const* prompts, size_t count, const char* function) {
+  if (count) require(prompts, function, "prompts");
+  std::vector<std::string> list;
+  for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
+  return list;
+}
+
 std::string text(const char* value, const char* function, const char* name) {
   require(value, function, name);
   return value;
@@ -316,9 +324,7 @@ sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* const* 
   return guarded(__func__, [&](const char* fn) {
     require(pipeline, fn, "pipeline");
     require(embeddings, fn, "embeddings");
-    if (count) require(prompts, fn, "prompts");
-    std::vector<std::string> list;
-    for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
+    std::vector<std::string> list = prompt_list(prompts, count, fn);
     *embeddings = new sf_tensor{pipeline->pipeline->encode_prompts(list)};
   });
 }
@@ -329,9 +335,7 @@ sf_status* sf_pipeline_tokenize(sf_pipeline* pipeline, const char* const* prompt
     require(pipeline, fn, "pipeline");
     require(ids, fn, "ids");
     require(mask, fn, "mask");
-    if (count) require(prompts, fn, "prompts");
-    std::vector<std::string> list;
-    for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
+    std::vector<std::string> list = prompt_list(prompts, count, fn);
     auto [tokens, attention] = pipeline->pipeline->tokenize(list);
     auto owned_ids = std::make_unique<sf_tensor>(sf_tensor{std::move(tokens)});
     *mask = new sf_tensor{std::move(attention)};
@@ -375,9 +379,7 @@ sf_status* sf_pipeline_generate(sf_pipeline* pipeline, const sf_sampling* sampli
     require(pipeline, fn, "pipeline");
     require(noise, fn, "noise");
     require(images, fn, "images");
-    if (count) require(prompts, fn, "prompts");
-    std::vector<std::string> list;
-    for (size_t i = 0; i < count; ++i) list.emplace_back(prompts[i] ? prompts[i] : "");
+    std::vector<std::string> list = prompt_list(prompts, count, fn);
     native::Sampling options = sampling ? sampling->sampling : pipeline->pipeline->defaults();
     native::Tensor latent;
     native::Tensor result = pipeline->pipeline->generate(list, negative_prompt ? negative_prompt : "",
