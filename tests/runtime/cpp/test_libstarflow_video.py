@@ -20,17 +20,21 @@ from starflow.core.generation import make_noise
 from starflow.core.outputs import to_unit_images, upscale
 from starflow.runtime import Generator, JacobiSettings, Pipeline, SampleOptions
 from tests.conftest import VIDEO
-from tests.runtime.cpp.test_libstarflow import ASAN_BUILD, BUILD, _set_digest, built, cpp_sample, run
+from tests.runtime.cpp.test_libstarflow import (
+    ASAN_BUILD,
+    BUILD,
+    COUNTS,
+    _set_digest,
+    built,
+    cpp_sample,
+    run,
+    same_counts,
+)
 
 FIXTURE_JACOBI = JacobiSettings(block_size=4, max_iter=64, threshold=1e-6)  # the video fixture's settings
 
 
-def same_counts(cpp_stats: list[dict], stats: list) -> bool:
-    """Blocks, iterations per chunk and per image, calls and tokens: all equal."""
-    ours = [
-        (s["block"], s["iterations"], s["image_iterations"], s["evaluations"], s["tokens"]) for s in cpp_stats
-    ]
-    return ours == [(s.block, s.iterations, s.image_iterations, s.evaluations, s.tokens) for s in stats]
+PER_IMAGE_COUNTS = (*COUNTS, "image_iterations")  # clips: iterations per image too
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_official_video_goldens_through_starflow_run(video_export, golden, tmp_p
     ref, stats = Pipeline.load(video_export, threads=1).sample(
         golden["noise"], golden["y"], y_null, options, return_stats=True
     )
-    assert np.abs(ours - ref).max() <= 1e-5 and same_counts(cpp_stats, stats)
+    assert np.abs(ours - ref).max() <= 1e-5 and same_counts(cpp_stats, stats, PER_IMAGE_COUNTS)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +82,7 @@ def test_moving_digits_clips_equal_the_python_runtime(demo_video_export, tmp_pat
     ref, stats = generator.pipeline.sample(noise, y, y_null, options, return_stats=True)
     ours, cpp_stats = cpp_sample(demo_video_export, tmp_path, noise, y, y_null, options, *flags)
     assert np.abs(ours - ref).max() <= 1e-5
-    assert same_counts(cpp_stats, stats)
+    assert same_counts(cpp_stats, stats, PER_IMAGE_COUNTS)
     if options.stop == "row":  # the rows did stop apart, and the roll re-encoded (one call per roll)
         assert any(len(set(chunk)) > 1 for s in stats for chunk in s.image_iterations)
         assert stats[0].evaluations == sum(stats[0].iterations) + 2
