@@ -81,16 +81,8 @@ def onnx(
         float | None,
         typer.Option(help=f"Video models: the frame rate samples are shown at; default {DEFAULT_FPS:g}."),
     ] = None,
-    jobs: Annotated[
-        int | None,
-        typer.Option(
-            help="Processes: 2 exports the denoise graph in a second one; default 2 when a core "
-            "is spare and the weights are <= 1 GiB.",
-            min=1,
-        ),
-    ] = None,
 ) -> None:
-    """Export every flow block to ONNX (step, prefill, forward graphs) and the pipeline components.
+    """Export every flow block to ONNX (step, prefill, forward, vjp graphs) and the pipeline components.
 
     Prints one line per step; the export appears in --out only once every graph has passed
     validation.
@@ -111,8 +103,7 @@ def onnx(
                   for v, flag in ((min_latent, "--min-latent"), (max_latent, "--max-latent"))]  # fmt: skip
         precisions = DEFAULT_PRECISIONS if precision == "both" else precision and (precision,)
         given = dict(
-            precisions=precisions, opset=opset, max_batch=max_batch, jobs=jobs, max_frames=max_frames,
-            fps=fps,
+            precisions=precisions, opset=opset, max_batch=max_batch, max_frames=max_frames, fps=fps,
         )  # fmt: skip
         options = ExportOptions(
             min_latent=latent[0], max_latent=latent[1], density=density, denoise=denoise,

@@ -1,4 +1,5 @@
-"""The pipeline around the flow: text encoder, VAE decoder and (self- or learned) denoise graphs.
+"""The pipeline around the flow: text encoder, VAE decoder and the learned denoiser's graph (the
+self-denoise needs no graph of its own: it chains the blocks' vjp graphs).
 
 Each component declares its graph in a file of its own (text_encoder.py, decoder.py,
 denoise.py) as a `ComponentGraph`; `export_component` exports any of them and validates it
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 from starflow.contract.manifest import VAE_SCALE, Comparison, Decoder, Denoise, TextComponent
 from starflow.export.defaults import DEFAULT_OPSET
@@ -20,12 +20,6 @@ from starflow.export.trace import dynamic_shapes_of, export_module
 from starflow.export.validate import check_results, compare
 from starflow.model.flow import StarFlow
 from starflow.runtime.backends import OrtRunner
-
-
-class PendingGraph(Protocol):
-    """A graph another process is exporting (`starflow.export.worker.DenoiseJob`)."""
-
-    def wait(self) -> None: ...
 
 
 def export_component(graph: ComponentGraph, directory: Path, opset: int = DEFAULT_OPSET) -> list[Comparison]:
@@ -37,9 +31,7 @@ def export_component(graph: ComponentGraph, directory: Path, opset: int = DEFAUL
     directory = Path(directory)
     spec = graph.spec
     dynamic_shapes = dynamic_shapes_of(spec)
-    export_module(
-        graph.module, graph.example, dynamic_shapes, spec, directory / spec.file, opset, graph.autograd
-    )
+    export_module(graph.module, graph.example, dynamic_shapes, spec, directory / spec.file, opset)
     for write in graph.files.values():
         write(directory)
     results = validate_component(graph, directory)
@@ -83,15 +75,16 @@ class Components:
     """The component graphs of one export, loaded and checked against the flow, in export order."""
 
     graphs: list[ComponentGraph]
+    gradient: Denoise | None = None  # the self-denoise, chained over the blocks' graphs
 
     @classmethod
     def load(
         cls, model: StarFlow, checkpoint: Path, text_encoder: Path | None, vae: Path | None, denoise: bool
     ) -> Components:
         """The text encoder (a local HF directory, or the label table saved beside a class-conditional
-        checkpoint), the VAE (a local diffusers directory) and the denoise graph, checked to fit."""
+        checkpoint), the VAE (a local diffusers directory) and the denoiser, checked to fit."""
         from starflow.export.decoder import decoder_graph
-        from starflow.export.denoise import denoise_graph
+        from starflow.export.denoise import learned_graph
         from starflow.export.text_encoder import text_encoder_graph
         from starflow.model.text_encoder import text_encoder_for
         from starflow.model.vae import vae_for
@@ -103,37 +96,25 @@ class Components:
         loaded_vae = vae_for(model.config, vae)
         if loaded_vae is not None:
             graphs.append(decoder_graph(loaded_vae, VAE_SCALE, Path(vae).name))
-        if denoise:
-            graphs.append(denoise_graph(model))
-        return cls(graphs)
-
-    @property
-    def denoise(self) -> bool:
-        return any(g.spec.kind == "denoise" for g in self.graphs)
+        gradient = None
+        if denoise and model.learnable_self_denoiser is not None:
+            graphs.append(learned_graph(model))
+        elif denoise:
+            gradient = Denoise("nll-gradient", None, model.config.noise_std)
+        return cls(graphs, gradient)
 
     def pending(self) -> list[str]:
-        """The graphs `export` writes, in order (the denoise graph may come from a `DenoiseJob`)."""
+        """The graphs `export` writes, in order."""
         return [g.spec.kind for g in self.graphs]
 
     def export(
-        self,
-        model: StarFlow,
-        work: Path,
-        opset: int,
-        progress: Callable[[str], None],
-        denoise_job: PendingGraph | None = None,
+        self, model: StarFlow, work: Path, opset: int, progress: Callable[[str], None]
     ) -> ComponentEntries:
-        """Export and validate every component; the denoise graph is waited for when `denoise_job`
-        already exports it."""
-        entries = ComponentEntries()
+        """Export and validate every component."""
+        entries = ComponentEntries(denoise=self.gradient)
         for graph in self.graphs:
-            kind = graph.spec.kind
-            if denoise_job is not None and kind == "denoise":
-                progress(f"wait for {kind}")
-                denoise_job.wait()
-            else:
-                progress(f"export {kind}")
-                export_component(graph, work, opset)
+            progress(f"export {graph.spec.kind}")
+            export_component(graph, work, opset)
             setattr(entries, ENTRY_FIELDS[type(graph.entry)], graph.entry)
             entries.graphs.append(graph.spec)
             entries.files += list(graph.files)

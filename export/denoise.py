@@ -1,99 +1,28 @@
-"""The `denoise.fp32` graph: the gradient of each sample's total NLL, for the self-denoise step,
-or, for models with one (STARFlow-V), the learned denoiser's correction.
+"""The denoise step's PyTorch side: the learned denoiser's graph (`denoise.fp32`, STARFlow-V), and
+the self-denoise's reference gradient with the shapes its runtime chain is checked at.
 
-The runtime applies one Tweedie step `x - noise_std^2 * grad` to the sampled latent; the graph
-holds the teacher-forced forward *and* backward pass through every flow block, so it is exported
-as an autograd graph (`starflow.export.trace.export_module`).
+The self-denoise has no graph of its own: the runtime takes the gradient of each sample's NLL
+through the blocks' forward and vjp graphs (`starflow.core.sampler.nll_gradient`) and applies one
+Tweedie step `x - noise_std^2 * grad`; `starflow.export.validate` checks that chain against
+`reference_gradient`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from starflow.contract.manifest import Denoise, TensorSpec, Tolerance
+from starflow.contract.manifest import Comparison, Denoise, Manifest, TensorSpec, Tolerance
 from starflow.core.sampler import patchify, unpatchify
 from starflow.export.graphs import ComponentGraph, GraphSpec
-from starflow.export.validate import TOLERANCES
+from starflow.export.validate import TOLERANCES, compare
 from starflow.model.flow import LEARNED_DENOISER_STEP, StarFlow
 
 TOLERANCE = Tolerance(atol=0.0, rtol=1e-4)  # relative to max|grad| of the case
-# (batch, latent grid in tokens, text length) checked after export; none is the trace example.
-CASES = ((1, (4, 4), 3), (2, (2, 3), 5))
-
-
-class NLLGradient(nn.Module):
-    """x (B, C, H, W) [, text (B, L, txt_dim)] -> d(each sample's total NLL)/dx, (B, C, H, W).
-
-    NLL of a sample = 0.5*sum(z^2) - sum of every block's logdet: the per-sample sum behind the
-    model's per-dim mean loss, so its gradient is `numel * grad(loss)` as in `StarFlow.denoise`.
-    The blocks run their own `forward`, with RoPE positions from a grid of the symbolic sizes.
-    """
-
-    def __init__(self, model: StarFlow):
-        super().__init__()
-        self.patch_size = model.config.patch_size
-        self.flows = nn.ModuleList(model.sampling_blocks()[::-1])  # forward order
-
-    def forward(self, x: Tensor, text: Tensor | None = None) -> Tensor:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.nll(x, text).sum(), [x])
-        return grad
-
-    def nll(self, x: Tensor, text: Tensor | None) -> Tensor:
-        """(B,) total NLL of each sample."""
-        p = self.patch_size
-        seq = patchify(x, p)  # (B, T, D) raster order
-        h, w = x.size(2) // p, x.size(3) // p
-        grid = torch.stack([torch.full((), h, dtype=torch.int64), torch.full((), w, dtype=torch.int64)])
-        logdets = []
-        for block in self.flows:
-            seq, logdet = block(seq, text if block.text_conditioned else None, grid)
-            logdets.append(logdet.sum(dim=(1, 2)))
-        return 0.5 * seq.pow(2).sum(dim=(1, 2)) - sum(logdets)
-
-
-def _has_text(model: StarFlow) -> bool:
-    return any(b.text_conditioned for b in model.blocks)
-
-
-def denoise_spec(model: StarFlow) -> GraphSpec:
-    """Inputs x (and text on text-conditioned models), output grad; dims batch/height/width/text."""
-    C, config = model.config.channel_size, model.config
-    latent = ("batch", C, "height", "width")
-    inputs = (TensorSpec("x", "float32", latent),)
-    if _has_text(model):
-        inputs += (TensorSpec("text", "float32", ("batch", "text", config.txt_dim)),)
-    return GraphSpec(None, "denoise", "fp32", inputs, (TensorSpec("grad", "float32", latent),))
-
-
-def denoise_graph(model: StarFlow, seed: int = 0) -> ComponentGraph:
-    """The model's denoise graph: its learned denoiser's, or else the NLL gradient's."""
-    if model.learnable_self_denoiser is not None:
-        return learned_graph(model, seed)
-    config, p, spec = model.config, model.config.patch_size, denoise_spec(model)
-    shapes = [((batch, config.channel_size, h * p, w * p), length) for batch, (h, w), length in CASES]
-    x = torch.randn(2, config.channel_size, 3 * p, 5 * p)  # every symbolic dim >= 2 and distinct
-    return ComponentGraph(
-        spec=spec,
-        module=NLLGradient(model).eval(),
-        example=(x, torch.randn(2, 4, config.txt_dim)) if _has_text(model) else (x,),
-        cases=_cases(
-            shapes,
-            _has_text(model),
-            config.txt_dim,
-            seed,
-            lambda x, length: f"batch {x.size(0)}, latent {x.size(2)}x{x.size(3)}, text {length}",
-        ),  # fmt: skip
-        reference=lambda feeds: {"grad": reference_gradient(model, *_tensors(feeds)).numpy()},
-        tolerance=TOLERANCE,
-        entry=Denoise("nll-gradient", spec.name, config.noise_std),
-        autograd=True,
-    )
 
 
 def _cases(
@@ -119,6 +48,36 @@ def _tensors(feeds: dict[str, np.ndarray]) -> tuple[Tensor, Tensor | None]:
     """(x, text or None) of a case's feeds."""
     text = feeds.get("text")
     return torch.from_numpy(feeds["x"]), None if text is None else torch.from_numpy(text)
+
+
+def validate_gradient(
+    directory: Path, model: StarFlow, manifest: Manifest, seed: int = 0
+) -> list[Comparison]:
+    """The runtime's self-denoise gradient (the blocks' fp32 forward and vjp graphs in `directory`,
+    chained by `Pipeline.nll_gradient`) against PyTorch's whole-model autograd, at the training
+    latent and a narrower one, at two text lengths."""
+    from starflow.runtime.pipeline import Pipeline, graph_blocks
+
+    pipeline = Pipeline(directory, manifest, graph_blocks(directory, manifest, "fp32"), "fp32")
+    config, latent = model.config, manifest.latent
+    longest = manifest.text.max_length if manifest.text else 0
+    shapes = [  # the training latent, and one of the narrowest height
+        ((1, config.channel_size, *latent.train), longest),
+        ((2, config.channel_size, latent.min[0], latent.train[1]), max(1, longest // 2)),
+    ]
+    cases = _cases(
+        shapes,
+        model.text_dim > 0,
+        config.txt_dim,
+        seed,
+        lambda x, length: f"batch {x.size(0)}, latent {x.size(2)}x{x.size(3)}, text {length}",
+    )
+    results = []
+    for case, feeds in cases.items():
+        expected = reference_gradient(model, *_tensors(feeds)).numpy()
+        actual = pipeline.nll_gradient(feeds["x"], feeds.get("text"))
+        results.append(compare("denoise nll-gradient", case, "grad", actual, expected, TOLERANCE))
+    return results
 
 
 def reference_gradient(model: StarFlow, x: Tensor, text: Tensor | None) -> Tensor:

@@ -1,8 +1,9 @@
 """What gets exported: each flow block's own methods as graphs, their signatures and profiles.
 
-A block is exported three times, once per method of `FlowBlock`: `step` (a chunk against the
-cache, sequential and Jacobi sampling alike), `prefill` (the text keys/values) and `density`
-(the teacher-forced pass, kind "forward"). Nothing is rebuilt here: the graph is the method the
+A block is exported once per method of `FlowBlock`: `step` (a chunk against the cache,
+sequential and Jacobi sampling alike), `prefill` (the text keys/values), `density` (the
+teacher-forced pass, kind "forward") and `vjp` (its vector-Jacobian product, one block's step of
+the self-denoise's NLL gradient; fp32 only). Nothing is rebuilt here: the graph is the method the
 PyTorch sampler itself runs, in fp32 or an fp16 copy. Every graph sees tokens in the block's own
 (permuted) order; the flip, guidance, the Jacobi update and its stop test belong to the runtime.
 """
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     Feeds = dict[str, np.ndarray]  # arrays by tensor name
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
-BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density"}  # graph kind -> method
+BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density", "vjp": "vjp"}  # kind -> method
 
 
 # ---- precision -------------------------------------------------------------------------------------
@@ -182,8 +183,6 @@ class ComponentGraph:
     reference: Callable[[Feeds], Feeds]  # PyTorch's outputs of one case, by output name
     tolerance: Tolerance
     entry: TextComponent | Decoder | Denoise  # what the component adds to the manifest
-    # the module takes gradients: traced by make_fx first (see `trace.export_module`)
-    autograd: bool = False
     # files written beside the graph, by name, each with its writer (the tokenizer)
     files: dict[str, Callable[[Path], None]] = dataclasses.field(default_factory=dict)
     # what the runtime puts around the graph, validated with it: (runner, export directory) ->
@@ -198,9 +197,10 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def block_specs(
-    config: StarFlowConfig, block: FlowBlock, precision: str, density: bool = True
+    config: StarFlowConfig, block: FlowBlock, precision: str, density: bool = True, vjp: bool = False
 ) -> list[GraphSpec]:
-    """The step, (prefill,) and (forward) graphs of one block; the manifest schema documents them."""
+    """The step, (prefill,) (forward) and (vjp) graphs of one block; the manifest schema documents
+    them. `vjp` asks for the forward graph too (the runtime's gradient chain runs both)."""
     D, layers = config.token_dim, len(block.attn_blocks)
     kv, hd = block.num_kv_heads, block.head_dim
     cache_dtype = "float16" if precision == "fp16" else "float32"
@@ -222,14 +222,19 @@ def block_specs(
     if block.text_conditioned:
         prefill_outputs = (cache("keys", "text"), cache("values", "text"))
         specs.append(GraphSpec(block.index, "prefill", precision, (text,), prefill_outputs))
-    if density:
-        sequence = TensorSpec("x", "float32", ("batch", "tokens", D))
-        inputs = (sequence, grid) + ((text,) if block.text_conditioned else ())
+    conditioning = (text,) if block.text_conditioned else ()
+    sequence = TensorSpec("x", "float32", ("batch", "tokens", D))
+    if density or vjp:
         outputs = (
             TensorSpec("z", "float32", ("batch", "tokens", D)),
             TensorSpec("logdet", "float32", ("batch", "tokens", D)),
         )
-        specs.append(GraphSpec(block.index, "forward", precision, inputs, outputs))
+        specs.append(GraphSpec(block.index, "forward", precision, (sequence, grid, *conditioning), outputs))
+    if vjp:
+        upstream = TensorSpec("grad_z", "float32", ("batch", "tokens", D))
+        inputs = (sequence, grid, upstream, *conditioning)
+        outputs = (TensorSpec("grad_x", "float32", ("batch", "tokens", D)),)
+        specs.append(GraphSpec(block.index, "vjp", precision, inputs, outputs))
     return specs
 
 

@@ -1,4 +1,4 @@
-"""`starflow export onnx`: per-block step/prefill/forward graphs + components + manifest, validated.
+"""`starflow export onnx`: per-block step/prefill/forward/vjp graphs + components + manifest, validated.
 
 The export runs in small steps so that a failure leaves nothing behind: check every option and
 load the checkpoint (no file touched), plan the graphs, export them and the components into a
@@ -50,8 +50,7 @@ from starflow.export.defaults import (
     SUPPORTED_OPSETS,
 )
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_entry, block_specs, profile_dims
-from starflow.export.trace import BlockGraphExporter, weight_bytes
-from starflow.export.worker import DenoiseJob
+from starflow.export.trace import BlockGraphExporter
 from starflow.model.flow import FlowBlock, StarFlow
 
 # fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
@@ -59,10 +58,6 @@ from starflow.model.flow import FlowBlock, StarFlow
 # 3B-shaped block. Random weights lack the outlier activations of trained transformers that make
 # fp16 norms overflow, so both stay fp32: the cost is a cast around each.
 PRECISIONS = {"fp32": Precision("fp32"), "fp16": Precision("fp16", fp32_norms=True)}
-
-# A worker process exporting the denoise graph loads a second copy of the model: by default only
-# for models whose weights fit this (the 3B model's would double the export's peak memory).
-WORKER_MODEL_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,16 +71,13 @@ class ExportOptions:
     min_latent: tuple[int, int] | None = None
     max_latent: tuple[int, int] | None = None
     density: bool = True  # the per-block forward (density) graphs; sampling does not use them
-    denoise: bool = True  # the self-denoise gradient graph
+    denoise: bool = True  # the self-denoise: the blocks' fp32 forward and vjp graphs, or the learned denoiser
     text_encoder: Path | None = None
     vae: Path | None = None
     validate: bool = True  # compare every graph with PyTorch; a miss fails the export
     force: bool = False  # replace a non-empty `out` that holds no starflow export
     # opt-in sampling settings calibrated for this model (`generate --sampler NAME`)
     sampling_presets: dict[str, SampleOptions] = dataclasses.field(default_factory=dict)
-    # processes: 2 exports the denoise graph in a worker beside the block graphs; None: 2 when
-    # there is a spare core and the model's weights are at most WORKER_MODEL_BYTES
-    jobs: int | None = None
     max_frames: int | None = None  # video models: the longest clip (DEFAULT_MAX_FRAMES)
     fps: float | None = None  # video models: the frame rate samples are shown at (DEFAULT_FPS)
 
@@ -112,9 +104,13 @@ class ExportOptions:
                 "use opset 22 or lower, or fp32 graphs only"
             )
         check_count(self.max_batch, "max_batch")
-        for name in ("jobs", "max_frames"):  # None: the default
-            if getattr(self, name) is not None:
-                check_count(getattr(self, name), name)
+        if self.max_frames is not None:  # None: the default
+            check_count(self.max_frames, "max_frames")
+        if self.denoise and "fp32" not in self.precisions:
+            raise StarflowError(
+                "denoise: the self-denoise runs fp32 graphs; add fp32 to precisions (--precision fp32) "
+                "or export without it (denoise=False, --no-denoise)"
+            )
         if self.fps is not None and not (isinstance(self.fps, int | float) and 0 < self.fps < float("inf")):
             raise StarflowError(f"fps: must be a number > 0, got {self.fps!r}")
 
@@ -175,6 +171,7 @@ def export_onnx(
     Nothing is written before the checkpoint has loaded and every option has been checked, and
     `out` only ever holds a complete, validated export. Returns the manifest written there.
     """
+    from starflow.export.denoise import validate_gradient
     from starflow.export.validate import check_results, validate_export
     from starflow.model.checkpoint import load_model
 
@@ -200,10 +197,7 @@ def export_onnx(
             progress(what, done, total)
         done += 1
 
-    with (
-        staging_directory(out) as work,
-        denoise_job(components, model, checkpoint, config, options, work) as job,
-    ):
+    with staging_directory(out) as work:
         graphs = []
         exporter = BlockGraphExporter(options.opset)
         for spec, block in plan:
@@ -211,14 +205,16 @@ def export_onnx(
             exporter.export(spec, block, PRECISIONS[spec.precision], work / spec.file)
             graphs.append(spec.entry(work, dims))
         results = []
-        if options.validate:  # the block graphs, while a denoise job runs (components validate their own)
+        if options.validate:  # the block graphs and the gradient chain (components validate their own)
             report("validate against PyTorch")
             blocks_only = build_manifest(
                 model, checkpoint, graphs, dims, latent, video, options, ComponentEntries(), work
             )
             results = validate_export(work, model, blocks_only)
+            if components.gradient is not None:
+                results += validate_gradient(work, model, blocks_only)
             check_results(results)
-        entries = components.export(model, work, options.opset, report, job)
+        entries = components.export(model, work, options.opset, report)
         graphs += [spec.entry(work, dims) for spec in entries.graphs]
         manifest = build_manifest(model, checkpoint, graphs, dims, latent, video, options, entries, work)
         manifest = dataclasses.replace(manifest, validation=tuple(results)).write(work)
@@ -228,38 +224,16 @@ def export_onnx(
     return manifest
 
 
-@contextlib.contextmanager
-def denoise_job(
-    components: Components,
-    model: StarFlow,
-    checkpoint: Path,
-    config: str | Path | None,
-    options: ExportOptions,
-    work: Path,
-) -> Iterator[DenoiseJob | None]:
-    """The denoise graph's export started in a worker process, when there is one to export and
-    `options.jobs` (or, by default, a spare core and room for a second copy of the model) allows;
-    stopped if the export fails before it is waited for."""
-    jobs = options.jobs
-    if jobs is None:
-        jobs = min(os.cpu_count() or 1, 2) if weight_bytes(model) <= WORKER_MODEL_BYTES else 1
-    if not components.denoise or jobs < 2 or model.learnable_self_denoiser is not None:
-        yield None
-        return
-    job = DenoiseJob(checkpoint, config, work, options.opset)
-    try:
-        yield job
-    finally:
-        job.cancel()
-
-
 def plan_graphs(model: StarFlow, options: ExportOptions) -> list[tuple[GraphSpec, FlowBlock]]:
     """Every block graph to export, precision by precision, blocks in sampling order."""
+    gradient = options.denoise and model.learnable_self_denoiser is None  # the fp32 vjp chain
     return [
         (spec, block)
         for precision in options.precisions
         for block in model.sampling_blocks()
-        for spec in block_specs(model.config, block, precision, density=options.density)
+        for spec in block_specs(
+            model.config, block, precision, density=options.density, vjp=gradient and precision == "fp32"
+        )
     ]
 
 

@@ -1,16 +1,22 @@
-"""One exporter setup for every graph, blocks and components alike: torch.onnx (dynamo) with
-symbolic dims, external data for big weights, `onnx.checker`, and the declared-signature check."""
+"""How graphs are traced and written. Block graphs: traced once per block structure without their
+weights (TorchScript for step/prefill/forward, make_fx plus torch.onnx's translator for the
+gradient-taking vjp graphs), then written per block with its weights streamed in. Components:
+torch.onnx (dynamo) with symbolic dims. Both: external data for big weights, `onnx.checker`, and
+the declared-signature check."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 import torch
 import torch._dynamo
@@ -18,6 +24,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.onnx._internal._lazy_import import onnxscript_apis
+from torch.onnx._internal.exporter import _constants, _core, _decomp, _fx_passes, _ir_passes, _registration
 
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
@@ -27,6 +35,7 @@ from starflow.model.flow import FlowBlock
 
 # Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
+ALIGNMENT = 4096  # external data offsets: page-aligned, so a runtime can map a weight in place
 
 
 @contextlib.contextmanager
@@ -73,7 +82,7 @@ def example_args(spec: GraphSpec, precision: Precision) -> tuple[torch.Tensor, .
 def export_block_graph(
     spec: GraphSpec, block: FlowBlock, precision: Precision, path: Path, opset: int
 ) -> None:
-    """Export one block method (step, prefill or density) to `path`."""
+    """Export one block method (step, prefill, density or vjp) to `path`."""
     BlockGraphExporter(opset).export(spec, block, precision, path)
 
 
@@ -99,20 +108,18 @@ def structure_key(spec: GraphSpec, module: BlockMethod) -> tuple:
 
 
 def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers (non-persistent ones too) by the names the exporter gives them."""
+    """Parameters and buffers (non-persistent ones too) by their qualified names."""
     return dict(module.named_parameters()) | dict(module.named_buffers())
 
 
 class BlockGraphExporter:
-    """Exports block graphs, tracing each distinct block structure once.
+    """Exports block graphs, tracing each distinct block structure once, without their weights.
 
-    Tracing dominates export time (about 10 s per graph even for the 64-wide demo model, most of it
-    torch.export's symbolic shape arithmetic), while a model's shallow blocks usually share one
-    structure. The first block of a structure is traced to an unoptimised ONNX graph, kept as a
-    template; a later block with the same `structure_key` gets a copy of it with its own weights
-    swapped in by initializer name, before onnxscript's optimizer runs (it folds weights into new
-    constants, so the swap must come first). The tests check the result is the file a trace of
-    that block gives.
+    A trace (`trace_block`) gives a template: the graph with every weight as an input named after
+    it, traced over fake weights (their values are never read). Each block of that
+    `structure_key` gets a copy with its own weights written in as initializers, one tensor at a
+    time (`write_block_graph`), so a graph's file never has to exist in memory whole. The tests
+    check a reused template gives the file a trace of that block gives.
     """
 
     def __init__(self, opset: int):
@@ -127,36 +134,156 @@ class BlockGraphExporter:
         reused = key in self._templates
         if not reused:
             args = example_args(spec, precision)
-            traced = trace_module(module, args, (dynamic_shapes_of(spec),), spec, self.opset)
-            self._templates[key] = _weightless(ir.serde.serialize_model(traced), tensors)
-        # traced and reused graphs take one path (the optimizer names the values it creates after
-        # the graph's history, so this keeps their files equal)
-        model = ir.serde.deserialize_model(self._templates[key])
-        _swap_weights(model, tensors)
-        external = weight_bytes(module) > EXTERNAL_DATA_BYTES
-        write_graph(model, spec, path, optimize=True, external_data=external)
-        # the exporter's programs keep reference cycles around (fp16 copies of) the weights: freed
-        # only by a collection, they piled up (0.8 GiB per graph of the 3B-shaped model)
-        del model, module, tensors
+            self._templates[key] = trace_block(module, args, spec, self.opset)
+        write_block_graph(
+            self._templates[key], tensors, spec, path, external=weight_bytes(module) > EXTERNAL_DATA_BYTES
+        )
+        del module, tensors
         release_freed_memory()
         return reused
 
 
-def _weightless(proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> onnx.ModelProto:
-    """The template keeps the weights' names, shapes and dtypes, not their data (a block's worth
-    per template would add up on billion-parameter models)."""
-    for initializer in proto.graph.initializer:
-        if initializer.name in tensors:
-            initializer.ClearField("raw_data")
-    return proto
+@functools.cache
+def _onnx_registry(opset: int) -> tuple[Any, dict]:
+    """torch.onnx's ATen-to-ONNX translations at `opset` (torchlib's own opset at least), and the
+    decompositions of the ATen ops it has none for."""
+    with _quiet_exporter():
+        registry = _registration.ONNXRegistry.from_torchlib(max(opset, _constants.TORCHLIB_OPSET))
+    implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+    return registry, _decomp.create_onnx_friendly_decomposition_table(implemented)
 
 
-def _swap_weights(model: ir.Model, tensors: dict[str, torch.Tensor]) -> None:
-    """Give every initializer named after a weight of the block that weight's values (the
-    structure key guarantees the shapes); the others are constants of the code, equal for all."""
-    for name, value in model.graph.initializers.items():
-        if name in tensors:
-            value.const_value = ir.Tensor(tensors[name].detach().contiguous().numpy(), name=name)
+def trace_block(
+    module: nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int
+) -> onnx.ModelProto:
+    """`module` traced once to ATen ops (a vjp graph's backward included) over fake inputs and fake
+    weights by make_fx, then translated op by op into ONNX by torch.onnx's translator, with its
+    weights as inputs named after them: the graph, not yet its weights.
+
+    torch.onnx.export traces three times (torch.export, its decompositions, then the translation);
+    one make_fx trace measured 3-6 s a block graph of the digits model against 6-14 s, and 11 s
+    against 31 s for the deep block's vjp graph. torch.onnx.export cannot take the gradient path
+    at all: torch 2.13's export of `torch.autograd.grad` with symbolic shapes fails inside the
+    autograd engine. The translation uses torch.onnx internals (`_core._translate_fx_graph`),
+    pinned with torch.
+    """
+    registry, decompositions = _onnx_registry(opset)
+    tensors = _named_tensors(module)
+    weights = list(tensors)
+
+    def call(*flat: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(
+            module, dict(zip(weights, flat, strict=False)), flat[len(weights) :]
+        )
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    dim_names: dict[str, str] = {}  # symbol -> declared dim (equal example sizes share a symbol)
+    fakes = []
+    for arg, tensor in zip(args, spec.inputs, strict=True):
+        dynamic = [DimDynamic.DYNAMIC if isinstance(d, str) else DimDynamic.STATIC for d in tensor.shape]
+        fake = mode.from_tensor(arg, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
+        dim_names |= {str(s): d for d, s in zip(tensor.shape, fake.shape, strict=True) if isinstance(d, str)}
+        fakes.append(fake)
+    try:
+        with _quiet_exporter():
+            with mode:
+                fake_weights = [mode.from_tensor(t.detach()) for t in tensors.values()]
+                graph = make_fx(call, decomposition_table=decompositions)(*fake_weights, *fakes)
+            _fx_passes.insert_type_promotion_nodes(graph)
+            graph = _fx_passes.remove_assertion_nodes(graph)
+            model = ir.Model(
+                ir.Graph([], [], nodes=[], name=spec.name), ir_version=_constants.ONNX_IR_VERSION
+            )
+            values = _core._translate_fx_graph(
+                graph.graph, model, graph_like=model.graph, owned_graphs={}, lower="at_conversion",
+                registry=registry,
+            )  # fmt: skip
+    except Exception as err:  # tracing and translation raise many types; name the graph, keep the cause
+        raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
+    _set_signature(model, graph, values, weights, spec, dim_names)
+    _ir_passes.add_opset_imports(model)
+    model = onnxscript_apis.convert_version(model, opset)
+    ir.passes.common.InlinePass()(model)
+    return ir.serde.serialize_model(model)
+
+
+def _set_signature(
+    model: ir.Model,
+    graph: fx.GraphModule,
+    values: dict[str, Any],
+    weights: list[str],
+    spec: GraphSpec,
+    dim_names: dict[str, str],
+) -> None:
+    """The translated graph's inputs (the declared ones, then the weights) and outputs, named as
+    declared, with the declared names of its symbolic dims."""
+    model.graph.inputs.clear()  # the translator's, from the placeholders in trace order
+    model.graph.outputs.clear()
+    declared = [t.name for t in spec.inputs + spec.outputs] + weights
+    for node in model.graph:  # an inner value may carry a name the signature needs
+        for value in node.outputs:
+            if value.name in declared:
+                value.name = f"{value.name}_inner"
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    named = dict(zip(placeholders, weights + [t.name for t in spec.inputs], strict=True))
+    inputs = sorted(placeholders, key=lambda n: named[n] in weights)  # declared inputs first
+    for node in inputs:
+        values[node.name].name = named[node]
+        model.graph.inputs.append(values[node.name])
+    (results,) = [n.args[0] for n in graph.graph.nodes if n.op == "output"]
+    results = results if isinstance(results, (list, tuple)) else [results]
+    for node, tensor in zip(results, spec.outputs, strict=True):
+        values[node.name].name = tensor.name
+        model.graph.outputs.append(values[node.name])
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.shape is not None:
+            value.shape = ir.Shape([_declared_dim(d, dim_names) for d in value.shape])
+
+
+def _declared_dim(dim: Any, dim_names: dict[str, str]) -> Any:
+    """A traced dim as declared: a symbol's declared name, a constant the tracer kept symbolic as
+    its int."""
+    if not isinstance(dim, ir.SymbolicDim):
+        return dim
+    text = str(dim.value)
+    return int(text) if text.isdigit() else dim_names.get(text, dim)
+
+
+def write_block_graph(
+    template: onnx.ModelProto, tensors: dict[str, torch.Tensor], spec: GraphSpec, path: Path, external: bool
+) -> None:
+    """`template` with the weights among its inputs turned into initializers holding `tensors`,
+    written one tensor at a time: into the protobuf, or (`external`, past protobuf's 2 GiB) into
+    `path`.data at page-aligned offsets (so ONNX Runtime can map them). Then `onnx.checker` and the
+    declared-signature check."""
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    inputs = list(model.graph.input)
+    del model.graph.input[:]
+    model.graph.input.extend(v for v in inputs if v.name not in tensors)
+    data = path.with_name(f"{path.name}.data")
+    with open(data, "wb") if external else contextlib.nullcontext() as out:
+        for value in (v for v in inputs if v.name in tensors):
+            array = tensors[value.name].detach().contiguous().numpy()
+            if out is None:
+                model.graph.initializer.append(onnx.numpy_helper.from_array(array, value.name))
+                continue
+            out.seek(-out.tell() % ALIGNMENT, os.SEEK_CUR)
+            offset = out.tell()
+            out.write(memoryview(array).cast("B"))
+            initializer = onnx.TensorProto(
+                name=value.name, dims=array.shape, data_type=value.type.tensor_type.elem_type
+            )
+            initializer.data_location = onnx.TensorProto.EXTERNAL
+            for key, entry in (("location", data.name), ("offset", offset), ("length", array.nbytes)):
+                initializer.external_data.add(key=key, value=str(entry))
+            model.graph.initializer.append(initializer)
+            del array
+    try:
+        onnx.save(model, str(path))
+    except (OSError, ValueError) as err:
+        raise StarflowError(f"export of graph {spec.name} failed: cannot write {path}: {err}") from None
+    check_graph_file(path, spec)
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -170,52 +297,11 @@ def export_module(
     spec: GraphSpec,
     path: Path,
     opset: int,
-    autograd: bool = False,
 ) -> None:
-    """Export `module` to `path`, check it, and prove its I/O signature kept every symbolic dim.
-
-    `autograd`: the module takes gradients (`torch.autograd.grad`), which torch 2.13 cannot
-    export with symbolic shapes: non-strict export fails inside the autograd engine (an n-ary
-    SymInt product it cannot rebuild, `batch*h*w`), and strict export refuses it unless
-    `trace_autograd_ops` is set, and then turns saved activations into constants. So it is traced
-    to plain ATen ops (backward included) by `trace_joint` first, and exported from there.
-    """
-    if autograd:
-        # The fake-tensor cache costs more than it saves on such a graph's symbolic shapes:
-        # measured about 27 s instead of 35 s (trace and export) for a one-layer denoise graph.
-        with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
-            model = trace_module(
-                trace_joint(module, args, dynamic_shapes, spec), args, dynamic_shapes, spec, opset
-            )
-    else:
-        model = trace_module(module, args, dynamic_shapes, spec, opset)
-    # onnxscript's optimizer pattern-matches every node: minutes on a joint graph (~270 nodes per
-    # layer), measured 240 s -> 105 s for the 10-layer demo model's denoise graph without it
-    # (ONNX Runtime optimises at load anyway)
-    optimize = not autograd
-    write_graph(model, spec, path, optimize, external_data=weight_bytes(module) > EXTERNAL_DATA_BYTES)
-
-
-def trace_joint(
-    module: nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: tuple[Any, ...], spec: GraphSpec
-) -> fx.GraphModule:
-    """`module` traced to ATen ops (autograd included) over fake inputs whose axes in
-    `dynamic_shapes` are symbolic.
-
-    Parameters stay real tensors; make_fx records them as parameters of the returned module,
-    so the exporter sees (and externalises) them like any other weights.
-    """
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    fakes = []
-    for arg, axes in zip(args, dynamic_shapes, strict=True):
-        sizes = [DimDynamic.DYNAMIC if i in (axes or {}) else DimDynamic.STATIC for i in range(arg.dim())]
-        fakes.append(mode.from_tensor(arg, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
-    try:
-        with mode:
-            graph = make_fx(module, tracing_mode="real")(*fakes)
-    except Exception as err:  # make_fx raises many types; name the graph and keep the cause
-        raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
-    return graph.eval()
+    """Export a component's `module` to `path` through torch.export, optimise it, check it, and
+    prove its I/O signature kept every symbolic dim."""
+    model = trace_module(module, args, dynamic_shapes, spec, opset)
+    write_graph(model, spec, path, optimize=True, external_data=weight_bytes(module) > EXTERNAL_DATA_BYTES)
 
 
 def trace_module(
@@ -255,6 +341,11 @@ def write_graph(model: ir.Model, spec: GraphSpec, path: Path, optimize: bool, ex
             program.save(str(path), external_data=external_data)
     except Exception as err:  # the optimizer and serializer raise many types
         raise StarflowError(f"export of graph {spec.name} failed: {type(err).__name__}: {err}") from err
+    check_graph_file(path, spec)
+
+
+def check_graph_file(path: Path, spec: GraphSpec) -> None:
+    """`onnx.checker` (with shape inference) on the written file, and its declared signature."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:

@@ -113,8 +113,11 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
     x = torch.randn(B, case.frames * h * w, D, generator=gen)  # block order
     z, logdet = block.density(x, torch.from_numpy(grid), text)
     out["forward"] = {"in:x": x.numpy(), "in:grid": grid, "z": z.numpy(), "logdet": logdet.numpy()}
+    grad_z = torch.randn(x.shape, generator=gen)
+    grad_x = block.vjp(x, torch.from_numpy(grid), grad_z, text)
+    out["vjp"] = {"in:x": x.numpy(), "in:grid": grid, "in:grad_z": grad_z.numpy(), "grad_x": grad_x.numpy()}
     if text is not None:
-        out["forward"]["in:text"] = text.numpy()
+        out["forward"]["in:text"] = out["vjp"]["in:text"] = text.numpy()
     return out
 
 

@@ -1,8 +1,9 @@
 """After the flow, in numpy: the self-denoise step, the VAE decoder, and [0, 1] images.
 
-`DenoiserRunner`, `LearnedDenoiserRunner` and `DecoderRunner` each wrap the Runner of one graph
-(`denoise.fp32`, `decoder.fp32`) and check their inputs before running it, so a wrong shape or
-dtype fails with a message instead of deep inside a backend. Like a Runner they are not
+`LearnedDenoiserRunner` and `DecoderRunner` each wrap the Runner of one graph (`denoise.fp32`,
+`decoder.fp32`) and check their inputs before running it, so a wrong shape or dtype fails with a
+message instead of deep inside a backend; `GradientDenoiser` takes its gradient from the blocks'
+forward and vjp graphs, through an fp32 `Pipeline`. Like a Runner they are not
 thread-safe; returned arrays belong to the caller. Pixel-space models have no decoder: their
 samples go straight to `starflow.core.outputs.to_unit_images`.
 """
@@ -17,6 +18,7 @@ from starflow.core.checks import check_float32, check_latent, check_text
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import denoise_windows
 from starflow.runtime.backends import Runner
+from starflow.runtime.pipeline import Pipeline
 
 
 def _check_latent(x: np.ndarray, channels: int, patch_size: int, name: str, ranks: tuple[int, ...]) -> None:
@@ -56,47 +58,35 @@ class DecoderRunner:
         return self.runner.run({"latent": np.ascontiguousarray(latent)})["image"]
 
 
-class _DenoiseGraphRunner:
-    """A denoise graph's Runner, its inputs x (and text) checked against the graph once.
+class GradientDenoiser:
+    """The official self-denoise: one Tweedie step x - noise_std^2 * grad_x NLL(x) per sample, the
+    gradient chained over the blocks' fp32 forward and vjp graphs (`Pipeline.nll_gradient`)."""
 
-    `text_dim` 0 means a model without text (the graph has no `text` input); `multiple_of` is the
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+
+    def denoise(self, x: np.ndarray, text: np.ndarray | None, noise_std: float) -> np.ndarray:
+        """x (B, C, H, W) float32, text (B, L, text_dim) float32 or None -> the denoised x."""
+        if not math.isfinite(noise_std) or noise_std < 0:
+            raise StarflowError(f"noise_std: must be a finite number >= 0, got {noise_std}")
+        grad = self.pipeline.nll_gradient(x, text)
+        return x - np.float32(noise_std**2) * grad  # float32 whatever the type of noise_std
+
+
+class LearnedDenoiserRunner:
+    """STARFlow-V's learned denoiser: clips x (B, F, C, H, W) -> x - step * correction, clips longer
+    than the sampling window in overlapping windows (`starflow.core.sampler.denoise_windows`).
+
+    `text_dim` 0 means a denoiser without text (the graph has no `text` input); `multiple_of` is the
     patch size, since the graph only sees whole patches.
     """
 
-    output: str  # the graph's one output
-    kind: str  # for messages
-
     def __init__(self, runner: Runner, channels: int, text_dim: int = 0, multiple_of: int = 1):
-        _check_graph(runner, ["x", "text"] if text_dim else ["x"], [self.output], self.kind)
+        _check_graph(runner, ["x", "text"] if text_dim else ["x"], ["correction"], "learned denoise")
         self.runner = runner
         self.channels = channels
         self.text_dim = text_dim
         self.multiple_of = multiple_of
-
-
-class DenoiserRunner(_DenoiseGraphRunner):
-    """The official self-denoise: one Tweedie step x - noise_std^2 * grad_x NLL(x), per sample."""
-
-    output, kind = "grad", "denoise"
-
-    def denoise(self, x: np.ndarray, text: np.ndarray | None, noise_std: float) -> np.ndarray:
-        """x (B, C, H, W) float32, text (B, L, text_dim) float32 or None -> the denoised x."""
-        _check_latent(x, self.channels, self.multiple_of, "x", (4,))
-        _check_text(text, x.shape[0], self.text_dim)
-        if not math.isfinite(noise_std) or noise_std < 0:
-            raise StarflowError(f"noise_std: must be a finite number >= 0, got {noise_std}")
-        feeds = {"x": np.ascontiguousarray(x)}
-        if text is not None:
-            feeds["text"] = np.ascontiguousarray(text)
-        grad = self.runner.run(feeds)["grad"]
-        return x - np.float32(noise_std**2) * grad  # float32 whatever the type of noise_std
-
-
-class LearnedDenoiserRunner(_DenoiseGraphRunner):
-    """STARFlow-V's learned denoiser: clips x (B, F, C, H, W) -> x - step * correction, clips longer
-    than the sampling window in overlapping windows (`starflow.core.sampler.denoise_windows`)."""
-
-    output, kind = "correction", "learned denoise"
 
     def denoise(
         self, x: np.ndarray, text: np.ndarray | None, step: float, window: int | None, overlap: int | None

@@ -17,8 +17,8 @@ from starflow.core.generation import ImageGenerator, make_noise
 from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import SampleOptions, nll_per_sample, to_bits_per_dim
 from starflow.runtime.backends import OrtRunner
-from starflow.runtime.components import DecoderRunner, DenoiserRunner, LearnedDenoiserRunner
-from starflow.runtime.pipeline import Pipeline
+from starflow.runtime.components import DecoderRunner, GradientDenoiser, LearnedDenoiserRunner
+from starflow.runtime.pipeline import Pipeline, graph_blocks
 from starflow.runtime.text import TextEncoderRunner
 
 
@@ -29,7 +29,7 @@ class Generator(ImageGenerator):
         self,
         pipeline: Pipeline,
         text: TextEncoderRunner | None,
-        denoiser: DenoiserRunner | LearnedDenoiserRunner | None,
+        denoiser: GradientDenoiser | LearnedDenoiserRunner | None,
         decoder: DecoderRunner | None,
     ):
         self.pipeline = pipeline
@@ -59,20 +59,30 @@ class Generator(ImageGenerator):
         pipeline = Pipeline.load(directory, backend, precision, providers, threads)
         manifest = pipeline.manifest
 
+        # components have no engines: with backend tensorrt they run on ONNX Runtime's CPU EP
+        ort_providers = providers if backend == "onnxruntime" else None
+
         def runner(name: str) -> OrtRunner:
-            # components have no engines: with backend tensorrt they run on ONNX Runtime's CPU EP
-            ort_providers = providers if backend == "onnxruntime" else None
             return OrtRunner(name, inside(directory, manifest.graph(name).file), ort_providers, threads)
 
         text, latent, denoise, decoding = manifest.text, manifest.latent, manifest.denoise, manifest.decoder
         component = text.component if text else None
         text_runner = TextEncoderRunner(directory, component, runner(component.graph)) if component else None
         denoiser = None
-        if denoise is not None:
+        if denoise is not None and denoise.learned:
             graph = manifest.graph(denoise.graph)
             text_dim = text.dim if text and any(t.name == "text" for t in graph.inputs) else 0
-            kind = LearnedDenoiserRunner if denoise.learned else DenoiserRunner
-            denoiser = kind(runner(denoise.graph), latent.channels, text_dim, latent.multiple_of)
+            denoiser = LearnedDenoiserRunner(
+                runner(denoise.graph), latent.channels, text_dim, latent.multiple_of
+            )
+        elif denoise is not None:  # the gradient's graphs are fp32: this pipeline's, or fp32 ones beside it
+            shared = backend == "onnxruntime" and precision == "fp32"
+            blocks = (
+                pipeline.blocks
+                if shared
+                else graph_blocks(directory, manifest, "fp32", "onnxruntime", ort_providers, threads)
+            )
+            denoiser = GradientDenoiser(Pipeline(directory, manifest, blocks, "fp32"))
         decoder = DecoderRunner(runner(decoding.graph), latent.channels) if decoding.graph else None
         return cls(pipeline, text_runner, denoiser, decoder)
 

@@ -1,8 +1,9 @@
 """The standalone sampler: the exported block graphs driven by `starflow.core.sampler` (no torch).
 
-`Pipeline.sample` and `Pipeline.forward` are the loops of `StarFlow.sample` and `StarFlow.forward`
-(the same `starflow.core.sampler.sample` and `density`), with each block's step, prefill and
-forward graphs behind a backend runner. Guidance, the Jacobi update and the stop test run in
+`Pipeline.sample`, `Pipeline.forward` and `Pipeline.nll_gradient` are the loops of `StarFlow.sample`,
+`StarFlow.forward` and the self-denoise's gradient (the same `starflow.core.sampler.sample`,
+`density` and `nll_gradient`), with each block's step, prefill, forward and vjp graphs behind a
+backend runner. Guidance, the Jacobi update and the stop test run in
 numpy in fp32, exactly as in the reference.
 
 Lifetimes: a `Pipeline` owns its sessions and its key/value caches, which are allocated once
@@ -12,6 +13,7 @@ the returned arrays belong to the caller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,22 @@ from starflow.runtime.backends import Runner, check_backend, open_runner
 class GraphBlock:
     """One exported flow block as the sampler sees it (`starflow.core.sampler.SamplerBlock`)."""
 
-    def __init__(self, entry: Block, step: Runner, prefill: Runner | None, cache_dtype: str, open_forward):
+    def __init__(self, entry: Block, open_graph: Callable[[str], Runner], cache_dtype: str | None):
         self.entry = entry
         self.index, self.deep, self.flip = entry.index, entry.deep, entry.flip
         self.flip_in_frame, self.frame_local = entry.flip_in_frame, entry.frame_local
         self.text_conditioned = entry.text_conditioned
         self.sos = np.asarray(entry.sos_embed, dtype=np.float32).reshape(1, 1, -1)
-        self.step, self.prefill = step, prefill
-        self.cache_dtype = np.dtype(cache_dtype)
-        self._open_forward = open_forward  # the density graph, opened on first use
-        self._forward: Runner | None = None
+        self.cache_dtype = None if cache_dtype is None else np.dtype(cache_dtype)  # None: no step graph
+        self._open_graph = open_graph  # graph kind -> its runner
+        self._runners: dict[str, Runner] = {}
         self._caches: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def runner(self, kind: str) -> Runner:
+        """The block's graph of `kind`, its session created on first use."""
+        if kind not in self._runners:
+            self._runners[kind] = self._open_graph(kind)
+        return self._runners[kind]
 
     def cache(self, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values (layers, rows, kv_heads, length, head_dim), allocated once per size."""
@@ -52,15 +59,16 @@ class GraphBlock:
         text_length = 0 if text is None else text.shape[1]
         keys, values = self.cache(rows, text_length + tokens)
         feeds = {"grid": np.array(grid, dtype=np.int64)}
+        step_graph = self.runner("step")
 
         def run(x: np.ndarray, past_keys: np.ndarray, past_values: np.ndarray, start: int):
             feeds.update(x=np.ascontiguousarray(x), past_keys=past_keys, past_values=past_values)
-            out = self.step.run({**feeds, "start": np.array(start, dtype=np.int64)})
+            out = step_graph.run({**feeds, "start": np.array(start, dtype=np.int64)})
             return out["mu"], out["sigma"], out["new_keys"], out["new_values"]
 
         step = CachedStep(run, keys, values, text_length)
         if text is not None:
-            out = self.prefill.run({"text": text})
+            out = self.runner("prefill").run({"text": text})
             step.prefill(out["keys"], out["values"])
         return step
 
@@ -68,11 +76,40 @@ class GraphBlock:
         self, x: np.ndarray, grid: np.ndarray, text: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The density graph: x (B, T, D) in block order -> z, logdet."""
-        if self._forward is None:
-            self._forward = self._open_forward()
         feeds = {"x": np.ascontiguousarray(x), "grid": grid} | ({"text": text} if text is not None else {})
-        out = self._forward.run(feeds)
+        out = self.runner("forward").run(feeds)
         return out["z"], out["logdet"]
+
+    def vjp(self, x: np.ndarray, grid: np.ndarray, grad_z: np.ndarray, text: np.ndarray | None) -> np.ndarray:
+        """The vjp graph: x, grad_z (B, T, D) in block order -> grad_x."""
+        feeds = {"x": np.ascontiguousarray(x), "grid": grid, "grad_z": np.ascontiguousarray(grad_z)}
+        out = self.runner("vjp").run(feeds | ({"text": text} if text is not None else {}))
+        return out["grad_x"]
+
+
+def graph_blocks(
+    directory: Path,
+    manifest: Manifest,
+    precision: str,
+    backend: str = "onnxruntime",
+    providers: list[Any] | None = None,
+    threads: int | None = None,
+) -> list[GraphBlock]:
+    """The export's blocks (sampling order) with their `precision` graphs, no session opened yet."""
+
+    def opener(entry: Block) -> Callable[[str], Runner]:
+        def open_graph(kind: str) -> Runner:
+            graph = manifest.block_graph(entry, kind, precision)
+            return open_runner(backend, directory, graph, manifest.engine(graph.name), providers, threads)
+
+        return open_graph
+
+    blocks = []
+    for entry in manifest.blocks:
+        step = entry.graphs.get(precision, {}).get("step")
+        cache_dtype = None if step is None else manifest.graph(step).input("past_keys").dtype
+        blocks.append(GraphBlock(entry, opener(entry), cache_dtype))
+    return blocks
 
 
 class Pipeline:
@@ -102,22 +139,11 @@ class Pipeline:
                 f"{directory}: no {precision} graphs; this export has {sorted(manifest.precisions)}"
             )
 
-        def runner(entry: Block, kind: str) -> Runner:
-            graph = manifest.block_graph(entry, kind, precision)
-            return open_runner(backend, directory, graph, manifest.engine(graph.name), providers, threads)
-
-        blocks = []
-        for entry in manifest.blocks:
-            step = manifest.block_graph(entry, "step", precision)
-            blocks.append(
-                GraphBlock(
-                    entry,
-                    runner(entry, "step"),
-                    runner(entry, "prefill") if entry.text_conditioned else None,
-                    step.input("past_keys").dtype,
-                    lambda entry=entry: runner(entry, "forward"),
-                )
-            )
+        blocks = graph_blocks(directory, manifest, precision, backend, providers, threads)
+        for block in blocks:  # the sampling graphs' sessions now, so a broken one fails the load
+            block.runner("step")
+            if block.text_conditioned:
+                block.runner("prefill")
         return cls(directory, manifest, blocks, precision)
 
     def check_inputs(
@@ -187,6 +213,12 @@ class Pipeline:
         p = self.manifest.latent.patch_size
         z, logdets, _ = sampler.density(self.blocks[::-1], x, y, patch_size=p)
         return z, logdets
+
+    def nll_gradient(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """Latents x (B, C, H, W) or clips -> the gradient of each sample's total NLL, through the
+        forward and vjp graphs (`starflow.core.sampler.nll_gradient`; the graphs are fp32 only)."""
+        self.check_inputs(x, y, None, SampleOptions(), name="latents")
+        return sampler.nll_gradient(self.blocks[::-1], x, y, patch_size=self.manifest.latent.patch_size)
 
     # ---- sampling -------------------------------------------------------------------------------
     def sample(

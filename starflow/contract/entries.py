@@ -92,16 +92,18 @@ class Graph:
     grid int64 (h, w) tokens, start int64 -> mu, sigma fp32 (after soft-clip and softplus/exp,
     before guidance), new_keys/new_values of the chunk to store at [past, past+chunk). prefill:
     text -> keys/values of the text positions. forward: x (batch, tokens, D), grid, text -> z =
-    (x - mu)/sigma and logdet = -log(sigma), all in block order. text_encoder: input_ids/
+    (x - mu)/sigma and logdet = -log(sigma), all in block order. vjp: x (batch, tokens, D), grid,
+    grad_z (batch, tokens, D) [, text] -> grad_x, the gradient with respect to x of
+    sum(grad_z * z) - sum(logdet) of the forward graph, all in block order (one block's step of
+    the NLL gradient, chained by the runtime). text_encoder: input_ids/
     attention_mask int64 (batch, token_length) -> embeddings (batch, L, dim), already multiplied by
     the attention mask. decoder: latent (batch, C, height, width), the raw sampled latent (the graph
-    divides by the scale) -> image (batch, 3, H, W) in about [-1, 1]. denoise: x (batch, C, height,
-    width) [, text] -> grad, the gradient of each sample's total NLL; the self-denoise step is
-    x - noise_std^2 * grad."""
+    divides by the scale) -> image (batch, 3, H, W) in about [-1, 1]. denoise (the learned
+    denoiser): clips x (batch, frames, C, height, width) [, text] -> correction."""
 
     name: Name
     block: Annotated[Index | None, Field(description="the flow block; null for component graphs")]
-    kind: Literal["step", "prefill", "forward", "text_encoder", "decoder", "denoise"]
+    kind: Literal["step", "prefill", "forward", "vjp", "text_encoder", "decoder", "denoise"]
     precision: Precision
     file: Name
     sha256: Sha256
@@ -151,8 +153,8 @@ class Block:
         tuple[float, ...], Field(description="fp32 start-of-sequence input, token_dim values")
     ]
     graphs: Annotated[
-        dict[str, dict[Literal["step", "prefill", "forward"], Name]],
-        Field(description="precision -> kind (step, prefill, forward) -> graph name"),
+        dict[str, dict[Literal["step", "prefill", "forward", "vjp"], Name]],
+        Field(description="precision -> kind (step, prefill, forward, vjp) -> graph name"),
     ]
 
     @property
@@ -262,17 +264,27 @@ class Decoder:
 
 @frozen
 class Denoise:
-    """The self-denoise step after sampling. nll-gradient: the graph gives grad (each sample's
-    total NLL) and x <- x - noise_std^2 * grad. learned: the graph gives a correction for clips
-    (B, F, C, H, W) and x <- x - step * correction; clips longer than video.window frames go
-    through in windows of that many frames, each after the first starting window - overlap frames
-    later and replacing the frames after its first overlap ones (null overlap: window - 1)."""
+    """The self-denoise step after sampling. nll-gradient (no graph of its own): x <- x -
+    noise_std^2 * grad, grad the gradient of each sample's total NLL 0.5*sum(z^2) - sum(logdet),
+    chained over the blocks' fp32 graphs: the forward graphs in forward order (each block's input
+    kept, in its own order), then from g = z the vjp graphs in sampling order, each taking the
+    block's input and g permuted into its order and giving the next g (un-permuted). learned: the
+    graph gives a correction for clips (B, F, C, H, W) and x <- x - step * correction; clips longer
+    than video.window frames go through in windows of that many frames, each after the first
+    starting window - overlap frames later and replacing the frames after its first overlap ones
+    (null overlap: window - 1)."""
 
     kind: Literal["nll-gradient", "learned"]
-    graph: Name
+    graph: Annotated[Name | None, Field(description="learned only; nll-gradient chains the blocks' graphs")]
     noise_std: NonNegative
     step: Annotated[float, Field(gt=0)] | None = None  # learned only
     overlap: Index | None = None  # learned only; None: window - 1
+
+    def __post_init__(self) -> None:  # the one rule the field types cannot state
+        if (self.graph is None) != (self.kind == "nll-gradient"):
+            raise ValueError(
+                "a learned denoiser names its graph; nll-gradient names none (it chains the blocks')"
+            )
 
     @property
     def learned(self) -> bool:

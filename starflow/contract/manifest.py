@@ -64,7 +64,7 @@ from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import OFFICIAL, check_preset_name, choose
 
-SCHEMA_VERSION = 9  # the one place: the schemas carry it as a const, CMake reads it from there
+SCHEMA_VERSION = 10  # the one place: the schemas carry it as a const, CMake reads it from there
 MANIFEST_NAME = "manifest.json"
 RECORD_NAME = "record.json"
 MAX_FILE_BYTES = 64 << 20  # either file; libstarflow reads no more either
@@ -350,6 +350,14 @@ class Manifest(Contract):
                 )
         refer(self.decoder.graph, "decoder", "decoder")
         refer(self.denoise.graph if self.denoise else None, "denoise", "denoise")
+        if self.denoise is not None and not self.denoise.learned:
+            for block in self.blocks:
+                missing = {"forward", "vjp"} - set(block.graphs.get("fp32", {}))
+                if missing:
+                    raise StarflowError(
+                        f"{source}: denoise nll-gradient chains the blocks' fp32 forward and vjp graphs; "
+                        f"block {block.index} has no fp32 {' or '.join(sorted(missing))} graph"
+                    )
         for engine in self.engines:
             if engine.graph not in graphs or graphs[engine.graph].block is None:
                 raise StarflowError(

@@ -218,6 +218,10 @@ class SamplerBlock(Protocol):
         """The teacher-forced pass: x (rows, T, D) in block order, grid the int64 (h, w) of one
         frame -> z (fp32, block order) and logdet = -log sigma (rows, T, D)."""
 
+    def vjp(self, x: Array, grid: Array, grad_z: Array, text: Array | None) -> Array:
+        """The density pass's vector-Jacobian product: x and grad_z (rows, T, D) in block order ->
+        d/dx of sum(grad_z * z) - sum(logdet), fp32 (`nll_gradient`'s step)."""
+
 
 # ---- shapes and inputs -------------------------------------------------------------------------------
 def patchify(x: Array, p: int) -> Array:
@@ -549,6 +553,30 @@ def density(
         logdets.append(xp.reshape(logdet, (B, n_frames, h * w, logdet.shape[2])) if local else logdet)
         outputs.append(seq)
     return unpatchify(seq, patch_size, h, w, n_frames if clip else None), logdets, outputs
+
+
+def nll_gradient(blocks: Sequence[SamplerBlock], x: Array, y: Array | None, *, patch_size: int) -> Array:
+    """The gradient of each sample's total NLL 0.5*sum(z^2) - sum(logdet) with respect to latents
+    x (B, C, H, W) or clips (B, F, C, H, W), as one loop over per-block steps: the density pass
+    keeps each block's input, then from g = z each block's `vjp`, last block first, maps g back
+    through it (in its own token order). `blocks` come in forward order; `StarFlow.denoise` takes
+    the same gradient by autograd over the whole model."""
+    xp = array_namespace(x)
+    clip = len(x.shape) == 5
+    B, n_frames = x.shape[0], x.shape[1] if clip else 1
+    h, w = x.shape[-2] // patch_size, x.shape[-1] // patch_size
+    grid = xp.asarray([h, w], dtype=xp.int64, device=device(x))
+    _, _, sequences = density(blocks, x, y, patch_size=patch_size)
+    grad = sequences[-1]  # d(0.5*sum(z^2))/dz
+    for block, seq in zip(reversed(blocks), reversed(sequences[:-1]), strict=True):
+        local = block.frame_local and clip
+        order = (block.flip, block.flip_in_frame, 1 if local else n_frames)
+        if local:  # each frame its own sequence, as in `density`
+            seq, grad = (xp.reshape(t, (B * n_frames, h * w, t.shape[2])) for t in (seq, grad))
+        text = y if block.text_conditioned else None
+        grad = permute(block.vjp(permute(seq, *order), grid, permute(grad, *order), text), *order)
+        grad = xp.reshape(grad, (B, n_frames * h * w, grad.shape[2])) if local else grad
+    return unpatchify(grad, patch_size, h, w, n_frames if clip else None)
 
 
 def nll_per_sample(z: Array, logdets: Sequence[Array]) -> Array:

@@ -350,6 +350,15 @@ class FlowBlock(nn.Module):
             sigma = torch.cat([torch.ones_like(sigma[:, :1]), sigma[:, :-1]], 1)
         return (x.float() - mu) / sigma, -sigma.log()
 
+    def vjp(self, x: Tensor, grid: Tensor, grad_z: Tensor, text: Tensor | None = None) -> Tensor:
+        """The density pass's vector-Jacobian product, one block's step of the NLL gradient: x and
+        grad_z (B, T, D) in block order -> d/dx of sum(grad_z * z) - sum(logdet) (fp32)."""
+        with torch.enable_grad():
+            x = x.detach().float().requires_grad_(True)
+            z, logdet = self.density(x, grid, text)
+            (grad,) = torch.autograd.grad((z * grad_z).sum() - logdet.sum(), [x])
+        return grad
+
     def forward(self, x: Tensor, text: Tensor | None, grid: Tensor, frames: int = 1) -> tuple[Tensor, Tensor]:
         """x (B, T, D) raster order, frame after frame -> z (B, T, D) raster order, logdet
         (B, T, D) block order."""
@@ -422,6 +431,9 @@ class IdentityBlock(nn.Module):
     def density(self, x: Tensor, grid: Tensor, text: Tensor | None) -> tuple[Tensor, Tensor]:
         """z = x, logdet 0 (the sampler's density loop; sampling leaves the block out)."""
         return x, torch.zeros_like(x, dtype=torch.float32)
+
+    def vjp(self, x: Tensor, grid: Tensor, grad_z: Tensor, text: Tensor | None) -> Tensor:
+        return grad_z
 
 
 class Denoiser(nn.Module):
