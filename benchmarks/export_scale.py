@@ -171,8 +171,8 @@ def worst_errors(manifest: Manifest) -> dict[str, dict[str, dict[str, Any]]]:
     graphs = {g.name: g for g in manifest.graphs}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for v in manifest.validation:
-        graph = graphs.get(v.graph)  # a comparison of a graph the manifest does not list: by name
-        precision, kind = (graph.precision, graph.kind) if graph else ("unlisted", v.graph)
+        graph = graphs.get(v.graph)  # some comparisons name no graph ("denoise nll-gradient")
+        precision, kind = (graph.precision, graph.kind) if graph else ("no graph", v.graph)
         relative = float(f"{v.max_abs_error / max(v.max_abs_reference, 1e-12):.4g}")
         worst = out.setdefault(precision, {}).setdefault(
             kind, {"relative_error": -1.0, "tensor": None, "of_limit": 0.0, "comparisons": 0}
