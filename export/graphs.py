@@ -82,28 +82,36 @@ class Fp32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
-def _to_fp32_layer_norm(norm: nn.LayerNorm) -> Fp32LayerNorm:
-    out = Fp32LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
-    out.load_state_dict({k: v.float() for k, v in norm.state_dict().items()})
-    return out
-
-
 def cast_block(block: FlowBlock, precision: Precision) -> FlowBlock:
-    """A copy of `block` in the precision's dtype; sos, the head (and norms if asked) stay fp32."""
+    """`block`'s structure in the precision's dtype, sos, the head (and norms if asked) in fp32,
+    with its weights on the meta device: a graph is traced without weight values, and its writer
+    casts the block's own weights as it writes them, so no cast copy is ever held."""
     if precision.dtype == torch.float32:
         return block
-    out = copy.deepcopy(block).to(precision.dtype)
-    out.sos_embed = nn.Parameter(block.sos_embed.detach().float().clone())
+    memo = {id(t): _meta(t) for t in (*block.parameters(), *block.buffers())}
+    out = copy.deepcopy(block, memo).to(precision.dtype)
+    out.sos_embed = nn.Parameter(_meta(block.sos_embed).float(), requires_grad=False)
     out.proj_out.float()
     if out.final_norm is not None:
         out.final_norm.float()
     for parent in out.modules():
         for name, child in parent.named_children():
             if isinstance(child, nn.LayerNorm) and precision.fp32_norms:
-                setattr(parent, name, _to_fp32_layer_norm(child))
+                with torch.device("meta"):
+                    setattr(
+                        parent,
+                        name,
+                        Fp32LayerNorm(child.normalized_shape, child.eps, child.elementwise_affine),
+                    )
             elif isinstance(child, RMSNorm):
                 child.float()
     return out
+
+
+def _meta(tensor: Tensor) -> Tensor:
+    """`tensor`'s shape and dtype on the meta device (a parameter stays a parameter)."""
+    out = tensor.detach().to("meta")
+    return nn.Parameter(out, requires_grad=False) if isinstance(tensor, nn.Parameter) else out
 
 
 class BlockMethod(nn.Module):
@@ -299,7 +307,14 @@ def profile_dims(
     return dims
 
 
-def block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisions: list[str]) -> Block:
+def block_entry(
+    model: StarFlow,
+    block: FlowBlock,
+    graphs: list[Graph],
+    precisions: list[str],
+    sos_embed: Tensor | None = None,
+) -> Block:
+    """The manifest's entry of `block`; `sos_embed` when the block's own weights are not loaded."""
     heads, kv_heads = model.config.heads(block.proj_in.out_features)
     names = {
         p: {g.kind: g.name for g in graphs if g.block == block.index and g.precision == p} for p in precisions
@@ -315,6 +330,8 @@ def block_entry(model: StarFlow, block: FlowBlock, graphs: list[Graph], precisio
         kv_heads=kv_heads,
         head_dim=block.head_dim,
         text_conditioned=block.text_conditioned,
-        sos_embed=tuple(block.sos_embed.detach().float().reshape(-1).tolist()),
+        sos_embed=tuple(
+            (block.sos_embed if sos_embed is None else sos_embed).detach().float().reshape(-1).tolist()
+        ),
         graphs=names,
     )

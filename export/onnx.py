@@ -21,6 +21,7 @@ from pathlib import Path
 from starflow.contract.manifest import (
     GUIDANCE_EXPRESSION,
     SCHEMA_VERSION,
+    Block,
     FileEntry,
     Graph,
     Guidance,
@@ -37,6 +38,7 @@ from starflow.contract.manifest import (
 )
 from starflow.core.atomic import current_umask
 from starflow.core.checks import check_count
+from starflow.core.config import StarFlowConfig
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import LATER_CHUNK_FACTOR, JacobiSettings, Progress, SampleOptions
@@ -50,8 +52,12 @@ from starflow.export.defaults import (
     SUPPORTED_OPSETS,
 )
 from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_entry, block_specs, profile_dims
-from starflow.export.trace import BlockGraphExporter
+from starflow.export.trace import BlockGraphExporter, weight_bytes
 from starflow.model.flow import FlowBlock, StarFlow
+
+# The self-denoise's chain is checked against whole-model autograd when all blocks fit this
+# together (the digits model: 1 MB); a larger export checks each block's vjp graph alone.
+GRADIENT_CHECK_BYTES = 1 << 30
 
 # fp16 LayerNorm/softmax measured against keeping them fp32 (benchmarks/export_scale.py): no
 # difference on the fixture, 2.7e-3 vs 3.0e-3 (mu) and 5.7e-3 vs 5.3e-3 (z) relative on the
@@ -172,14 +178,15 @@ def export_onnx(
     `out` only ever holds a complete, validated export. Returns the manifest written there.
     """
     from starflow.export.denoise import validate_gradient
-    from starflow.export.validate import check_results, validate_export
-    from starflow.model.checkpoint import load_model
+    from starflow.export.validate import block_references, check_results, compare_block, shape_cases
+    from starflow.model.checkpoint import StreamedModel
 
     options = options or ExportOptions()
     options.check()
     out, checkpoint = Path(out), Path(checkpoint)
     check_out(out, options.force)
-    model = load_model(config, checkpoint)
+    streamed = StreamedModel(config, checkpoint)  # the blocks' weights are read one block at a time
+    model = streamed.model
     check_exportable(model)
     default = LatentRange.default(model.config)
     latent = LatentRange(options.min_latent or default.min, options.max_latent or default.max)
@@ -188,7 +195,12 @@ def export_onnx(
     dims = profile_dims(model.config, latent, options.max_batch, video.frames if video else None)
     components = Components.load(model, checkpoint, options.text_encoder, options.vae, options.denoise)
     plan = plan_graphs(model, options)
-    total = len(plan) + len(components.pending()) + (1 if options.validate else 0)
+    blocks = model.sampling_blocks()
+    # the gradient chain against whole-model autograd needs every block at once: small models only
+    check_gradient = (
+        options.validate and components.gradient is not None and weight_bytes(model) <= GRADIENT_CHECK_BYTES
+    )
+    total = len(plan) + len(components.pending()) + (len(blocks) + check_gradient if options.validate else 0)
     done = 0
 
     def report(what: str) -> None:
@@ -197,26 +209,39 @@ def export_onnx(
             progress(what, done, total)
         done += 1
 
+    cases = shape_cases(latent_entry(model.config, latent), model.config.txt_size, video)
+    used = [p for p in PRECISIONS if p in options.precisions]
     with staging_directory(out) as work:
-        graphs = []
+        graphs, entries, results = [], [], []
         exporter = BlockGraphExporter(options.opset)
-        for spec, block in plan:
-            report(f"export {spec.name}")
-            exporter.export(spec, block, PRECISIONS[spec.precision], work / spec.file)
-            graphs.append(spec.entry(work, dims))
-        results = []
-        if options.validate:  # the block graphs and the gradient chain (components validate their own)
-            report("validate against PyTorch")
+        for block in blocks:  # one block's weights at a time
+            specs = [spec for spec, planned in plan if planned is block]
+            tensors = streamed.block_tensors(block.index)  # each read as its graph is written
+            for spec in specs:
+                report(f"export {spec.name}")
+                exporter.export(spec, block, PRECISIONS[spec.precision], work / spec.file, tensors)
+            block_graphs = [spec.entry(work, dims) for spec in specs]
+            graphs += block_graphs
+            entries.append(block_entry(model, block, block_graphs, used, tensors["sos_embed"]))
+            if options.validate:
+                with streamed.loaded(block.index):
+                    references = block_references(block, model.config.txt_dim, cases)
+                # with the block's weights released: one session's memory
+                report(f"validate block{block.index} against PyTorch")
+                results += compare_block(work, block_graphs, cases, references)
+                check_results(results)
+        if check_gradient:
+            report("validate the self-denoise gradient against PyTorch")
             blocks_only = build_manifest(
-                model, checkpoint, graphs, dims, latent, video, options, ComponentEntries(), work
+                model, checkpoint, graphs, entries, dims, latent, video, options, ComponentEntries(), work
             )
-            results = validate_export(work, model, blocks_only)
-            if components.gradient is not None:
-                results += validate_gradient(work, model, blocks_only)
+            results += validate_gradient(work, streamed.load_all(), blocks_only)
             check_results(results)
-        entries = components.export(model, work, options.opset, report)
-        graphs += [spec.entry(work, dims) for spec in entries.graphs]
-        manifest = build_manifest(model, checkpoint, graphs, dims, latent, video, options, entries, work)
+        components_entries = components.export(model, work, options.opset, report)
+        graphs += [spec.entry(work, dims) for spec in components_entries.graphs]
+        manifest = build_manifest(
+            model, checkpoint, graphs, entries, dims, latent, video, options, components_entries, work
+        )
         manifest = dataclasses.replace(manifest, validation=tuple(results)).write(work)
         if progress:
             progress("done", total, total)
@@ -225,22 +250,32 @@ def export_onnx(
 
 
 def plan_graphs(model: StarFlow, options: ExportOptions) -> list[tuple[GraphSpec, FlowBlock]]:
-    """Every block graph to export, precision by precision, blocks in sampling order."""
+    """Every block graph to export, block by block in sampling order, each block's precision by
+    precision."""
     gradient = options.denoise and model.learnable_self_denoiser is None  # the fp32 vjp chain
     return [
         (spec, block)
-        for precision in options.precisions
         for block in model.sampling_blocks()
+        for precision in options.precisions
         for spec in block_specs(
             model.config, block, precision, density=options.density, vjp=gradient and precision == "fp32"
         )
     ]
 
 
+def latent_entry(config: StarFlowConfig, latent: LatentRange) -> Latent:
+    """The manifest's latent section: the latents' layout and the exported range."""
+    p = config.patch_size
+    return Latent(
+        config.channel_size, p, config.token_dim, (config.latent_size,) * 2, latent.min, latent.max, p
+    )
+
+
 def build_manifest(
     model: StarFlow,
     checkpoint: Path,
     graphs: list[Graph],
+    blocks: list[Block],
     dims: dict[str, Range],
     latent: LatentRange,
     video: Video | None,
@@ -255,7 +290,6 @@ def build_manifest(
 
     config = model.config
     used = [p for p in PRECISIONS if any(g.precision == p and g.block is not None for g in graphs)]
-    blocks = tuple(block_entry(model, block, graphs, used) for block in model.sampling_blocks())
     text = None
     if config.txt_dim > 0:
         text = Text(config.text, config.txt_dim, config.txt_size, components.text)
@@ -264,15 +298,7 @@ def build_manifest(
         producer=Producer("starflow", version("starflow"), torch.__version__, options.opset),
         source=Source(checkpoint.name, sha256(checkpoint)),
         model={k: v for k, v in config.to_dict().items() if k != "extra"},
-        latent=Latent(
-            config.channel_size,
-            config.patch_size,
-            config.token_dim,
-            (config.latent_size,) * 2,
-            latent.min,
-            latent.max,
-            config.patch_size,
-        ),  # fmt: skip
+        latent=latent_entry(config, latent),
         text=text,
         decoder=components.decoder,
         denoise=components.denoise,
@@ -286,7 +312,7 @@ def build_manifest(
         noise_std=config.noise_std,
         dims=dims,
         precisions={p: PrecisionInfo(TOLERANCES[p], PRECISIONS[p].fp32_ops()) for p in used},
-        blocks=blocks,
+        blocks=tuple(blocks),
         graphs=tuple(graphs),
         validation=(),
     )

@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from starflow.model.flow import FlowBlock
 # Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 ALIGNMENT = 4096  # external data offsets: page-aligned, so a runtime can map a weight in place
+TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
 
 
 @contextlib.contextmanager
@@ -126,21 +127,53 @@ class BlockGraphExporter:
         self.opset = opset
         self._templates: dict[tuple, onnx.ModelProto] = {}
 
-    def export(self, spec: GraphSpec, block: FlowBlock, precision: Precision, path: Path) -> bool:
-        """Export `spec` of `block` to `path`; True when a template was reused (no trace)."""
-        module = BlockMethod(block, spec.kind, precision)
+    def export(
+        self,
+        spec: GraphSpec,
+        block: FlowBlock,
+        precision: Precision,
+        path: Path,
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> bool:
+        """Export `spec` of `block` to `path`; True when a template was reused (no trace).
+        `weights`: the block's tensors by name, when `block` holds none of its own (meta device)."""
+        module = BlockMethod(block, spec.kind, precision)  # the block's structure in `precision`
         key = structure_key(spec, module)
-        tensors = _named_tensors(module)
         reused = key in self._templates
         if not reused:
             args = example_args(spec, precision)
             self._templates[key] = trace_block(module, args, spec, self.opset)
-        write_block_graph(
-            self._templates[key], tensors, spec, path, external=weight_bytes(module) > EXTERNAL_DATA_BYTES
-        )
-        del module, tensors
+        weights = _named_tensors(block) if weights is None else weights
+        external = weight_bytes(module) > EXTERNAL_DATA_BYTES
+        write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, external)
         release_freed_memory()
         return reused
+
+
+class _Prefixed(Mapping[str, torch.Tensor]):
+    """`tensors` under the names a module holding them as `prefix`... gives them (BlockMethod's
+    `block.`), looked up only when asked for (a streamed block reads each on lookup)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str):
+        self._tensors, self._prefix = tensors, prefix
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if not name.startswith(self._prefix):
+            raise KeyError(name)
+        return self._tensors[name[len(self._prefix) :]]
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return (
+            isinstance(name, str)
+            and name.startswith(self._prefix)
+            and name[len(self._prefix) :] in self._tensors
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._prefix + name for name in self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 @functools.cache
@@ -187,7 +220,10 @@ def trace_block(
     try:
         with _quiet_exporter():
             with mode:
-                fake_weights = [mode.from_tensor(t.detach()) for t in tensors.values()]
+                # shapes and dtypes alone: the module's weights may be on the meta device
+                fake_weights = [
+                    torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) for t in tensors.values()
+                ]
                 graph = make_fx(call, decomposition_table=decompositions)(*fake_weights, *fakes)
             _fx_passes.insert_type_promotion_nodes(graph)
             graph = _fx_passes.remove_assertion_nodes(graph)
@@ -250,12 +286,16 @@ def _declared_dim(dim: Any, dim_names: dict[str, str]) -> Any:
 
 
 def write_block_graph(
-    template: onnx.ModelProto, tensors: dict[str, torch.Tensor], spec: GraphSpec, path: Path, external: bool
+    template: onnx.ModelProto,
+    tensors: Mapping[str, torch.Tensor],
+    spec: GraphSpec,
+    path: Path,
+    external: bool,
 ) -> None:
-    """`template` with the weights among its inputs turned into initializers holding `tensors`,
-    written one tensor at a time: into the protobuf, or (`external`, past protobuf's 2 GiB) into
-    `path`.data at page-aligned offsets (so ONNX Runtime can map them). Then `onnx.checker` and the
-    declared-signature check."""
+    """`template` with the weights among its inputs turned into initializers holding `tensors`
+    (cast to the dtype the template declares), written one tensor at a time: into the protobuf,
+    or (`external`, past protobuf's 2 GiB) into `path`.data at page-aligned offsets (so ONNX
+    Runtime can map them). Then `onnx.checker` and the declared-signature check."""
     model = onnx.ModelProto()
     model.CopyFrom(template)
     inputs = list(model.graph.input)
@@ -264,7 +304,8 @@ def write_block_graph(
     data = path.with_name(f"{path.name}.data")
     with open(data, "wb") if external else contextlib.nullcontext() as out:
         for value in (v for v in inputs if v.name in tensors):
-            array = tensors[value.name].detach().contiguous().numpy()
+            dtype = TORCH_DTYPES[value.type.tensor_type.elem_type]
+            array = tensors[value.name].detach().to(dtype).contiguous().numpy()
             if out is None:
                 model.graph.initializer.append(onnx.numpy_helper.from_array(array, value.name))
                 continue

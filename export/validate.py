@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from starflow.contract.manifest import Comparison, Graph, Manifest, Tolerance
+from starflow.contract.manifest import Comparison, Graph, Latent, Manifest, Tolerance, Video
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
 from starflow.export.graphs import block_entry
@@ -42,23 +42,24 @@ class Case:
     frames: int = 1  # a clip's frames: the forward graph sees all, the step starts in a later one
 
 
-def shape_cases(manifest: Manifest) -> list[Case]:
-    """Three shape sets inside the exported profile, none equal to the export example.
+def shape_cases(latent: Latent, text_length: int, video: Video | None) -> list[Case]:
+    """Three shape sets inside an export's profile (its latent range, longest text and clip
+    range), none equal to the export example.
 
     Grids stay at or below the training size so that validating a 3B-sized block stays minutes.
     """
-    latent, p = manifest.latent, manifest.latent.patch_size
+    p = latent.patch_size
     g = latent.train[0] // p
     lo = (latent.min[0] // p, latent.min[1] // p)
     if lo[1] < g:
         narrow = max(lo[1], g // 2)
     else:  # the profile allows no narrower grid: go wider if it can, else stay square
         narrow = min(g + 1, latent.max[1] // p)
-    L = manifest.text.max_length if manifest.text else 0
+    L = text_length
     square, small = g * g, lo[0] * lo[1]
     clips = []
-    if manifest.video is not None:  # RoPE's frame axis: positions in frames 1 and 2, two clip lengths
-        most = min(3, manifest.video.frames.max)
+    if video is not None:  # RoPE's frame axis: positions in frames 1 and 2, two clip lengths
+        most = min(3, video.frames.max)
         clips = [
             Case(f"batch 2, {most} frames, chunk c in the last frame", 2, (g, g), (most - 1) * square + 1,
                  min(16, square - 1), L, most),
@@ -121,25 +122,46 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
     return out
 
 
+References = list[dict[str, dict[str, np.ndarray]]]  # per case: graph kind -> feeds and outputs
+
+
+def manifest_cases(manifest: Manifest) -> list[Case]:
+    return shape_cases(manifest.latent, manifest.text.max_length if manifest.text else 0, manifest.video)
+
+
+def block_references(block: FlowBlock, text_dim: int, cases: list[Case], seed: int = 0) -> References:
+    """PyTorch's feeds and outputs of every graph kind of `block` at every case: computed while the
+    block's weights are loaded, compared after they are released."""
+    return [reference(block, text_dim, case, seed + i) for i, case in enumerate(cases)]
+
+
+def compare_block(
+    directory: Path, graphs: list[Graph], cases: list[Case], refs: References
+) -> list[Comparison]:
+    """Every graph of one block in `directory` against its references. One session alive at a
+    time, opened without prepacking weights (a 3B-sized block's graphs are GBs each, and a
+    prepacked copy would double that)."""
+    results: list[Comparison] = []
+    for graph in graphs:
+        runner = OrtRunner(graph.name, directory / graph.file, few_runs=True)
+        for case, ref in zip(cases, refs, strict=True):
+            results += _compare(runner, graph, case, ref[graph.kind], TOLERANCES[graph.precision])
+        del runner
+        release_freed_memory()
+    return results
+
+
 def validate_export(
     directory: str | Path, model: StarFlow, manifest: Manifest, seed: int = 0
 ) -> list[Comparison]:
     """Compare every block graph in `directory` with `model` at every shape case."""
     directory = Path(directory)
     results: list[Comparison] = []
-    cases = shape_cases(manifest)
+    cases = manifest_cases(manifest)
     for entry in manifest.blocks:
-        block = model.blocks[entry.index]
-        refs = [reference(block, model.config.txt_dim, case, seed + i) for i, case in enumerate(cases)]
-        # One session alive at a time: a 3B-sized block's graphs are GBs each.
-        for precision, kinds in entry.graphs.items():
-            for kind, name in kinds.items():
-                graph = manifest.graph(name)
-                runner = OrtRunner(graph.name, directory / graph.file, few_runs=True)
-                for case, ref in zip(cases, refs, strict=True):
-                    results += _compare(runner, graph, case, ref[kind], TOLERANCES[precision])
-                del runner
-                release_freed_memory()
+        refs = block_references(model.blocks[entry.index], model.config.txt_dim, cases, seed)
+        graphs = [manifest.graph(name) for kinds in entry.graphs.values() for name in kinds.values()]
+        results += compare_block(directory, graphs, cases, refs)
     return results
 
 

@@ -10,22 +10,26 @@ checkpoint's `.metadata` (a pickle that torch reads with plain `pickle.load`) th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from starflow.core.atomic import atomic_path
 from starflow.core.config import StarFlowConfig, config_from_dict, load_config
 from starflow.core.errors import StarflowError
+from starflow.core.limits import release_freed_memory
 from starflow.model.flow import StarFlow
 
 # Zero/one buffers of the official code that no computation reads.
@@ -33,78 +37,195 @@ DEPRECATED_KEYS = re.compile(r"^(var|feat_rope\.freqs_(cos|sin)|blocks\.\d+\.att
 CONFIG_METADATA_KEY = "starflow_config"
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], StarFlowConfig | None]:
-    """Tensors of a checkpoint, plus the embedded config of our `.safetensors` files."""
-    path = Path(path)
-    if not path.is_file():
-        raise StarflowError(f"checkpoint {path}: no such file")
-    if path.suffix == ".safetensors":
+class CheckpointTensors:
+    """A checkpoint's tensors, each read when asked for: `.safetensors` through `safe_open`, `.pth`
+    memory-mapped by `torch.load(mmap=True)`. Names and shapes come without reading any data, so a
+    model larger than memory can be checked whole and then loaded a block at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = path = Path(path)
+        self.config: StarFlowConfig | None = None  # the config our `.safetensors` carry
+        self._tensors: dict[str, torch.Tensor] | None = None  # a `.pth`'s, memory-mapped
+        if not path.is_file():
+            raise StarflowError(f"checkpoint {path}: no such file")
+        if path.suffix == ".safetensors":
+            self._open_safetensors()
+        else:
+            self._open_pickle()
+
+    def _open_safetensors(self) -> None:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            self._file = safe_open(str(self.path), framework="pt")
+            metadata = self._file.metadata() or {}
+            names = list(self._file.keys())  # noqa: SIM118 (safe_open has no __iter__)
+            self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in names}
         except (SafetensorError, OSError, ValueError) as err:
-            raise StarflowError(f"checkpoint {path}: corrupt or truncated safetensors file ({err})") from None
-        config = None
+            raise StarflowError(
+                f"checkpoint {self.path}: corrupt or truncated safetensors file ({err})"
+            ) from None
         if CONFIG_METADATA_KEY in metadata:
             try:
-                config = config_from_dict(
-                    json.loads(metadata[CONFIG_METADATA_KEY]), f"checkpoint {path} config"
-                )
+                embedded = json.loads(metadata[CONFIG_METADATA_KEY])
             except json.JSONDecodeError as err:
-                raise StarflowError(f"checkpoint {path}: embedded config is not valid JSON ({err})") from None
-        return tensors, config
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise StarflowError(
-            f"checkpoint {path}: corrupt or truncated ({type(err).__name__}: {err})"
-        ) from None
-    except Exception as err:  # the unpickler rejects non-tensor objects with its own error type
-        raise StarflowError(
-            f"checkpoint {path}: not a plain state_dict ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise StarflowError(
-            f"checkpoint {path}: expected a flat module state_dict of tensors (as the official "
-            f"release saves), got {keys}; unwrap it first (for example state['model'])"
-        )
-    return dict(state), None
+                raise StarflowError(
+                    f"checkpoint {self.path}: embedded config is not valid JSON ({err})"
+                ) from None
+            self.config = config_from_dict(embedded, f"checkpoint {self.path} config")
+
+    def _open_pickle(self) -> None:
+        path = self.path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+            raise StarflowError(
+                f"checkpoint {path}: corrupt or truncated ({type(err).__name__}: {err})"
+            ) from None
+        except Exception as err:  # the unpickler rejects non-tensor objects with its own error type
+            raise StarflowError(
+                f"checkpoint {path}: not a plain state_dict ({type(err).__name__}: {err})"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
+            raise StarflowError(
+                f"checkpoint {path}: expected a flat module state_dict of tensors (as the official "
+                f"release saves), got {keys}; unwrap it first (for example state['model'])"
+            )
+        self._tensors = dict(state)
+        self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise StarflowError(f"checkpoint {self.path}: tensor {key!r} cannot be read ({err})") from None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor, read now."""
+        return {k: self.tensor(k) for k in self.shapes}
 
 
-def infer_txt_dim(config: StarFlowConfig, state: dict[str, torch.Tensor]) -> StarFlowConfig:
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], StarFlowConfig | None]:
+    """Tensors of a checkpoint, plus the embedded config of our `.safetensors` files."""
+    tensors = CheckpointTensors(path)
+    return tensors.state(), tensors.config
+
+
+def infer_txt_dim(config: StarFlowConfig, shapes: dict[str, tuple[int, ...]]) -> StarFlowConfig:
     """Official YAMLs omit txt_dim (the text encoder's width): read it from proj_txt."""
     if config.txt_dim > 0:
         return config
-    deep = config.num_blocks - 1
-    weight = state.get(f"blocks.{deep}.proj_txt.weight")
-    if weight is None:
-        return config
-    return dataclasses.replace(config, txt_dim=weight.shape[1])
+    shape = shapes.get(f"blocks.{config.num_blocks - 1}.proj_txt.weight")
+    return config if shape is None else dataclasses.replace(config, txt_dim=shape[1])
 
 
-def load_into(model: StarFlow, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that lists every missing/unexpected key and names shape mismatches; the
-    checkpoint's tensors are assigned (not copied) to the model's parameters."""
-    state = {k: v for k, v in state.items() if not DEPRECATED_KEYS.match(k)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise StarflowError(
-            f"checkpoint {source} does not match the config: "
-            f"{len(missing)} missing key(s) {missing[:20]}, {len(unexpected)} unexpected key(s) "
-            f"{unexpected[:20]}"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
+class StreamedModel:
+    """A model built from a checkpoint with its flow blocks' weights left unread (on the meta
+    device) until `loaded(index)` asks for them: an export holds one block's weights at a time.
+
+    Every key and shape is checked against the config first, strictly (every missing or
+    unexpected key is an error, except the deprecated buffers official checkpoints still carry),
+    before any tensor is read.
+    """
+
+    def __init__(self, config_path: str | Path | StarFlowConfig | None, checkpoint_path: str | Path):
+        self.tensors = tensors = CheckpointTensors(checkpoint_path)
+        if isinstance(config_path, StarFlowConfig):
+            config = config_path
+        elif config_path is not None:
+            config = load_config(config_path)
+        elif tensors.config is not None:
+            config = tensors.config
+        else:
             raise StarflowError(
-                f"checkpoint {source}: key '{key}' has shape {tuple(tensor.shape)}, the config "
-                f"expects {tuple(expected[key].shape)}"
+                f"checkpoint {checkpoint_path}: carries no config; pass the YAML config it was trained with"
             )
-    # the model may be unallocated (meta): its weights become the checkpoint's tensors, in its dtypes
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+        # built unallocated and given the checkpoint's tensors: a random init beside the loaded
+        # weights doubled a load's peak memory (10.5 GiB for the 5.5 GiB of the 3B-shaped model)
+        with torch.device("meta"):
+            self.model = StarFlow(infer_txt_dim(config, tensors.shapes))
+        self.expected = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()}
+        self.keys = [k for k in tensors.shapes if not DEPRECATED_KEYS.match(k)]
+        self._check_keys(str(checkpoint_path))
+        self._load([k for k in self.keys if not k.startswith("blocks.")])
+        self.model.eval()
+
+    def _check_keys(self, source: str) -> None:
+        missing = sorted(set(self.expected) - set(self.keys))
+        unexpected = sorted(set(self.keys) - set(self.expected))
+        if missing or unexpected:
+            raise StarflowError(
+                f"checkpoint {source} does not match the config: "
+                f"{len(missing)} missing key(s) {missing[:20]}, {len(unexpected)} unexpected key(s) "
+                f"{unexpected[:20]}"
+            )
+        for key in self.keys:
+            if self.tensors.shapes[key] != self.expected[key][0]:
+                raise StarflowError(
+                    f"checkpoint {source}: key '{key}' has shape {self.tensors.shapes[key]}, the config "
+                    f"expects {self.expected[key][0]}"
+                )
+
+    def _load(self, keys: list[str]) -> None:
+        """Read `keys` and assign them (not copies) to the model's parameters, in its dtypes."""
+        state = {k: self.tensors.tensor(k).to(self.expected[k][1]) for k in keys}
+        self.model.load_state_dict(state, strict=False, assign=True)
+
+    def load_all(self) -> StarFlow:
+        """The whole model, every block read."""
+        self._load([k for k in self.keys if k.startswith("blocks.")])
+        return self.model
+
+    def block_tensors(self, index: int) -> Mapping[str, torch.Tensor]:
+        """Block `index`'s weights by name within the block, each read (in the model's dtype) only
+        when looked up: a graph writer holds one tensor of the block at a time. Buffers the
+        checkpoint does not carry (RoPE frequencies) are the model's own."""
+        prefix = f"blocks.{index}."
+        block = self.model.blocks[index]
+        local = {name: None for name, _ in block.named_parameters()} | dict(block.named_buffers())
+        return _ReadOnLookup(
+            {
+                name: (prefix + name if prefix + name in self.tensors.shapes else value)
+                for name, value in local.items()
+            },
+            lambda key: self.tensors.tensor(key).to(self.expected[key][1]),
+        )
+
+    @contextlib.contextmanager
+    def loaded(self, index: int) -> Iterator[nn.Module]:
+        """Block `index` (of `model.blocks`) with its weights read; released (put back on the meta
+        device) after."""
+        prefix = f"blocks.{index}."
+        block = self.model.blocks[index]
+        self._load([k for k in self.keys if k.startswith(prefix)])
+        try:
+            yield block
+        finally:
+            state = {k: torch.empty(shape, dtype=dtype, device="meta")
+                     for k, (shape, dtype) in self.expected.items() if k.startswith(prefix)}  # fmt: skip
+            self.model.load_state_dict(state, strict=False, assign=True)
+            release_freed_memory()
+
+
+class _ReadOnLookup(Mapping[str, torch.Tensor]):
+    """Names mapped to a checkpoint key (read by `read` on each lookup) or to a tensor."""
+
+    def __init__(self, sources: dict[str, str | torch.Tensor], read: Callable[[str], torch.Tensor]):
+        self._sources, self._read = sources, read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        source = self._sources[name]
+        return self._read(source) if isinstance(source, str) else source
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._sources
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def load_model(
@@ -113,24 +234,7 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> StarFlow:
     """A model in eval mode from an official `.pth` + YAML, or our `.safetensors` alone."""
-    state, embedded = read_state_dict(checkpoint_path)
-    if isinstance(config_path, StarFlowConfig):
-        config = config_path
-    elif config_path is not None:
-        config = load_config(config_path)
-    elif embedded is not None:
-        config = embedded
-    else:
-        raise StarflowError(
-            f"checkpoint {checkpoint_path}: carries no config; pass the YAML config it was trained with"
-        )
-    config = infer_txt_dim(config, state)
-    # built unallocated and given the checkpoint's tensors: a random init beside the loaded weights
-    # doubled a load's peak memory (10.5 GiB for the 5.5 GiB of the 3B-shaped model)
-    with torch.device("meta"):
-        model = StarFlow(config)
-    load_into(model, state, str(checkpoint_path))
-    return model.to(device).eval()
+    return StreamedModel(config_path, checkpoint_path).load_all().to(device).eval()
 
 
 def save_model(model: StarFlow, path: str | Path) -> None:
