@@ -157,9 +157,11 @@ SF_API sf_status* sf_pipeline_tokenize(sf_pipeline* pipeline, const char* const*
 /* Token ids and attention mask, int64 (B, token_length) -> text embeddings. */
 SF_API sf_status* sf_pipeline_encode_tokens(sf_pipeline* pipeline, const sf_tensor* ids, const sf_tensor* mask,
                                             sf_tensor** embeddings);
-/* The self-denoise step (needs the export's denoise graph): x - noise_std^2 * grad for images, or
- * for a video export's learned denoiser, clips (B, T, C, H, W) -> x - step * correction, clips longer
- * than the export's video window in its overlapping windows. */
+/* The self-denoise step (needs an export made with it; sf_pipeline_describe's denoise_kind): for
+ * images x - noise_std^2 * grad, grad the gradient of each sample's NLL through the blocks' fp32
+ * forward and vjp graphs (whatever the pipeline's precision; text as for sampling), or for a video
+ * export's learned denoiser, clips (B, T, C, H, W) -> x - step * correction, clips longer than the
+ * export's video window in its overlapping windows. */
 SF_API sf_status* sf_pipeline_denoise(sf_pipeline* pipeline, const sf_tensor* latent, const sf_tensor* text,
                                       sf_tensor** out);
 /* Latents -> (N, H, W, C) float32 images in [0, 1] (the decoder graph, or identity); clips

@@ -38,28 +38,73 @@ float mean_float32(const float* v, int64_t n) {
   return static_cast<float>(static_cast<double>(pairwise_sum(v, n)) / static_cast<double>(n));
 }
 
+// The token grid of latents (B, C, H, W) or clips (B, F, C, H, W) patchified.
+struct Grid {
+  bool clip;
+  int64_t B, frames, h, w;
+};
+
+Grid grid_of(const Tensor& latents, int patch) {
+  const std::size_t rank = latents.shape.size();
+  const bool clip = rank == 5;
+  return {clip, latents.shape[0], clip ? latents.shape[1] : 1, latents.shape[rank - 2] / patch,
+          latents.shape[rank - 1] / patch};
+}
+
+// A raster-order sequence (B, F*h*w, D) into `block`'s view, in place: its token order, a frame-local
+// block's rows one per frame of a clip (the same memory). The permutation is its own inverse, so
+// `to_raster` takes a block's output back.
+void to_block(Sequence& s, const DensityBlock& block, const Grid& g) {
+  const bool local = block.frame_local() && g.clip;
+  if (local) s.rows = g.B * g.frames, s.length = g.h * g.w;
+  permute(s, block.flip(), block.flip_in_frame(), local ? 1 : g.frames);
+}
+
+void to_raster(Sequence& s, const DensityBlock& block, const Grid& g) {
+  const bool local = block.frame_local() && g.clip;
+  permute(s, block.flip(), block.flip_in_frame(), local ? 1 : g.frames);
+  if (local) s.rows = g.B, s.length = g.frames * g.h * g.w;
+}
+
+// The density pass: latents -> z (raster order), each block's logdet, and with `inputs` each block's
+// input in its own order (what its vjp graph takes again: kept rather than permuted twice).
+Sequence density_pass(const std::vector<DensityBlock*>& blocks, const Tensor& latents, const Sequence* text,
+                      int patch, const Grid& g, std::vector<Sequence>& logdets, std::vector<Sequence>* inputs) {
+  Sequence seq = patchify(latents, patch), z, logdet;  // (B, frames*h*w, D)
+  for (DensityBlock* block : blocks) {
+    to_block(seq, *block, g);
+    block->density(seq, g.h, g.w, block->text_conditioned() ? text : nullptr, z, logdet);
+    to_raster(z, *block, g);
+    if (inputs) inputs->push_back(std::move(seq));
+    seq = std::move(z);
+    logdets.push_back(std::move(logdet));  // in the block's own order, as the Python runtime keeps it
+  }
+  return seq;
+}
+
 }  // namespace
 
 Density density(const std::vector<DensityBlock*>& blocks, const Tensor& latents, const Sequence* text, int patch) {
-  const std::size_t rank = latents.shape.size();
-  const bool clip = rank == 5;
-  const int64_t B = latents.shape[0], frames = clip ? latents.shape[1] : 1;
-  const int64_t h = latents.shape[rank - 2] / patch, w = latents.shape[rank - 1] / patch;
+  const Grid g = grid_of(latents, patch);
   Density out;
-  Sequence seq = patchify(latents, patch), z, logdet;  // (B, frames*h*w, D)
-  for (DensityBlock* block : blocks) {
-    const bool local = block->frame_local() && clip;
-    if (local) seq.rows = B * frames, seq.length = h * w;  // one row per frame: the same memory
-    const int64_t seq_frames = local ? 1 : frames;
-    permute(seq, block->flip(), block->flip_in_frame(), seq_frames);
-    block->density(seq, h, w, block->text_conditioned() ? text : nullptr, z, logdet);
-    permute(z, block->flip(), block->flip_in_frame(), seq_frames);
-    if (local) z.rows = B, z.length = frames * h * w;
-    seq = std::move(z);
-    out.logdets.push_back(std::move(logdet));  // in the block's own order, as the Python runtime keeps it
-  }
-  out.z = unpatchify(seq, patch, h, w, clip ? frames : 0);
+  Sequence z = density_pass(blocks, latents, text, patch, g, out.logdets, nullptr);
+  out.z = unpatchify(z, patch, g.h, g.w, g.clip ? g.frames : 0);
   return out;
+}
+
+Tensor nll_gradient(const std::vector<DensityBlock*>& blocks, const Tensor& latents, const Sequence* text, int patch) {
+  const Grid g = grid_of(latents, patch);
+  std::vector<Sequence> logdets, inputs;
+  Sequence grad = density_pass(blocks, latents, text, patch, g, logdets, &inputs);  // z: d(0.5*sum(z^2))/dz
+  Sequence grad_x;
+  for (std::size_t i = blocks.size(); i-- > 0;) {
+    DensityBlock& block = *blocks[i];
+    to_block(grad, block, g);
+    block.vjp(inputs[i], g.h, g.w, grad, block.text_conditioned() ? text : nullptr, grad_x);
+    to_raster(grad_x, block, g);
+    std::swap(grad, grad_x);
+  }
+  return unpatchify(grad, patch, g.h, g.w, g.clip ? g.frames : 0);
 }
 
 std::vector<float> nll_per_sample(const Density& density) {

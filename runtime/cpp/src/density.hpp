@@ -1,6 +1,7 @@
-// The density direction of starflow/core/sampler.py (`density`, `nll_per_sample`, `to_bits_per_dim`)
-// over float32 buffers: latents -> z and each block's log-determinant, then each sample's negative
-// log-likelihood in bits per dimension, in float32 as numpy computes it (its pairwise sums).
+// The density direction of starflow/core/sampler.py (`density`, `nll_per_sample`, `to_bits_per_dim`,
+// `nll_gradient`) over float32 buffers: latents -> z and each block's log-determinant, then each
+// sample's negative log-likelihood in bits per dimension, in float32 as numpy computes it (its pairwise
+// sums); and the gradient of that likelihood, chained over the blocks' vector-Jacobian products.
 #pragma once
 
 #include <vector>
@@ -10,7 +11,7 @@
 
 namespace starflow::native {
 
-// A flow block as the density direction drives it (the exported block's forward graph).
+// A flow block as the density direction drives it (the exported block's forward and vjp graphs).
 class DensityBlock {
  public:
   virtual ~DensityBlock() = default;
@@ -22,6 +23,10 @@ class DensityBlock {
   // or null -> z and logdet = -log sigma, both (rows, T, D) in the block's token order.
   virtual void density(const Sequence& x, int64_t h, int64_t w, const Sequence* text, Sequence& z,
                        Sequence& logdet) = 0;
+  // x and grad_z (rows, T, D) in the block's token order, as `density` -> grad_x, d/dx of
+  // sum(grad_z * z) - sum(logdet), (rows, T, D) in the block's token order.
+  virtual void vjp(const Sequence& x, int64_t h, int64_t w, const Sequence& grad_z, const Sequence* text,
+                   Sequence& grad_x) = 0;
 };
 
 struct Density {
@@ -35,6 +40,11 @@ struct Density {
 // checked; `blocks` in forward order (the reverse of sampling order), each in its own token order, a
 // frame-local block over each frame of a clip as its own sequence.
 Density density(const std::vector<DensityBlock*>& blocks, const Tensor& latents, const Sequence* text, int patch);
+
+// The gradient of each sample's total NLL 0.5*sum(z^2) - sum(logdet) with respect to the latents, of
+// their shape (inputs and `blocks` as `density`): the density pass keeps each block's input, then from
+// g = z each block's vjp, last block first, maps g back through it.
+Tensor nll_gradient(const std::vector<DensityBlock*>& blocks, const Tensor& latents, const Sequence* text, int patch);
 
 // 0.5 * mean(z^2) - the sum over blocks of mean(logdet), per sample (means over all but the batch).
 std::vector<float> nll_per_sample(const Density& density);

@@ -108,6 +108,17 @@ void check_references(const Manifest& m, const Reader& r) {
   if (m.text_component) refer(m.text_component->graph, "text_encoder", "text");
   if (m.decoder_graph) refer(*m.decoder_graph, "decoder", "decoder");
   if (m.denoise_graph) refer(*m.denoise_graph, "denoise", "denoise");
+  if (m.denoise && !m.denoise_learned)  // at load, as the Python loader, not when the gradient first runs
+    for (const BlockEntry& block : m.blocks) {
+      auto fp32 = block.graphs.find("fp32");
+      std::string missing;
+      for (const char* kind : {"forward", "vjp"})
+        if (fp32 == block.graphs.end() || !fp32->second.count(kind))
+          missing += (missing.empty() ? "" : " or ") + std::string(kind);
+      if (!missing.empty())
+        throw Error(r.source + ": denoise nll-gradient chains the blocks' fp32 forward and vjp graphs; block " +
+                    std::to_string(block.index) + " has no fp32 " + missing + " graph");
+    }
 }
 
 json parse_document(const std::string& text, const std::string& source) {
@@ -234,7 +245,7 @@ Manifest load_manifest(const std::string& directory) {
     const json& denoise = doc["denoise"];
     std::string kind = r.text(denoise, "kind", "denoise.");
     if (kind != "nll-gradient" && kind != "learned") r.fail("denoise.kind", "must be nll-gradient or learned");
-    m.denoise_graph = r.name(denoise, "graph", "denoise.");
+    m.denoise = true;
     m.denoise_noise_std = r.number(denoise, "noise_std", "denoise.");
     m.denoise_learned = kind == "learned";
     if (m.denoise_learned) {  // starflow.contract.Denoise: step > 0, overlap >= 0 or null
@@ -242,6 +253,12 @@ Manifest load_manifest(const std::string& directory) {
       if (!(m.denoise_step > 0)) r.fail("denoise.step", "must be a number > 0 for the learned denoiser");
       if (!r.at(denoise, "overlap", "denoise.").is_null()) m.denoise_overlap = r.small(denoise, "overlap", "denoise.");
     }
+    // a learned denoiser names its graph; nll-gradient names none (it chains the blocks' graphs)
+    const bool named = !r.at(denoise, "graph", "denoise.").is_null();
+    if (m.denoise_learned && !named) r.fail("denoise.graph", "must name the learned denoiser's graph");
+    if (!m.denoise_learned && named)
+      r.fail("denoise.graph", "must be null for nll-gradient (it chains the blocks' fp32 forward and vjp graphs)");
+    if (named) m.denoise_graph = r.name(denoise, "graph", "denoise.");
   }
   if (doc.contains("video") && !doc["video"].is_null()) {  // starflow.contract.Video
     const json& video = doc["video"];

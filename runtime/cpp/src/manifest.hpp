@@ -79,8 +79,10 @@ struct Manifest {
   std::optional<TextComponent> text_component;
   std::string decoder_kind;
   std::optional<std::string> decoder_graph;
-  std::optional<std::string> denoise_graph;
-  bool denoise_learned = false;  // kind "learned" (video): x - step * correction in windows; else nll-gradient
+  bool denoise = false;          // a self-denoise step after sampling, of one of two kinds:
+  bool denoise_learned = false;  // "learned" (video): its graph's x - step * correction in windows; else
+                                 // "nll-gradient": x - noise_std^2 * grad over the blocks' fp32 forward and vjp graphs
+  std::optional<std::string> denoise_graph;  // the learned denoiser's
   double denoise_noise_std = 0, denoise_step = 0;
   std::optional<int> denoise_overlap;  // learned only; none: window - 1
   std::optional<Video> video;          // none: an image export

@@ -65,14 +65,72 @@ void expect_output(const Output& out, DType dtype, const Shape& shape, const Ses
 
 }  // namespace
 
-// One exported flow block: its step (and prefill) session and a key/value cache per batch size; its
-// density (forward) graph is opened on first use by `open_forward`, as the Python GraphBlock does.
-class GraphBlock : public SamplerBlock, public DensityBlock {
+using OpenGraph = std::function<std::unique_ptr<Session>(const std::string& kind)>;
+
+// One exported block's density-direction graphs of one precision, each session opened by `open` on
+// first use and kept, as the Python GraphBlock's runners: forward (likelihoods, and the gradient's
+// density pass) and vjp (the self-denoise's gradient).
+class DensityGraphs : public DensityBlock {
+ public:
+  DensityGraphs(const BlockEntry& entry, OpenGraph open) : entry_(entry), open_(std::move(open)) {}
+
+  bool flip() const override { return entry_.flip; }
+  bool flip_in_frame() const override { return entry_.flip_in_frame; }
+  bool frame_local() const override { return entry_.frame_local; }
+  bool text_conditioned() const override { return entry_.text_conditioned; }
+
+  void open_forward() {
+    if (!forward_) forward_ = open_("forward");
+  }
+
+  void density(const Sequence& x, int64_t h, int64_t w, const Sequence* text, Sequence& z,
+               Sequence& logdet) override {
+    open_forward();
+    const int64_t grid[2] = {h, w};
+    std::vector<Feed> feeds = {{"x", DType::f32, {x.rows, x.length, x.dim}, x.data.data()},
+                               {"grid", DType::i64, {2}, grid}};
+    if (text) feeds.push_back({"text", DType::f32, {text->rows, text->length, text->dim}, text->data.data()});
+    auto out = forward_->run(feeds);
+    for (auto [output, target] : {std::pair{"z", &z}, {"logdet", &logdet}}) {
+      const Output& o = out[forward_->index_of(output)];
+      expect_output(o, DType::f32, {x.rows, x.length, x.dim}, *forward_, output);
+      target->rows = x.rows, target->length = x.length, target->dim = x.dim;
+      target->data.assign(o.f32(), o.f32() + x.data.size());
+    }
+  }
+
+  void vjp(const Sequence& x, int64_t h, int64_t w, const Sequence& grad_z, const Sequence* text,
+           Sequence& grad_x) override {
+    if (!vjp_) vjp_ = open_("vjp");
+    const int64_t grid[2] = {h, w};
+    const Shape shape = {x.rows, x.length, x.dim};
+    std::vector<Feed> feeds = {{"x", DType::f32, shape, x.data.data()},
+                               {"grid", DType::i64, {2}, grid},
+                               {"grad_z", DType::f32, shape, grad_z.data.data()}};
+    if (text) feeds.push_back({"text", DType::f32, {text->rows, text->length, text->dim}, text->data.data()});
+    auto out = vjp_->run(feeds);
+    const Output& o = out[vjp_->index_of("grad_x")];
+    expect_output(o, DType::f32, shape, *vjp_, "grad_x");
+    grad_x.rows = x.rows, grad_x.length = x.length, grad_x.dim = x.dim;
+    grad_x.data.assign(o.f32(), o.f32() + x.data.size());
+  }
+
+ private:
+  const BlockEntry& entry_;
+  OpenGraph open_;
+  std::unique_ptr<Session> forward_, vjp_;
+};
+
+// One exported flow block: its step (and prefill) session, a key/value cache per batch size, and its
+// density-direction graphs of the same precision.
+class GraphBlock : public SamplerBlock {
  public:
   GraphBlock(const BlockEntry& entry, std::unique_ptr<Session> step, std::unique_ptr<Session> prefill, DType cache,
-             std::function<std::unique_ptr<Session>()> open_forward)
+             OpenGraph open_density)
       : entry_(entry), step_(std::move(step)), prefill_(std::move(prefill)), cache_dtype_(cache),
-        open_forward_(std::move(open_forward)) {}
+        density_(entry, std::move(open_density)) {}
+
+  DensityGraphs& density() { return density_; }
 
   int index() const override { return entry_.index; }
   bool deep() const override { return entry_.deep; }
@@ -135,26 +193,6 @@ class GraphBlock : public SamplerBlock, public DensityBlock {
     }
   }
 
-  void open_density() {
-    if (!forward_) forward_ = open_forward_();
-  }
-
-  void density(const Sequence& x, int64_t h, int64_t w, const Sequence* text, Sequence& z,
-               Sequence& logdet) override {
-    open_density();
-    const int64_t grid[2] = {h, w};
-    std::vector<Feed> feeds = {{"x", DType::f32, {x.rows, x.length, x.dim}, x.data.data()},
-                               {"grid", DType::i64, {2}, grid}};
-    if (text) feeds.push_back({"text", DType::f32, {text->rows, text->length, text->dim}, text->data.data()});
-    auto out = forward_->run(feeds);
-    for (auto [output, target] : {std::pair{"z", &z}, {"logdet", &logdet}}) {
-      const Output& o = out[forward_->index_of(output)];
-      expect_output(o, DType::f32, {x.rows, x.length, x.dim}, *forward_, output);
-      target->rows = x.rows, target->length = x.length, target->dim = x.dim;
-      target->data.assign(o.f32(), o.f32() + x.data.size());
-    }
-  }
-
  private:
   Shape cache_shape(int64_t positions) const {
     return {entry_.layers, rows_, entry_.kv_heads, positions, entry_.head_dim};
@@ -183,8 +221,7 @@ class GraphBlock : public SamplerBlock, public DensityBlock {
   unsigned char *keys_ = nullptr, *values_ = nullptr;
   std::vector<unsigned char> past_keys_, past_values_;  // the contiguous [:past] view fed to the graph
   int64_t rows_ = 0, text_length_ = 0, length_ = 0, grid_[2]{};
-  std::function<std::unique_ptr<Session>()> open_forward_;
-  std::unique_ptr<Session> forward_;  // the density graph, opened on first use
+  DensityGraphs density_;
 };
 
 Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
@@ -200,23 +237,32 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
   auto open = [&](const GraphEntry& g) {
     return std::make_unique<Session>(*library_, g.name, manifest_.path(g.file), settings.session);
   };
+  // a block's density-direction graph of `precision`, opened when first run: an export without forward
+  // graphs is refused only when a likelihood is asked of it (the vjp graphs are there whenever the
+  // gradient runs: load_manifest refuses an nll-gradient export without them)
+  auto density_graphs = [this](const BlockEntry& entry, const std::string& precision) -> OpenGraph {
+    return [this, &entry, precision](const std::string& kind) {
+      auto kinds = entry.graphs.find(precision);
+      if (kind == "forward" && (kinds == entry.graphs.end() || !kinds->second.count(kind)))
+        throw Error(manifest_.directory + ": block " + std::to_string(entry.index) + " has no " + precision +
+                    " forward graph (the density graphs, which likelihoods run); re-export with them "
+                    "(`starflow export onnx` writes them unless --no-density)");
+      const GraphEntry& g = manifest_.block_graph(entry, kind, precision);
+      return std::make_unique<Session>(*library_, g.name, manifest_.path(g.file), settings_.session);
+    };
+  };
   for (const BlockEntry& entry : manifest_.blocks) {
     const GraphEntry& step = manifest_.block_graph(entry, "step", precision);
     std::unique_ptr<Session> prefill;
     if (entry.text_conditioned) prefill = open(manifest_.block_graph(entry, "prefill", precision));
-    // the density graph: refused only when a likelihood is asked of an export without it
-    auto open_forward = [this, &entry] {
-      auto kinds = entry.graphs.find(settings_.precision);
-      if (kinds == entry.graphs.end() || !kinds->second.count("forward"))
-        throw Error(manifest_.directory + ": block " + std::to_string(entry.index) + " has no " + settings_.precision +
-                    " forward graph (the density graphs, which likelihoods run); re-export with them "
-                    "(`starflow export onnx` writes them unless --no-density)");
-      const GraphEntry& g = manifest_.graph(kinds->second.at("forward"));
-      return std::make_unique<Session>(*library_, g.name, manifest_.path(g.file), settings_.session);
-    };
     blocks_.push_back(std::make_unique<GraphBlock>(entry, open(step), std::move(prefill), step.input("past_keys").dtype,
-                                                   open_forward));
+                                                   density_graphs(entry, precision)));
   }
+  // the self-denoise's gradient runs fp32 graphs, as in the Python Generator: an fp32 pipeline's own
+  // (their sessions shared with its likelihoods), else fp32 ones beside them
+  if (manifest_.denoise && !manifest_.denoise_learned && precision != "fp32")
+    for (const BlockEntry& entry : manifest_.blocks)
+      fp32_density_.push_back(std::make_unique<DensityGraphs>(entry, density_graphs(entry, "fp32")));
   // the components run their fp32 graphs, as in the Python Generator
   for (const std::optional<std::string>& graph :
        {manifest_.text_component ? std::optional(manifest_.text_component->graph) : std::nullopt,
@@ -289,8 +335,8 @@ std::string Pipeline::describe() const {
       {"text_encoder", m.text_component ? json(m.text_component->kind) : json(nullptr)},
       {"classes", m.text_component && m.text_component->classes ? json(*m.text_component->classes) : json(nullptr)},
       {"max_rows", m.max_rows()},
-      {"denoise", m.denoise_graph.has_value()},
-      {"denoise_kind", m.denoise_graph ? json(m.denoise_learned ? "learned" : "nll-gradient") : json(nullptr)},
+      {"denoise", m.denoise},
+      {"denoise_kind", m.denoise ? json(m.denoise_learned ? "learned" : "nll-gradient") : json(nullptr)},
       {"video", nullptr},
       {"decoder", m.decoder_kind},
       {"default_guidance", m.default_guidance},
@@ -414,6 +460,13 @@ Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_un
 
 Session& Pipeline::component(const std::string& graph) { return *components_.at(graph); }
 
+std::vector<DensityBlock*> Pipeline::forward_blocks(bool gradient) {
+  std::vector<DensityBlock*> forward;
+  for (std::size_t i = blocks_.size(); i-- > 0;)
+    forward.push_back(gradient && !fp32_density_.empty() ? fp32_density_[i].get() : &blocks_[i]->density());
+  return forward;
+}
+
 Tensor Pipeline::encode_tokens(const Tensor& ids, const Tensor& mask) {
   if (!manifest_.text_component)
     throw Error(manifest_.directory + ": this export has no text encoder graph" +
@@ -470,50 +523,56 @@ Tensor Pipeline::encode_prompts(const std::vector<std::string>& prompts) {
   return encode_tokens(ids, mask);
 }
 
-// The self-denoise step after sampling (Generator.denoise): x - noise_std^2 * grad for images, or for
-// a video export's learned denoiser clips x - step * correction in the official overlapping windows.
+// The self-denoise step after sampling (Generator.denoise): for images x - noise_std^2 * grad, grad the
+// gradient of each sample's NLL chained over the blocks' fp32 forward and vjp graphs, or for a video
+// export's learned denoiser clips x - step * correction in the official overlapping windows.
 Tensor Pipeline::denoise(const Tensor& latent, const Tensor* text) {
-  if (!manifest_.denoise_graph)
-    throw Error(manifest_.directory + ": this export has no denoise graph; skip denoising or re-export with it");
   const Manifest& m = manifest_;
+  if (!m.denoise)
+    throw Error(m.directory + ": this export has no self-denoise step; skip denoising or re-export with it");
   const std::size_t rank = latent.shape.size();
-  const bool clip = rank == 5 && m.denoise_learned;  // the learned denoiser takes images as one-frame clips
+  if (!m.denoise_learned) {  // Pipeline.nll_gradient's checks (the latents are its first array)
+    check_inputs(latent, text, nullptr, Sampling{}, "latents");
+    check_rows(latent.shape[0], rank == 5 ? latent.shape[1] : 1, 0, "latents");
+    std::optional<Sequence> y;
+    if (text) y = as_sequence(*text);
+    Tensor out = nll_gradient(forward_blocks(true), latent, y ? &*y : nullptr, m.patch_size);
+    const float scale = static_cast<float>(m.denoise_noise_std * m.denoise_noise_std);  // float32, as numpy
+    for (std::size_t i = 0; i < out.size(); ++i) out.f32()[i] = latent.f32()[i] - scale * out.f32()[i];
+    return out;
+  }
+  const bool clip = rank == 5;  // the learned denoiser takes images as one-frame clips
   if (latent.dtype != DType::f32 || (rank != 4 && !clip) || latent.shape[rank - 3] != m.channels ||
       std::any_of(latent.shape.begin(), latent.shape.end(), [](int64_t d) { return d < 1; }) ||
       latent.shape[rank - 2] % m.multiple_of || latent.shape[rank - 1] % m.multiple_of)
-    throw Error("x: expected a float32 (B, " + std::string(m.denoise_learned ? "[F, ]" : "") + std::to_string(m.channels) +
-                ", H, W) latent batch in multiples of " + std::to_string(m.multiple_of) + ", got " +
-                dtype_name(latent.dtype) + " " + shape_text(latent.shape));
+    throw Error("x: expected a float32 (B, [F, ]" + std::to_string(m.channels) + ", H, W) latent batch in multiples of " +
+                std::to_string(m.multiple_of) + ", got " + dtype_name(latent.dtype) + " " +
+                shape_text(latent.shape));
   Session& session = component(*m.denoise_graph);
   const bool takes_text = std::any_of(m.graph(*m.denoise_graph).inputs.begin(), m.graph(*m.denoise_graph).inputs.end(),
                                       [](const TensorSpec& t) { return t.name == "text"; });
-  if (takes_text) {
-    if (!text || text->dtype != DType::f32 || text->shape.size() != 3 || text->shape[0] != latent.shape[0] ||
-        text->shape[1] < 1 || text->shape[2] != m.text_dim)
-      throw Error("text: expected (" + std::to_string(latent.shape[0]) + ", L, " + std::to_string(m.text_dim) +
-                  ") float32 text embeddings with L >= 1" +
-                  (text ? ", got " + dtype_name(text->dtype) + " " + shape_text(text->shape) : std::string()));
-  } else if (text && !m.denoise_learned) {  // a learned denoiser without text ignores it, as in Python
-    throw Error("text: this model is not text-conditioned; pass none");
-  }
-  // x - scale * the graph's `output` for x (B, ...), as float32
-  auto apply = [&](const Tensor& x, const char* output, float scale) {
+  // a learned denoiser without text ignores it, as in Python
+  if (takes_text && (!text || text->dtype != DType::f32 || text->shape.size() != 3 ||
+                     text->shape[0] != latent.shape[0] || text->shape[1] < 1 || text->shape[2] != m.text_dim))
+    throw Error("text: expected (" + std::to_string(latent.shape[0]) + ", L, " + std::to_string(m.text_dim) +
+                ") float32 text embeddings with L >= 1" +
+                (text ? ", got " + dtype_name(text->dtype) + " " + shape_text(text->shape) : std::string()));
+  // x - step * the graph's correction for clips x (B, F, ...), as float32
+  const float step = static_cast<float>(m.denoise_step);
+  auto correct = [&](const Tensor& x) {
     std::vector<Feed> feeds = {{"x", DType::f32, x.shape, x.bytes.data()}};
     if (takes_text) feeds.push_back({"text", DType::f32, text->shape, text->bytes.data()});
     auto out = session.run(feeds);
-    const Output& delta = out[session.index_of(output)];
-    expect_output(delta, DType::f32, x.shape, session, output);
+    const Output& correction = out[session.index_of("correction")];
+    expect_output(correction, DType::f32, x.shape, session, "correction");
     Tensor result(DType::f32, x.shape);
-    for (std::size_t i = 0; i < x.size(); ++i) result.f32()[i] = x.f32()[i] - scale * delta.f32()[i];
+    for (std::size_t i = 0; i < x.size(); ++i) result.f32()[i] = x.f32()[i] - step * correction.f32()[i];
     return result;
   };
-  if (!m.denoise_learned)
-    return apply(latent, "grad", static_cast<float>(m.denoise_noise_std * m.denoise_noise_std));
   Tensor clips = latent;
   if (!clip) clips.shape.insert(clips.shape.begin() + 1, 1);  // (B, 1, C, H, W)
   const int64_t window = m.video && m.video->window ? *m.video->window : 0;  // the sampling window's frames
-  const float step = static_cast<float>(m.denoise_step);
-  denoise_windows(clips, [&](const Tensor& part) { return apply(part, "correction", step); }, window,
+  denoise_windows(clips, correct, window,
                   m.denoise_overlap ? std::optional<int64_t>(*m.denoise_overlap) : std::nullopt);
   clips.shape = latent.shape;
   return clips;
@@ -577,8 +636,9 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
     throw Error("this model is unconditional: give no prompt text and no guidance");
   if (m.text_dim && !m.text_component)
     throw Error(m.directory + ": this export has no text encoder; pass text embeddings to sf_pipeline_sample");
-  if (denoise && !m.denoise_graph)
-    throw Error(m.directory + ": this export has no denoise graph; generate without denoising or re-export with it");
+  if (denoise && !m.denoise)
+    throw Error(m.directory +
+                ": this export has no self-denoise step; generate without denoising or re-export with it");
   check_decoder(clips);
   std::optional<Tensor> y, y_uncond;
   if (m.text_dim) {
@@ -613,9 +673,8 @@ Tensor Pipeline::log_likelihood(const Tensor& latents, const Tensor* y) {
   const int64_t frames = latents.shape.size() == 5 ? latents.shape[1] : 0;
   const int64_t per_batch = m.images_per_batch(0, frames);
   check_rows(std::min(B, per_batch), std::max<int64_t>(frames, 1), 0, "latents");  // a clip too long for one call
-  for (auto& block : blocks_) block->open_density();  // an export without density graphs: refused here
-  std::vector<DensityBlock*> forward;  // forward order: the reverse of sampling order
-  for (auto block = blocks_.rbegin(); block != blocks_.rend(); ++block) forward.push_back(block->get());
+  for (auto& block : blocks_) block->density().open_forward();  // an export without density graphs: refused here
+  const std::vector<DensityBlock*> forward = forward_blocks(false);
   Tensor bits(DType::f32, {B});
   auto score = [&](const Tensor& x, const Tensor* text, int64_t first) {
     std::optional<Sequence> sequence;

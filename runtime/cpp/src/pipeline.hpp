@@ -21,6 +21,8 @@ struct LoadSettings {
   SessionSettings session;
 };
 
+class DensityBlock;
+class DensityGraphs;
 class GraphBlock;
 class Tokenizer;
 
@@ -43,7 +45,8 @@ class Pipeline {
   // Python runtime's TextEncoderRunner.tokenize: label tables, or the export's SentencePiece model.
   std::pair<Tensor, Tensor> tokenize(const std::vector<std::string>& prompts) const;
   Tensor encode_tokens(const Tensor& ids, const Tensor& mask);
-  Tensor denoise(const Tensor& latent, const Tensor* text);  // clips through a learned denoiser
+  // Generator.denoise: latents (B, C, H, W) one NLL-gradient step, or clips through a learned denoiser.
+  Tensor denoise(const Tensor& latent, const Tensor* text);
   Tensor decode(const Tensor& latent);  // (N, H, W, C) in [0, 1]; clips (N, T, H, W, C)
   // Generator.generate: one image (clip) per prompt, its noise row; returns images, fills `latents`.
   Tensor generate(const std::vector<std::string>& prompts, const std::string& negative_prompt, const Tensor& noise,
@@ -64,11 +67,15 @@ class Pipeline {
   void check_rows(int64_t batch, int64_t frames, double guidance, const std::string& name) const;
   Sampling with_clip_settings(Sampling sampling) const;
   Session& component(const std::string& graph);
+  // The blocks' density-direction graphs in forward order (the reverse of sampling order): this
+  // precision's, or with `gradient` the fp32 ones the self-denoise's gradient runs.
+  std::vector<DensityBlock*> forward_blocks(bool gradient);
 
   Manifest manifest_;
   LoadSettings settings_;
   OrtLibrary* library_;
   std::vector<std::unique_ptr<GraphBlock>> blocks_;  // sampling order
+  std::vector<std::unique_ptr<DensityGraphs>> fp32_density_;  // an fp16 pipeline's gradient graphs (sampling order)
   std::map<std::string, std::unique_ptr<Session>> components_;  // opened on first use
   std::map<std::string, int64_t> vocabulary_;  // label-table exports
   std::unique_ptr<Tokenizer> tokenizer_;       // hf-encoder exports that carry a SentencePiece model
