@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     Feeds = dict[str, np.ndarray]  # arrays by tensor name
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
+ENGINE_KINDS = ("step", "prefill", "forward")  # the block graphs a TensorRT engine is built for
 BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density", "vjp": "vjp"}  # kind -> method
 
 
@@ -147,6 +148,14 @@ class GraphSpec:
         return f"{self.name}.onnx"
 
     @property
+    def data_file(self) -> str:
+        """Where its weights go past protobuf's limit: a block's graphs of one precision share one
+        file (their weights are the block's), a component's is its own."""
+        return (
+            f"block{self.block}.{self.precision}.weights" if self.block is not None else f"{self.file}.data"
+        )
+
+    @property
     def dims(self) -> list[str]:
         """The symbolic dims with a profile; derived ones ("8*height") follow from those."""
         names = [
@@ -169,8 +178,7 @@ class GraphSpec:
 
     def entry(self, directory: Path, dims: dict[str, Range]) -> Graph:
         """The manifest entry of the exported file in `directory`: files with sha256, profile."""
-        data = directory / f"{self.file}.data"
-        external = (FileEntry.of(directory, data.name),) if data.exists() else ()
+        external = (FileEntry.of(directory, self.data_file),) if (directory / self.data_file).exists() else ()
         main = FileEntry.of(directory, self.file)
         return Graph(
             self.name, self.block, self.kind, self.precision, main.file, main.sha256, main.bytes, external,

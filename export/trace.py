@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 import torch._dynamo
 from torch import fx, nn
@@ -30,7 +30,7 @@ from torch.onnx._internal.exporter import _constants, _core, _decomp, _fx_passes
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
 from starflow.export.defaults import DEFAULT_OPSET as DEFAULT_OPSET
-from starflow.export.graphs import BlockMethod, GraphSpec, Precision
+from starflow.export.graphs import ENGINE_KINDS, BlockMethod, GraphSpec, Precision
 from starflow.model.flow import FlowBlock
 
 # Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
@@ -126,6 +126,9 @@ class BlockGraphExporter:
     def __init__(self, opset: int):
         self.opset = opset
         self._templates: dict[tuple, onnx.ModelProto] = {}
+        self._shared: dict[
+            Path, dict[str, tuple[int, int]]
+        ] = {}  # weights file -> tensor -> (offset, length)
 
     def export(
         self,
@@ -144,8 +147,11 @@ class BlockGraphExporter:
             args = example_args(spec, precision)
             self._templates[key] = trace_block(module, args, spec, self.opset)
         weights = _named_tensors(block) if weights is None else weights
-        external = weight_bytes(module) > EXTERNAL_DATA_BYTES
-        write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, external)
+        # a block's graphs all go to one shared weights file, or none does (`GraphSpec.entry`)
+        shared = None
+        if weight_bytes(BlockMethod(block, "step", precision)) > EXTERNAL_DATA_BYTES:
+            shared = self._shared.setdefault(path.parent / spec.data_file, {})
+        write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, shared)
         release_freed_memory()
         return reused
 
@@ -236,11 +242,24 @@ def trace_block(
             )  # fmt: skip
     except Exception as err:  # tracing and translation raise many types; name the graph, keep the cause
         raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
-    _set_signature(model, graph, values, weights, spec, dim_names)
+    _set_signature(model, graph, values, weights, spec)
     _ir_passes.add_opset_imports(model)
     model = onnxscript_apis.convert_version(model, opset)
-    ir.passes.common.InlinePass()(model)
-    return ir.serde.serialize_model(model)
+    ir.passes.common.InlinePass()(model)  # torchlib's functions
+    if spec.kind in ENGINE_KINDS:
+        # for TensorRT: onnxscript's optimizer rewrites the sequence ops it cannot parse
+        # (SplitToSequence) into Split. One pass without ONNX shape inference does it: 1.4 s
+        # against 2.7 s for torch.onnx's default on the digits model's deep step graph; the vjp
+        # graphs (ONNX Runtime only) skip it (20 s on the deep one)
+        onnxscript.optimizer.optimize_ir(model, num_iterations=1, onnx_shape_inference=False)
+    for value in (*model.graph.inputs, *model.graph.outputs):  # the declared names of symbolic dims
+        if value.shape is not None:
+            value.shape = ir.Shape([_declared_dim(d, dim_names) for d in value.shape])
+    proto = ir.serde.serialize_model(model)
+    # inner shapes name the tracer's symbols (s0, s1...), numbered by trace history: inference
+    # from the declared inputs recomputes them, and files stay byte-equal across traces
+    del proto.graph.value_info[:]
+    return proto
 
 
 def _set_signature(
@@ -249,10 +268,9 @@ def _set_signature(
     values: dict[str, Any],
     weights: list[str],
     spec: GraphSpec,
-    dim_names: dict[str, str],
 ) -> None:
     """The translated graph's inputs (the declared ones, then the weights) and outputs, named as
-    declared, with the declared names of its symbolic dims."""
+    declared."""
     model.graph.inputs.clear()  # the translator's, from the placeholders in trace order
     model.graph.outputs.clear()
     declared = [t.name for t in spec.inputs + spec.outputs] + weights
@@ -271,9 +289,6 @@ def _set_signature(
     for node, tensor in zip(results, spec.outputs, strict=True):
         values[node.name].name = tensor.name
         model.graph.outputs.append(values[node.name])
-    for value in (*model.graph.inputs, *model.graph.outputs):
-        if value.shape is not None:
-            value.shape = ir.Shape([_declared_dim(d, dim_names) for d in value.shape])
 
 
 def _declared_dim(dim: Any, dim_names: dict[str, str]) -> Any:
@@ -290,36 +305,44 @@ def write_block_graph(
     tensors: Mapping[str, torch.Tensor],
     spec: GraphSpec,
     path: Path,
-    external: bool,
+    shared: dict[str, tuple[int, int]] | None = None,
 ) -> None:
     """`template` with the weights among its inputs turned into initializers holding `tensors`
     (cast to the dtype the template declares), written one tensor at a time: into the protobuf,
-    or (`external`, past protobuf's 2 GiB) into `path`.data at page-aligned offsets (so ONNX
-    Runtime can map them). Then `onnx.checker` and the declared-signature check."""
+    or (`shared`, past protobuf's 2 GiB) into the block's weights file `spec.data_file` at
+    page-aligned offsets (so ONNX Runtime can map them), where `shared` lists what the block's
+    earlier graphs wrote there (reused, not written twice). Then `onnx.checker` and the
+    declared-signature check."""
     model = onnx.ModelProto()
     model.CopyFrom(template)
+    model.graph.name = spec.name  # the template's is the first traced block's
     inputs = list(model.graph.input)
     del model.graph.input[:]
     model.graph.input.extend(v for v in inputs if v.name not in tensors)
-    data = path.with_name(f"{path.name}.data")
-    with open(data, "wb") if external else contextlib.nullcontext() as out:
+    data = path.with_name(spec.data_file)
+    with open(data, "ab") if shared is not None else contextlib.nullcontext() as out:
         for value in (v for v in inputs if v.name in tensors):
             dtype = TORCH_DTYPES[value.type.tensor_type.elem_type]
-            array = tensors[value.name].detach().to(dtype).contiguous().numpy()
             if out is None:
+                array = tensors[value.name].detach().to(dtype).contiguous().numpy()
                 model.graph.initializer.append(onnx.numpy_helper.from_array(array, value.name))
                 continue
-            out.seek(-out.tell() % ALIGNMENT, os.SEEK_CUR)
-            offset = out.tell()
-            out.write(memoryview(array).cast("B"))
+            key = f"{value.name}:{dtype}"  # the block's tensor in this graph's dtype
+            if key not in shared:
+                array = tensors[value.name].detach().to(dtype).contiguous().numpy()
+                out.write(bytes(-out.tell() % ALIGNMENT))
+                shared[key] = (out.tell(), array.nbytes)
+                out.write(memoryview(array).cast("B"))
+                del array
+            offset, length = shared[key]
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
             initializer = onnx.TensorProto(
-                name=value.name, dims=array.shape, data_type=value.type.tensor_type.elem_type
+                name=value.name, dims=dims, data_type=value.type.tensor_type.elem_type
             )
             initializer.data_location = onnx.TensorProto.EXTERNAL
-            for key, entry in (("location", data.name), ("offset", offset), ("length", array.nbytes)):
-                initializer.external_data.add(key=key, value=str(entry))
+            for field, entry in (("location", data.name), ("offset", offset), ("length", length)):
+                initializer.external_data.add(key=field, value=str(entry))
             model.graph.initializer.append(initializer)
-            del array
     try:
         onnx.save(model, str(path))
     except (OSError, ValueError) as err:

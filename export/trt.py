@@ -30,6 +30,7 @@ from starflow.core.atomic import atomic_path
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import check_writable
 from starflow.core.sampler import Progress
+from starflow.export.graphs import ENGINE_KINDS
 from starflow.export.trt_profiles import (
     BuildSettings,
     cache_key,
@@ -301,7 +302,8 @@ def build_engines(
         trt.name, trt.version, tuple(targets), device, options.optimization_level, options.workspace_bytes
     )
     wanted = options.precisions or tuple(manifest.precisions)
-    graphs = [g for g in manifest.graphs if g.block is not None and g.precision in wanted]
+    # the vjp graphs (the self-denoise's gradient, once per image) run on ONNX Runtime
+    graphs = [g for g in manifest.graphs if g.kind in ENGINE_KINDS and g.precision in wanted]
     timing_cache = None if trt.rtx else directory / TIMING_CACHE
     results = []
     for done, graph in enumerate(graphs):

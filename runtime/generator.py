@@ -98,7 +98,7 @@ class Generator(ImageGenerator):
             )
         if denoise and self.denoiser is None:
             raise StarflowError(
-                f"{directory}: this export has no denoise graph; pass denoise=False or re-export with it"
+                f"{directory}: this export has no self-denoise step; pass denoise=False or re-export with it"
             )
         if video is not None and manifest.decoder.kind != "identity":
             raise StarflowError(f"decoding {manifest.decoder.source} video latents is not built yet")

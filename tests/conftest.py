@@ -21,8 +21,8 @@ T5_OTHER_WORDS = "café naïve über façade résumé 猫 犬 東京 写真 2024
 @pytest.fixture(scope="session")
 def fixture_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The official tiny T2I fixture exported once per test session, as a user would: through the
-    CLI, fp32 and fp16, validation on, without the denoise graph (no test of it needs one: the
-    denoise graph has its own tests). Tests that modify it must work on a copy."""
+    CLI, fp32 and fp16, validation on, without the self-denoise's vjp graphs (no test of it needs
+    them: the self-denoise has its own tests). Tests that modify it must work on a copy."""
     if not T2I.is_dir():
         pytest.skip(f"shared fixtures not found at {T2I}")
     from typer.testing import CliRunner

@@ -167,7 +167,7 @@ def test_readme_python_examples_run(python_examples: tuple[Path, str]) -> None:
 
 def test_cpp_prompt_example_on_the_python_export(python_examples: tuple[Path, str]) -> None:
     """`starflow-run --artifacts digits-onnx ... --out digits.png` on the export the README's Python
-    made (no denoise graph): one grid of 2 rows (prompts) by 4 (images), 8x8 digits drawn 4x."""
+    made (no self-denoise): one grid of 2 rows (prompts) by 4 (images), 8x8 digits drawn 4x."""
     from PIL import Image
 
     directory, _ = python_examples

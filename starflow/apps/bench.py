@@ -147,7 +147,7 @@ def prepare(options: BenchOptions) -> tuple[StarFlow, Path]:
     checkpoint = folder / f"{name}.safetensors"
     if not checkpoint.is_file():
         save_model(model, checkpoint)  # the same bytes every time, written atomically: whoever is first
-    # no validation (the bench itself measures agreement) and no denoise graph (it samples latents)
+    # no validation (the bench itself measures agreement) and no self-denoise (it samples latents)
     export = {"precisions": ("fp32",), "validate": False, "denoise": False, "max_frames": frames}
     artifacts, _ = cached_export(folder / f"{name}-schema{SCHEMA_VERSION}", checkpoint, export)
     return model, artifacts

@@ -67,8 +67,9 @@ def test_manifest_names_every_component(t2i_export: Path) -> None:
     assert (t2i_export / component.tokenizer).is_file()
     assert [f.file for f in manifest.files] == [component.tokenizer, component.sentencepiece]
     assert manifest.decoder.kind == "sd-vae" and manifest.decoder.scale == 0.18215
-    assert manifest.denoise.kind == "nll-gradient"
-    assert {g.kind for g in manifest.graphs if g.block is None} == {"text_encoder", "decoder", "denoise"}
+    assert manifest.denoise.kind == "nll-gradient" and manifest.denoise.graph is None
+    assert {g.kind for g in manifest.graphs if g.block is None} == {"text_encoder", "decoder"}
+    assert all({"forward", "vjp"} <= set(block.graphs["fp32"]) for block in manifest.blocks)
 
 
 @pytest.mark.parametrize("aspect_ratio", [None, "16:9"])
@@ -104,7 +105,7 @@ def test_export_without_a_vae_cannot_decode(latent_model, t5_dir: Path, tmp_path
     generator = Generator.load(out)
     with pytest.raises(StarflowError, match="no decoder; re-export with vae=DIR"):
         generator.generate(["a cat"], denoise=False)
-    with pytest.raises(StarflowError, match="no denoise graph"):
+    with pytest.raises(StarflowError, match="no self-denoise step"):
         generator.generate(["a cat"])
 
 

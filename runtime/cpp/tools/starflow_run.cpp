@@ -51,7 +51,7 @@ their SentencePiece model; other subword tokenizers: pass --token-ids in latent 
                            draws (numpy's default_rng(S)), so the same prompts give the same images
   --noise N.npy            instead of --seed: (prompts*N, C, H, W) float32 noise
   --negative-prompt P      the unconditional text under guidance (default "")
-  --no-denoise             skip the self-denoise step (needed when the export has no denoise graph)
+  --no-denoise             skip the self-denoise step (needed when the export has none)
   --latents-out L.npy      also write the latents
   --frames N               clips of N frames (video exports, within the export's frame range); with
                            --noise, its (prompts*N, T, C, H, W) clips give the frames
@@ -562,8 +562,8 @@ int run(const Arguments& args) {
   nlohmann::json info = nlohmann::json::parse(pipeline.describe());
   if (!args.flags.count("--no-denoise") && !info["denoise"].get<bool>())
     throw starflow::Error(args.get("--artifacts") +
-                          ": this export has no denoise graph (exported without it); pass --no-denoise, "
-                          "or re-export with the denoise graph");
+                          ": this export has no self-denoise step (exported without it); pass --no-denoise, "
+                          "or re-export with it");
   // clips or images, and the frame count, as the export describes them: before the noise is drawn
   const nlohmann::json& video = info["video"];
   if (frames && video.is_null())

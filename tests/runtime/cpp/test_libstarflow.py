@@ -489,11 +489,11 @@ def test_latent_mode_prints_what_it_wrote(demo_export, tmp_path):
     ), result.stdout
 
 
-def test_export_without_denoise_graph_needs_no_denoise_before_any_work(fixture_artifacts, tmp_path):
-    """The fixture's export has no denoise graph: prompt mode names --no-denoise before sampling."""
+def test_export_without_denoise_needs_no_denoise_before_any_work(fixture_artifacts, tmp_path):
+    """The fixture's export has no self-denoise: prompt mode names --no-denoise before sampling."""
     result = _prompt_run(fixture_artifacts, tmp_path / "x.png")
     assert result.returncode == 1 and result.stdout == ""
-    assert "this export has no denoise graph (exported without it); pass --no-denoise" in result.stderr
+    assert "this export has no self-denoise step (exported without it); pass --no-denoise" in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "x.png").exists()
 
 
