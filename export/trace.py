@@ -1,8 +1,7 @@
 """How graphs are traced and written. Block graphs: traced once per block structure without their
-weights (TorchScript for step/prefill/forward, make_fx plus torch.onnx's translator for the
-gradient-taking vjp graphs), then written per block with its weights streamed in. Components:
-torch.onnx (dynamo) with symbolic dims. Both: external data for big weights, `onnx.checker`, and
-the declared-signature check."""
+weights (make_fx over fake tensors, then torch.onnx's translator), then written per block with
+its weights streamed in. Components: torch.onnx.export (dynamo) with symbolic dims. Both:
+external data for big weights, `onnx.checker`, and the declared-signature check."""
 
 from __future__ import annotations
 
@@ -126,9 +125,8 @@ class BlockGraphExporter:
     def __init__(self, opset: int):
         self.opset = opset
         self._templates: dict[tuple, onnx.ModelProto] = {}
-        self._shared: dict[
-            Path, dict[str, tuple[int, int]]
-        ] = {}  # weights file -> tensor -> (offset, length)
+        # a block's shared weights file -> what is in it: tensor -> (offset, length)
+        self._shared: dict[Path, dict[str, tuple[int, int]]] = {}
 
     def export(
         self,
@@ -147,9 +145,10 @@ class BlockGraphExporter:
             args = example_args(spec, precision)
             self._templates[key] = trace_block(module, args, spec, self.opset)
         weights = _named_tensors(block) if weights is None else weights
-        # a block's graphs all go to one shared weights file, or none does (`GraphSpec.entry`)
+        # a block's graphs all go to one shared weights file, or none does (`GraphSpec.entry`):
+        # the module holds the whole block, whatever the method
         shared = None
-        if weight_bytes(BlockMethod(block, "step", precision)) > EXTERNAL_DATA_BYTES:
+        if weight_bytes(module) > EXTERNAL_DATA_BYTES:
             shared = self._shared.setdefault(path.parent / spec.data_file, {})
         write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, shared)
         release_freed_memory()

@@ -381,11 +381,14 @@ class Manifest(Contract):
     def verify_files(self, directory: Path) -> None:
         """Every graph, external-data and other file exists and matches its sha256."""
         owned = [(f"graph {g.name}", e) for g in self.graphs for e in (g, *g.external_data)]
+        hashed: dict[str, str] = {}  # a block's graphs share one weights file: hashed once
         for owner, entry in owned + [(f"file {f.file}", f) for f in self.files]:
             path = inside(directory, entry.file)
             if not path.is_file():
                 raise StarflowError(f"{owner}: file {path} is missing")
-            if sha256(path) != entry.sha256:
+            if entry.file not in hashed:
+                hashed[entry.file] = sha256(path)
+            if hashed[entry.file] != entry.sha256:
                 raise StarflowError(f"{owner}: {path} does not match its sha256 in the manifest")
 
     def to_dict(self) -> dict[str, Any]:

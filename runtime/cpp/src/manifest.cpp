@@ -169,8 +169,11 @@ std::string Manifest::path(const std::string& file) const {
 }
 
 void Manifest::verify_files() const {
+  std::map<std::string, std::string> hashed;  // file -> its sha256: a block's graphs share one weights file
   auto verify = [&](const std::string& owner, const FileEntry& entry) {
-    std::string actual = sha256_file(path(entry.file));
+    auto found = hashed.find(entry.file);
+    if (found == hashed.end()) found = hashed.emplace(entry.file, sha256_file(path(entry.file))).first;
+    const std::string& actual = found->second;
     if (actual != entry.sha256)
       throw Error(owner + ": file " + directory + "/" + entry.file + " does not match its sha256 in manifest.json "
                   "(changed since the export; re-export)");
