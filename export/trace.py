@@ -34,6 +34,9 @@ from starflow.model.flow import FlowBlock
 
 # Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
+# A block whose weights exceed this keeps them in one external file its graphs share, so they are
+# written (and stored) once, not once per graph: 0.9 GB per graph for the 3B model's shallow blocks.
+SHARED_WEIGHTS_BYTES = 64 << 20
 ALIGNMENT = 4096  # external data offsets: page-aligned, so a runtime can map a weight in place
 TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
 
@@ -148,7 +151,7 @@ class BlockGraphExporter:
         # a block's graphs all go to one shared weights file, or none does (`GraphSpec.entry`):
         # the module holds the whole block, whatever the method
         shared = None
-        if weight_bytes(module) > EXTERNAL_DATA_BYTES:
+        if weight_bytes(module) > min(SHARED_WEIGHTS_BYTES, EXTERNAL_DATA_BYTES):
             shared = self._shared.setdefault(path.parent / spec.data_file, {})
         write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, shared)
         release_freed_memory()
