@@ -23,14 +23,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 
-# Runs in the child: point starflow's packages at one checkout, then export the digits model the
-# way `starflow generate` does on first use (fp32 graphs, density and denoise, validation on).
+# Runs in the child: export the digits model the way `starflow generate` does on first use (fp32
+# graphs, density and denoise, validation on).
 CHILD = """
 import sys, time
-import __editable___starflow_0_1_0_finder as finder
-root, installed = sys.argv[1], finder.MAPPING["starflow"].rsplit("/", 1)[0]  # the installed checkout
-for name, path in list(finder.MAPPING.items()):
-    finder.MAPPING[name] = root + path[len(installed):]
 began = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[3]))
@@ -38,20 +34,31 @@ from pathlib import Path
 from starflow.core.config import DEMO_CHECKPOINT
 from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets
 from starflow.export.onnx import ExportOptions, export_onnx
-assert str(DEMO_CHECKPOINT).startswith(root), DEMO_CHECKPOINT
+assert str(DEMO_CHECKPOINT).startswith(sys.argv[1]), DEMO_CHECKPOINT
 presets = load_presets(DIGITS_PRESETS)
 options = ExportOptions(precisions=("fp32",), density=True, sampling_presets=presets, force=True)
 export_onnx(DEMO_CHECKPOINT, Path(sys.argv[2]), options)
 print(time.perf_counter() - began)
+"""
+# Imported by every Python process of the run (its export may start workers): points the editable
+# install's package map at the checkout in STARFLOW_SOURCE_ROOT.
+SITECUSTOMIZE = """
+import os
+import __editable___starflow_0_1_0_finder as finder
+root, installed = os.environ["STARFLOW_SOURCE_ROOT"], finder.MAPPING["starflow"].rsplit("/", 1)[0]
+for name, path in list(finder.MAPPING.items()):
+    finder.MAPPING[name] = root + path[len(installed):]
 """
 
 
 def run(root: Path, threads: int) -> float:
     """One export by `root`'s code in a fresh process; its seconds from start to the export's end."""
     with tempfile.TemporaryDirectory() as work:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        (Path(work) / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=work, STARFLOW_SOURCE_ROOT=str(root))
         command = [sys.executable, "-c", CHILD, str(root), str(Path(work) / "export"), str(threads)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        # run from the checkout: `python -c` puts the working directory first on sys.path
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, check=False)
     if done.returncode != 0:
         raise SystemExit(f"export by {root} failed:\n{done.stderr[-3000:]}")
     return float(done.stdout.strip().splitlines()[-1])

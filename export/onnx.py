@@ -174,7 +174,7 @@ def export_onnx(
 ) -> Manifest:
     """Export every flow block of a checkpoint, and its pipeline components, into `out`.
 
-    Nothing is written before the checkpoint has loaded and every option has been checked, and
+    Nothing is written before every option and the checkpoint's keys and shapes have been checked, and
     `out` only ever holds a complete, validated export. Returns the manifest written there.
     """
     from starflow.export.denoise import validate_gradient
