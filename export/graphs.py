@@ -116,7 +116,7 @@ def _meta(tensor: Tensor) -> Tensor:
 
 
 class BlockMethod(nn.Module):
-    """One method of a FlowBlock (see BLOCK_METHODS) as a module, for torch.onnx.export."""
+    """One method of a FlowBlock (see BLOCK_METHODS) as a module, for the tracer."""
 
     def __init__(self, block: FlowBlock, kind: str, precision: Precision):
         super().__init__()
@@ -176,9 +176,17 @@ class GraphSpec:
                     "(a dynamic dim was specialised?)"
                 )
 
-    def entry(self, directory: Path, dims: dict[str, Range]) -> Graph:
-        """The manifest entry of the exported file in `directory`: files with sha256, profile."""
-        external = (FileEntry.of(directory, self.data_file),) if (directory / self.data_file).exists() else ()
+    def entry(
+        self, directory: Path, dims: dict[str, Range], hashed: dict[str, FileEntry] | None = None
+    ) -> Graph:
+        """The manifest entry of the exported file in `directory`: files with sha256, profile.
+        `hashed`: entries of files already hashed (a block's graphs share its weights file)."""
+        hashed = {} if hashed is None else hashed
+        external = ()
+        if (directory / self.data_file).exists():
+            if self.data_file not in hashed:
+                hashed[self.data_file] = FileEntry.of(directory, self.data_file)
+            external = (hashed[self.data_file],)
         main = FileEntry.of(directory, self.file)
         return Graph(
             self.name, self.block, self.kind, self.precision, main.file, main.sha256, main.bytes, external,

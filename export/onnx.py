@@ -1,9 +1,10 @@
 """`starflow export onnx`: per-block step/prefill/forward/vjp graphs + components + manifest, validated.
 
 The export runs in small steps so that a failure leaves nothing behind: check every option and
-load the checkpoint (no file touched), plan the graphs, export them and the components into a
-temporary sibling of `out`, write the manifest, validate there against PyTorch, then swap the
-finished directory into place with renames.
+the checkpoint's keys and shapes (no file touched), plan the graphs, then, block by block, write
+a block's graphs into a temporary sibling of `out` (its weights read from the checkpoint one
+tensor at a time) and validate them against PyTorch; then the components and the manifest, and
+the finished directory is swapped into place with renames.
 """
 
 from __future__ import annotations
@@ -112,11 +113,7 @@ class ExportOptions:
         check_count(self.max_batch, "max_batch")
         if self.max_frames is not None:  # None: the default
             check_count(self.max_frames, "max_frames")
-        if self.denoise and "fp32" not in self.precisions:
-            raise StarflowError(
-                "denoise: the self-denoise runs fp32 graphs; add fp32 to precisions (--precision fp32) "
-                "or export without it (denoise=False, --no-denoise)"
-            )
+
         if self.fps is not None and not (isinstance(self.fps, int | float) and 0 < self.fps < float("inf")):
             raise StarflowError(f"fps: must be a number > 0, got {self.fps!r}")
 
@@ -188,6 +185,11 @@ def export_onnx(
     streamed = StreamedModel(config, checkpoint)  # the blocks' weights are read one block at a time
     model = streamed.model
     check_exportable(model)
+    if options.denoise and model.learnable_self_denoiser is None and "fp32" not in options.precisions:
+        raise StarflowError(
+            "denoise: the self-denoise runs the blocks' fp32 graphs; add fp32 to precisions "
+            "(--precision fp32 or both) or export without it (denoise=False, --no-denoise)"
+        )
     default = LatentRange.default(model.config)
     latent = LatentRange(options.min_latent or default.min, options.max_latent or default.max)
     latent.check(model.config)
@@ -220,12 +222,14 @@ def export_onnx(
             for spec in specs:
                 report(f"export {spec.name}")
                 exporter.export(spec, block, PRECISIONS[spec.precision], work / spec.file, tensors)
-            block_graphs = [spec.entry(work, dims) for spec in specs]
+            hashed: dict[str, FileEntry] = {}  # the block's shared weights file, hashed once
+            block_graphs = [spec.entry(work, dims, hashed) for spec in specs]
             graphs += block_graphs
             entries.append(block_entry(model, block, block_graphs, used, tensors["sos_embed"]))
             if options.validate:
+                kinds = {spec.kind for spec in specs}
                 with streamed.loaded(block.index):
-                    references = block_references(block, model.config.txt_dim, cases)
+                    references = block_references(block, model.config.txt_dim, cases, kinds)
                 # with the block's weights released: one session's memory
                 report(f"validate block{block.index} against PyTorch")
                 results += compare_block(work, block_graphs, cases, references)

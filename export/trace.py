@@ -32,10 +32,11 @@ from starflow.export.defaults import DEFAULT_OPSET as DEFAULT_OPSET
 from starflow.export.graphs import ENGINE_KINDS, BlockMethod, GraphSpec, Precision
 from starflow.model.flow import FlowBlock
 
-# Graphs whose weights exceed this go to ONNX external data (protobuf's hard limit is 2 GiB).
+# A component graph whose weights exceed this goes to ONNX external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
-# A block whose weights exceed this keeps them in one external file its graphs share, so they are
-# written (and stored) once, not once per graph: 0.9 GB per graph for the 3B model's shallow blocks.
+# A block whose weights (in one precision) exceed this keeps them in one external file its graphs
+# of that precision share, so they are written (and stored) once, not once per graph: 0.9 GB per
+# graph for the 3B model's shallow blocks.
 SHARED_WEIGHTS_BYTES = 64 << 20
 ALIGNMENT = 4096  # external data offsets: page-aligned, so a runtime can map a weight in place
 TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
@@ -80,13 +81,6 @@ def example_args(spec: GraphSpec, precision: Precision) -> tuple[torch.Tensor, .
         dtype = precision.dtype if tensor.dtype == "float16" else torch.float32
         args.append(torch.randn(shape).to(dtype))
     return tuple(args)
-
-
-def export_block_graph(
-    spec: GraphSpec, block: FlowBlock, precision: Precision, path: Path, opset: int
-) -> None:
-    """Export one block method (step, prefill, density or vjp) to `path`."""
-    BlockGraphExporter(opset).export(spec, block, precision, path)
 
 
 # Attributes of a FlowBlock that no exported method reads: its place in the model. The flip is
@@ -148,10 +142,10 @@ class BlockGraphExporter:
             args = example_args(spec, precision)
             self._templates[key] = trace_block(module, args, spec, self.opset)
         weights = _named_tensors(block) if weights is None else weights
-        # a block's graphs all go to one shared weights file, or none does (`GraphSpec.entry`):
-        # the module holds the whole block, whatever the method
+        # a block's graphs of one precision all go to one shared weights file, or none does
+        # (`GraphSpec.entry`): the module holds the whole block, whatever the method
         shared = None
-        if weight_bytes(module) > min(SHARED_WEIGHTS_BYTES, EXTERNAL_DATA_BYTES):
+        if weight_bytes(module) > SHARED_WEIGHTS_BYTES:
             shared = self._shared.setdefault(path.parent / spec.data_file, {})
         write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, shared)
         release_freed_memory()
@@ -242,24 +236,24 @@ def trace_block(
                 graph.graph, model, graph_like=model.graph, owned_graphs={}, lower="at_conversion",
                 registry=registry,
             )  # fmt: skip
-    except Exception as err:  # tracing and translation raise many types; name the graph, keep the cause
+        _set_signature(model, graph, values, weights, spec)
+        _ir_passes.add_opset_imports(model)
+        model = onnxscript_apis.convert_version(model, opset)
+        ir.passes.common.InlinePass()(model)  # torchlib's functions
+        if spec.kind in ENGINE_KINDS:
+            # for TensorRT: onnxscript's optimizer rewrites the sequence ops it cannot parse
+            # (SplitToSequence) into Split. One pass without ONNX shape inference does it: 1.4 s
+            # against 2.7 s for torch.onnx's default on the digits model's deep step graph; the vjp
+            # graphs (ONNX Runtime only) skip it (20 s on the deep one)
+            onnxscript.optimizer.optimize_ir(model, num_iterations=1, onnx_shape_inference=False)
+        for value in (*model.graph.inputs, *model.graph.outputs):  # the declared names of symbolic dims
+            if value.shape is not None:
+                value.shape = ir.Shape([_declared_dim(d, dim_names) for d in value.shape])
+        proto = ir.serde.serialize_model(model)
+    except Exception as err:  # the tracer, translator and passes raise many types; keep the cause
         raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
-    _set_signature(model, graph, values, weights, spec)
-    _ir_passes.add_opset_imports(model)
-    model = onnxscript_apis.convert_version(model, opset)
-    ir.passes.common.InlinePass()(model)  # torchlib's functions
-    if spec.kind in ENGINE_KINDS:
-        # for TensorRT: onnxscript's optimizer rewrites the sequence ops it cannot parse
-        # (SplitToSequence) into Split. One pass without ONNX shape inference does it: 1.4 s
-        # against 2.7 s for torch.onnx's default on the digits model's deep step graph; the vjp
-        # graphs (ONNX Runtime only) skip it (20 s on the deep one)
-        onnxscript.optimizer.optimize_ir(model, num_iterations=1, onnx_shape_inference=False)
-    for value in (*model.graph.inputs, *model.graph.outputs):  # the declared names of symbolic dims
-        if value.shape is not None:
-            value.shape = ir.Shape([_declared_dim(d, dim_names) for d in value.shape])
-    proto = ir.serde.serialize_model(model)
-    # inner shapes name the tracer's symbols (s0, s1...), numbered by trace history: inference
-    # from the declared inputs recomputes them, and files stay byte-equal across traces
+    # inner shapes name the tracer's symbols (s0, s1...), numbered by trace history: inference from
+    # the declared inputs recomputes them, and files stay byte-equal across traces
     del proto.graph.value_info[:]
     return proto
 
@@ -311,7 +305,7 @@ def write_block_graph(
 ) -> None:
     """`template` with the weights among its inputs turned into initializers holding `tensors`
     (cast to the dtype the template declares), written one tensor at a time: into the protobuf,
-    or (`shared`, past protobuf's 2 GiB) into the block's weights file `spec.data_file` at
+    or (`shared`, a block past SHARED_WEIGHTS_BYTES) into its weights file `spec.data_file` at
     page-aligned offsets (so ONNX Runtime can map them), where `shared` lists what the block's
     earlier graphs wrote there (reused, not written twice). Then `onnx.checker` and the
     declared-signature check."""
@@ -322,6 +316,27 @@ def write_block_graph(
     del model.graph.input[:]
     model.graph.input.extend(v for v in inputs if v.name not in tensors)
     data = path.with_name(spec.data_file)
+    try:
+        _write_initializers(model, inputs, tensors, data, shared)
+    except OSError as err:
+        raise StarflowError(
+            f"export of graph {spec.name} failed: cannot write {data}: {err.strerror}"
+        ) from None
+    try:
+        onnx.save(model, str(path))
+    except (OSError, ValueError) as err:
+        raise StarflowError(f"export of graph {spec.name} failed: cannot write {path}: {err}") from None
+    check_graph_file(path, spec)
+
+
+def _write_initializers(
+    model: onnx.ModelProto,
+    inputs: list[onnx.ValueInfoProto],
+    tensors: Mapping[str, torch.Tensor],
+    data: Path,
+    shared: dict[str, tuple[int, int]] | None,
+) -> None:
+    """`write_block_graph`'s initializers: the weights among `inputs`, one tensor at a time."""
     with open(data, "ab") if shared is not None else contextlib.nullcontext() as out:
         for value in (v for v in inputs if v.name in tensors):
             dtype = TORCH_DTYPES[value.type.tensor_type.elem_type]
@@ -345,11 +360,6 @@ def write_block_graph(
             for field, entry in (("location", data.name), ("offset", offset), ("length", length)):
                 initializer.external_data.add(key=field, value=str(entry))
             model.graph.initializer.append(initializer)
-    try:
-        onnx.save(model, str(path))
-    except (OSError, ValueError) as err:
-        raise StarflowError(f"export of graph {spec.name} failed: cannot write {path}: {err}") from None
-    check_graph_file(path, spec)
 
 
 def weight_bytes(module: nn.Module) -> int:

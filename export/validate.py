@@ -1,11 +1,12 @@
 """Validation: every exported graph against the PyTorch block it was exported from, in ONNX Runtime.
 
 The reference side runs the block's own methods eagerly in fp32 (`FlowBlock.open`, the cached
-step the PyTorch sampler uses, and `FlowBlock.density`), so the comparison covers the exporter
-and the fp16 casts. Each graph runs at three shape cases that differ from the export example:
-another batch, a non-square grid and a small one, chunk 1 and chunk c, an empty and a non-empty
-cache, two text lengths. Pipeline-level parity (the runtime's samples against the reference's
-and the official goldens) is tested separately, in tests/runtime/test_pipeline.py.
+step the PyTorch sampler uses, `FlowBlock.density` and `FlowBlock.vjp`), so the comparison
+covers the exporter and the fp16 casts. Each graph runs at three shape cases that differ from
+the export example: another batch, a non-square grid and a small one, chunk 1 and chunk c, an
+empty and a non-empty cache, two text lengths. Pipeline-level parity (the runtime's samples
+against the reference's and the official goldens) is tested separately, in
+tests/runtime/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def shape_cases(latent: Latent, text_length: int, video: Video | None) -> list[C
 
 
 @torch.no_grad()
-def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Feeds and PyTorch outputs of every graph kind of `block` at `case` (fp32)."""
+def reference(
+    block: FlowBlock, text_dim: int, case: Case, seed: int, vjp: bool = True
+) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds and PyTorch outputs of every graph kind of `block` at `case` (fp32); the vjp's (a
+    backward pass) only with `vjp`."""
     gen = torch.Generator().manual_seed(seed)
     B, (h, w), D = case.batch, case.grid, block.proj_in.in_features
     L = case.text_length if block.text_conditioned else 0
@@ -114,11 +118,18 @@ def reference(block: FlowBlock, text_dim: int, case: Case, seed: int) -> dict[st
     x = torch.randn(B, case.frames * h * w, D, generator=gen)  # block order
     z, logdet = block.density(x, torch.from_numpy(grid), text)
     out["forward"] = {"in:x": x.numpy(), "in:grid": grid, "z": z.numpy(), "logdet": logdet.numpy()}
-    grad_z = torch.randn(x.shape, generator=gen)
-    grad_x = block.vjp(x, torch.from_numpy(grid), grad_z, text)
-    out["vjp"] = {"in:x": x.numpy(), "in:grid": grid, "in:grad_z": grad_z.numpy(), "grad_x": grad_x.numpy()}
-    if text is not None:
-        out["forward"]["in:text"] = out["vjp"]["in:text"] = text.numpy()
+    if vjp:
+        grad_z = torch.randn(x.shape, generator=gen)
+        grad_x = block.vjp(x, torch.from_numpy(grid), grad_z, text)
+        out["vjp"] = {
+            "in:x": x.numpy(),
+            "in:grid": grid,
+            "in:grad_z": grad_z.numpy(),
+            "grad_x": grad_x.numpy(),
+        }
+    for kind in ("forward", "vjp"):
+        if text is not None and kind in out:
+            out[kind]["in:text"] = text.numpy()
     return out
 
 
@@ -129,10 +140,12 @@ def manifest_cases(manifest: Manifest) -> list[Case]:
     return shape_cases(manifest.latent, manifest.text.max_length if manifest.text else 0, manifest.video)
 
 
-def block_references(block: FlowBlock, text_dim: int, cases: list[Case], seed: int = 0) -> References:
-    """PyTorch's feeds and outputs of every graph kind of `block` at every case: computed while the
+def block_references(
+    block: FlowBlock, text_dim: int, cases: list[Case], kinds: set[str], seed: int = 0
+) -> References:
+    """PyTorch's feeds and outputs of `block`'s graph kinds at every case: computed while the
     block's weights are loaded, compared after they are released."""
-    return [reference(block, text_dim, case, seed + i) for i, case in enumerate(cases)]
+    return [reference(block, text_dim, case, seed + i, "vjp" in kinds) for i, case in enumerate(cases)]
 
 
 def compare_block(
@@ -159,7 +172,8 @@ def validate_export(
     results: list[Comparison] = []
     cases = manifest_cases(manifest)
     for entry in manifest.blocks:
-        refs = block_references(model.blocks[entry.index], model.config.txt_dim, cases, seed)
+        kinds = {kind for names in entry.graphs.values() for kind in names}
+        refs = block_references(model.blocks[entry.index], model.config.txt_dim, cases, kinds, seed)
         graphs = [manifest.graph(name) for kinds in entry.graphs.values() for name in kinds.values()]
         results += compare_block(directory, graphs, cases, refs)
     return results

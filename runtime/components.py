@@ -66,7 +66,8 @@ class GradientDenoiser:
         self.pipeline = pipeline
 
     def denoise(self, x: np.ndarray, text: np.ndarray | None, noise_std: float) -> np.ndarray:
-        """x (B, C, H, W) float32, text (B, L, text_dim) float32 or None -> the denoised x."""
+        """x (B, C, H, W) (or clips (B, F, C, H, W)) float32, text (B, L, text_dim) float32 or None ->
+        the denoised x."""
         if not math.isfinite(noise_std) or noise_std < 0:
             raise StarflowError(f"noise_std: must be a finite number >= 0, got {noise_std}")
         grad = self.pipeline.nll_gradient(x, text)

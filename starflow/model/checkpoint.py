@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import os
 import pickle
 import re
 import zipfile
@@ -35,6 +37,7 @@ from starflow.model.flow import StarFlow
 # Zero/one buffers of the official code that no computation reads.
 DEPRECATED_KEYS = re.compile(r"^(var|feat_rope\.freqs_(cos|sin)|blocks\.\d+\.attn_mask)$")
 CONFIG_METADATA_KEY = "starflow_config"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -43,9 +46,11 @@ SAFETENSORS_DTYPES = {
 
 
 class CheckpointTensors:
-    """A checkpoint's tensors, each read when asked for: `.safetensors` through `safe_open`, `.pth`
-    memory-mapped by `torch.load(mmap=True)`. Names and shapes come without reading any data, so a
-    model larger than memory can be checked whole and then loaded a block at a time."""
+    """A checkpoint's tensors, each read when asked for: `.safetensors` into memory of its own,
+    `.pth` memory-mapped by `torch.load(mmap=True)`. Names and shapes come without reading any
+    data, so a model larger than memory can be checked whole and then loaded a block at a time.
+    (A `.pth`'s fp32 tensors stay views of the mapping: the pages a block touched stay resident,
+    as reclaimable page cache, after the block is released.)"""
 
     def __init__(self, path: str | Path):
         self.path = path = Path(path)
@@ -64,13 +69,8 @@ class CheckpointTensors:
                 metadata = checked.metadata() or {}
                 names = list(checked.keys())  # noqa: SIM118 (safe_open has no __iter__)
                 self.shapes = {k: tuple(checked.get_slice(k).get_shape()) for k in names}
-            # safe_open has checked the header: where each tensor's bytes lie, read from it
-            with open(self.path, "rb") as file:
-                size = int.from_bytes(file.read(8), "little")
-                header = json.loads(file.read(size))
-            self._data_start = 8 + size
-            self._layout = {k: (header[k]["dtype"], header[k]["data_offsets"]) for k in names}
-        except (SafetensorError, OSError, ValueError) as err:
+            self._layout = self._read_layout(names)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
             raise StarflowError(
                 f"checkpoint {self.path}: corrupt or truncated safetensors file ({err})"
             ) from None
@@ -82,6 +82,30 @@ class CheckpointTensors:
                     f"checkpoint {self.path}: embedded config is not valid JSON ({err})"
                 ) from None
             self.config = config_from_dict(embedded, f"checkpoint {self.path} config")
+
+    def _read_layout(self, names: list[str]) -> dict[str, tuple[torch.dtype, int, int]]:
+        """Where each tensor's bytes lie (its dtype, begin, end in the file), from the header
+        safe_open has checked, checked again here against this file as it is now (it may have
+        been replaced since): every tensor inside the file, its size its shape's, its dtype one
+        torch reads."""
+        with open(self.path, "rb") as file:
+            file_size = os.fstat(file.fileno()).st_size
+            size = int.from_bytes(file.read(8), "little")
+            if size > min(file_size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(file.read(size))
+        layout = {}
+        for name in names:
+            entry = header[name]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which starflow does not read")
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = (8 + size + offset for offset in entry["data_offsets"])
+            nbytes = math.prod(self.shapes[name]) * dtype.itemsize
+            if not 8 + size <= begin <= end <= file_size or end - begin != nbytes:
+                raise ValueError(f"tensor {name!r} lies outside the file or does not fill its shape")
+            layout[name] = (dtype, begin, end)
+        return layout
 
     def _open_pickle(self) -> None:
         path = self.path
@@ -110,15 +134,17 @@ class CheckpointTensors:
         8.7 GiB by the 3B model's deep block)."""
         if self._tensors is not None:
             return self._tensors[key]
-        dtype, (begin, end) = self._layout[key]
+        dtype, begin, end = self._layout[key]
+        if begin == end:  # no elements: nothing to read (torch.frombuffer refuses an empty buffer)
+            return torch.empty(self.shapes[key], dtype=dtype)
         buffer = bytearray(end - begin)
         try:
             with open(self.path, "rb") as file:
-                file.seek(self._data_start + begin)
+                file.seek(begin)
                 if file.readinto(buffer) != len(buffer):
                     raise ValueError("the file ends inside it")
-            return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[dtype]).reshape(self.shapes[key])
-        except (KeyError, OSError, ValueError, RuntimeError) as err:
+            return torch.frombuffer(buffer, dtype=dtype).reshape(self.shapes[key])
+        except (OSError, ValueError, RuntimeError) as err:
             raise StarflowError(f"checkpoint {self.path}: tensor {key!r} cannot be read ({err})") from None
 
     def state(self) -> dict[str, torch.Tensor]:

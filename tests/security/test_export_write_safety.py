@@ -148,12 +148,17 @@ def test_failed_validation_leaves_the_previous_export_intact(tmp_path, monkeypat
     checkpoint = tmp_path / "one-block.safetensors"
     starflow.save_model(random_model(config_from_dict(ONE_BLOCK)), checkpoint)
     out = tmp_path / "artifacts"
-    monkeypatch.setattr(trace, "EXTERNAL_DATA_BYTES", 0)  # the > 2 GB path, on a small model
+    monkeypatch.setattr(trace, "EXTERNAL_DATA_BYTES", 0)  # the > 2 GB paths, on a small model
+    monkeypatch.setattr(trace, "SHARED_WEIGHTS_BYTES", 0)
     options = ExportOptions(precisions=("fp32",), denoise=False)
     export_onnx(checkpoint, out, options)
     before = (out / "manifest.json").read_bytes()
-    manifest = Manifest.load(out)  # checks the sha256 of every .onnx and .onnx.data file
+    manifest = Manifest.load(out)  # checks the sha256 of every .onnx and external data file
     assert all(g.external_data for g in manifest.graphs)
+    # a block's graphs share its one weights file
+    assert {g.external_data[0].file for g in manifest.graphs if g.block is not None} == {
+        "block0.fp32.weights"
+    }
     assert all(v.passed for v in manifest.validation)
 
     monkeypatch.setitem(validate_module.TOLERANCES, "fp32", validate_module.Tolerance(atol=0.0, rtol=0.0))
