@@ -147,35 +147,9 @@ class BlockGraphExporter:
         shared = None
         if weight_bytes(module) > SHARED_WEIGHTS_BYTES:
             shared = self._shared.setdefault(path.parent / spec.data_file, {})
-        write_block_graph(self._templates[key], _Prefixed(weights, "block."), spec, path, shared)
+        write_block_graph(self._templates[key], weights, spec, path, shared)
         release_freed_memory()
         return reused
-
-
-class _Prefixed(Mapping[str, torch.Tensor]):
-    """`tensors` under the names a module holding them as `prefix`... gives them (BlockMethod's
-    `block.`), looked up only when asked for (a streamed block reads each on lookup)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str):
-        self._tensors, self._prefix = tensors, prefix
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if not name.startswith(self._prefix):
-            raise KeyError(name)
-        return self._tensors[name[len(self._prefix) :]]
-
-    def __contains__(self, name: object) -> bool:  # without reading the tensor
-        return (
-            isinstance(name, str)
-            and name.startswith(self._prefix)
-            and name[len(self._prefix) :] in self._tensors
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return (self._prefix + name for name in self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
 
 
 @functools.cache
@@ -189,11 +163,11 @@ def _onnx_registry(opset: int) -> tuple[Any, dict]:
 
 
 def trace_block(
-    module: nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int
+    module: BlockMethod, args: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int
 ) -> onnx.ModelProto:
     """`module` traced once to ATen ops (a vjp graph's backward included) over fake inputs and fake
-    weights by make_fx, then translated op by op into ONNX by torch.onnx's translator, with its
-    weights as inputs named after them: the graph, not yet its weights.
+    weights by make_fx, then translated op by op into ONNX by torch.onnx's translator, with the
+    block's weights as inputs named as the block names them: the graph, not yet its weights.
 
     torch.onnx.export traces three times (torch.export, its decompositions, then the translation);
     one make_fx trace measured 3-6 s a block graph of the digits model against 6-14 s, and 11 s
@@ -204,7 +178,8 @@ def trace_block(
     """
     registry, decompositions = _onnx_registry(opset)
     tensors = _named_tensors(module)
-    weights = list(tensors)
+    weights = list(tensors)  # BlockMethod's names, for functional_call
+    names = [w.removeprefix("block.") for w in weights]  # the graph's: the block's own
 
     def call(*flat: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(
@@ -236,7 +211,7 @@ def trace_block(
                 graph.graph, model, graph_like=model.graph, owned_graphs={}, lower="at_conversion",
                 registry=registry,
             )  # fmt: skip
-        _set_signature(model, graph, values, weights, spec)
+        _set_signature(model, graph, values, names, spec)
         _ir_passes.add_opset_imports(model)
         model = onnxscript_apis.convert_version(model, opset)
         ir.passes.common.InlinePass()(model)  # torchlib's functions
