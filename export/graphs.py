@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
 ENGINE_KINDS = ("step", "prefill", "forward")  # the block graphs a TensorRT engine is built for
-BLOCK_METHODS = {"step": "step", "prefill": "prefill", "forward": "density", "vjp": "vjp"}  # kind -> method
+BLOCK_METHODS = {  # kind -> method
+    "step": "step", "prefill": "prefill", "forward": "density", "vjp": "vjp",
+    "forward+vjp": "density_and_vjp",  # a tracing kind: both graphs from one trace (`joint_spec`)
+}  # fmt: skip
 
 
 # ---- precision -------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class GraphSpec:
     """What one graph must look like; checked against the exported file."""
 
     block: int | None  # None: a component graph (text_encoder, decoder, denoise)
-    kind: str  # step | prefill | forward | text_encoder | decoder | denoise
+    kind: str  # step | prefill | forward | vjp | text_encoder | decoder | denoise (forward+vjp: traced only)
     precision: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -260,6 +263,13 @@ def block_specs(
         outputs = (TensorSpec("grad_x", "float32", ("batch", "tokens", D)),)
         specs.append(GraphSpec(block.index, "vjp", precision, inputs, outputs))
     return specs
+
+
+def joint_spec(forward: GraphSpec, vjp: GraphSpec) -> GraphSpec:
+    """The forward and vjp graphs of one block as one traced graph: the vjp's inputs, both outputs.
+    A vjp trace runs the forward pass anyway, so this one trace gives both graphs."""
+    outputs = forward.outputs + vjp.outputs
+    return GraphSpec(forward.block, "forward+vjp", forward.precision, vjp.inputs, outputs)
 
 
 # ---- shape profiles ----------------------------------------------------------------------------------

@@ -221,7 +221,10 @@ def export_onnx(
             tensors = streamed.block_tensors(block.index)  # each read as its graph is written
             for spec in specs:
                 report(f"export {spec.name}")
-                exporter.export(spec, block, PRECISIONS[spec.precision], work / spec.file, tensors)
+                vjp = [s for s in specs if s.kind == "vjp" and s.precision == spec.precision]
+                traced_with = vjp[0] if spec.kind == "forward" and vjp else None  # one trace for both
+                path = work / spec.file
+                exporter.export(spec, block, PRECISIONS[spec.precision], path, tensors, traced_with)
             hashed: dict[str, FileEntry] = {}  # the block's shared weights file, hashed once
             block_graphs = [spec.entry(work, dims, hashed) for spec in specs]
             graphs += block_graphs

@@ -17,19 +17,22 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 import onnxscript.optimizer
+import onnxscript.rewriter
 import torch
 import torch._dynamo
+from onnxscript.rewriter.rules import common as rewrite_rules
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.onnx._internal._lazy_import import onnxscript_apis
 from torch.onnx._internal.exporter import _constants, _core, _decomp, _fx_passes, _ir_passes, _registration
+from torch.onnx._internal.fx.passes import type_promotion
 
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
 from starflow.export.defaults import DEFAULT_OPSET as DEFAULT_OPSET
-from starflow.export.graphs import ENGINE_KINDS, BlockMethod, GraphSpec, Precision
+from starflow.export.graphs import BlockMethod, GraphSpec, Precision, joint_spec
 from starflow.model.flow import FlowBlock
 
 # A component graph whose weights exceed this goes to ONNX external data (protobuf's hard limit is 2 GiB).
@@ -132,23 +135,33 @@ class BlockGraphExporter:
         precision: Precision,
         path: Path,
         weights: Mapping[str, torch.Tensor] | None = None,
+        traced_with: GraphSpec | None = None,
     ) -> bool:
         """Export `spec` of `block` to `path`; True when a template was reused (no trace).
-        `weights`: the block's tensors by name, when `block` holds none of its own (meta device)."""
+        `weights`: the block's tensors by name, when `block` holds none of its own (meta device).
+        `traced_with`: the block's vjp graph, for a forward graph: both come from one trace (see
+        `joint_spec`) and the vjp's template is kept for its own export."""
         module = BlockMethod(block, spec.kind, precision)  # the block's structure in `precision`
         key = structure_key(spec, module)
         reused = key in self._templates
-        if not reused:
-            args = example_args(spec, precision)
-            self._templates[key] = trace_block(module, args, spec, self.opset)
+        if not reused and traced_with is None:
+            (self._templates[key],) = trace_block(module, example_args(spec, precision), spec, self.opset)
+        elif not reused:
+            joint = joint_spec(spec, traced_with)
+            traced = BlockMethod(block, joint.kind, precision)
+            other = structure_key(traced_with, BlockMethod(block, traced_with.kind, precision))
+            self._templates[key], self._templates[other] = trace_block(
+                traced, example_args(joint, precision), joint, self.opset, parts=(spec, traced_with)
+            )
         weights = _named_tensors(block) if weights is None else weights
         # a block's graphs of one precision all go to one shared weights file, or none does
         # (`GraphSpec.entry`): the module holds the whole block, whatever the method
         shared = None
-        if weight_bytes(module) > SHARED_WEIGHTS_BYTES:
+        size = weight_bytes(module)
+        if size > SHARED_WEIGHTS_BYTES:
             shared = self._shared.setdefault(path.parent / spec.data_file, {})
         write_block_graph(self._templates[key], weights, spec, path, shared)
-        release_freed_memory()
+        release_freed_memory(size)
         return reused
 
 
@@ -163,11 +176,17 @@ def _onnx_registry(opset: int) -> tuple[Any, dict]:
 
 
 def trace_block(
-    module: BlockMethod, args: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int
-) -> onnx.ModelProto:
+    module: BlockMethod,
+    args: tuple[torch.Tensor, ...],
+    spec: GraphSpec,
+    opset: int,
+    parts: tuple[GraphSpec, ...] = (),
+) -> list[onnx.ModelProto]:
     """`module` traced once to ATen ops (a vjp graph's backward included) over fake inputs and fake
     weights by make_fx, then translated op by op into ONNX by torch.onnx's translator, with the
-    block's weights as inputs named as the block names them: the graph, not yet its weights.
+    block's weights as inputs named as the block names them: the graph, not yet its weights. One
+    graph per `parts` (each some of `spec`'s inputs and outputs, and what computes them), or
+    `spec`'s own.
 
     torch.onnx.export traces three times (torch.export, its decompositions, then the translation);
     one make_fx trace measured 3-6 s a block graph of the digits model against 6-14 s, and 11 s
@@ -186,7 +205,10 @@ def trace_block(
             module, dict(zip(weights, flat, strict=False)), flat[len(weights) :]
         )
 
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    # without FakeTensorMode's op cache: rebuilding a cached output's symbolic sizes and strides
+    # costs more than the meta kernel it saves (the digits model's graphs: 27 s against 43 s)
+    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     dim_names: dict[str, str] = {}  # symbol -> declared dim (equal example sizes share a symbol)
     fakes = []
     for arg, tensor in zip(args, spec.inputs, strict=True):
@@ -202,7 +224,7 @@ def trace_block(
                     torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) for t in tensors.values()
                 ]
                 graph = make_fx(call, decomposition_table=decompositions)(*fake_weights, *fakes)
-            _fx_passes.insert_type_promotion_nodes(graph)
+            insert_type_promotion(graph)
             graph = _fx_passes.remove_assertion_nodes(graph)
             model = ir.Model(
                 ir.Graph([], [], nodes=[], name=spec.name), ir_version=_constants.ONNX_IR_VERSION
@@ -215,22 +237,87 @@ def trace_block(
         _ir_passes.add_opset_imports(model)
         model = onnxscript_apis.convert_version(model, opset)
         ir.passes.common.InlinePass()(model)  # torchlib's functions
-        if spec.kind in ENGINE_KINDS:
-            # for TensorRT: onnxscript's optimizer rewrites the sequence ops it cannot parse
-            # (SplitToSequence) into Split. One pass without ONNX shape inference does it: 1.4 s
-            # against 2.7 s for torch.onnx's default on the digits model's deep step graph; the vjp
-            # graphs (ONNX Runtime only) skip it (20 s on the deep one)
-            onnxscript.optimizer.optimize_ir(model, num_iterations=1, onnx_shape_inference=False)
+        simplify(model)
         for value in (*model.graph.inputs, *model.graph.outputs):  # the declared names of symbolic dims
             if value.shape is not None:
                 value.shape = ir.Shape([_declared_dim(d, dim_names) for d in value.shape])
-        proto = ir.serde.serialize_model(model)
+        protos = [ir.serde.serialize_model(model)]
+        if parts:
+            protos = [_part(ir.serde.deserialize_model(protos[0]), part, names) for part in parts]
     except Exception as err:  # the tracer, translator and passes raise many types; keep the cause
         raise StarflowError(f"tracing graph {spec.name} failed: {type(err).__name__}: {err}") from err
-    # inner shapes name the tracer's symbols (s0, s1...), numbered by trace history: inference from
-    # the declared inputs recomputes them, and files stay byte-equal across traces
-    del proto.graph.value_info[:]
-    return proto
+    for proto in protos:
+        # inner shapes name the tracer's symbols (s0, s1...), numbered by trace history: inference
+        # from the declared inputs recomputes them, and files stay byte-equal across traces
+        del proto.graph.value_info[:]
+    return protos
+
+
+def _part(model: ir.Model, part: GraphSpec, weights: list[str]) -> onnx.ModelProto:
+    """`model` cut down to `part`'s outputs, the nodes computing them, and `part`'s inputs (and
+    every weight, as a graph traced for `part` alone has)."""
+    outputs = {t.name: i for i, t in enumerate(part.outputs)}
+    inputs = {name: i for i, name in enumerate([t.name for t in part.inputs] + weights)}
+    kept = sorted((v for v in model.graph.outputs if v.name in outputs), key=lambda v: outputs[v.name])
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(kept)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    kept = sorted((v for v in model.graph.inputs if v.name in inputs), key=lambda v: inputs[v.name])
+    model.graph.inputs.clear()
+    model.graph.inputs.extend(kept)
+    model.graph.name = part.name
+    return ir.serde.serialize_model(model)
+
+
+# The rewrites of onnxscript's default set that shorten these graphs: shape arithmetic feeding a
+# Reshape made constant where the shapes allow, and chained Reshapes and Slices merged
+REWRITE_RULES = [
+    rewrite_rules.materialize_reshape_shape_rule,
+    rewrite_rules.collapse_slice_rule,
+    rewrite_rules.collapse_slice2_rule,
+    rewrite_rules.reshape_reshape_rule,
+]
+
+
+class _RecordedValuesInterpreter(type_promotion._TypePromotionInterpreter):
+    """torch.onnx's type-promotion interpreter taking each node's value from the trace's record
+    (`meta["val"]`) instead of running the op again on fake tensors; a node the promotion changes
+    (and each cast it inserts) still runs. The graph is the same (a test compares them); the
+    digits model's fp32 graphs take 0.3 s instead of 7 s."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op != "call_function" or "val" not in n.meta:
+            return super().run_node(n)
+        before = (n.args, n.kwargs)
+        with self._set_current_node(n):
+            if rule := type_promotion.get_type_promotion_rule(n, self.type_promotion_table):
+                self._maybe_promote_node(n, rule)
+        if (n.args, n.kwargs) != before:  # promoted: its value changed
+            return fx.Interpreter.run_node(self, n)
+        return n.meta["val"]
+
+
+def insert_type_promotion(graph: fx.GraphModule, recorded: bool = True) -> None:
+    """torch.onnx's explicit type promotion (casts where ATen promotes implicitly, which ONNX ops
+    do not), in place; `recorded`: reusing the trace's values (`_RecordedValuesInterpreter`),
+    else torch.onnx's own pass."""
+    transform = type_promotion.InsertTypePromotion(graph)
+    if recorded:
+        transform.interpreter = _RecordedValuesInterpreter(graph, type_promotion.TypePromotionTable())
+    transform.run()
+
+
+def simplify(model: ir.Model) -> None:
+    """The part of onnxscript's optimizer these graphs need, in place: constant folding (which
+    also turns `SplitToSequence`, which TensorRT cannot parse, into `Split`), REWRITE_RULES, and
+    common subexpressions. The digits model's deep step graph: 1291 nodes to 584 in 0.1 s, where
+    the whole optimizer (`optimize_ir`, what torch.onnx runs) takes 1.1 s to reach 555 (25 of the
+    difference are constants it lifts to initializers), and both step at the same speed in ONNX
+    Runtime; onnxscript's other default rules remove 3 more nodes here at 10x the cost."""
+    onnxscript.optimizer.fold_constants_ir(model, onnx_shape_inference=False)
+    onnxscript.rewriter.RewritePass(REWRITE_RULES)(model)
+    ir.passes.common.CommonSubexpressionEliminationPass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
 def _set_signature(

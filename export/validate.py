@@ -160,7 +160,7 @@ def compare_block(
         for case, ref in zip(cases, refs, strict=True):
             results += _compare(runner, graph, case, ref[graph.kind], TOLERANCES[graph.precision])
         del runner
-        release_freed_memory()
+        release_freed_memory(graph.bytes + sum(f.bytes for f in graph.external_data))
     return results
 
 

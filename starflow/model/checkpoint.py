@@ -251,7 +251,7 @@ class StreamedModel:
             state = {k: torch.empty(shape, dtype=dtype, device="meta")
                      for k, (shape, dtype) in self.expected.items() if k.startswith(prefix)}  # fmt: skip
             self.model.load_state_dict(state, strict=False, assign=True)
-            release_freed_memory()
+            release_freed_memory(sum(t.numel() * t.element_size() for t in state.values()))
 
 
 class _ReadOnLookup(Mapping[str, torch.Tensor]):

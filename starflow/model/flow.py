@@ -353,11 +353,18 @@ class FlowBlock(nn.Module):
     def vjp(self, x: Tensor, grid: Tensor, grad_z: Tensor, text: Tensor | None = None) -> Tensor:
         """The density pass's vector-Jacobian product, one block's step of the NLL gradient: x and
         grad_z (B, T, D) in block order -> d/dx of sum(grad_z * z) - sum(logdet) (fp32)."""
+        return self.density_and_vjp(x, grid, grad_z, text)[2]
+
+    def density_and_vjp(
+        self, x: Tensor, grid: Tensor, grad_z: Tensor, text: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`density` and `vjp` in one pass: z, logdet and the gradient (the exporter traces the
+        forward and vjp graphs together from it)."""
         with torch.enable_grad():
             x = x.detach().float().requires_grad_(True)
             z, logdet = self.density(x, grid, text)
             (grad,) = torch.autograd.grad((z * grad_z).sum() - logdet.sum(), [x])
-        return grad
+        return z.detach(), logdet.detach(), grad
 
     def forward(self, x: Tensor, text: Tensor | None, grid: Tensor, frames: int = 1) -> tuple[Tensor, Tensor]:
         """x (B, T, D) raster order, frame after frame -> z (B, T, D) raster order, logdet

@@ -155,6 +155,79 @@ def test_typed_manifest_round_trips_its_json(fixture_artifacts):
         manifest.graph("block9.step.fp32")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_recorded_type_promotion_gives_torch_onnx_graphs(tmp_path, monkeypatch, precision):
+    """The promotion pass that reuses the trace's values writes the graphs torch.onnx's own pass
+    writes, byte for byte (every kind, the backward of vjp included), and no graph keeps a
+    sequence op (TensorRT cannot parse SplitToSequence)."""
+    import functools
+
+    import onnx
+
+    from starflow.core.config import StarFlowConfig
+    from starflow.export import trace
+    from starflow.export.graphs import Precision, block_specs
+    from starflow.model.testing import random_model
+
+    shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
+    model = random_model(StarFlowConfig(**shapes, layers_per_block=[1, 2], rope=True, sos=True))
+    deep = model.sampling_blocks()[0]
+    specs = block_specs(model.config, deep, precision, density=True, vjp=precision == "fp32")
+    assert {s.kind for s in specs} == {"step", "prefill", "forward"} | (
+        {"vjp"} if precision == "fp32" else set()
+    )
+    for name, recorded in (("recorded", True), ("torch", False)):
+        monkeypatch.setattr(
+            trace, "insert_type_promotion", functools.partial(trace.insert_type_promotion, recorded=recorded)
+        )
+        for spec in specs:
+            trace.BlockGraphExporter(20).export(
+                spec,
+                deep,
+                Precision(precision, fp32_norms=precision == "fp16"),
+                tmp_path / f"{name}.{spec.file}",
+            )
+    for spec in specs:
+        written = (tmp_path / f"recorded.{spec.file}").read_bytes()
+        assert written == (tmp_path / f"torch.{spec.file}").read_bytes(), spec.name
+        ops = {n.op_type for n in onnx.load_from_string(written).graph.node}
+        assert not {op for op in ops if "Sequence" in op}, spec.name
+
+
+def test_forward_and_vjp_traced_together_compute_what_each_traced_alone_does(tmp_path):
+    """A forward graph exported with its vjp (one trace, `joint_spec`) is the forward graph alone:
+    the same signature and outputs, and its vjp reuses the trace."""
+    from starflow.core.config import StarFlowConfig
+    from starflow.export.graphs import Precision, block_specs
+    from starflow.export.trace import BlockGraphExporter
+    from starflow.model.testing import random_model
+
+    shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
+    model = random_model(StarFlowConfig(**shapes, layers_per_block=[1, 2], rope=True, sos=True))
+    deep = model.sampling_blocks()[0]
+    _, _, forward, vjp = block_specs(model.config, deep, "fp32", density=True, vjp=True)
+    fp32 = Precision("fp32")
+    together, alone = BlockGraphExporter(20), BlockGraphExporter(20)
+    assert not together.export(forward, deep, fp32, tmp_path / forward.file, traced_with=vjp)
+    assert together.export(vjp, deep, fp32, tmp_path / vjp.file)  # from the same trace
+    for spec in (forward, vjp):
+        assert not alone.export(spec, deep, fp32, tmp_path / f"alone.{spec.file}")
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((2, 16, 2), dtype=np.float32),
+        "grid": np.array([4, 4]),
+        "grad_z": rng.standard_normal((2, 16, 2), dtype=np.float32),
+        "text": rng.standard_normal((2, 2, 8), dtype=np.float32),
+    }
+    for spec in (forward, vjp):
+        runs = [ort.InferenceSession(str(tmp_path / f"{prefix}{spec.file}")) for prefix in ("", "alone.")]
+        names = [i.name for i in runs[0].get_inputs()]
+        assert names == [i.name for i in runs[1].get_inputs()] == [t.name for t in spec.inputs]
+        mine, theirs = (r.run(None, {n: feeds[n] for n in names}) for r in runs)
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     """Shallow blocks differing only in weights, index and flip share one trace; each file is
     byte-for-byte the one a trace of that block gives, and a differently shaped block is traced."""
