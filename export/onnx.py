@@ -1,10 +1,11 @@
 """`starflow export onnx`: per-block step/prefill/forward/vjp graphs + components + manifest, validated.
 
 The export runs in small steps so that a failure leaves nothing behind: check every option and
-the checkpoint's keys and shapes (no file touched), plan the graphs, then, block by block, write
-a block's graphs into a temporary sibling of `out` (its weights read from the checkpoint one
-tensor at a time) and validate them against PyTorch; then the components and the manifest, and
-the finished directory is swapped into place with renames.
+the checkpoint's keys and shapes (no file touched), plan the graphs, trace each block structure
+once (two processes at a time), then, block by block, write a block's graphs into a temporary
+sibling of `out` (its weights read from the checkpoint one tensor at a time) and validate them
+against PyTorch; then the components and the manifest, and the finished directory is swapped
+into place with renames.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from starflow.export.defaults import (
     DEFAULT_PRECISIONS,
     SUPPORTED_OPSETS,
 )
-from starflow.export.graphs import GraphSpec, LatentRange, Precision, block_entry, block_specs, profile_dims
-from starflow.export.trace import BlockGraphExporter, weight_bytes
-from starflow.model.flow import FlowBlock, StarFlow
+from starflow.export.graphs import LatentRange, Precision, block_entry, block_specs, profile_dims
+from starflow.export.trace import BlockGraphExporter, GraphJob, weight_bytes
+from starflow.model.flow import StarFlow
 
 # The self-denoise's chain is checked against whole-model autograd when all blocks fit this
 # together (the digits model: 1 MB); a larger export checks each block's vjp graph alone.
@@ -202,7 +203,8 @@ def export_onnx(
     check_gradient = (
         options.validate and components.gradient is not None and weight_bytes(model) <= GRADIENT_CHECK_BYTES
     )
-    total = len(plan) + len(components.pending()) + (len(blocks) + check_gradient if options.validate else 0)
+    validations = len(blocks) + check_gradient if options.validate else 0
+    total = 1 + len(plan) + len(components.pending()) + validations  # 1: the traces
     done = 0
 
     def report(what: str) -> None:
@@ -216,15 +218,17 @@ def export_onnx(
     with staging_directory(out) as work:
         graphs, entries, results = [], [], []
         exporter = BlockGraphExporter(options.opset)
+        traces = exporter.untraced(plan)
+        report(f"trace {len(traces)} block graph structures")
+        exporter.trace_all(traces)
         for block in blocks:  # one block's weights at a time
-            specs = [spec for spec, planned in plan if planned is block]
+            jobs = [job for job in plan if job.block is block]
+            specs = [job.spec for job in jobs]
             tensors = streamed.block_tensors(block.index)  # each read as its graph is written
-            for spec in specs:
-                report(f"export {spec.name}")
-                vjp = [s for s in specs if s.kind == "vjp" and s.precision == spec.precision]
-                traced_with = vjp[0] if spec.kind == "forward" and vjp else None  # one trace for both
-                path = work / spec.file
-                exporter.export(spec, block, PRECISIONS[spec.precision], path, tensors, traced_with)
+            for job in jobs:
+                report(f"export {job.spec.name}")
+                path = work / job.spec.file
+                exporter.export(job.spec, block, job.precision, path, tensors, job.traced_with)
             hashed: dict[str, FileEntry] = {}  # the block's shared weights file, hashed once
             block_graphs = [spec.entry(work, dims, hashed) for spec in specs]
             graphs += block_graphs
@@ -256,18 +260,23 @@ def export_onnx(
     return manifest
 
 
-def plan_graphs(model: StarFlow, options: ExportOptions) -> list[tuple[GraphSpec, FlowBlock]]:
+def plan_graphs(model: StarFlow, options: ExportOptions) -> list[GraphJob]:
     """Every block graph to export, block by block in sampling order, each block's precision by
-    precision."""
+    precision; a forward graph is traced with its block's vjp graph (fp32, with the gradient
+    chain)."""
     gradient = options.denoise and model.learnable_self_denoiser is None  # the fp32 vjp chain
-    return [
-        (spec, block)
-        for block in model.sampling_blocks()
-        for precision in options.precisions
-        for spec in block_specs(
-            model.config, block, precision, density=options.density, vjp=gradient and precision == "fp32"
-        )
-    ]
+    jobs = []
+    for block in model.sampling_blocks():
+        for precision in options.precisions:
+            specs = block_specs(
+                model.config, block, precision, density=options.density, vjp=gradient and precision == "fp32"
+            )
+            vjp = next((spec for spec in specs if spec.kind == "vjp"), None)
+            jobs += [
+                GraphJob(spec, block, PRECISIONS[precision], vjp if spec.kind == "forward" else None)
+                for spec in specs
+            ]
+    return jobs
 
 
 def latent_entry(config: StarFlowConfig, latent: LatentRange) -> Latent:

@@ -6,8 +6,13 @@ external data for big weights, `onnx.checker`, and the declared-signature check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
+import signal
+import struct
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -128,6 +133,42 @@ class BlockGraphExporter:
         # a block's shared weights file -> what is in it: tensor -> (offset, length)
         self._shared: dict[Path, dict[str, tuple[int, int]]] = {}
 
+    def untraced(self, jobs: list[GraphJob]) -> list[GraphJob]:
+        """The jobs whose traces give every template `jobs` need that is not traced yet."""
+        covered, todo = set(self._templates), []
+        for job in jobs:
+            if job.keys()[0] not in covered:
+                covered.update(job.keys())
+                todo.append(job)
+        return todo
+
+    def trace_all(self, jobs: list[GraphJob], parallel: bool = True) -> None:
+        """Trace `jobs` (see `untraced`) before any is exported; `parallel`: split between this
+        process and a forked child tracing at the same time (`_fork_tracer`), unless this process
+        runs other threads (a server's: a child forked from it could inherit a lock one of them
+        holds) or cannot fork."""
+        mine, theirs = _share_out(jobs)
+        if parallel and theirs and hasattr(os, "fork") and threading.active_count() == 1:
+            _onnx_registry(self.opset)  # built once, before the fork, for both processes
+            child = _fork_tracer(theirs, self.opset)
+            try:
+                self._trace(mine)
+            except BaseException:
+                child.kill()
+                raise
+            traced = child.join()
+            if traced is None:  # the child failed (a trace's error, or it was killed): trace here
+                self._trace(theirs)
+            else:
+                for job, protos in zip(theirs, traced, strict=True):
+                    self._templates.update(zip(job.keys(), protos, strict=True))
+        else:
+            self._trace(mine + theirs)
+
+    def _trace(self, jobs: list[GraphJob]) -> None:
+        for job in jobs:
+            self._templates.update(zip(job.keys(), job.trace(self.opset), strict=True))
+
     def export(
         self,
         spec: GraphSpec,
@@ -137,32 +178,125 @@ class BlockGraphExporter:
         weights: Mapping[str, torch.Tensor] | None = None,
         traced_with: GraphSpec | None = None,
     ) -> bool:
-        """Export `spec` of `block` to `path`; True when a template was reused (no trace).
-        `weights`: the block's tensors by name, when `block` holds none of its own (meta device).
-        `traced_with`: the block's vjp graph, for a forward graph: both come from one trace (see
-        `joint_spec`) and the vjp's template is kept for its own export."""
-        module = BlockMethod(block, spec.kind, precision)  # the block's structure in `precision`
-        key = structure_key(spec, module)
+        """Export `spec` of `block` to `path`; True when its template was traced before (by
+        `trace_all`, or for another block). `weights`: the block's tensors by name, when `block`
+        holds none of its own (meta device). `traced_with`: as in GraphJob."""
+        job = GraphJob(spec, block, precision, traced_with)
+        key = job.keys()[0]
         reused = key in self._templates
-        if not reused and traced_with is None:
-            (self._templates[key],) = trace_block(module, example_args(spec, precision), spec, self.opset)
-        elif not reused:
-            joint = joint_spec(spec, traced_with)
-            traced = BlockMethod(block, joint.kind, precision)
-            other = structure_key(traced_with, BlockMethod(block, traced_with.kind, precision))
-            self._templates[key], self._templates[other] = trace_block(
-                traced, example_args(joint, precision), joint, self.opset, parts=(spec, traced_with)
-            )
+        if not reused:
+            self._trace([job])
         weights = _named_tensors(block) if weights is None else weights
         # a block's graphs of one precision all go to one shared weights file, or none does
         # (`GraphSpec.entry`): the module holds the whole block, whatever the method
         shared = None
-        size = weight_bytes(module)
+        size = weight_bytes(job.module)
         if size > SHARED_WEIGHTS_BYTES:
             shared = self._shared.setdefault(path.parent / spec.data_file, {})
         write_block_graph(self._templates[key], weights, spec, path, shared)
         release_freed_memory(size)
         return reused
+
+
+@dataclasses.dataclass(eq=False)
+class GraphJob:
+    """A block graph to export. `traced_with`: the block's vjp graph, for its forward graph: both
+    come from one trace (`joint_spec`), whose vjp template the vjp graph's own job then reuses."""
+
+    spec: GraphSpec
+    block: FlowBlock
+    precision: Precision
+    traced_with: GraphSpec | None = None
+
+    @functools.cached_property
+    def module(self) -> BlockMethod:
+        return BlockMethod(self.block, self.spec.kind, self.precision)  # the block in `precision`
+
+    def keys(self) -> list[tuple]:
+        """The structure keys of the templates its trace gives."""
+        keys = [structure_key(self.spec, self.module)]
+        if self.traced_with is not None:
+            other = BlockMethod(self.block, self.traced_with.kind, self.precision)
+            keys.append(structure_key(self.traced_with, other))
+        return keys
+
+    def trace(self, opset: int) -> list[onnx.ModelProto]:
+        """Its templates, in the order of `keys`."""
+        if self.traced_with is None:
+            return trace_block(self.module, example_args(self.spec, self.precision), self.spec, opset)
+        joint = joint_spec(self.spec, self.traced_with)
+        module = BlockMethod(self.block, joint.kind, self.precision)
+        args = example_args(joint, self.precision)
+        return trace_block(module, args, joint, opset, parts=(self.spec, self.traced_with))
+
+    def cost(self) -> int:
+        """Its trace's relative time: about linear in layers, a vjp's backward doubles it."""
+        return (len(self.block.attn_blocks) + 1) * (2 if self.traced_with or self.spec.kind == "vjp" else 1)
+
+
+def _share_out(jobs: list[GraphJob]) -> tuple[list[GraphJob], list[GraphJob]]:
+    """`jobs` in two shares of about equal cost (longest first, each to the lighter share)."""
+    shares: tuple[list[GraphJob], list[GraphJob]] = ([], [])
+    loads = [0, 0]
+    for job in sorted(jobs, key=GraphJob.cost, reverse=True):
+        lighter = loads.index(min(loads))
+        shares[lighter].append(job)
+        loads[lighter] += job.cost()
+    return shares
+
+
+@dataclasses.dataclass
+class _ForkedTracer:
+    """A forked child tracing jobs; its templates come back through a pipe, each as a length
+    (8 bytes, little-endian) and its serialised bytes."""
+
+    pid: int
+    pipe: int
+    counts: list[int]  # templates per job
+
+    def join(self) -> list[list[onnx.ModelProto]] | None:
+        """Its templates per job, or None if it failed."""
+        with os.fdopen(self.pipe, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(self.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            return None
+        out, offset = [], 0
+        for count in self.counts:
+            protos = []
+            for _ in range(count):
+                (length,) = struct.unpack_from("<Q", data, offset)
+                protos.append(onnx.ModelProto.FromString(data[offset + 8 : offset + 8 + length]))
+                offset += 8 + length
+            out.append(protos)
+        return out
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.close(self.pipe)
+        os.waitpid(self.pid, 0)
+
+
+def _fork_tracer(jobs: list[GraphJob], opset: int) -> _ForkedTracer:
+    """Fork a child that traces `jobs` and writes their templates to a pipe, then exits at once
+    (`os._exit`: none of the parent's exit handlers or buffers run twice)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(read)
+            # all traced before the first write: the parent reads only once done with its own
+            # share, and a write past the pipe's buffer would wait for it
+            traced = [proto.SerializeToString() for job in jobs for proto in job.trace(opset)]
+            with os.fdopen(write, "wb") as pipe:
+                for data in traced:
+                    pipe.write(struct.pack("<Q", len(data)) + data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    return _ForkedTracer(pid, read, [len(job.keys()) for job in jobs])
 
 
 @functools.cache

@@ -228,6 +228,55 @@ def test_forward_and_vjp_traced_together_compute_what_each_traced_alone_does(tmp
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _small_model_jobs():
+    """The plan of a 2-block model with text: GraphJobs for every graph, fp32 with vjp graphs."""
+    from starflow.core.config import StarFlowConfig
+    from starflow.export.onnx import ExportOptions, plan_graphs
+    from starflow.model.testing import random_model
+
+    shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
+    model = random_model(StarFlowConfig(**shapes, layers_per_block=[1, 2], rope=True, sos=True))
+    return plan_graphs(model, ExportOptions(precisions=("fp32",), density=True))
+
+
+def test_traces_shared_with_a_forked_child_give_the_files_of_one_process(tmp_path):
+    """trace_all splits the traces between this process and a forked child; every file written
+    from them is the file a trace in this process alone gives."""
+    from starflow.export.trace import BlockGraphExporter
+
+    jobs = _small_model_jobs()
+    assert any(job.traced_with is not None for job in jobs)
+    files = {}
+    for name, parallel in (("forked", True), ("alone", False)):
+        exporter = BlockGraphExporter(20)
+        traces = exporter.untraced(jobs)
+        assert len(traces) < len(jobs)  # the vjp graphs come with their forward graphs
+        exporter.trace_all(traces, parallel=parallel)
+        for job in jobs:
+            path = tmp_path / f"{name}.{job.spec.file}"
+            assert exporter.export(job.spec, job.block, job.precision, path, traced_with=job.traced_with)
+            files.setdefault(job.spec.file, []).append(path.read_bytes())
+    assert all(forked == alone for forked, alone in files.values())
+
+
+@pytest.mark.parametrize("failing", ["child", "parent"])
+def test_a_failed_trace_is_one_error_wherever_it_ran(failing):
+    """A trace that fails in the forked child is traced again here and raises its error; one that
+    fails here stops the child."""
+    import dataclasses as dc
+
+    from starflow.export.trace import BlockGraphExporter
+
+    jobs = _small_model_jobs()
+    deep = next(job for job in jobs if job.spec.kind == "step" and job.block.deep)
+    shallow = next(job for job in jobs if job.spec.kind == "step" and not job.block.deep)
+    # the bigger job stays here, the smaller goes to the child
+    bad, good = (shallow, deep) if failing == "child" else (deep, shallow)
+    broken = dc.replace(bad, spec=dc.replace(bad.spec, inputs=bad.spec.inputs[:1]))  # too few inputs
+    with pytest.raises(starflow.StarflowError, match=f"tracing graph {bad.spec.name} failed"):
+        BlockGraphExporter(20).trace_all([good, broken])
+
+
 def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     """Shallow blocks differing only in weights, index and flip share one trace; each file is
     byte-for-byte the one a trace of that block gives, and a differently shaped block is traced."""

@@ -191,8 +191,9 @@ def test_export_prints_one_line_per_step_when_not_a_terminal(tmp_path):
     assert result.exit_code == 0, result.output
     steps = [line for line in result.stderr.splitlines() if line.startswith("[")]
     assert [s.split(" (")[0] for s in steps] == [
-        "[1/2] export block0.step.fp32",
-        "[2/2] export block0.forward.fp32",
+        "[1/3] trace 2 block graph structures",
+        "[2/3] export block0.step.fp32",
+        "[3/3] export block0.forward.fp32",
     ]
     assert all(s.endswith(" s)") for s in steps)
     assert "wrote 2 graphs" in result.stdout
