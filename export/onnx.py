@@ -16,7 +16,8 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -221,6 +222,7 @@ def export_onnx(
         traces = exporter.untraced(plan)
         report(f"trace {len(traces)} block graph structures")
         exporter.trace_all(traces)
+        source = _source_in_background(checkpoint)  # after the traces: they fork only without threads
         for block in blocks:  # one block's weights at a time
             jobs = [job for job in plan if job.block is block]
             specs = [job.spec for job in jobs]
@@ -244,14 +246,14 @@ def export_onnx(
         if check_gradient:
             report("validate the self-denoise gradient against PyTorch")
             blocks_only = build_manifest(
-                model, checkpoint, graphs, entries, dims, latent, video, options, ComponentEntries(), work
+                model, source(), graphs, entries, dims, latent, video, options, ComponentEntries(), work
             )
             results += validate_gradient(work, streamed.load_all(), blocks_only)
             check_results(results)
         components_entries = components.export(model, work, options.opset, report)
         graphs += [spec.entry(work, dims) for spec in components_entries.graphs]
         manifest = build_manifest(
-            model, checkpoint, graphs, entries, dims, latent, video, options, components_entries, work
+            model, source(), graphs, entries, dims, latent, video, options, components_entries, work
         )
         manifest = dataclasses.replace(manifest, validation=tuple(results)).write(work)
         if progress:
@@ -287,9 +289,32 @@ def latent_entry(config: StarFlowConfig, latent: LatentRange) -> Latent:
     )
 
 
+def _source_in_background(checkpoint: Path) -> Callable[[], Source]:
+    """The checkpoint's manifest entry, hashed by a daemon thread while the graphs are written
+    (reading a 3B checkpoint back from disk took 100 s); the call returned waits for it."""
+    found: dict[str, Source | OSError] = {}
+
+    def run() -> None:
+        try:
+            found["source"] = Source(checkpoint.name, sha256(checkpoint))
+        except OSError as err:
+            found["source"] = err
+
+    thread = threading.Thread(target=run, name="sha256 of the checkpoint", daemon=True)
+    thread.start()
+
+    def result() -> Source:
+        thread.join()
+        if isinstance(found["source"], OSError):
+            raise StarflowError(f"checkpoint {checkpoint}: cannot read it: {found['source'].strerror}")
+        return found["source"]
+
+    return result
+
+
 def build_manifest(
     model: StarFlow,
-    checkpoint: Path,
+    source: Source,
     graphs: list[Graph],
     blocks: list[Block],
     dims: dict[str, Range],
@@ -312,7 +337,7 @@ def build_manifest(
     return Manifest(
         schema_version=SCHEMA_VERSION,
         producer=Producer("starflow", version("starflow"), torch.__version__, options.opset),
-        source=Source(checkpoint.name, sha256(checkpoint)),
+        source=source,
         model={k: v for k, v in config.to_dict().items() if k != "extra"},
         latent=latent_entry(config, latent),
         text=text,
