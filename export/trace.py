@@ -10,9 +10,11 @@ import dataclasses
 import functools
 import logging
 import os
+import select
 import signal
 import struct
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,6 +48,9 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # of that precision share, so they are written (and stored) once, not once per graph: 0.9 GB per
 # graph for the 3B model's shallow blocks.
 SHARED_WEIGHTS_BYTES = 64 << 20
+# The forked tracer gets at least this long, and twice the exporter's own share's time, after
+# the exporter is done before it is taken for hung, killed, and its share traced here.
+CHILD_MIN_WAIT_S = 60.0
 ALIGNMENT = 4096  # external data offsets: page-aligned, so a runtime can map a weight in place
 TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
 
@@ -148,16 +153,19 @@ class BlockGraphExporter:
         runs other threads (a server's: a child forked from it could inherit a lock one of them
         holds) or cannot fork."""
         mine, theirs = _share_out(jobs)
+        _stop_tqdm_monitor()
         if parallel and theirs and hasattr(os, "fork") and threading.active_count() == 1:
             _onnx_registry(self.opset)  # built once, before the fork, for both processes
+            began = time.monotonic()
             child = _fork_tracer(theirs, self.opset)
             try:
                 self._trace(mine)
             except BaseException:
                 child.kill()
                 raise
-            traced = child.join()
-            if traced is None:  # the child failed (a trace's error, or it was killed): trace here
+            # a share costs about the other's: a child far past that is taken for hung
+            traced = child.join(timeout=max(CHILD_MIN_WAIT_S, 2 * (time.monotonic() - began)))
+            if traced is None:  # the child failed (a trace's error, a hang, a kill): trace here
                 self._trace(theirs)
             else:
                 for job, protos in zip(theirs, traced, strict=True):
@@ -236,6 +244,17 @@ class GraphJob:
         return (len(self.block.attn_blocks) + 0.5) * (2.75 if backward else 1)
 
 
+def _stop_tqdm_monitor() -> None:
+    """Stop tqdm's monitor thread, which a trace leaves behind (torch.fx's interpreter opens a
+    progress bar per run, and tqdm starts the thread with the first), so that a later export in
+    this process can still fork its tracer. tqdm starts it again with its next bar."""
+    from torch.hub import tqdm  # the class torch.fx uses: tqdm's, or without tqdm a stand-in
+
+    monitor = getattr(tqdm, "monitor", None)
+    if monitor is not None:
+        monitor.exit()
+
+
 def _share_out(jobs: list[GraphJob]) -> tuple[list[GraphJob], list[GraphJob]]:
     """`jobs` in two shares of about equal cost (longest first, each to the lighter share)."""
     shares: tuple[list[GraphJob], list[GraphJob]] = ([], [])
@@ -256,14 +275,19 @@ class _ForkedTracer:
     pipe: int
     counts: list[int]  # templates per job
 
-    def join(self) -> list[list[onnx.ModelProto]] | None:
-        """Its templates per job, or None if it failed."""
-        with os.fdopen(self.pipe, "rb") as pipe:
-            data = pipe.read()
+    def join(self, timeout: float) -> list[list[onnx.ModelProto]] | None:
+        """Its templates per job, or None if it failed or sent nothing for `timeout` seconds
+        (then it is killed)."""
+        chunks, deadline = [], time.monotonic() + timeout
+        with os.fdopen(self.pipe, "rb", buffering=0) as pipe:
+            while chunk := self._read(pipe, deadline):
+                chunks.append(chunk)
+        if chunk is None:
+            os.kill(self.pid, signal.SIGKILL)
         _, status = os.waitpid(self.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             return None
-        out, offset = [], 0
+        out, offset, data = [], 0, b"".join(chunks)
         for count in self.counts:
             protos = []
             for _ in range(count):
@@ -272,6 +296,14 @@ class _ForkedTracer:
                 offset += 8 + length
             out.append(protos)
         return out
+
+    @staticmethod
+    def _read(pipe: Any, deadline: float) -> bytes | None:
+        """The next bytes from the child (b"" at its end), None past `deadline`."""
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([pipe], [], [], left)[0]:
+            return None
+        return pipe.read(1 << 20)
 
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
@@ -287,6 +319,9 @@ def _fork_tracer(jobs: list[GraphJob], opset: int) -> _ForkedTracer:
     if pid == 0:  # the child
         code = 1
         try:
+            # one thread: the parent's OpenMP workers do not exist here, and a parallel region
+            # (a big tensor's copy: example inputs, a cast) would wait for them forever
+            torch.set_num_threads(1)
             os.close(read)
             # all traced before the first write: the parent reads only once done with its own
             # share, and a write past the pipe's buffer would wait for it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -257,6 +258,56 @@ def test_traces_shared_with_a_forked_child_give_the_files_of_one_process(tmp_pat
             assert exporter.export(job.spec, job.block, job.precision, path, traced_with=job.traced_with)
             files.setdefault(job.spec.file, []).append(path.read_bytes())
     assert all(forked == alone for forked, alone in files.values())
+
+
+def test_the_forked_tracer_works_after_this_process_ran_openmp(monkeypatch):
+    """After this process has run OpenMP regions, the forked child's own parallel copies (a big
+    block's example inputs) still run: the child traces its share on one thread, where it once
+    waited forever for the parent's OpenMP workers, which do not exist in a child."""
+    import torch
+
+    from starflow.export import trace
+    from starflow.export.trace import BlockGraphExporter
+
+    torch.ones(20_000_000).add_(1).to(torch.float16)  # OpenMP regions here, before the fork
+    example_args = trace.example_args
+
+    def big_example_args(spec, precision):  # a copy big enough to go parallel
+        torch.randn(4_000_000).to(precision.dtype)
+        return example_args(spec, precision)
+
+    monkeypatch.setattr(trace, "example_args", big_example_args)
+    exporter = BlockGraphExporter(20)
+    traced_here = []
+    trace_here = exporter._trace
+    monkeypatch.setattr(exporter, "_trace", lambda jobs: (traced_here.extend(jobs), trace_here(jobs)))
+    jobs = exporter.untraced(_small_model_jobs())
+    exporter.trace_all(jobs)
+    assert 0 < len(traced_here) < len(jobs)  # the child's share came from the child
+    assert exporter.untraced(jobs) == []
+
+
+def test_a_hung_forked_tracer_is_killed_and_its_share_traced_here(monkeypatch):
+    import time
+
+    from starflow.export import trace
+    from starflow.export.trace import BlockGraphExporter, GraphJob
+
+    here, trace_job = os.getpid(), GraphJob.trace
+
+    def hang_in_child(job, opset):
+        if os.getpid() != here:
+            time.sleep(600)
+        return trace_job(job, opset)
+
+    monkeypatch.setattr(GraphJob, "trace", hang_in_child)
+    monkeypatch.setattr(trace, "CHILD_MIN_WAIT_S", 1.0)
+    exporter = BlockGraphExporter(20)
+    jobs = exporter.untraced(_small_model_jobs())
+    began = time.monotonic()
+    exporter.trace_all(jobs)
+    assert exporter.untraced(jobs) == []
+    assert time.monotonic() - began < 120
 
 
 @pytest.mark.parametrize("failing", ["child", "parent"])
