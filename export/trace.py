@@ -151,7 +151,8 @@ class BlockGraphExporter:
         """Trace `jobs` (see `untraced`) before any is exported; `parallel`: split between this
         process and a forked child tracing at the same time (`_fork_tracer`), unless this process
         runs other threads (a server's: a child forked from it could inherit a lock one of them
-        holds) or cannot fork."""
+        holds) or cannot fork. A child that fails or hangs costs time, not the export: its share
+        is traced here."""
         mine, theirs = _share_out(jobs)
         _stop_tqdm_monitor()
         if parallel and theirs and hasattr(os, "fork") and threading.active_count() == 1:
@@ -276,8 +277,8 @@ class _ForkedTracer:
     counts: list[int]  # templates per job
 
     def join(self, timeout: float) -> list[list[onnx.ModelProto]] | None:
-        """Its templates per job, or None if it failed or sent nothing for `timeout` seconds
-        (then it is killed)."""
+        """Its templates per job, or None if it failed or has not finished within `timeout`
+        seconds (then it is killed)."""
         chunks, deadline = [], time.monotonic() + timeout
         with os.fdopen(self.pipe, "rb", buffering=0) as pipe:
             while chunk := self._read(pipe, deadline):
