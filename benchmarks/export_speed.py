@@ -40,8 +40,9 @@ options = ExportOptions(precisions=("fp32",), density=True, sampling_presets=pre
 export_onnx(DEMO_CHECKPOINT, Path(sys.argv[2]), options)
 print(time.perf_counter() - began)
 """
-# Imported by every Python process of the run (its export may start workers): points the editable
-# install's package map at the checkout in STARFLOW_SOURCE_ROOT.
+# Imported by every Python process of the run (the baseline's exporter spawns a worker process,
+# which must run the baseline's code too): points the editable install's package map at the
+# checkout in STARFLOW_SOURCE_ROOT.
 SITECUSTOMIZE = """
 import os
 import __editable___starflow_0_1_0_finder as finder

@@ -115,7 +115,6 @@ class ExportOptions:
         check_count(self.max_batch, "max_batch")
         if self.max_frames is not None:  # None: the default
             check_count(self.max_frames, "max_frames")
-
         if self.fps is not None and not (isinstance(self.fps, int | float) and 0 < self.fps < float("inf")):
             raise StarflowError(f"fps: must be a number > 0, got {self.fps!r}")
 
@@ -229,8 +228,7 @@ def export_onnx(
             tensors = streamed.block_tensors(block.index)  # each read as its graph is written
             for job in jobs:
                 report(f"export {job.spec.name}")
-                path = work / job.spec.file
-                exporter.export(job.spec, block, job.precision, path, tensors, job.traced_with)
+                exporter.export(job, work / job.spec.file, tensors)
             hashed: dict[str, FileEntry] = {}  # the block's shared weights file, hashed once
             block_graphs = [spec.entry(work, dims, hashed) for spec in specs]
             graphs += block_graphs

@@ -142,8 +142,8 @@ class BlockGraphExporter:
         """The jobs whose traces give every template `jobs` need that is not traced yet."""
         covered, todo = set(self._templates), []
         for job in jobs:
-            if job.keys()[0] not in covered:
-                covered.update(job.keys())
+            if job.keys[0] not in covered:
+                covered.update(job.keys)
                 todo.append(job)
         return todo
 
@@ -170,32 +170,23 @@ class BlockGraphExporter:
                 self._trace(theirs)
             else:
                 for job, protos in zip(theirs, traced, strict=True):
-                    self._templates.update(zip(job.keys(), protos, strict=True))
+                    self._templates.update(zip(job.keys, protos, strict=True))
         else:
             self._trace(mine + theirs)
 
     def _trace(self, jobs: list[GraphJob]) -> None:
         for job in jobs:
-            self._templates.update(zip(job.keys(), job.trace(self.opset), strict=True))
+            self._templates.update(zip(job.keys, job.trace(self.opset), strict=True))
 
-    def export(
-        self,
-        spec: GraphSpec,
-        block: FlowBlock,
-        precision: Precision,
-        path: Path,
-        weights: Mapping[str, torch.Tensor] | None = None,
-        traced_with: GraphSpec | None = None,
-    ) -> bool:
-        """Export `spec` of `block` to `path`; True when its template was traced before (by
-        `trace_all`, or for another block). `weights`: the block's tensors by name, when `block`
-        holds none of its own (meta device). `traced_with`: as in GraphJob."""
-        job = GraphJob(spec, block, precision, traced_with)
-        key = job.keys()[0]
+    def export(self, job: GraphJob, path: Path, weights: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """Export `job`'s graph to `path`; True when its template was traced before (by
+        `trace_all`, or for another block). `weights`: the block's tensors by name, when the
+        block holds none of its own (meta device)."""
+        spec, key = job.spec, job.keys[0]
         reused = key in self._templates
         if not reused:
             self._trace([job])
-        weights = _named_tensors(block) if weights is None else weights
+        weights = _named_tensors(job.block) if weights is None else weights
         # a block's graphs of one precision all go to one shared weights file, or none does
         # (`GraphSpec.entry`): the module holds the whole block, whatever the method
         shared = None
@@ -221,6 +212,7 @@ class GraphJob:
     def module(self) -> BlockMethod:
         return BlockMethod(self.block, self.spec.kind, self.precision)  # the block in `precision`
 
+    @functools.cached_property
     def keys(self) -> list[tuple]:
         """The structure keys of the templates its trace gives."""
         keys = [structure_key(self.spec, self.module)]
@@ -334,7 +326,7 @@ def _fork_tracer(jobs: list[GraphJob], opset: int) -> _ForkedTracer:
         finally:
             os._exit(code)
     os.close(write)
-    return _ForkedTracer(pid, read, [len(job.keys()) for job in jobs])
+    return _ForkedTracer(pid, read, [len(job.keys) for job in jobs])
 
 
 @functools.cache

@@ -182,12 +182,8 @@ def test_recorded_type_promotion_gives_torch_onnx_graphs(tmp_path, monkeypatch, 
             trace, "insert_type_promotion", functools.partial(trace.insert_type_promotion, recorded=recorded)
         )
         for spec in specs:
-            trace.BlockGraphExporter(20).export(
-                spec,
-                deep,
-                Precision(precision, fp32_norms=precision == "fp16"),
-                tmp_path / f"{name}.{spec.file}",
-            )
+            job = trace.GraphJob(spec, deep, Precision(precision, fp32_norms=precision == "fp16"))
+            trace.BlockGraphExporter(20).export(job, tmp_path / f"{name}.{spec.file}")
     for spec in specs:
         written = (tmp_path / f"recorded.{spec.file}").read_bytes()
         assert written == (tmp_path / f"torch.{spec.file}").read_bytes(), spec.name
@@ -200,7 +196,7 @@ def test_forward_and_vjp_traced_together_compute_what_each_traced_alone_does(tmp
     the same signature and outputs, and its vjp reuses the trace."""
     from starflow.core.config import StarFlowConfig
     from starflow.export.graphs import Precision, block_specs
-    from starflow.export.trace import BlockGraphExporter
+    from starflow.export.trace import BlockGraphExporter, GraphJob
     from starflow.model.testing import random_model
 
     shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
@@ -209,10 +205,10 @@ def test_forward_and_vjp_traced_together_compute_what_each_traced_alone_does(tmp
     _, _, forward, vjp = block_specs(model.config, deep, "fp32", density=True, vjp=True)
     fp32 = Precision("fp32")
     together, alone = BlockGraphExporter(20), BlockGraphExporter(20)
-    assert not together.export(forward, deep, fp32, tmp_path / forward.file, traced_with=vjp)
-    assert together.export(vjp, deep, fp32, tmp_path / vjp.file)  # from the same trace
+    assert not together.export(GraphJob(forward, deep, fp32, vjp), tmp_path / forward.file)
+    assert together.export(GraphJob(vjp, deep, fp32), tmp_path / vjp.file)  # from the same trace
     for spec in (forward, vjp):
-        assert not alone.export(spec, deep, fp32, tmp_path / f"alone.{spec.file}")
+        assert not alone.export(GraphJob(spec, deep, fp32), tmp_path / f"alone.{spec.file}")
     rng = np.random.default_rng(0)
     feeds = {
         "x": rng.standard_normal((2, 16, 2), dtype=np.float32),
@@ -255,7 +251,7 @@ def test_traces_shared_with_a_forked_child_give_the_files_of_one_process(tmp_pat
         exporter.trace_all(traces, parallel=parallel)
         for job in jobs:
             path = tmp_path / f"{name}.{job.spec.file}"
-            assert exporter.export(job.spec, job.block, job.precision, path, traced_with=job.traced_with)
+            assert exporter.export(job, path)
             files.setdefault(job.spec.file, []).append(path.read_bytes())
     assert all(forked == alone for forked, alone in files.values())
 
@@ -336,7 +332,7 @@ def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     byte-for-byte the one a trace of that block gives, and a differently shaped block is traced."""
     from starflow.core.config import StarFlowConfig
     from starflow.export.graphs import BlockMethod, Precision, block_specs
-    from starflow.export.trace import BlockGraphExporter, structure_key
+    from starflow.export.trace import BlockGraphExporter, GraphJob, structure_key
     from starflow.model.testing import random_model
 
     shapes = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, txt_size=2, txt_dim=8)
@@ -347,11 +343,11 @@ def test_blocks_of_one_structure_are_traced_once_with_equal_files(tmp_path):
     shared, reused = BlockGraphExporter(20), {}
     for block in (deep, middle, first):
         for spec in block_specs(config, block, "fp32", density=False):
-            reused[spec.name] = shared.export(spec, block, Precision("fp32"), tmp_path / spec.file)
+            reused[spec.name] = shared.export(GraphJob(spec, block, Precision("fp32")), tmp_path / spec.file)
     assert reused == {"block2.step.fp32": False, "block2.prefill.fp32": False,
                       "block1.step.fp32": False, "block0.step.fp32": True}  # fmt: skip
     spec = block_specs(config, first, "fp32", density=False)[0]
-    BlockGraphExporter(20).export(spec, first, Precision("fp32"), tmp_path / "traced.onnx")
+    BlockGraphExporter(20).export(GraphJob(spec, first, Precision("fp32")), tmp_path / "traced.onnx")
     assert (tmp_path / spec.file).read_bytes() == (tmp_path / "traced.onnx").read_bytes()
     x = np.random.default_rng(0).standard_normal((1, 3, 2), dtype=np.float32)
     cache = np.zeros((1, 1, middle.num_kv_heads, 0, middle.head_dim), np.float32)
