@@ -60,9 +60,10 @@ from starflow.contract.entries import (
     sha256,
 )
 from starflow.core.atomic import atomic_path
+from starflow.core.bounded import check_numbers, parse_json, read_bytes
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
-from starflow.core.sampling_presets import OFFICIAL, check_preset_name, choose
+from starflow.core.sampling_presets import OFFICIAL, check_presets, choose
 
 SCHEMA_VERSION = 10  # the one place: the schemas carry it as a const, CMake reads it from there
 MANIFEST_NAME = "manifest.json"
@@ -74,7 +75,8 @@ GUIDANCE_EXPRESSION = (
     "mu = ((1 + w)*mu_c - w*s*mu_u) / (1 + w - w*s); both halves receive (mu, sigma)"
 )
 MODEL_KEYS = ["channel_size", "patch_size", "txt_size", "cond_top_only", "sos"]  # read by every runtime
-# Unknown keys refused; no coercion ("1" is not 1); NaN written and read as Python's json does.
+# Unknown keys refused; no coercion ("1" is not 1). NaN and inf are refused when either file is read or
+# written (starflow.core.bounded: libstarflow's JSON reader has no such numbers).
 CONFIG = ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants")
 __all__ = [  # the whole contract, entries included
     "GUIDANCE_EXPRESSION",
@@ -266,7 +268,7 @@ class Manifest(Contract):
     def parse(cls, manifest: bytes, record: bytes | None, source: str) -> Manifest:
         """Check manifest.json's and record.json's bytes (`source`: manifest.json's path) and build
         the typed manifest."""
-        data = _parse_json(manifest, source)
+        data = parse_json(manifest, source)
         _check_version(data, source)
         check_schema(data, source)
         if record is None:
@@ -274,7 +276,7 @@ class Manifest(Contract):
                 f"{source}: no {RECORD_NAME} beside it (the digest and validation record); re-export"
             )
         record_source = str(Path(source).with_name(RECORD_NAME))
-        record_data = _parse_json(record, record_source)
+        record_data = parse_json(record, record_source)
         _check_version(record_data, record_source)
         check_schema(record_data, record_source, RECORD_NAME)
         digest = hashlib.sha256(manifest).hexdigest()
@@ -299,15 +301,11 @@ class Manifest(Contract):
     def check_references(self, source: str) -> None:
         """Every name refers to a graph of the right kind; every block's graphs have its shape."""
         graphs = {g.name: g for g in self.graphs}
-        checks = [("jacobi", lambda: self.jacobi.check("jacobi"))]
-        checks += [(f"sampling preset {name!r}", p.check) for name, p in self.sampling_presets.items()]
-        for name in self.sampling_presets:
-            check_preset_name(name, source)
-        for owner, check in checks:
-            try:
-                check()
-            except StarflowError as err:
-                raise StarflowError(f"{source}: {owner}: {err}") from None
+        check_presets(self.sampling_presets, source)
+        try:
+            self.jacobi.check("jacobi")
+        except StarflowError as err:
+            raise StarflowError(f"{source}: jacobi: {err}") from None
 
         def refer(name: str | None, kind: str, owner: str) -> Graph | None:
             if name is None:
@@ -373,7 +371,11 @@ class Manifest(Contract):
         if not path.is_file():
             raise StarflowError(f"{directory}: no {MANIFEST_NAME}; not a starflow export directory")
         record = directory / RECORD_NAME
-        manifest = cls.parse(_read(path), _read(record) if record.is_file() else None, str(path))
+        manifest = cls.parse(
+            read_bytes(path, MAX_FILE_BYTES),
+            read_bytes(record, MAX_FILE_BYTES) if record.is_file() else None,
+            str(path),
+        )
         if verify_files:
             manifest.verify_files(directory)
         return manifest
@@ -401,6 +403,7 @@ class Manifest(Contract):
         against its schema first); returns what was written, digest filled in."""
         data = self.to_dict()
         check_schema(data, str(directory / MANIFEST_NAME))
+        check_numbers(data, str(directory / MANIFEST_NAME))
         text = (json.dumps(data, indent=2) + "\n").encode()
         manifest = dataclasses.replace(self, digest=hashlib.sha256(text).hexdigest())
         _write(directory / MANIFEST_NAME, text)
@@ -413,6 +416,7 @@ class Manifest(Contract):
         record = Record(SCHEMA_VERSION, self.digest, self.validation, self.engines)
         data = RECORD.dump_python(record, mode="json")
         check_schema(data, str(directory / RECORD_NAME), RECORD_NAME)
+        check_numbers(data, str(directory / RECORD_NAME))
         _write(directory / RECORD_NAME, (json.dumps(data, indent=2) + "\n").encode())
         return self
 
@@ -546,30 +550,12 @@ def check_schema(data: Any, source: str, name: str = MANIFEST_NAME) -> None:
         raise StarflowError(f"{source}: {name} does not match its schema at {where}: {err.message}") from None
 
 
-def _read(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as err:
-        raise StarflowError(f"{path}: cannot read ({err.strerror or err})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise StarflowError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; not a starflow manifest")
-    return data
-
-
 def _write(path: Path, data: bytes) -> None:
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     except OSError as err:
         raise StarflowError(f"{path}: cannot write ({err.strerror or err})") from None
-
-
-def _parse_json(data: bytes, source: str) -> Any:
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StarflowError(f"{source}: not valid JSON ({err})") from None
 
 
 def _check_version(data: Any, source: str) -> None:
@@ -592,9 +578,10 @@ def _build(adapter: TypeAdapter, data: bytes, source: str) -> Any:
 
 def is_starflow_export(directory: Path) -> bool:
     """Whether `directory` holds a manifest written by starflow (any schema version)."""
+    path = directory / MANIFEST_NAME
     try:
-        data = json.loads((directory / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        data = parse_json(read_bytes(path, MAX_FILE_BYTES), str(path))
+    except StarflowError:
         return False
     return (
         isinstance(data, dict)

@@ -11,8 +11,8 @@ Field names are the official training arguments (`channel_size`, `img_size`, `la
 In the official form, keys that are not model options (training and data settings such as `lr`,
 `batch_size`) are accepted and kept in `StarFlowConfig.extra`, because official configs mix them
 in; under `model:` an unknown key is a typo and is refused with the nearest known names. Every
-value is range-checked when the config is made, and YAML files are read with the safe loader
-under a size and alias bound (a small file must not expand into gigabytes).
+value is range-checked when the config is made, and YAML files are read by
+`starflow.core.bounded.read_yaml` (safe loader; size, alias, depth and number bounds).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from starflow.core.atomic import atomic_path
+from starflow.core.bounded import read_yaml
 from starflow.core.errors import StarflowError
 
 # The embedded class-conditional digits model (`scripts/train_demo.sh`), label table beside it.
@@ -39,10 +40,8 @@ SEQ_ORDERS = ("L2R", "R2L")
 # Spatial downsampling of the VAEs the official configs name (pixels per latent pixel).
 VAE_DOWNSAMPLE = {"sd-vae": 8, "sdxl-vae": 8, "Wan2.1": 8, "Wan2.2": 16}
 DENOISER_LAYERS = 8  # the official learnable self-denoiser (`NonCausalBlock(num_layers=8)`)
-MAX_YAML_BYTES = 1 << 20  # configs are a few KB
 # The released models have at most 24 layers in a block; 100000 (a typo) would build for minutes.
 MAX_LAYERS_PER_BLOCK = 1024
-MAX_YAML_ALIASES = 64  # official configs use none; an alias bomb uses thousands
 
 
 @dataclasses.dataclass
@@ -400,25 +399,6 @@ def load_config(path_or_preset: str | Path) -> StarFlowConfig:
         config = config_from_dict(document["model"], source, strict=True)
         return dataclasses.replace(config, extra=dict(extra))
     raise StarflowError(f"{source}: expected an official 'arguments:' list or a 'model:' mapping")
-
-
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML document through the safe loader, refused when over MAX_YAML_BYTES or when it uses
-    more than MAX_YAML_ALIASES aliases (counted on the event stream, before anything expands)."""
-    try:
-        if path.stat().st_size > MAX_YAML_BYTES:
-            raise StarflowError(f"{what} {path}: {path.stat().st_size} bytes, more than a config needs")
-        text = path.read_text()
-        aliases = sum(
-            isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)
-        )
-        if aliases > MAX_YAML_ALIASES:
-            raise StarflowError(f"{what} {path}: {aliases} YAML aliases (at most {MAX_YAML_ALIASES})")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise StarflowError(f"{what} {path}: not valid YAML ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise StarflowError(f"{what} {path}: cannot read ({err})") from None
 
 
 def save_config(config: StarFlowConfig, path: str | Path) -> None:

@@ -9,14 +9,17 @@ sample quality.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from starflow.core.bounded import check_numbers, parse_json, read_bytes
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import SampleOptions
 
 DIGITS_PRESETS = Path(__file__).resolve().parent.parent / "assets" / "digits-presets.json"
+MAX_PRESETS_BYTES = 1 << 20  # the digits model's presets file is 300 bytes
 OFFICIAL = "official"  # the name of the default: the export's own guidance and Jacobi settings
 # The sampler's own type, read and written by pydantic: unknown keys refused, no "1" for 1; a
 # setting left out takes the sampler's default.
@@ -47,26 +50,32 @@ def presets_to_json(presets: dict[str, SampleOptions]) -> str:
 
 
 def presets_from_json(text: str | bytes, where: str) -> dict[str, SampleOptions]:
-    """name -> options from presets JSON ({"fast": {...}, ...}), checked; errors name `where`."""
+    """name -> options from presets JSON ({"fast": {...}, ...}), checked; errors name `where`.
+    Read within `starflow.core.bounded`'s limits first: no NaN or inf, no integer outside int64 and
+    no number outside float32 (a manifest carries the presets, and libstarflow reads them)."""
+    parse_json(text, where)
     try:
         presets = PRESETS.validate_json(text)
     except ValidationError as err:
         first = err.errors()[0]
         at = "/".join(str(p) for p in first["loc"]) or "(top level)"
         raise StarflowError(f"{where}: not sampling presets: at {at}: {first['msg']}") from None
+    check_presets(presets, where)
+    return presets
+
+
+def check_presets(presets: dict[str, SampleOptions], where: str) -> None:
+    """Each preset's name and settings, its numbers within what a manifest carries (integers in
+    int64, finite float32): read from a file, given to an export, or read from a manifest."""
     for name, options in presets.items():
         check_preset_name(name, where)
         try:
             options.check()
         except StarflowError as err:
             raise StarflowError(f"{where}: preset {name!r}: {err}") from None
-    return presets
+        check_numbers(dataclasses.asdict(options), f"{where}: preset {name!r}")
 
 
 def load_presets(path: Path) -> dict[str, SampleOptions]:
-    """name -> options from a presets JSON file."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as err:
-        raise StarflowError(f"{path}: cannot read sampling presets ({err.strerror or err})") from None
-    return presets_from_json(text, str(path))
+    """name -> options from a presets JSON file (at most MAX_PRESETS_BYTES)."""
+    return presets_from_json(read_bytes(Path(path), MAX_PRESETS_BYTES, "sampling presets"), str(path))

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from starflow.core.atomic import atomic_path
+from starflow.core.bounded import parse_json
 from starflow.core.config import StarFlowConfig, config_from_dict, load_config
 from starflow.core.errors import StarflowError
 from starflow.core.limits import release_freed_memory
@@ -75,12 +76,7 @@ class CheckpointTensors:
                 f"checkpoint {self.path}: corrupt or truncated safetensors file ({err})"
             ) from None
         if CONFIG_METADATA_KEY in metadata:
-            try:
-                embedded = json.loads(metadata[CONFIG_METADATA_KEY])
-            except json.JSONDecodeError as err:
-                raise StarflowError(
-                    f"checkpoint {self.path}: embedded config is not valid JSON ({err})"
-                ) from None
+            embedded = parse_json(metadata[CONFIG_METADATA_KEY], f"checkpoint {self.path}: embedded config")
             self.config = config_from_dict(embedded, f"checkpoint {self.path} config")
 
     def _read_layout(self, names: list[str]) -> dict[str, tuple[torch.dtype, int, int]]:
@@ -93,7 +89,7 @@ class CheckpointTensors:
             size = int.from_bytes(file.read(8), "little")
             if size > min(file_size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"a header of {size} bytes")
-            header = json.loads(file.read(size))
+            header = parse_json(file.read(size), "the header")
         layout = {}
         for name in names:
             entry = header[name]

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from starflow.core.atomic import atomic_path
+from starflow.core.bounded import parse_json
 from starflow.core.errors import StarflowError
 
 CLASSES_METADATA_KEY = "starflow_classes"
@@ -64,7 +65,7 @@ def load_label_encoder(path: Path, txt_size: int, txt_dim: int) -> LabelEncoder:
         raise StarflowError(f"label encoder {path}: no such file (a class-conditional checkpoint needs it)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            classes = json.loads((f.metadata() or {}).get(CLASSES_METADATA_KEY, "null"))
+            classes = parse_json((f.metadata() or {}).get(CLASSES_METADATA_KEY, "null"), "classes")
             weight = f.get_tensor("embedding.weight")
     except (SafetensorError, OSError, ValueError) as err:
         raise StarflowError(f"label encoder {path}: corrupt or incomplete ({err})") from None
