@@ -4,7 +4,7 @@
 through the runtime, and `starflow bench` a preset's random model; each export is made on first
 use (`cached_export`) and reused while its key (checkpoint, options, manifest schema) is
 unchanged. A file lock makes concurrent first uses export once; under it, a broken entry (a file
-where the directory belongs, a partial or tampered export) is replaced and the temporary
+where the directory belongs, a partial or tampered export) is replaced and the partial
 directories of killed exports are removed.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from filelock import FileLock
 
 from starflow.contract.manifest import SCHEMA_VERSION, Manifest, sha256
+from starflow.core.atomic import remove_stale
 from starflow.core.config import DEMO_CHECKPOINT, DEMO_VIDEO_CHECKPOINT
 from starflow.core.errors import StarflowError
 from starflow.core.sampling_presets import DIGITS_PRESETS, load_presets
@@ -92,9 +93,9 @@ def cached_export(
 
 
 def _clear(directory: Path) -> None:
-    """Remove a broken entry and the leftovers of killed exports of it (the caller holds its lock)."""
-    for stale in directory.parent.glob(f".{directory.name}.*-*"):  # .partial-* and .old-* of export_onnx
-        shutil.rmtree(stale, ignore_errors=True)
+    """Remove a broken entry and the partials of killed exports of it (the caller holds its lock;
+    a live export into the entry by other means keeps its partial)."""
+    remove_stale(directory.parent, directory.name)
     if directory.is_symlink() or directory.is_file():
         directory.unlink()
     elif directory.exists():

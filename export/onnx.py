@@ -15,7 +15,6 @@ import dataclasses
 import errno
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
@@ -39,7 +38,7 @@ from starflow.contract.manifest import (
     is_starflow_export,
     sha256,
 )
-from starflow.core.atomic import current_umask
+from starflow.core.atomic import partial_folder
 from starflow.core.checks import check_count
 from starflow.core.config import StarFlowConfig
 from starflow.core.errors import StarflowError
@@ -363,8 +362,7 @@ def staging_directory(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out` to export into; removed unless it was moved into place."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the export is for sharing
+        work = partial_folder(out)  # named for this process; a killed export's partials go first
     except OSError as err:
         raise StarflowError(f"out {out}: cannot write there ({err.strerror})") from None
     try:
@@ -379,7 +377,7 @@ def replace_dir(new: Path, out: Path, attempts: int = 5) -> None:
     Another process may put a directory at `out` between the two renames (two exports to one
     place): then the rename is retried, and the last export to finish wins, whole.
     """
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old = partial_folder(out)
     try:
         for attempt in range(attempts):
             try:

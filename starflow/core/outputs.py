@@ -3,12 +3,14 @@
 Shared by `starflow generate` (runtime and PyTorch engines), `starflow demo`, training sample
 grids and the server (`png_bytes`, `clip_bytes`: one image or clip in memory); numpy + Pillow
 only, plus imageio (the `video` extra) for MP4. `output_kind` and `video_output_kind` check a
-destination before any work is done for it.
+destination before any work is done for it. Every file goes through `starflow.core.atomic`'s
+writer; a folder of PNGs is written into a hidden sibling first and moved into place once whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import numbers
@@ -16,14 +18,21 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from starflow.core.atomic import atomic_path, current_umask
+from starflow.core.atomic import (
+    atomic_file,
+    atomic_path,
+    check_target,
+    fsync_path,
+    partial_folder,
+    remove_stale,
+)
 from starflow.core.errors import StarflowError
 
 if TYPE_CHECKING:
@@ -55,7 +64,9 @@ def from_unit_images(images: np.ndarray) -> np.ndarray:
 
 def output_kind(path: Path) -> str:
     """'png' (grid), 'npy' or 'dir' (one PNG per image); the place must be writable, checked
-    before any work by creating (and removing) a temporary file there."""
+    before any work by creating (and removing) a temporary file there, and a file output absent
+    or a regular file (`check_target`: not a symlink or a device). The partials of earlier writes
+    there whose process was killed are removed."""
     return _destination_kind(
         path, SUFFIXES, "a .png (grid), a .npy (N, H, W, C) array, or a folder (one PNG per image)"
     )
@@ -81,7 +92,10 @@ def _destination_kind(path: Path, suffixes: tuple[str, ...], expected: str) -> s
         raise StarflowError(f"out {path}: exists and is not a folder")
     if path.suffix and path.is_dir():
         raise StarflowError(f"out {path}: is a directory, expected a {path.suffix} file")
+    if path.suffix:
+        check_target(path, f"out {path}")
     check_writable(path.parent, f"out {path}")
+    remove_stale(path.parent, path.name)
     return path.suffix[1:] if path.suffix else "dir"
 
 
@@ -96,9 +110,9 @@ def check_writable(directory: Path, what: str) -> None:
         raise StarflowError(f"{what}: cannot write in {directory} ({err.strerror or err})") from None
 
 
-def grid(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
+def grid(images: np.ndarray, columns: int, pad: int = 1, what: str = "images") -> np.ndarray:
     """(N, H, W, C) in [0, 1] -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, C) uint8 mosaic."""
-    return _mosaic(to_uint8(images), columns, pad)
+    return _mosaic(to_uint8(images, what), columns, pad)
 
 
 def _mosaic(tiles: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
@@ -113,7 +127,15 @@ def _mosaic(tiles: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
     return canvas
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray, what: str = "images") -> np.ndarray:
+    """[0, 1] -> 0..255; NaN or inf has no pixel value, so it is refused (naming `what`), not cast
+    to an arbitrary byte."""
+    bad = image.size - np.count_nonzero(np.isfinite(image))
+    if bad:
+        raise StarflowError(
+            f"{what}: {bad} pixel values are NaN or inf, which an image cannot hold "
+            "(a .npy output keeps them)"
+        )
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
@@ -138,7 +160,7 @@ def _write_errors(path: Path) -> Iterator[None]:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    with _write_errors(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with _write_errors(path), atomic_file(path, f"out {path}") as f:
         write(f)
 
 
@@ -168,7 +190,8 @@ def _png(path: Path, pixels: np.ndarray) -> None:
 
 def save_png(path: Path, images: np.ndarray, columns: int, scale: int | None = None) -> None:
     """A grid PNG; tiles are upscaled (nearest) so that the smallest side is >= 32 px."""
-    _png(path, upscale(grid(images, columns), scale or visible_scale(*images.shape[1:3])))
+    pixels = grid(images, columns, what=f"out {path}")
+    _png(path, upscale(pixels, scale or visible_scale(*images.shape[1:3])))
 
 
 def slug(prompt: str, limit: int = 40) -> str:
@@ -184,15 +207,10 @@ def save_images(path: Path, images: np.ndarray, columns: int, prompts: list[str]
     if kind == "npy":
         _atomic_write(path, lambda f: np.save(f, images.astype(np.float32)))
         return [path]
-    try:
-        path.mkdir(exist_ok=True)
-    except OSError as err:
-        raise StarflowError(f"out {path}: cannot create the folder ({err.strerror or err})") from None
-    names = prompts or [""] * len(images)
-    files = [path / f"{i:04d}-{slug(p)}.png" for i, p in enumerate(names)]
-    for file, image in zip(files, images, strict=True):
-        _png(file, upscale(to_uint8(image), visible_scale(*image.shape[:2])))
-    return files
+    pixels = to_uint8(images, f"out {path}")  # all refused before the first file
+    names = [f"{i:04d}-{slug(p)}.png" for i, p in enumerate(prompts or [""] * len(images))]
+    scale = visible_scale(*images.shape[1:3])
+    return _png_folder(path, names, (upscale(p, scale) for p in pixels))
 
 
 # ---- video clips (STARFlow-V) -------------------------------------------------------------------------
@@ -213,13 +231,16 @@ def write_video(clips: np.ndarray, path: Path, fps: float, columns: int | None =
         _atomic_write(path, lambda f: np.save(f, clips))
         return [path]
     if kind == "dir":
-        return _frame_folder(path, clips)
+        n, t, h, w, _ = clips.shape
+        scale = _video_scale(h, w)
+        names = [f"clip{i:03d}_frame{j:04d}.png" for i in range(n) for j in range(t)]
+        return _png_folder(path, names, (upscale(p, scale) for p in clips.reshape(n * t, h, w, -1)))
     frames = _grid_frames(clips, columns or min(len(clips), 8))
     if kind == "gif":
         _atomic_write(path, lambda f: _gif(f, frames, fps))
         return [path]
     iio = imageio_for_mp4(f"out {path}")
-    with _write_errors(path), atomic_path(path) as tmp:
+    with _write_errors(path), atomic_path(path, f"out {path}") as tmp:
         _mp4(iio, tmp, frames, fps)
     return [path]
 
@@ -292,26 +313,45 @@ def _gif(f: BinaryIO, frames: Iterator[np.ndarray], fps: float) -> None:
     first.save(f, format="GIF", save_all=True, append_images=rest, duration=delay, loop=0)
 
 
-def _frame_folder(path: Path, clips: np.ndarray) -> list[Path]:
-    """One PNG per clip and frame, `clip{n:03d}_frame{t:04d}.png`. They are written into a hidden sibling
-    folder first, so a failure leaves nothing behind; then that folder is renamed into place, or, when
-    the folder exists (reused, as for images), its files are moved in, replacing same-named ones."""
-    n, t, h, w, _ = clips.shape
-    scale = _video_scale(h, w)
-    names = [f"clip{i:03d}_frame{j:04d}.png" for i in range(n) for j in range(t)]
+def _png_folder(path: Path, names: list[str], pictures: Iterable[np.ndarray]) -> list[Path]:
+    """One PNG per name (clips: `clip{n:03d}_frame{t:04d}.png`). They are written into a hidden
+    sibling folder first, so a failure (a full disk) leaves nothing behind; then that folder is
+    renamed into place, or, when the folder exists (reused), its files are moved in, replacing
+    same-named regular files (anything else at a name is refused before any file is written)."""
+    files = [path / name for name in names]
+    if path.is_dir():
+        for file in files:
+            check_target(file, f"out {file}")
     with _write_errors(path):
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        staged = partial_folder(path)
         try:
-            for name, pixels in zip(names, clips.reshape(n * t, h, w, -1), strict=True):
-                _picture(upscale(pixels, scale)).save(tmp / name, format="PNG")
-            if path.is_dir():
-                for name in names:
-                    os.replace(tmp / name, path / name)
-                tmp.rmdir()
-            else:
-                os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is 0700
-                os.replace(tmp, path)
+            for name, pixels in zip(names, pictures, strict=True):
+                with open(staged / name, "xb") as f:
+                    _picture(pixels).save(f, format="PNG")
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_path(staged)
+            if not path.is_dir():
+                try:
+                    os.replace(staged, path)
+                    fsync_path(path.parent)
+                    return files
+                except OSError as err:
+                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise  # else another writer has just made the folder: move the files in
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
             raise
-    return [path / name for name in names]
+    try:
+        for name in names:
+            os.replace(staged / name, path / name)
+        fsync_path(path)
+    except OSError as err:
+        moved = sum(not (staged / name).exists() for name in names)
+        raise StarflowError(
+            f"out {path}: cannot move the files into place ({err.strerror or err}); {moved} of "
+            f"{len(names)} were moved in, the rest removed"
+        ) from None
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return files

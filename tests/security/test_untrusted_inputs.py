@@ -14,6 +14,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -462,8 +464,9 @@ def test_a_broken_entry_heals_and_stale_partials_go(counted_exports):
     entry = Path(cache.demo_artifacts())
     shutil.rmtree(entry)
     entry.write_text("not a directory")  # what a crash or a careless tool leaves
-    stale = entry.parent / f".{entry.name}.partial-abc123"
-    stale.mkdir()
+    make = f"import pathlib, starflow.core.atomic as a; a.partial_folder(pathlib.Path({str(entry)!r}))"
+    subprocess.run([sys.executable, "-c", make], check=True)  # an export's partial, its process gone
+    (stale,) = entry.parent.glob(f".{entry.name}.partial-*")
     assert cache.demo_artifacts() == entry and entry.is_dir()
     assert not stale.exists() and len(calls) == 2
 

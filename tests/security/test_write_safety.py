@@ -1,0 +1,172 @@
+"""Writes that never clobber (issue 29): the one atomic writer, its targets, its partials.
+
+A target must be absent or a regular file (a symlink or a special file is refused, not replaced);
+temporary names are unique (threads saving to one path never collide); a folder of outputs
+appears whole or not at all; a partial left by a killed process is removed by the next run, and
+a live writer's partial never is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from starflow.cli.main import app
+from starflow.core import outputs
+from starflow.core.errors import StarflowError
+from tests.security.test_untrusted_inputs import one_line_error
+
+runner = CliRunner()
+IMAGES = np.linspace(0, 1, 4 * 8 * 8).reshape(4, 8, 8, 1).astype(np.float32)
+
+
+def special_targets(tmp_path: Path, suffix: str = ".png") -> dict[str, Path]:
+    """A symlink to a file that must survive, and a FIFO (a special file any user can make; a
+    device such as /dev/full is one too, but only root can make those)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link, fifo = tmp_path / f"link{suffix}", tmp_path / f"fifo{suffix}"
+    link.symlink_to(victim)
+    os.mkfifo(fifo)
+    return {"a symbolic link": link, "a device or other special file": fifo}
+
+
+WRITES = {
+    "save_png": lambda t: outputs.save_png(t, IMAGES, columns=2),
+    "save_text": lambda t: outputs.save_text(t, "{}"),
+    "save_images": lambda t: outputs.save_images(t, IMAGES, columns=2),
+    "write_video": lambda t: outputs.write_video(np.zeros((1, 2, 4, 4, 1), np.uint8), t, fps=8),
+}
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_a_symlink_or_special_file_target_is_refused(tmp_path: Path, write: str) -> None:
+    for kind, target in special_targets(tmp_path, ".npy" if write == "write_video" else ".png").items():
+        with pytest.raises(StarflowError, match=f"{target}: is {kind}; expected a new name or a regular"):
+            WRITES[write](target)
+        assert os.path.islink(target) == ("link" in kind) and os.path.lexists(target)
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
+
+
+def test_generate_refuses_a_symlink_out_before_any_work(demo_export: Path, tmp_path: Path) -> None:
+    """`--out /dev/stdout` is a symlink too: the rename would have replaced it."""
+    link = special_targets(tmp_path)["a symbolic link"]
+    began = time.perf_counter()
+    result = runner.invoke(app, ["generate", "--prompt", "3", "--out", str(link), "--num-images", "64"])
+    one_line_error(result, f"out {link}: is a symbolic link")
+    assert time.perf_counter() - began < 5 and (tmp_path / "victim.txt").read_text() == "keep me"
+
+
+def test_threads_saving_to_one_path_never_collide(tmp_path: Path) -> None:
+    """Each thread's write is whole: a grid file, a folder of PNGs, a folder of clip frames."""
+    clips = np.full((2, 3, 4, 4, 1), 200, np.uint8)
+    writes = [
+        lambda: outputs.save_png(tmp_path / "grid.png", IMAGES, columns=2),
+        lambda: outputs.save_images(tmp_path / "images", IMAGES, columns=2),
+        lambda: outputs.write_video(clips, tmp_path / "frames", fps=8),
+    ]
+    for write in writes:
+        start, errors = threading.Barrier(8), []
+
+        def run(write=write, start=start, errors=errors) -> None:
+            start.wait()
+            try:
+                write()
+            except Exception as err:  # collected for the assertion below
+                errors.append(err)
+
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "grid.png", "images"]
+    assert len(list((tmp_path / "images").iterdir())) == 4 and len(list((tmp_path / "frames").iterdir())) == 6
+    for png in [tmp_path / "grid.png", *(tmp_path / "images").iterdir(), *(tmp_path / "frames").iterdir()]:
+        Image.open(png).load()  # complete files
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_leaves_no_half_folder_of_pngs(tmp_path: Path, monkeypatch, existing: bool) -> None:
+    """The disk fills up at the third PNG: the folder is not there (or holds what it held), as the
+    message says."""
+    out = tmp_path / "images"
+    if existing:
+        out.mkdir()
+        (out / "0000-.png").write_bytes(b"an earlier run's image")
+    saved = Image.Image.save
+    calls = []
+
+    def filling(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return saved(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", filling)
+    with pytest.raises(StarflowError, match=f"out {out}: cannot write .*; nothing was written"):
+        outputs.save_images(out, IMAGES, columns=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["images"] if existing else [])
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["0000-.png"]
+        assert (out / "0000-.png").read_bytes() == b"an earlier run's image"
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from starflow.core.atomic import atomic_path
+    from starflow.export.onnx import staging_directory
+
+    out, killed = Path(sys.argv[1]), sys.argv[2] == "killed"
+    if not killed:
+        print("ready", flush=True)
+        sys.stdin.readline()
+    with staging_directory(out / "artifacts"), atomic_path(out / "grid.png"):
+        print("staged", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL) if killed else sys.stdin.readline()
+    """
+)
+
+
+def test_a_killed_writers_partials_go_and_a_live_ones_stay(tmp_path: Path) -> None:
+    """An export's staging folder and an atomic write's temporary file, of a killed process and
+    of a live one: the next export and the next output check remove the first two only."""
+    from starflow.export.onnx import staging_directory
+
+    def writer(mode: str) -> subprocess.Popen:
+        args = [sys.executable, "-c", WRITER, str(tmp_path), mode]
+        return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    killed, live = writer("killed"), writer("live")  # both import torch at once
+    try:
+        assert killed.wait(timeout=120) == -signal.SIGKILL
+        dead = {p.name for p in tmp_path.iterdir()}
+        assert len(dead) == 2, dead
+        assert live.stdout.readline() == "ready\n"
+        live.stdin.write("go\n")
+        live.stdin.flush()
+        assert live.stdout.readline() == "staged\n"
+        alive = {p.name for p in tmp_path.iterdir()} - dead
+        assert len(alive) == 2, alive
+        with staging_directory(tmp_path / "artifacts"):
+            outputs.output_kind(tmp_path / "grid.png")
+            left = {p.name for p in tmp_path.iterdir()}
+        assert left & dead == set() and alive <= left
+    finally:
+        live.kill()
+        live.wait()
