@@ -278,3 +278,19 @@ def test_numpy_fps_is_a_number(tmp_path: Path) -> None:
     write_video(blocky(1, 2, 4, 4, 3, block=1), tmp_path / "x.gif", fps=np.float32(20))
     with Image.open(tmp_path / "x.gif") as gif:
         assert gif.info["duration"] == 50
+
+
+# ---- non-finite pixels ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["grid.png", "images"])
+def test_non_finite_pixels_are_refused_by_the_png_writer(tmp_path: Path, name: str) -> None:
+    """NaN has no pixel value (a cast makes it an arbitrary byte): refused, nothing written; .npy keeps it."""
+    images = np.full((2, 4, 4, 1), 0.5, np.float32)
+    images[1, 2, 3, 0] = np.nan
+    out = tmp_path / name
+    with pytest.raises(StarflowError, match=f"out {out}: 1 pixel values are NaN or inf"):
+        outputs.save_images(out, images, columns=2)
+    with pytest.raises(StarflowError, match="images: 1 pixel values are NaN or inf"):
+        outputs.png_bytes(outputs.to_uint8(images[1]))
+    assert list(tmp_path.iterdir()) == []
+    outputs.save_images(tmp_path / "x.npy", images, columns=2)
+    assert np.isnan(np.load(tmp_path / "x.npy")).sum() == 1

@@ -69,34 +69,53 @@ def test_generate_refuses_a_symlink_out_before_any_work(demo_export: Path, tmp_p
     assert time.perf_counter() - began < 5 and (tmp_path / "victim.txt").read_text() == "keep me"
 
 
-def test_threads_saving_to_one_path_never_collide(tmp_path: Path) -> None:
-    """Each thread's write is whole: a grid file, a folder of PNGs, a folder of clip frames."""
+def in_threads(write, n: int) -> list[Exception]:
+    """Run `write` in `n` threads released at once; the errors they raised."""
+    start, errors = threading.Barrier(n), []
+
+    def run() -> None:
+        start.wait()
+        try:
+            write()
+        except Exception as err:  # collected for the caller's assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_threads_saving_to_one_file_never_collide(tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    assert in_threads(lambda: outputs.save_png(out, IMAGES, columns=2), 8) == []
+    Image.open(out).load()  # one whole file, nothing else
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+@pytest.mark.parametrize("kind", ["images", "frames"])
+def test_two_writers_racing_to_create_one_folder_both_succeed(tmp_path: Path, monkeypatch, kind: str) -> None:
+    """Both find no folder and both rename theirs into place at once: the second moves its files in."""
+    out, rename, gate = tmp_path / kind, os.replace, threading.Barrier(2, timeout=10)
+
+    def racing(src, dst, *args, **kwargs):
+        if Path(dst) == out:
+            gate.wait()  # both writers are here before either renames
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", racing)
     clips = np.full((2, 3, 4, 4, 1), 200, np.uint8)
-    writes = [
-        lambda: outputs.save_png(tmp_path / "grid.png", IMAGES, columns=2),
-        lambda: outputs.save_images(tmp_path / "images", IMAGES, columns=2),
-        lambda: outputs.write_video(clips, tmp_path / "frames", fps=8),
-    ]
-    for write in writes:
-        start, errors = threading.Barrier(8), []
-
-        def run(write=write, start=start, errors=errors) -> None:
-            start.wait()
-            try:
-                write()
-            except Exception as err:  # collected for the assertion below
-                errors.append(err)
-
-        threads = [threading.Thread(target=run) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "grid.png", "images"]
-    assert len(list((tmp_path / "images").iterdir())) == 4 and len(list((tmp_path / "frames").iterdir())) == 6
-    for png in [tmp_path / "grid.png", *(tmp_path / "images").iterdir(), *(tmp_path / "frames").iterdir()]:
-        Image.open(png).load()  # complete files
+    if kind == "images":
+        write = lambda: outputs.save_images(out, IMAGES, columns=2)  # noqa: E731
+    else:
+        write = lambda: outputs.write_video(clips, out, fps=8)  # noqa: E731
+    assert in_threads(write, 2) == []
+    assert [p.name for p in tmp_path.iterdir()] == [kind]
+    for png in out.iterdir():
+        Image.open(png).load()
+    assert len(list(out.iterdir())) == (4 if kind == "images" else 6)
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -117,7 +136,7 @@ def test_a_full_disk_leaves_no_half_folder_of_pngs(tmp_path: Path, monkeypatch, 
         return saved(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", filling)
-    with pytest.raises(StarflowError, match=f"out {out}: cannot write .*; nothing was written"):
+    with pytest.raises(StarflowError, match=f"out {out}.*: cannot write .*; nothing was written"):
         outputs.save_images(out, IMAGES, columns=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["images"] if existing else [])
     if existing:
