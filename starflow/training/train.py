@@ -28,7 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from starflow.core.atomic import atomic_file, partial_folder, remove_stale, replace_folder
+from starflow.core.bounded import parse_json, read_json
 from starflow.core.checks import check_count
 from starflow.core.config import StarFlowConfig, load_config
 from starflow.core.errors import StarflowError
@@ -40,13 +43,14 @@ from starflow.training.data import Dataset, LatentShards, open_dataset
 
 PRECISIONS = ("auto", "fp32", "bf16")
 KEEP_CHECKPOINTS = 2  # older sharded checkpoints are deleted once a newer one is complete
-STATE_FILE = "starflow.json"  # config, classes, step and options, inside each checkpoint directory
+STATE_FILE = "starflow.json"  # config, classes, step, options and files, inside each checkpoint directory
 # Options a resumed run may change: they decide how and where it runs, not what it computes.
 RESUMABLE = frozenset(
     {"steps", "resume", "nproc", "device", "threads", "progress", "checkpoint_every", "sample_every",
      "log_every", "export_ema", "activation_checkpointing", "out", "config"}  # config: by content
 )  # fmt: skip
 CKPT_PREFIX = "_checkpoint_wrapped_module."
+MAX_STATE_BYTES = 1 << 20  # a state file holds a config and the options: a few KB
 
 
 @dataclass
@@ -158,9 +162,7 @@ def train(options: TrainOptions) -> Path:
     config, _ = check_setup(options)
     out = Path(options.out)
     if options.resume:
-        if not checkpoints(out):
-            raise StarflowError(f"resume: no complete checkpoint under {out / 'checkpoints'}")
-        check_resume(options, config, checkpoints(out)[-1])
+        check_resume(options, config, latest_checkpoint(out))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -182,17 +184,16 @@ def train(options: TrainOptions) -> Path:
 
 
 def read_state(checkpoint: Path) -> dict:
-    """The step, config, classes and options a checkpoint was saved with (its STATE_FILE)."""
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StarflowError(f"checkpoint {checkpoint}: unreadable {STATE_FILE} ({err})") from None
+    """The step, config, classes, options and files a checkpoint was saved with (its STATE_FILE)."""
+    state = read_json(checkpoint / STATE_FILE, MAX_STATE_BYTES, "checkpoint")
     kinds = {"step": int, "config": dict, "classes": (list, type(None)), "options": dict}
     wrong = [
         k
         for k, kind in kinds.items()
         if not isinstance(state.get(k) if isinstance(state, dict) else None, kind)
     ]
+    if isinstance(state, dict) and not isinstance(state.get("files", {}), dict):
+        wrong.append("files")
     if wrong:
         raise StarflowError(f"checkpoint {checkpoint}: {STATE_FILE} lacks or mistypes {wrong}")
     return state
@@ -258,8 +259,72 @@ def _clean(name: str) -> str:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    """Complete sharded checkpoints, oldest first (temp directories are never listed)."""
-    return sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
+    """Complete sharded checkpoints, oldest first (partial folders and incomplete ones are never listed)."""
+    return [c for c in sorted((out / "checkpoints").glob("step_[0-9]*[0-9]")) if not lacks(c)]
+
+
+def lacks(checkpoint: Path) -> str:
+    """What a checkpoint folder lacks ("" when complete): its state file, DCP's .metadata, or a
+    shard its state lists (missing, or not the size it was saved with). The .metadata's content
+    is the restricted unpickler's to judge (`read_checkpoint_metadata`), which refuses a bad one."""
+    for name in (STATE_FILE, ".metadata"):
+        if not (checkpoint / name).is_file():
+            return f"no {name}"
+    for name, size in read_state(checkpoint).get("files", {}).items():
+        file = checkpoint / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"{name} missing or not its saved {size} bytes"
+    return ""
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The latest complete checkpoint to resume from; newer incomplete ones (a copy cut short, a
+    damaged disk) are skipped with a warning naming what they lack."""
+    complete = checkpoints(out)
+    if not complete:
+        raise StarflowError(f"resume: no complete checkpoint under {out / 'checkpoints'}")
+    for folder in sorted((out / "checkpoints").glob("step_[0-9]*[0-9]")):
+        if folder.name > complete[-1].name:
+            warnings.warn(
+                f"checkpoint {folder}: incomplete ({lacks(folder)}); resuming from {complete[-1].name}",
+                stacklevel=2,
+            )
+    return complete[-1]
+
+
+def kept_metrics(path: Path, step: int) -> str:
+    """The records of metrics.jsonl up to `step`, which a resumed run keeps (it rewrites the later
+    ones). A last line that is not a record, what a kill mid-write leaves, is dropped with a
+    warning; a bad line before it is an error naming the line."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return ""
+    except OSError as err:
+        raise StarflowError(f"metrics {path}: cannot read it ({err.strerror or err})") from None
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            saved = parse_json(line, f"metrics {path}: line {number}")["step"]
+            if not isinstance(saved, int):
+                raise TypeError(saved)
+        except (StarflowError, TypeError, KeyError):
+            if number < len(lines):
+                raise StarflowError(f"metrics {path}: line {number} is not a record with a step") from None
+            warnings.warn(f"metrics {path}: dropped its last line, cut short by a killed run", stacklevel=2)
+            break
+        if saved <= step:
+            kept.append(line.decode() + "\n")
+    return "".join(kept)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed save (DCP wraps each rank's in a CheckpointException)."""
+    if isinstance(err, OSError):
+        return err
+    if isinstance(err, CheckpointException):
+        return next((e for e, _ in err.failures.values() if isinstance(e, OSError)), None)
+    return None
 
 
 # ---- the worker ---------------------------------------------------------------------------
@@ -366,38 +431,55 @@ class Trainer:
         return {"model": model_state, "optim": optim_state, "ema": self.ema}
 
     def save(self) -> None:
-        """Sharded save into a temp directory, renamed only once complete."""
+        """Sharded save into a hidden partial folder (`starflow.core.atomic`), renamed whole once
+        complete: a kill or a full disk leaves no step_N folder, only a partial that the next
+        run removes. The state file, written last, lists the saved shards and their sizes."""
         final = self.out / "checkpoints" / f"step_{self.step:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
-        if self.rank == 0:
-            meta = {
-                "step": self.step,
-                "config": {k: v for k, v in self.config.to_dict().items() if k != "extra"},
-                "classes": self.classes,
-                "options": dataclasses.asdict(self.options),
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in checkpoints(self.out)[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old)
+        staged: list[Path | None] = [None]
+        try:
+            if self.rank == 0:
+                final.parent.mkdir(exist_ok=True)
+                staged = [partial_folder(final)]
+            dist.broadcast_object_list(staged, src=0)
+            dcp.save(self._state(), checkpoint_id=staged[0])
+            if self.rank == 0:
+                meta = {
+                    "step": self.step,
+                    "config": {k: v for k, v in self.config.to_dict().items() if k != "extra"},
+                    "classes": self.classes,
+                    "options": dataclasses.asdict(self.options),
+                    "files": {
+                        f.name: f.stat().st_size for f in sorted(staged[0].iterdir()) if f.name != ".metadata"
+                    },
+                }
+                with atomic_file(staged[0] / STATE_FILE) as f:
+                    f.write(json.dumps(meta, indent=1).encode())
+                replace_folder(staged[0], final)
+                for old in checkpoints(self.out)[:-KEEP_CHECKPOINTS]:
+                    shutil.rmtree(old)
+        except (OSError, CheckpointException) as err:
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            raise StarflowError(
+                f"checkpoint {final}: cannot write ({cause.strerror or cause}); not saved, the "
+                "checkpoints before it stay"
+            ) from None
+        finally:
+            if self.rank == 0 and staged[0] is not None:
+                shutil.rmtree(staged[0], ignore_errors=True)  # gone already when it was renamed
         dist.barrier()
 
     def load_latest(self) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        found = checkpoints(self.out)
+        latest = checkpoints(self.out)[-1]
         state = self._state()
-        dcp.load(state, storage_reader=SafeCheckpointReader(found[-1]))
+        dcp.load(state, storage_reader=SafeCheckpointReader(latest))
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
-        self.step = read_state(found[-1])["step"]
+        self.step = read_state(latest)["step"]
 
     # -- records --
     @torch.no_grad()
@@ -428,14 +510,16 @@ class Trainer:
     def run(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from starflow.core.outputs import save_text
+
         o = self.options
         if o.resume:
             self.load_latest()
         metrics_path = self.out / "metrics.jsonl"
-        if self.rank == 0:  # a resumed run rewrites the steps after its checkpoint
-            kept = metrics_path.read_text().splitlines() if o.resume and metrics_path.exists() else []
-            kept = [line for line in kept if json.loads(line)["step"] <= self.step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+        if self.rank == 0:
+            remove_stale(self.out / "checkpoints")  # the partial saves of killed runs
+            # a resumed run rewrites the steps after its checkpoint
+            save_text(metrics_path, kept_metrics(metrics_path, self.step) if o.resume else "")
         progress = Progress(
             TextColumn("step {task.completed}/{task.total}"),
             BarColumn(),
@@ -454,8 +538,13 @@ class Trainer:
                     mark = (self.step, now)
                     record.update(it_per_s=its, images_per_s=its * o.batch_size, seconds=now - began)
                     if log is not None:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                        try:
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
+                        except OSError as err:
+                            raise StarflowError(
+                                f"metrics {metrics_path}: cannot write ({err.strerror or err})"
+                            ) from None
                     progress.update(
                         task,
                         status=f"loss {record['loss']:.4f} bpd {record['bits_per_dim']:.3f} "
@@ -482,11 +571,9 @@ def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
     from starflow.model.label_encoder import labels_path, save_label_encoder
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / ".metadata").is_file():
-        raise StarflowError(
-            f"checkpoint {checkpoint}: not a complete training checkpoint (expected {STATE_FILE} and "
-            f".metadata; temp *.tmp directories are unfinished saves)"
-        )
+    missing = lacks(checkpoint)
+    if missing:
+        raise StarflowError(f"checkpoint {checkpoint}: not a complete training checkpoint ({missing})")
     if out.suffix != ".safetensors":
         raise StarflowError(f"out {out}: expected a .safetensors path")
     meta = read_state(checkpoint)

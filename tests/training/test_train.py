@@ -80,6 +80,55 @@ def test_resume_is_exact(tiny_config: Path, single_run: Path, tmp_path: Path) ->
     assert losses(run) == losses(single_run)
 
 
+def test_resume_skips_an_incomplete_checkpoint_and_a_torn_log_line(
+    tiny_config: Path, single_run: Path, tmp_path: Path
+) -> None:
+    """Killed after the step-4 checkpoint lost a shard (a copy cut short) and mid-way through a
+    metrics line: the run resumes from step 2, with a warning for each, and ends as if uninterrupted."""
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    (shard,) = (run / "checkpoints" / "step_0000004").glob("*.distcp")
+    shard.unlink()
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 5, "loss": 0.')
+    (run / "model.safetensors").unlink()
+    with pytest.warns(UserWarning) as warned:
+        train(options(tiny_config, run, resume=True))
+    messages = [str(w.message) for w in warned]
+    assert any("step_0000004: incomplete (" in m and "resuming from step_0000002" in m for m in messages)
+    assert any("metrics.jsonl: dropped its last line" in m for m in messages)
+    before, after = load_file(single_run / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert losses(run) == losses(single_run)
+
+
+def test_a_full_disk_while_saving_is_one_error_and_leaves_no_partial(
+    tiny_config: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The first save also meets a link planted where the old code put its temp folder
+    (step_N.tmp): it is neither followed nor in the way. The second save finds the disk full."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_0000001.tmp").symlink_to(victim)
+    create_stream = FileSystem.create_stream
+
+    def filling(self, path, mode):
+        if "step_0000002" in str(path):
+            raise OSError(28, "No space left on device")
+        return create_stream(self, path, mode)
+
+    monkeypatch.setattr(FileSystem, "create_stream", filling)
+    final = tmp_path / "run" / "checkpoints" / "step_0000002"
+    message = f"checkpoint {final}: cannot write \\(No space left on device\\); not saved"
+    with pytest.raises(StarflowError, match=message):
+        train(options(tiny_config, tmp_path / "run", steps=2, checkpoint_every=1))
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step_0000001", "step_0000001.tmp"]
+    assert list(victim.iterdir()) == []
+
+
 def test_activation_checkpointing_changes_nothing(
     tiny_config: Path, single_run: Path, tmp_path: Path
 ) -> None:
