@@ -60,7 +60,7 @@ from starflow.contract.entries import (
     sha256,
 )
 from starflow.core.atomic import atomic_path
-from starflow.core.bounded import check_numbers, parse_json, read_bytes
+from starflow.core.bounded import check_values, parse_json, read_bytes
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import OFFICIAL, check_presets, choose
@@ -403,7 +403,7 @@ class Manifest(Contract):
         against its schema first); returns what was written, digest filled in."""
         data = self.to_dict()
         check_schema(data, str(directory / MANIFEST_NAME))
-        check_numbers(data, str(directory / MANIFEST_NAME))
+        check_values(data, str(directory / MANIFEST_NAME))
         text = (json.dumps(data, indent=2) + "\n").encode()
         manifest = dataclasses.replace(self, digest=hashlib.sha256(text).hexdigest())
         _write(directory / MANIFEST_NAME, text)
@@ -416,7 +416,7 @@ class Manifest(Contract):
         record = Record(SCHEMA_VERSION, self.digest, self.validation, self.engines)
         data = RECORD.dump_python(record, mode="json")
         check_schema(data, str(directory / RECORD_NAME), RECORD_NAME)
-        check_numbers(data, str(directory / RECORD_NAME))
+        check_values(data, str(directory / RECORD_NAME))
         _write(directory / RECORD_NAME, (json.dumps(data, indent=2) + "\n").encode())
         return self
 

@@ -9,7 +9,8 @@ limits to what it reads:
 - a string at most MAX_STRING_CHARS characters as written;
 - a number at most MAX_NUMBER_DIGITS digits; an integer within int64, any other number finite
   and within float32's range (NaN and Infinity are not numbers here: a C++ reader refuses them);
-- the text valid UTF-8.
+- the text valid UTF-8, and no string holding a lone surrogate (an escape such as \\udcff: what
+  a non-UTF-8 file name becomes in Python).
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ def decode(data: bytes | str, source: str) -> str:
         ) from None
 
 
-def parse_json(data: bytes | str, source: str) -> Any:
-    """A JSON document within the limits above; errors name `source` (and the line or key)."""
+def parse_json(data: bytes | str, source: str, max_string: int = MAX_STRING_CHARS) -> Any:
+    """A JSON document within the limits above; errors name `source` (and the line or key).
+    `max_string` is larger only for a document whose strings are documents checked on their own
+    (a safetensors header's metadata)."""
     text = decode(data, source)
     structure = _STRING.sub('""', text)  # brackets and numbers outside strings; lines kept
-    if len(text) - len(structure) > MAX_STRING_CHARS:  # else no string can be over
+    if len(text) - len(structure) > max_string:  # else no string can be over
         longest = max(map(len, _STRING.findall(text))) - 2
-        if longest > MAX_STRING_CHARS:
-            raise StarflowError(f"{source}: a string of {longest} characters (at most {MAX_STRING_CHARS})")
+        if longest > max_string:
+            raise StarflowError(f"{source}: a string of {longest} characters (at most {max_string})")
     _check_depth(structure, source)
     for match in _LONG_NUMBER.finditer(structure):
         digits = sum(c.isdigit() for c in match.group())
@@ -88,8 +91,8 @@ def parse_json(data: bytes | str, source: str) -> Any:
         )
     except json.JSONDecodeError as err:
         raise StarflowError(f"{source}: not valid JSON ({err})") from None
-    if out_of_range:
-        check_numbers(document, source)
+    if out_of_range or not _utf8(json.dumps(document, ensure_ascii=False)):  # then find which
+        check_values(document, source)
     return document
 
 
@@ -107,29 +110,44 @@ def _check_depth(structure: str, source: str) -> None:
         depth = int(running[-1])
 
 
-def check_numbers(document: Any, source: str) -> None:
-    """Every integer within int64 and every other number finite and within float32's range (what a
-    C++ reader holds them in), the key path named: for a document read, or one about to be written."""
+def check_values(document: Any, source: str) -> None:
+    """Every integer within int64, every other number finite and within float32's range, every
+    string UTF-8 text (no lone surrogate, what a non-UTF-8 file name becomes): what a C++ reader
+    takes. The key path is named. For a document read, or one about to be written."""
     for path, value in _leaves(document):
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, str):
+            if _utf8(value):
+                continue
+            why = "not UTF-8 text (a non-UTF-8 file name?)"
+        elif isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
             why = "an integer outside int64"
         elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
             why = "not a finite number within float32's range"
         else:
             continue
         at = f"at {'/'.join(path)}: " if path else ""
-        raise StarflowError(f"{source}: {at}{value!r} is {why}")
+        raise StarflowError(f"{source}: {at}{ascii(value)} is {why}")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _leaves(document: Any) -> Iterator[tuple[list[str], Any]]:
-    """(key path, value) of every scalar, without recursion."""
+    """(key path, value) of every scalar and every key, without recursion."""
     stack: list[tuple[list[str], Any]] = [([], document)]
     while stack:
         path, node = stack.pop()
         if isinstance(node, dict):
-            stack.extend(([*path, str(k)], v) for k, v in node.items())
+            for key, value in node.items():
+                yield path, key
+                stack.append(([*path, str(key)], value))
         elif isinstance(node, list | tuple):
             stack.extend(([*path, str(i)], v) for i, v in enumerate(node))
         else:
@@ -211,4 +229,4 @@ def _check_yaml_scalar(loader: yaml.SafeLoader, event: yaml.ScalarEvent, where: 
         value = loader.construct_yaml_int(node) if tag.endswith(":int") else loader.construct_yaml_float(node)
     except ValueError:
         raise StarflowError(f"{where}: {event.value!r} is not a number") from None
-    check_numbers(value, where)
+    check_values(value, where)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from starflow.core.bounded import check_numbers, parse_json, read_bytes
+from starflow.core.bounded import check_values, parse_json, read_bytes
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import SampleOptions
 
@@ -73,7 +73,7 @@ def check_presets(presets: dict[str, SampleOptions], where: str) -> None:
             options.check()
         except StarflowError as err:
             raise StarflowError(f"{where}: preset {name!r}: {err}") from None
-        check_numbers(dataclasses.asdict(options), f"{where}: preset {name!r}")
+        check_values(dataclasses.asdict(options), f"{where}: preset {name!r}")
 
 
 def load_presets(path: Path) -> dict[str, SampleOptions]:

@@ -89,7 +89,7 @@ class CheckpointTensors:
             size = int.from_bytes(file.read(8), "little")
             if size > min(file_size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"a header of {size} bytes")
-            header = parse_json(file.read(size), "the header")
+            header = parse_json(file.read(size), "the header", max_string=MAX_HEADER_BYTES)
         layout = {}
         for name in names:
             entry = header[name]
