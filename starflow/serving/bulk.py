@@ -14,8 +14,9 @@ into shards of K; the driver (this process) writes every file, so only it needs 
     DIR/index.jsonl           every image's entry (prompt_index, prompt, seed, image, shard,
                               file, npy row), once every shard is done
 
-A shard is written under a temporary name and renamed into place before its marker, so a
-killed run leaves no half shard that counts as done; a rerun skips the done shards.
+A shard is written under a temporary name (`starflow.core.atomic`'s partials) and renamed
+into place before its marker, so a killed run leaves no half shard that counts as done; a rerun
+removes the killed run's partials and skips the done shards.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from starflow.core.atomic import atomic_path, current_umask
+from starflow.core.atomic import PARTIAL, atomic_file, remove_stale, replace_folder, staged_folder
 from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 from starflow.core.generation import counted, rate
@@ -187,7 +185,7 @@ class BulkRun:
             return
         record = out / RECORD
         if not record.is_file():
-            if any(not entry.name.endswith(".tmp") and entry.name != LOCK for entry in out.iterdir()):
+            if any(not PARTIAL.fullmatch(entry.name) and entry.name != LOCK for entry in out.iterdir()):
                 raise StarflowError(f"out {out}: not empty and holds no {RECORD}; give a new or empty folder")
             return
         try:
@@ -220,8 +218,7 @@ class BulkRun:
         except Timeout:
             raise StarflowError(f"out {self.out}: another bulk run is writing there") from None
         try:
-            for stale in self.out.glob(".*.tmp"):
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            remove_stale(self.out)
             if not (self.out / RECORD).is_file():
                 save_text(self.out / RECORD, json.dumps(self.params, indent=1) + "\n")
             yield
@@ -257,21 +254,18 @@ class BulkRun:
         clips = self.base.frames is not None
         if self.format == "npy":
             array = np.round(images * 255).astype(np.uint8) if clips else images.astype(np.float32)
-            with atomic_path(self.out / f"{shard.name}.npy") as tmp, open(tmp, "wb") as f:
+            with atomic_file(self.out / f"{shard.name}.npy") as f:
                 np.save(f, array)
         else:
             final = self.out / shard.name
-            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=f".{shard.name}.", suffix=".tmp"))
-            for entry, image in zip(entries, images, strict=True):
-                if clips:  # as `starflow generate --out x.gif` writes one clip
-                    data = clip_bytes(np.round(image * 255).astype(np.uint8), "gif", self.fps or 1.0)
-                else:  # as `starflow generate --out DIR/` writes each image
-                    data = png_bytes(upscale(to_uint8(image), visible_scale(*image.shape[:2])))
-                (tmp / Path(entry["file"]).name).write_bytes(data)
-            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is 0700
-            if final.exists():  # renamed into place by a killed run, before its marker
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with staged_folder(final) as staged:
+                for entry, image in zip(entries, images, strict=True):
+                    if clips:  # as `starflow generate --out x.gif` writes one clip
+                        data = clip_bytes(np.round(image * 255).astype(np.uint8), "gif", self.fps or 1.0)
+                    else:  # as `starflow generate --out DIR/` writes each image
+                        data = png_bytes(upscale(to_uint8(image), visible_scale(*image.shape[:2])))
+                    (staged / Path(entry["file"]).name).write_bytes(data)
+                replace_folder(staged, final)  # one a killed run renamed into place before its marker goes
         save_text(self.out / f"{shard.name}.done", "".join(json.dumps(e) + "\n" for e in entries))
 
     def finish(self) -> None:

@@ -117,7 +117,9 @@ def test_resume_skips_done_shards(npy_run: tuple[Path, Path], demo_export: Path)
     kept = files(out)
     (out / "shard-00001.done").unlink()
     (out / "shard-00001.npy").write_bytes(b"half")
-    (out / ".shard-00002.npy.x1y2.tmp").write_bytes(b"killed mid-write")
+    dies_writing = "import os, sys, starflow.core.atomic as a\nwith a.atomic_file(sys.argv[1]): os._exit(0)"
+    subprocess.run([sys.executable, "-c", dies_writing, str(out / "shard-00002.npy")], check=True)
+    assert list(out.glob(".shard-00002.npy.partial-*"))  # of a process that died writing shard 2
     result = generate(*npy_args(prompts, out, demo_export))
     assert result.exit_code == 0, result.output
     assert "(2 done before, 1 generated now in this process" in result.stdout
