@@ -26,7 +26,7 @@ from starflow.core.checks import check_count
 from starflow.core.config import load_config
 from starflow.core.errors import StarflowError
 from starflow.core.limits import check_threads
-from starflow.core.outputs import check_writable, save_text
+from starflow.core.outputs import check_output_file, save_text
 from starflow.core.sampler import JacobiSettings, SampleOptions
 
 if TYPE_CHECKING:
@@ -316,13 +316,13 @@ def run_benches(
     for run in runs:
         run.check()
     if json_out is not None:
-        check_writable(json_out.parent, f"json {json_out}")
+        check_output_file(json_out, f"json {json_out}")
     results = []
     for run in runs:
         results.append(run_bench(run, log))
         show(format_table(results[-1]))
     if json_out is not None:
-        save_text(json_out, json.dumps(results, indent=2) + "\n")
+        save_text(json_out, json.dumps(results, indent=2) + "\n", f"json {json_out}")
     return results
 
 
@@ -339,11 +339,11 @@ def run_quality(
 
     threads = check_thread_counts(threads)
     if json_out is not None:
-        check_writable(json_out.parent, f"json {json_out}")
+        check_output_file(json_out, f"json {json_out}")
     qualities, held_out = quality_bench(artifacts, per_digit, max(threads))
     if json_out is not None:
         document = {"held_out_accuracy": held_out, "settings": [dataclasses.asdict(q) for q in qualities]}
-        save_text(json_out, json.dumps(document, indent=2) + "\n")
+        save_text(json_out, json.dumps(document, indent=2) + "\n", f"json {json_out}")
     return format_quality(qualities, held_out)
 
 

@@ -93,10 +93,18 @@ def _destination_kind(path: Path, suffixes: tuple[str, ...], expected: str) -> s
     if path.suffix and path.is_dir():
         raise StarflowError(f"out {path}: is a directory, expected a {path.suffix} file")
     if path.suffix:
-        check_target(path, f"out {path}")
-    check_writable(path.parent, f"out {path}")
+        check_output_file(path, f"out {path}")
+    else:
+        check_writable(path.parent, f"out {path}")
     remove_stale(path.parent, path.name)
     return path.suffix[1:] if path.suffix else "dir"
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """A file output checked before any work: absent or a regular file (`check_target`: the rename
+    that writes it would replace a symlink or a device), in a folder where a file can be created."""
+    check_target(path, what)
+    check_writable(path.parent, what)
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -150,23 +158,23 @@ def upscale(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _write_errors(path: Path) -> Iterator[None]:
+def _write_errors(path: Path, what: str | None = None) -> Iterator[None]:
     try:
         yield
     except OSError as err:  # the disk filled up or the place became read-only since the check
         raise StarflowError(
-            f"out {path}: cannot write ({err.strerror or err}); nothing was written"
+            f"{what or f'out {path}'}: cannot write ({err.strerror or err}); nothing was written"
         ) from None
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    with _write_errors(path), atomic_file(path, f"out {path}") as f:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str | None = None) -> None:
+    with _write_errors(path, what), atomic_file(path, what or f"out {path}") as f:
         write(f)
 
 
-def save_text(path: Path, text: str) -> None:
-    """Write a text file atomically (a report, JSON results)."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
+def save_text(path: Path, text: str, what: str | None = None) -> None:
+    """Write a text file atomically (a report, JSON results); errors name `what` (default: out PATH)."""
+    _atomic_write(path, lambda f: f.write(text.encode()), what)
 
 
 def _picture(pixels: np.ndarray) -> Image.Image:

@@ -165,7 +165,7 @@ def ray_config(config: ServeConfig) -> dict[str, Any]:
 
 def write_config(config: ServeConfig, path: Path) -> None:
     """`ray_config` as YAML, atomically."""
-    save_text(path, yaml.safe_dump(ray_config(config), sort_keys=False))
+    save_text(path, yaml.safe_dump(ray_config(config), sort_keys=False), f"write_config {path}")
 
 
 def read_config(path: Path) -> ServeConfig:

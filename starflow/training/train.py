@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from starflow.core.atomic import atomic_file, partial_folder, remove_stale, replace_folder
+from starflow.core.atomic import atomic_file, check_target, partial_folder, remove_stale, replace_folder
 from starflow.core.bounded import parse_json, read_json
 from starflow.core.checks import check_count
 from starflow.core.config import StarFlowConfig, load_config
@@ -576,6 +576,8 @@ def consolidate(checkpoint: Path, out: Path, ema: bool = True) -> Path:
         raise StarflowError(f"checkpoint {checkpoint}: not a complete training checkpoint ({missing})")
     if out.suffix != ".safetensors":
         raise StarflowError(f"out {out}: expected a .safetensors path")
+    for file in (out, labels_path(out)):
+        check_target(file, f"out {file}")  # a symlink or a device there is refused before loading
     meta = read_state(checkpoint)
     read_checkpoint_metadata(checkpoint)  # refused before torch reads it (its errors come wrapped)
     config = config_from_dict(meta["config"], f"checkpoint {checkpoint}")

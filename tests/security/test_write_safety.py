@@ -60,12 +60,16 @@ def test_a_symlink_or_special_file_target_is_refused(tmp_path: Path, write: str)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
 
 
-def test_generate_refuses_a_symlink_out_before_any_work(demo_export: Path, tmp_path: Path) -> None:
-    """`--out /dev/stdout` is a symlink too: the rename would have replaced it."""
+@pytest.mark.parametrize(
+    "flag, args",
+    [("out", ["generate", "--prompt", "3", "--num-images", "64", "--out"]), ("json", ["bench", "--json"])],
+)
+def test_a_symlink_output_is_refused_before_any_work(demo_export: Path, tmp_path: Path, flag, args) -> None:
+    """`--out /dev/stdout` or `--json /dev/stdout` is a symlink too: the rename would replace it."""
     link = special_targets(tmp_path)["a symbolic link"]
     began = time.perf_counter()
-    result = runner.invoke(app, ["generate", "--prompt", "3", "--out", str(link), "--num-images", "64"])
-    one_line_error(result, f"out {link}: is a symbolic link")
+    result = runner.invoke(app, [*args, str(link)])
+    one_line_error(result, f"{flag} {link}: is a symbolic link")
     assert time.perf_counter() - began < 5 and (tmp_path / "victim.txt").read_text() == "keep me"
 
 
