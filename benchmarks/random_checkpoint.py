@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from starflow.core.atomic import atomic_file
 from starflow.core.config import StarFlowConfig, load_config
 from starflow.core.errors import StarflowError
 from starflow.model.checkpoint import CONFIG_METADATA_KEY
@@ -99,33 +98,18 @@ def header(config: StarFlowConfig, specs: list[TensorSpec], dtype: torch.dtype, 
 
 
 def write_random_checkpoint(preset: str, out: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> int:
-    """Write the checkpoint atomically (a private temp file beside `out`, fsync, rename); its bytes."""
+    """Write the checkpoint atomically (`starflow.core.atomic`: a partial beside `out`, fsync,
+    rename); its bytes."""
     if sys.byteorder != "little":
         raise StarflowError("safetensors data is little-endian; this writer copies native bytes")
     config = load_config(preset)
     specs = tensor_specs(config)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(header(config, specs, dtype, seed))
-            for spec in specs:
-                for values in chunks(spec, seed, dtype):
-                    stream.write(values.view(torch.uint8).numpy())
-            stream.flush()
-            os.fsync(stream.fileno())
-            written = stream.tell()
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # what a plain open() would give; mkstemp's is 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
+    with atomic_file(out) as stream:
+        stream.write(header(config, specs, dtype, seed))
+        for spec in specs:
+            for values in chunks(spec, seed, dtype):
+                stream.write(values.view(torch.uint8).numpy())
+        written = stream.tell()
     return written
 
 

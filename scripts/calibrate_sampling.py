@@ -21,6 +21,7 @@ import torch
 
 from starflow.apps.bench import interleaved
 from starflow.apps.quality import DigitsJudge
+from starflow.core.outputs import save_text
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import DIGITS_PRESETS, presets_to_json
 from starflow.export.cache import demo_artifacts
@@ -86,7 +87,7 @@ def main() -> None:
         f"{chosen} {fast_s:.2f} s ({official_s / fast_s:.2f}x faster)"
     )
     if args.write:
-        DIGITS_PRESETS.write_text(presets_to_json({"fast": sampling}))
+        save_text(DIGITS_PRESETS, presets_to_json({"fast": sampling}))
         print(f"wrote {DIGITS_PRESETS}")
 
 
