@@ -115,9 +115,9 @@ def remove_stale(directory: Path, name: str | None = None) -> None:
 
 
 def fsync_path(path: Path, mode: int | None = None) -> None:
-    """Flush a file or folder written by name to disk, opened without following links; `mode`:
-    give it these permissions first."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    """Flush a file written by name to disk, opened without following links (`mode`: give it
+    these permissions first); or a folder's entries (a folder reached through a link is fine)."""
+    fd = os.open(path, os.O_RDONLY | (0 if os.path.isdir(path) else os.O_NOFOLLOW))
     try:
         if mode is not None:
             os.fchmod(fd, mode)

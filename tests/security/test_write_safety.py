@@ -73,6 +73,16 @@ def test_a_symlink_output_is_refused_before_any_work(demo_export: Path, tmp_path
     assert time.perf_counter() - began < 5 and (tmp_path / "victim.txt").read_text() == "keep me"
 
 
+def test_a_folder_reached_through_a_link_is_written_into(tmp_path: Path) -> None:
+    """Only the target itself must not be a link: `--out results/` may be a link to a bigger disk."""
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "results"
+    link.symlink_to(tmp_path / "disk")
+    outputs.save_png(link / "grid.png", IMAGES, columns=2)
+    outputs.save_images(link, IMAGES, columns=2)
+    assert link.is_symlink() and len(list((tmp_path / "disk").iterdir())) == 5
+
+
 def in_threads(write, n: int) -> list[Exception]:
     """Run `write` in `n` threads released at once; the errors they raised."""
     start, errors = threading.Barrier(n), []
