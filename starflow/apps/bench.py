@@ -25,7 +25,8 @@ from starflow.contract.manifest import SCHEMA_VERSION
 from starflow.core.checks import check_count
 from starflow.core.config import load_config
 from starflow.core.errors import StarflowError
-from starflow.core.limits import check_threads
+from starflow.core.generation import array_bytes, check_images_fit, counted
+from starflow.core.limits import check_fits, check_threads
 from starflow.core.outputs import check_output_file, save_text
 from starflow.core.sampler import JacobiSettings, SampleOptions
 
@@ -113,6 +114,21 @@ class BenchOptions:
             raise StarflowError("artifacts needs checkpoint too: the PyTorch rows run that checkpoint")
         if self.frames is not None:
             check_count(self.frames, "frames")
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        """The largest batch's arrays (`array_bytes`), refused before any model is built: a preset's
+        config is read here; an export's model is not known yet, so the least any model needs."""
+        n = max(self.batch, self.throughput_batch)
+        if self.artifacts is not None:
+            check_images_fit(n, self.frames)
+            return
+        config = load_config(self.preset)
+        frames = (self.frames or DEFAULT_FRAMES) if config.video else None
+        side = config.latent_size
+        clips = f" of {frames} frames" if frames else ""
+        what = f"a batch of {counted(n, 'clip' if frames else 'image')}{clips}, {side}x{side} latent pixels"
+        check_fits(array_bytes(n, frames, (side, side), config.channel_size, 1), what)
 
 
 @dataclasses.dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from starflow.apps.timing import interleaved
-from starflow.core.checks import check_count
+from starflow.core.checks import check_count, check_fps
 from starflow.core.errors import StarflowError
-from starflow.core.generation import Generation, ImageGenerator, check_seed
+from starflow.core.generation import Generation, ImageGenerator, check_images_fit, check_seed
 from starflow.core.limits import check_threads
 from starflow.core.outputs import output_kind, save_png, video_output_kind, write_video
 from starflow.core.sampler import Progress
@@ -85,14 +85,15 @@ def run_demo(
     if out.suffix != ".png":
         raise StarflowError(f"out {out}: the demo writes a .png grid")
     output_kind(out)
-    if video_out is not None:
-        video_output_kind(video_out)
+    video_kind = video_output_kind(video_out) if video_out is not None else None
     check_count(per_digit, "per_digit")
+    check_images_fit(len(DIGITS) * per_digit)
     check_threads(threads)
     check_seed(seed)
     threads = threads or os.cpu_count() or 1
     generator = Generator.load(demo_artifacts(export_progress), threads=threads)
     sampling = generator.default_sampling()
+    generator.check_memory(len(DIGITS) * per_digit, None, generator.latent_size(), sampling.guidance)
     settings = dict(num_images=per_digit, seed=seed, sampling=sampling)
     runners: dict[str, ImageGenerator] = {"runtime": generator}
     if pytorch:
@@ -121,6 +122,7 @@ def run_demo(
     video = None
     if video_out is not None:
         clips = Generator.load(demo_artifacts(video_export_progress, video=True), threads=threads)
+        check_fps(clips.fps, video_kind, "fps (the video model's)")
         video = clips.generate(DIGITS, seed=seed, frames=frames)
         write_video(np.round(video.images * 255).astype(np.uint8), video_out, clips.fps, columns=10)
     return DemoResult(

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from starflow.core.generation import Generation, ImageGenerator, counted
+from starflow.core.checks import check_fps
+from starflow.core.generation import Generation, ImageGenerator, check_images_fit, counted
 from starflow.core.outputs import output_kind, save_images, video_output_kind, write_video
 from starflow.core.request import DEFAULT_BACKEND, DEFAULT_PRECISION, GenerateRequest, ModelSource, Resolved
 from starflow.core.sampler import Progress
@@ -55,9 +56,17 @@ def default_out(request: GenerateRequest) -> Path:
     return DEFAULT_CLIPS_OUT if request.clips else DEFAULT_IMAGES_OUT
 
 
-def check_out(request: GenerateRequest, out: Path) -> None:
-    """A destination of the right kind in a writable directory."""
-    video_output_kind(out) if request.clips else output_kind(out)
+def check_out(request: GenerateRequest, out: Path) -> str:
+    """A destination of the right kind in a writable directory (its kind), the clips' frame rate
+    one it can show, and a count some machine could hold: before anything loads."""
+    if not request.clips:
+        kind = output_kind(out)
+    else:
+        kind = video_output_kind(out)
+        if request.fps is not None:
+            check_fps(request.fps, kind)
+    check_images_fit(len(request.prompts) * request.num_images, request.frames, request.size)
+    return kind
 
 
 def generate(
@@ -75,9 +84,13 @@ def generate(
     gets one line saying so); `bars` shows per-block progress while sampling."""
     out = out or default_out(request)
     source.check(request.engine)
-    check_out(request, out)
+    kind = check_out(request, out)
     generator = open_generator(request, source, export_progress, log)
     resolved = request.resolve(generator)
+    if request.clips:
+        check_fps(
+            resolved.fps, kind, "fps" if request.fps else f"fps (the model's; pass --fps for a .{kind})"
+        )
     batches = -(
         -len(request.prompts) * request.num_images // generator.images_per_batch(resolved.sampling.guidance)
     )

@@ -20,6 +20,7 @@ from torch import nn
 
 from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
+from starflow.core.generation import check_images_fit
 from starflow.core.sampler import SampleOptions
 from starflow.training.data import DIGITS_LEVELS, digits_split
 from starflow.training.moving_digits import translate
@@ -137,6 +138,7 @@ def quality_bench(
     from starflow.runtime.generator import Generator
 
     check_count(per_digit, "per_digit", 2, note="diversity needs pairs")
+    check_images_fit(per_digit)
     generator = Generator.load(artifacts or demo_artifacts(), threads=threads)
     text = generator.manifest.text
     classes = text.component.classes if text and text.component else None
@@ -145,7 +147,9 @@ def quality_bench(
             f"--quality scores a digits model (prompts 0-9); the export {artifacts} has "
             f"{'no label table' if classes is None else f'the prompts {list(classes)}'}"
         )
-    judge = DigitsJudge()
     names = ["official", *generator.manifest.sampling_presets]
+    guidance = max(generator.sampling(name).guidance for name in names)
+    generator.check_memory(per_digit, None, generator.latent_size(), guidance)  # before the classifier
+    judge = DigitsJudge()
     results = [judge.evaluate(name, generator, generator.sampling(name), per_digit) for name in names]
     return results, judge.held_out_accuracy

@@ -86,3 +86,23 @@ def check_prompt_list(prompts: list[str]) -> None:
     """At least one prompt: what a text encoder and the generation loop take."""
     if not prompts:
         raise StarflowError('prompts: pass at least one ("" is the unconditional prompt)')
+
+
+# Frame rates each clip format can show. A GIF frame's delay is a whole number of 1/100 s from 1
+# to 65535 (a 16-bit field); Pillow writes what it is given and fails past 65535 after the clips
+# were made. MP4: ffmpeg takes 1e-6..2e9 fps, but over 1000 fps exceeds every H.264 level's rate.
+GIF_FPS = (100 / 65535, 100.0)
+MP4_FPS = (1e-3, 1000.0)
+CLIP_FPS = {"gif": GIF_FPS, "mp4": MP4_FPS}
+
+
+def check_fps(fps: Any, kind: str, name: str = "fps") -> None:
+    """A finite frame rate > 0 that a `kind` clip file ('gif', 'mp4'; others keep no rate) shows."""
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (math.isfinite(fps) and fps > 0):
+        raise StarflowError(f"{name}: expected a finite number > 0, got {fps!r}")
+    low, high = CLIP_FPS.get(kind, (0.0, math.inf))
+    if not low <= fps <= high:
+        delay = " (GIF frame delays are whole 1/100 s, 1..65535)" if kind == "gif" else ""
+        raise StarflowError(
+            f"{name}: {fps:g} frames per second; a .{kind} shows {low:.4g} to {high:g}{delay}"
+        )

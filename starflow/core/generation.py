@@ -100,6 +100,16 @@ def array_bytes(
     return 4 * images * (frames or 1) * H * W * (channels * 2 + 3 * factor**2)
 
 
+def check_images_fit(images: int, frames: int | None = None, size: tuple[int, int] | None = None) -> None:
+    """Before any engine loads: refuse a count no model could hold, by the least any needs (the
+    decoded float32 RGB images of `size` pixels, or of one pixel). Its cost does not grow with the
+    count, so `--num-images 100000000000` fails at once instead of after an export and a load."""
+    check_count(images, "num_images")
+    pixels = size[0] * size[1] if size else 1
+    what = counted(images, "clip" if frames else "image") + (f" of {frames} frames" if frames else "")
+    check_fits(4 * 3 * images * (frames or 1) * pixels, f"{what} (their decoded pixels alone)")
+
+
 class ImageGenerator:
     """The prompts-to-images loop over an engine's stages (the methods subclasses define)."""
 

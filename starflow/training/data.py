@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from starflow.core.errors import StarflowError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_PATH = ASSETS / "digits.npz"
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integers 0..16
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# An image's suffix -> the format PIL must find in it
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".webp": "WEBP"}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +77,6 @@ def digits_dataset(split: str = "train") -> TensorDataset:
 
 def image_folder_dataset(root: Path) -> TensorDataset:
     """`root/<class>/*.png`: one sub-folder per class, labels in sorted folder-name order."""
-    from PIL import Image
-
     if not root.is_dir():
         raise StarflowError(f"dataset {root}: no such folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
@@ -83,12 +84,11 @@ def image_folder_dataset(root: Path) -> TensorDataset:
         raise StarflowError(f"dataset {root}: no class sub-folders (expected {root}/<class>/<image>.png)")
     images, labels, first = [], [], None
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_FORMATS)
         if not files:
             raise StarflowError(f"dataset {root}: class folder {class_dir.name!r} holds no images")
         for path in files:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB"))
+            array = read_image(path)
             if first is None:
                 first = (path, array.shape)
             elif array.shape != first[1]:
@@ -102,6 +102,27 @@ def image_folder_dataset(root: Path) -> TensorDataset:
     return TensorDataset(x, torch.tensor(labels, dtype=torch.int64), [p.name for p in class_dirs])
 
 
+def read_image(path: Path) -> np.ndarray:
+    """One training image, (H, W) grey or (H, W, 3) RGB uint8; a file that is not a whole image of
+    the format its name says (a folder, empty, truncated, corrupt, a JPEG named .png) is a
+    one-line error naming it."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise StarflowError(f"dataset {path}: not a regular file (named like an image)")
+    try:
+        with Image.open(path) as img:
+            if img.format != IMAGE_FORMATS[path.suffix.lower()]:
+                raise StarflowError(
+                    f"dataset {path}: holds a {img.format} image, not the {path.suffix} its name says"
+                )
+            return np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        if isinstance(err, StarflowError):
+            raise
+        raise StarflowError(f"dataset {path}: not a readable image ({err})") from None
+
+
 class LatentShards:
     """Precomputed latents + text embeddings in `.safetensors` shards (`latents`, `text` keys).
 
@@ -111,8 +132,6 @@ class LatentShards:
     classes: list[str] = []  # text-conditioned: no label encoder
 
     def __init__(self, root: Path):
-        from safetensors import safe_open
-
         if not root.is_dir():
             raise StarflowError(f"dataset {root}: no such folder")
         paths = sorted(root.glob("*.safetensors"))
@@ -120,10 +139,14 @@ class LatentShards:
             raise StarflowError(f"dataset {root}: no .safetensors shards")
         self.files, self.rows, shapes = [], [], set()
         for path in paths:
-            f = safe_open(str(path), framework="pt")
+            f = open_shard(path)
             missing = {"latents", "text"} - set(f.keys())
             if missing:
                 raise StarflowError(f"dataset {path}: missing tensor(s) {sorted(missing)}")
+            for key in ("latents", "text"):
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    raise StarflowError(f"dataset {path}: {key} are {dtype}, expected floating point")
             latents, text = f.get_slice("latents").get_shape(), f.get_slice("text").get_shape()
             if len(latents) != 4 or len(text) != 3 or latents[0] != text[0]:
                 raise StarflowError(
@@ -149,6 +172,19 @@ class LatentShards:
             xs.append(self.files[shard].get_slice("latents")[row : row + 1])
             ys.append(self.files[shard].get_slice("text")[row : row + 1])
         return torch.cat(xs).float(), torch.cat(ys).float()
+
+
+def open_shard(path: Path) -> Any:
+    """A shard's safetensors handle; a folder or an empty, truncated or corrupt file is a one-line
+    error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise StarflowError(f"dataset {path}: not a regular file (named like a shard)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise StarflowError(f"dataset {path}: not a readable safetensors shard ({err})") from None
 
 
 Dataset = TensorDataset | LatentShards
