@@ -16,7 +16,15 @@ from pathlib import Path
 from starflow.contract.manifest import VAE_SCALE, Comparison, Decoder, Denoise, TextComponent
 from starflow.export.defaults import DEFAULT_OPSET
 from starflow.export.graphs import ComponentGraph, GraphSpec
-from starflow.export.trace import dynamic_shapes_of, export_module
+from starflow.export.trace import (
+    SHARED_WEIGHTS_BYTES,
+    dynamic_shapes_of,
+    export_module,
+    named_tensors,
+    trace_block,
+    weight_bytes,
+    write_block_graph,
+)
 from starflow.export.validate import check_results, compare
 from starflow.model.flow import StarFlow
 from starflow.runtime.backends import OrtRunner
@@ -25,13 +33,20 @@ from starflow.runtime.backends import OrtRunner
 def export_component(graph: ComponentGraph, directory: Path, opset: int = DEFAULT_OPSET) -> list[Comparison]:
     """Write `graph` (and its files) into `directory` and validate it; a miss raises, naming it.
 
-    The graph is written in place like the block graphs (ONNX external data names its own file,
-    so it cannot go through a temporary name); export_onnx works in a temporary directory anyway.
+    Through torch.export (`export_module`) where the graph needs it; the others are traced and
+    written as the block graphs are (fake weights, then the module's own one tensor at a time,
+    past SHARED_WEIGHTS_BYTES into a file of their own). Written in place: ONNX external data
+    names its own file, so it cannot go through a temporary name; export_onnx works in a temporary
+    directory anyway.
     """
     directory = Path(directory)
-    spec = graph.spec
-    dynamic_shapes = dynamic_shapes_of(spec)
-    export_module(graph.module, graph.example, dynamic_shapes, spec, directory / spec.file, opset)
+    spec, path = graph.spec, directory / graph.spec.file
+    if graph.torch_export:
+        export_module(graph.module, graph.example, dynamic_shapes_of(spec), spec, path, opset)
+    else:
+        (template,) = trace_block(graph.module, graph.example, spec, opset)
+        shared = {} if weight_bytes(graph.module) > SHARED_WEIGHTS_BYTES else None
+        write_block_graph(template, named_tensors(graph.module), spec, path, shared)
     for write in graph.files.values():
         write(directory)
     results = validate_component(graph, directory)

@@ -215,6 +215,11 @@ class ComponentGraph:
     # what the runtime puts around the graph, validated with it: (runner, export directory) ->
     # a function of case inputs; None: the runner itself
     runtime: Callable[[Runner, Path], Callable[[Feeds], Feeds]] | None = None
+    # exported through torch.export, which traces what the block tracer cannot: another library's
+    # module (transformers, diffusers: in-place ops, data-dependent branches, composite ops whose C++
+    # kernels read sizes as ints) or the learned denoiser (its dims specialise). The others trace as
+    # the blocks do, several times faster.
+    torch_export: bool = True
 
 
 def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -125,4 +125,5 @@ def text_encoder_graph(encoder: TextEncoder) -> ComponentGraph:
         entry=component,
         files=files,
         runtime=runtime,
+        torch_export=not label,  # the label table traces as a block
     )

@@ -113,11 +113,11 @@ def structure_key(spec: GraphSpec, module: BlockMethod) -> tuple:
         )))
         for name, sub in module.named_modules()
     )  # fmt: skip
-    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in _named_tensors(module).items())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in named_tensors(module).items())
     return (spec.kind, spec.precision, spec.inputs, spec.outputs, attributes, tensors)
 
 
-def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers (non-persistent ones too) by their qualified names."""
     return dict(module.named_parameters()) | dict(module.named_buffers())
 
@@ -186,7 +186,7 @@ class BlockGraphExporter:
         reused = key in self._templates
         if not reused:
             self._trace([job])
-        weights = _named_tensors(job.block) if weights is None else weights
+        weights = named_tensors(job.block) if weights is None else weights
         # a block's graphs of one precision all go to one shared weights file, or none does
         # (`GraphSpec.entry`): the module holds the whole block, whatever the method
         shared = None
@@ -360,7 +360,7 @@ def trace_block(
     pinned with torch.
     """
     registry, decompositions = _onnx_registry(opset)
-    tensors = _named_tensors(module)
+    tensors = named_tensors(module)
     weights = list(tensors)  # BlockMethod's names, for functional_call
     names = [w.removeprefix("block.") for w in weights]  # the graph's: the block's own
 
