@@ -57,8 +57,28 @@ SF_API size_t sf_tensor_rank(const sf_tensor* tensor);
 SF_API const int64_t* sf_tensor_shape(const sf_tensor* tensor);
 SF_API void* sf_tensor_data(sf_tensor* tensor);
 SF_API void sf_tensor_free(sf_tensor* tensor);
-/* Image `index` of an (N, H, W, C) float32 batch in [0, 1] (C = 1 or 3) as an 8-bit PNG. */
+/* Image `index` of an (N, H, W, C) float32 batch in [0, 1] (C = 1 or 3) as an 8-bit PNG; an image
+ * with NaN or inf pixels gets a status (a PNG cannot hold them). */
 SF_API sf_status* sf_image_save_png(const sf_tensor* images, size_t index, const char* path);
+
+/* ---- outputs: the rules of every file written here (those of the Python writer) ---------------
+ * sf_tensor_save_npy, sf_image_save_png and sf_pipeline_save_stats write into a hidden sibling
+ * `.NAME.partial-PID-HOST-RANDOM` created exclusively (O_CREAT|O_EXCL|O_NOFOLLOW: never through a
+ * planted name or link, never shared by two writers, threads or processes), flush it to disk and
+ * rename it over NAME. NAME must be absent or a regular file: a symbolic link or a device (such as
+ * /dev/full or /dev/stdout) is refused with a status, not replaced. Partials a killed process of
+ * this host left are removed by the next write of that name. Files are read (exports, .npy inputs)
+ * only when they are regular files: a FIFO or a device gets a status, never a hang. */
+/* Whether `path` can take an output, before any work: its folder exists and takes a new file, and
+ * `path` is absent or a regular file (`folder` non-zero: absent or a folder). */
+SF_API sf_status* sf_output_check(const char* path, int folder);
+/* A new hidden folder beside `path` (named as the partials above; `path`'s stale ones are removed
+ * first) to write a folder of outputs in; its path goes to `staged` (`capacity` bytes with the NUL). */
+SF_API sf_status* sf_output_stage_folder(const char* path, char* staged, size_t capacity);
+/* The finished `staged` folder to `path`: renamed into place whole, or when `path` is a folder, its
+ * files moved in (same-named regular files replaced; anything else at a name is refused before any
+ * file moves). `staged` is gone afterwards, whatever happened; the status says what `path` holds. */
+SF_API sf_status* sf_output_place_folder(const char* staged, const char* path);
 
 /* ---- how to load: precision, threads, the ONNX Runtime library, execution providers ------------ */
 typedef struct sf_config sf_config;
@@ -118,6 +138,10 @@ SF_API sf_status* sf_sampling_set_window(sf_sampling* sampling, int window, int 
 /* Clips: a Jacobi chunk after the first frame starts its first iteration from the tokens one frame
  * earlier (non-zero, the official default) or from its own noise (0). */
 SF_API sf_status* sf_sampling_set_warm_start(sf_sampling* sampling, int on);
+/* A sample or generation holding NaN or inf fails with a status (nothing is returned), as
+ * `starflow generate --check-finite`: non-zero (the default) on, 0 off (the values are returned as
+ * they are). */
+SF_API sf_status* sf_sampling_set_check_finite(sf_sampling* sampling, int on);
 SF_API void sf_sampling_free(sf_sampling* sampling);
 
 /* ---- the stages -------------------------------------------------------------------------------- */
@@ -154,7 +178,9 @@ SF_API sf_status* sf_pipeline_encode_prompts(sf_pipeline* pipeline, const char* 
  * UTF-8, or that spells a byte piece ("<0xF0>") of a byte-fallback model, gets a status. */
 SF_API sf_status* sf_pipeline_tokenize(sf_pipeline* pipeline, const char* const* prompts, size_t count,
                                        sf_tensor** ids, sf_tensor** mask);
-/* Token ids and attention mask, int64 (B, token_length) -> text embeddings. */
+/* Token ids and attention mask, int64 (B, token_length) -> text embeddings. Ids must be in
+ * [0, V), V the export's tokenizer.json vocabulary (its model's ids and added tokens), mask values 0
+ * or 1: anything else gets a status (a negative id would pick another token's embedding). */
 SF_API sf_status* sf_pipeline_encode_tokens(sf_pipeline* pipeline, const sf_tensor* ids, const sf_tensor* mask,
                                             sf_tensor** embeddings);
 /* The self-denoise step (needs an export made with it; sf_pipeline_describe's denoise_kind): for

@@ -105,6 +105,7 @@ class Sampling {
   // frames 0: no limit; context 0: frames - 1 (sf_sampling_set_window)
   Sampling& window(int frames, int context = 0) { return check(sf_sampling_set_window(get(), frames, context)), *this; }
   Sampling& warm_start(bool on) { return check(sf_sampling_set_warm_start(get(), on)), *this; }
+  Sampling& check_finite(bool on) { return check(sf_sampling_set_check_finite(get(), on)), *this; }
   sf_sampling* get() const { return handle_.get(); }
 
  private:

@@ -1,6 +1,7 @@
 // The C API: opaque handles over the C++ objects; every exception becomes an sf_status.
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <new>
 
 #include "pipeline.hpp"
@@ -305,7 +306,40 @@ sf_status* sf_sampling_set_warm_start(sf_sampling* s, int on) {
   return change(s, __func__, [&](native::Sampling& x, const char*) { x.warm_start = on != 0; });
 }
 
+sf_status* sf_sampling_set_check_finite(sf_sampling* s, int on) {
+  return change(s, __func__, [&](native::Sampling& x, const char*) { x.check_finite = on != 0; });
+}
+
 void sf_sampling_free(sf_sampling* s) { delete s; }
+
+// ---- outputs ----
+sf_status* sf_output_check(const char* path, int folder) {
+  return guarded(__func__, [&](const char* fn) {
+    require(path, fn, "path");
+    native::check_output(path, path, folder != 0);
+  });
+}
+
+sf_status* sf_output_stage_folder(const char* path, char* staged, size_t capacity) {
+  return guarded(__func__, [&](const char* fn) {
+    require(path, fn, "path");
+    require(staged, fn, "staged");
+    const std::string folder = native::stage_folder(path, path);
+    if (folder.size() >= capacity) {
+      std::filesystem::remove(folder);
+      throw native::Error(std::string(fn) + ": capacity " + std::to_string(capacity) + " is too small for '" + folder + "'");
+    }
+    std::memcpy(staged, folder.c_str(), folder.size() + 1);
+  });
+}
+
+sf_status* sf_output_place_folder(const char* staged, const char* path) {
+  return guarded(__func__, [&](const char* fn) {
+    require(staged, fn, "staged");
+    require(path, fn, "path");
+    native::place_folder(staged, path, path);
+  });
+}
 
 // ---- stages ----
 sf_status* sf_pipeline_sample(sf_pipeline* pipeline, const sf_sampling* sampling, const sf_tensor* noise,

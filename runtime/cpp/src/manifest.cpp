@@ -5,9 +5,12 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <functional>
 #include <regex>
 
 #include <nlohmann/json.hpp>
+
+#include "bounded.hpp"
 
 namespace starflow::native {
 namespace {
@@ -80,6 +83,27 @@ struct Reader {
   }
 };
 
+// The block's layers, kv_heads, head_dim and token width are its graph's (starflow.contract.manifest's
+// _check_block_shapes), checked at load rather than by a graph call's error.
+void check_block_shapes(const BlockEntry& block, const GraphEntry& g, int token_dim, const Reader& r) {
+  const std::string layers = std::to_string(block.layers), heads = std::to_string(block.kv_heads),
+                    head_dim = std::to_string(block.head_dim);
+  const std::map<std::string, std::vector<std::string>> expected = {
+      {"past_keys", {layers, "batch", heads, "past", head_dim}}, {"keys", {layers, "batch", heads, "text", head_dim}}};
+  for (const std::vector<TensorSpec>* specs : {&g.inputs, &g.outputs})
+    for (const TensorSpec& t : *specs) {
+      auto want = expected.find(t.name);
+      bool fits = want == expected.end() || t.dims == want->second;
+      if (t.name == "x") fits = !t.dims.empty() && t.dims.back() == std::to_string(token_dim);
+      if (fits) continue;
+      std::string dims;
+      for (const std::string& d : t.dims) dims += (dims.empty() ? "" : ", ") + d;
+      throw Error(r.source + ": block " + std::to_string(block.index) + " (layers " + layers + ", kv_heads " + heads +
+                  ", head_dim " + head_dim + ", token_dim " + std::to_string(token_dim) + ") does not fit graph " +
+                  g.name + ": " + t.name + " is [" + dims + "]");
+    }
+}
+
 void check_references(const Manifest& m, const Reader& r) {
   auto refer = [&](const std::string& name, const std::string& kind, const std::string& owner) -> const GraphEntry& {
     auto found = m.graphs.find(name);
@@ -98,7 +122,10 @@ void check_references(const Manifest& m, const Reader& r) {
         throw Error(r.source + ": " + owner + " has " + precision + " graphs, a precision not listed");
       for (const auto& [kind, name] : kinds) {
         const GraphEntry& g = refer(name, kind, owner);
+        if (g.block != block.index)  // as the Python loader: each block drives its own graphs
+          throw Error(r.source + ": " + owner + " names graph " + name + " of another block");
         if (g.precision != precision) throw Error(r.source + ": " + owner + " names graph " + name + " of another precision");
+        check_block_shapes(block, g, token_dim, r);
       }
       if (!kinds.count("step")) throw Error(r.source + ": " + owner + " has no " + precision + " step graph");
       if (block.text_conditioned && !kinds.count("prefill"))
@@ -122,12 +149,7 @@ void check_references(const Manifest& m, const Reader& r) {
 }
 
 json parse_document(const std::string& text, const std::string& source) {
-  json doc;
-  try {
-    doc = json::parse(text);
-  } catch (const json::exception& err) {
-    throw Error(source + ": not valid JSON (" + err.what() + ")");
-  }
+  json doc = parse_json(text, source);
   if (!doc.is_object()) throw Error(source + ": expected a JSON object");
   if (!doc.contains("schema_version") || doc["schema_version"] != kSchemaVersion)
     throw Error(source + ": schema_version " + (doc.contains("schema_version") ? doc["schema_version"].dump() : "missing") +
@@ -193,15 +215,22 @@ Manifest load_manifest(const std::string& directory) {
   } catch (const Error& err) {
     throw Error(directory + ": no readable manifest.json; not a starflow export directory (" + err.what() + ")");
   }
+  return parse_manifest(bytes, directory, [&] {
+    try {
+      return read_file(directory + "/record.json", kMaxManifestBytes);
+    } catch (const Error& err) {
+      throw Error(r.source + ": no readable record.json beside it (the digest and validation record); re-export (" +
+                  err.what() + ")");
+    }
+  });
+}
+
+Manifest parse_manifest(const std::string& bytes, const std::string& directory,
+                        const std::function<std::string()>& read_record) {
+  Reader r{directory + "/manifest.json"};
   json doc = parse_document(bytes, r.source);
+  const std::string record_bytes = read_record();  // after the manifest's checks, as the Python loader
   Reader record_reader{directory + "/record.json"};
-  std::string record_bytes;
-  try {
-    record_bytes = read_file(record_reader.source, kMaxManifestBytes);
-  } catch (const Error& err) {
-    throw Error(r.source + ": no readable record.json beside it (the digest and validation record); re-export (" +
-                err.what() + ")");
-  }
   json record = parse_document(record_bytes, record_reader.source);
   if (record_reader.text(record, "manifest_sha256", "") != sha256_bytes(bytes))
     throw Error(r.source + ": its fields changed since the export (digest mismatch): the graphs would be driven by "
@@ -215,8 +244,9 @@ Manifest load_manifest(const std::string& directory) {
   m.multiple_of = r.small(latent, "multiple_of", "latent.", 1);
   for (auto [key, target] : {std::pair{"train", m.train}, {"min", m.min_size}, {"max", m.max_size}}) {
     const json& pair = r.list(latent, key, "latent.");
-    if (pair.size() != 2 || !pair[0].is_number_integer() || !pair[1].is_number_integer())
-      r.fail(std::string("latent.") + key, "must be [height, width]");
+    auto size = [](const json& v) { return v.is_number_integer() && v.get<int64_t>() >= 1 && v.get<int64_t>() <= INT_MAX; };
+    if (pair.size() != 2 || !size(pair[0]) || !size(pair[1]))
+      r.fail(std::string("latent.") + key, "must be [height, width], each from 1 to INT_MAX");
     target[0] = pair[0].get<int>();
     target[1] = pair[1].get<int>();
   }
@@ -334,6 +364,7 @@ Manifest load_manifest(const std::string& directory) {
     g.name = r.name(item, "name", "graphs[].");
     std::string where = "graphs[" + g.name + "].";
     g.kind = r.text(item, "kind", where);
+    if (!r.at(item, "block", where).is_null()) g.block = r.small(item, "block", where);
     g.precision = r.text(item, "precision", where);
     FileEntry main = r.file(item, where);
     g.file = main.file;

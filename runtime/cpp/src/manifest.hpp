@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -37,6 +38,7 @@ struct FileEntry {
 
 struct GraphEntry {
   std::string name, kind, precision, file, sha256;
+  std::optional<int> block;  // the flow block's index; none for component graphs
   std::vector<FileEntry> external_data;
   std::vector<TensorSpec> inputs, outputs;
   const TensorSpec& input(const std::string& name) const;
@@ -115,5 +117,9 @@ struct Manifest {
 };
 
 Manifest load_manifest(const std::string& directory);
+// load_manifest's checks on manifest.json's bytes, as if read from `directory`; `read_record` gives
+// record.json's once the manifest passed its own checks (the fuzz target passes them in memory).
+Manifest parse_manifest(const std::string& bytes, const std::string& directory,
+                        const std::function<std::string()>& read_record);
 
 }  // namespace starflow::native

@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bounded.hpp"
 #include "density.hpp"
 #include "tokenizer.hpp"
 
@@ -22,10 +23,32 @@ Sequence as_sequence(const Tensor& t) {
   return s;
 }
 
+constexpr std::size_t kMaxTokenizerBytes = 256u << 20;  // mT5's and UMT5's tokenizer.json are ~20 MB
+
+// The ids a tokenizer.json gives, [0, size): its model's vocabulary (an object of ids, or Unigram's
+// list of pieces) and its added tokens.
+int64_t vocabulary_size(const json& tokenizer) {
+  const json& vocab = tokenizer.at("model").at("vocab");
+  int64_t size = vocab.is_array() ? static_cast<int64_t>(vocab.size()) : 0;
+  if (vocab.is_object())
+    for (const auto& [token, id] : vocab.items()) size = std::max(size, id.get<int64_t>() + 1);
+  if (tokenizer.contains("added_tokens"))
+    for (const json& added : tokenizer.at("added_tokens")) size = std::max(size, added.at("id").get<int64_t>() + 1);
+  return size;
+}
+
 void check_finite(const Tensor& t, const std::string& name) {
   const float* v = t.f32();
   for (std::size_t i = 0; i < t.size(); ++i)
     if (!std::isfinite(v[i])) throw Error(name + ": contains NaN or inf values; the sample would be NaN");
+}
+
+// Sampling::check_finite: as `starflow generate --check-finite` (the message is the Python one's).
+void check_finite_output(const Tensor& t) {
+  const float* v = t.f32();
+  if (!std::all_of(v, v + t.size(), [](float x) { return std::isfinite(x); }))
+    throw Error("the sampled latents or images contain NaN or inf: the model overflowed on these inputs "
+                "(nothing was written)");
 }
 
 void check_float32(const Tensor& t, const std::string& name) {
@@ -268,13 +291,15 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
        {manifest_.text_component ? std::optional(manifest_.text_component->graph) : std::nullopt,
         manifest_.denoise_graph, manifest_.decoder_graph})
     if (graph) components_[*graph] = open(manifest_.graph(*graph));
-  if (manifest_.text_component && manifest_.text_component->kind == "label-table") {
+  if (manifest_.text_component) {  // tokenizer.json: the ids the text encoder takes, and a label table's
     std::string path = manifest_.path(manifest_.text_component->tokenizer);
+    json tokenizer = parse_json(read_file(path, kMaxTokenizerBytes), path, kMaxTokenizerBytes);
     try {
-      json tokenizer = json::parse(read_file(path, 64u << 20));
-      for (const auto& [token, id] : tokenizer.at("model").at("vocab").items()) vocabulary_[token] = id.get<int64_t>();
+      vocabulary_size_ = vocabulary_size(tokenizer);
+      if (manifest_.text_component->kind == "label-table")
+        for (const auto& [token, id] : tokenizer.at("model").at("vocab").items()) vocabulary_[token] = id.get<int64_t>();
     } catch (const json::exception& err) {
-      throw Error("text encoder: cannot read the label table in " + path + ": " + err.what());
+      throw Error("text encoder: cannot read the vocabulary in " + path + ": " + err.what());
     }
   }
   if (manifest_.text_component && manifest_.text_component->sentencepiece) {
@@ -455,6 +480,7 @@ Tensor Pipeline::sample(const Tensor& noise, const Tensor* y, const Tensor* y_un
                       {"image_iterations", s.image_iterations}, {"evaluations", s.evaluations},
                       {"tokens", s.tokens}, {"seconds", s.seconds}});
   stats_ = record.dump();
+  if (options.check_finite) check_finite_output(latent);
   return latent;
 }
 
@@ -477,6 +503,14 @@ Tensor Pipeline::encode_tokens(const Tensor& ids, const Tensor& mask) {
         tensor->shape[1] != c.token_length || tensor->shape != ids.shape)
       throw Error(std::string(name) + ": expected int64 (B, " + std::to_string(c.token_length) + ") with B >= 1, got " +
                   dtype_name(tensor->dtype) + " " + shape_text(tensor->shape));
+  for (std::size_t i = 0; i < ids.size(); ++i) {  // a negative id would pick another token's embedding
+    const int64_t id = ids.i64()[i], on = mask.i64()[i];
+    const std::string at = " at (" + std::to_string(i / c.token_length) + ", " + std::to_string(i % c.token_length) + ")";
+    if (id < 0 || id >= vocabulary_size_)
+      throw Error("input_ids: " + std::to_string(id) + at + " is outside this text encoder's vocabulary [0, " +
+                  std::to_string(vocabulary_size_) + ")");
+    if (on != 0 && on != 1) throw Error("attention_mask: " + std::to_string(on) + at + " is not 0 or 1");
+  }
   Session& session = component(c.graph);
   auto out = session.run({{"input_ids", DType::i64, ids.shape, ids.bytes.data()},
                           {"attention_mask", DType::i64, mask.shape, mask.bytes.data()}});
@@ -661,7 +695,8 @@ Tensor Pipeline::generate(const std::vector<std::string>& prompts, const std::st
   }
   Tensor latent = concat_rows(parts);
   Tensor images = decode(latent);
-  for (const Tensor* t : {&latent, &images}) check_finite(*t, "the sampled latents or images (the model overflowed)");
+  if (options.check_finite)
+    for (const Tensor* t : {&latent, &images}) check_finite_output(*t);
   if (latents) *latents = std::move(latent);
   return images;
 }

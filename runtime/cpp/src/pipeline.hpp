@@ -78,6 +78,7 @@ class Pipeline {
   std::vector<std::unique_ptr<DensityGraphs>> fp32_density_;  // an fp16 pipeline's gradient graphs (sampling order)
   std::map<std::string, std::unique_ptr<Session>> components_;  // opened on first use
   std::map<std::string, int64_t> vocabulary_;  // label-table exports
+  int64_t vocabulary_size_ = 0;                // token ids are in [0, this) (tokenizer.json's)
   std::unique_ptr<Tokenizer> tokenizer_;       // hf-encoder exports that carry a SentencePiece model
   std::string tokenizer_refused_;  // why it could not be built: thrown by tokenize, not by the load (ids still work)
   std::string stats_ = "[]";

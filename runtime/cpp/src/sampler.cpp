@@ -2,8 +2,10 @@
 #include "sampler.hpp"
 
 #include <algorithm>
+#include <cfloat>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 namespace starflow::native {
@@ -171,10 +173,21 @@ std::vector<int> per_image(const std::vector<int>& row_counts, int64_t images, i
 
 }  // namespace
 
+namespace {
+
+std::string number_text(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.9g", value);
+  return text;
+}
+
+}  // namespace
+
 void Jacobi::check(const std::string& name) const {
   if (block_size < 1) throw Error(name + ".block_size: must be an integer >= 1, got " + std::to_string(block_size));
   if (max_iter < 1) throw Error(name + ".max_iter: must be an integer >= 1, got " + std::to_string(max_iter));
-  if (!(threshold >= 0)) throw Error(name + ".threshold: must be a number >= 0, got " + std::to_string(threshold));
+  if (!(threshold >= 0 && threshold <= FLT_MAX))  // compared in float32: past its range every chunk stops at once
+    throw Error(name + ".threshold: must be a number >= 0 within float32's range, got " + number_text(threshold));
   if (init != "noise" && init != "chunk-mean")
     throw Error(name + ".init: expected 'noise' or 'chunk-mean', got '" + init + "'");
 }
@@ -187,8 +200,8 @@ void Sampling::check() const {
   if (method != "jacobi" && method != "sequential")
     throw Error("method: expected 'jacobi' or 'sequential', got '" + method + "'");
   check_stop(stop, "stop");
-  if (!std::isfinite(guidance) || guidance < 0)
-    throw Error("guidance: must be a finite number >= 0, got " + std::to_string(guidance));
+  if (!(guidance >= 0 && guidance <= FLT_MAX))  // the guide runs in float32: past its range every value is NaN
+    throw Error("guidance: must be a finite number >= 0 within float32's range, got " + number_text(guidance));
   jacobi.check("jacobi");
   if (shallow_jacobi) shallow_jacobi->check("shallow_jacobi");
   for (auto [value, name] : {std::pair{&window, "window"}, {&context, "context"}})

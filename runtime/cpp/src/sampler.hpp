@@ -38,6 +38,9 @@ struct Sampling {
   // `context` frames (none: window - 1), re-encoded.
   bool warm_start = true;
   std::optional<int> window, context;
+  // A sample or generation holding NaN or inf fails (nothing is returned), as `starflow generate`'s
+  // --check-finite; off: the values are returned as they are.
+  bool check_finite = true;
   void check() const;
   const Jacobi& jacobi_for(bool deep) const { return deep || !shallow_jacobi ? jacobi : *shallow_jacobi; }
   int context_frames() const { return !window ? 0 : context ? *context : *window - 1; }

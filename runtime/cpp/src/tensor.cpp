@@ -1,18 +1,15 @@
 // Tensors and the files they travel in: .npy in and out, PNG out, sha256 of inputs.
 #include "tensor.hpp"
 
-#include <fcntl.h>
 #include <openssl/evp.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -25,38 +22,6 @@ constexpr std::size_t kMaxTensorBytes = std::size_t{1} << 36;  // 64 GiB: past t
 std::string quoted(const std::string& path) { return "'" + path + "'"; }
 
 }  // namespace
-
-// Writes through a temporary file created exclusively (O_EXCL: never another writer's or a planted
-// file) beside `path`, named ".<name>.<pid>-<n>.tmp" like starflow.core.atomic's, with the
-// permissions a plain open would give (mode 0666 less the umask); renamed over `path` when complete,
-// removed on any failure.
-void write_atomically(const std::string& path, const std::string& data) {
-  static std::atomic<unsigned> counter{0};
-  const std::filesystem::path target(path);
-  const auto fail = [&](const std::string& reason) { throw Error("cannot write " + quoted(path) + ": " + reason); };
-  std::string temporary;
-  int fd = -1;
-  for (int attempt = 0; fd < 0 && attempt < 100; ++attempt) {
-    temporary = (target.parent_path() / ("." + target.filename().string() + "." + std::to_string(::getpid()) + "-" +
-                                         std::to_string(counter++) + ".tmp"))
-                    .string();
-    fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd < 0 && errno != EEXIST) fail(std::strerror(errno));
-  }
-  if (fd < 0) fail("no free temporary name beside it");
-  std::string reason;
-  for (std::size_t done = 0; done < data.size() && reason.empty();) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno != EINTR) reason = std::strerror(errno);
-    if (n > 0) done += static_cast<std::size_t>(n);
-  }
-  if (::close(fd) != 0 && reason.empty()) reason = std::strerror(errno);
-  if (reason.empty() && std::rename(temporary.c_str(), path.c_str()) != 0) reason = std::strerror(errno);
-  if (!reason.empty()) {
-    ::unlink(temporary.c_str());
-    fail(reason);
-  }
-}
 
 namespace {
 
@@ -128,22 +93,9 @@ const float* Tensor::f32() const { return reinterpret_cast<const float*>(bytes.d
 int64_t* Tensor::i64() { return reinterpret_cast<int64_t*>(bytes.data()); }
 const int64_t* Tensor::i64() const { return reinterpret_cast<const int64_t*>(bytes.data()); }
 
-std::string read_file(const std::string& path, std::size_t limit) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot read " + quoted(path) + ": " + std::strerror(errno));
-  in.seekg(0, std::ios::end);
-  auto size = static_cast<std::size_t>(in.tellg());
-  if (size > limit) throw Error(quoted(path) + " is " + std::to_string(size) + " bytes; over the limit of " +
-                                std::to_string(limit));
-  in.seekg(0);
-  std::string data(size, '\0');
-  in.read(data.data(), static_cast<std::streamsize>(size));
-  if (!in) throw Error("cannot read " + quoted(path));
-  return data;
-}
+Tensor load_npy(const std::string& path) { return parse_npy(read_file(path, kMaxTensorBytes), path); }
 
-Tensor load_npy(const std::string& path) {
-  std::string data = read_file(path, kMaxTensorBytes);
+Tensor parse_npy(const std::string& data, const std::string& path) {
   if (data.size() < 10 || data.compare(0, 6, "\x93NUMPY") != 0) throw Error(path + ": not a .npy file");
   int major = static_cast<unsigned char>(data[6]);
   std::size_t length, offset;
@@ -245,6 +197,11 @@ void save_png(const Tensor& images, std::size_t index, const std::string& path) 
   auto h = static_cast<std::size_t>(images.shape[1]), w = static_cast<std::size_t>(images.shape[2]);
   auto c = static_cast<std::size_t>(images.shape[3]);
   const float* pixels = images.f32() + index * h * w * c;
+  const std::size_t bad = static_cast<std::size_t>(
+      std::count_if(pixels, pixels + h * w * c, [](float v) { return !std::isfinite(v); }));
+  if (bad)
+    throw Error("images: image " + std::to_string(index) + " has " + std::to_string(bad) +
+                " pixel values that are NaN or inf, which a PNG cannot hold (refused: " + path + ")");
   std::string raw;  // each row: filter type 0, then the row's bytes
   for (std::size_t y = 0; y < h; ++y) {
     raw.push_back('\0');
@@ -307,17 +264,17 @@ std::string sha256_bytes(const std::string& data) {
 }
 
 std::string sha256_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot read " + quoted(path) + ": " + std::strerror(errno));
-  std::string hash = sha256_of([&](auto update) {
+  RegularFile file(path);
+  return sha256_of([&](auto update) {
     std::vector<char> buffer(1 << 20);
-    while (in) {
-      in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-      if (in.gcount() > 0) update(buffer.data(), static_cast<std::size_t>(in.gcount()));
+    for (;;) {
+      ssize_t n = ::read(file.fd(), buffer.data(), buffer.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) throw Error("cannot read " + quoted(path) + ": " + std::strerror(errno));
+      if (n == 0) break;
+      update(buffer.data(), static_cast<std::size_t>(n));
     }
   });
-  if (in.bad()) throw Error("cannot read " + quoted(path));
-  return hash;
 }
 
 }  // namespace starflow::native

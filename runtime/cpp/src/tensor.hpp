@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "files.hpp"
+
 namespace starflow::native {
 
 // Every failure is one of these; the C API turns it into an sf_status.
@@ -38,17 +40,16 @@ struct Tensor {
   const int64_t* i64() const;
 };
 
-// .npy files (format 1.0/2.0, little-endian float32/float16/int64, C order).
+// .npy files (format 1.0/2.0, little-endian float32/float16/int64, C order); parse_npy reads one's
+// bytes (`path` names it in errors).
 Tensor load_npy(const std::string& path);
-void save_npy(const Tensor& tensor, const std::string& path);  // to a temporary name, then renamed
-// The one file writer: `data` into a temporary file created exclusively beside `path`, renamed over
-// it when complete (removed on failure), so a reader never sees a partial file.
-void write_atomically(const std::string& path, const std::string& data);
-// An (N, H, W, C) float32 image in [0, 1] as an 8-bit PNG (stored deflate blocks; no zlib).
+Tensor parse_npy(const std::string& data, const std::string& path);
+void save_npy(const Tensor& tensor, const std::string& path);  // through write_atomically
+// An (N, H, W, C) float32 image in [0, 1] as an 8-bit PNG (stored deflate blocks; no zlib); NaN or
+// inf pixels are refused (a PNG cannot hold them).
 void save_png(const Tensor& images, std::size_t index, const std::string& path);
 
-std::string sha256_file(const std::string& path);
+std::string sha256_file(const std::string& path);  // a regular file
 std::string sha256_bytes(const std::string& data);
-std::string read_file(const std::string& path, std::size_t limit);
 
 }  // namespace starflow::native

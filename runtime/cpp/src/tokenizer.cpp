@@ -8,6 +8,8 @@
 #include <openssl/evp.h>
 #include <sentencepiece_processor.h>
 
+#include "bounded.hpp"
+
 namespace starflow::native {
 namespace {
 
@@ -93,12 +95,7 @@ Tokenizer::Tokenizer(const std::string& model_path, const std::string& tokenizer
   const std::string refused = "; libstarflow tokenizes with a SentencePiece model arranged as T5's only "
                               "(pass token ids instead: sf_pipeline_encode_tokens, starflow-run --token-ids)";
   auto fail = [&](const std::string& what) { throw Error(tokenizer_path + ": " + what + refused); };
-  json doc;
-  try {
-    doc = json::parse(read_file(tokenizer_path, kMaxFileBytes));
-  } catch (const json::exception& err) {
-    throw Error(tokenizer_path + ": not valid JSON (" + err.what() + ")");
-  }
+  json doc = parse_json(read_file(tokenizer_path, kMaxFileBytes), tokenizer_path, kMaxFileBytes);
   try {
     // the vocabulary: the model's pieces, ids and scores, then added tokens only (T5's sentinels)
     const json& model = doc.at("model");

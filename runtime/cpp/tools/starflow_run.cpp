@@ -8,6 +8,10 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cfloat>
+#include <charconv>
+#include <climits>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -122,7 +126,8 @@ Arguments parse(int argc, char** argv) {
       "--latents-out", "--guidance", "--method", "--block-size", "--max-iter", "--threshold", "--precision",
       "--threads", "--onnxruntime", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
       "--stop", "--frames", "--window", "--context", "--likelihood", "--likelihood-latents"};
-  static const std::set<std::string> switches = {"--tokenize", "--no-denoise", "--no-warm-start", "--help"};
+  static const std::set<std::string> switches = {"--tokenize",     "--no-denoise",       "--no-warm-start",
+                                                 "--check-finite", "--no-check-finite", "--help"};
   Arguments args;
   for (int i = 1; i < argc; ++i) {
     std::string key = argv[i];
@@ -141,37 +146,49 @@ Arguments parse(int argc, char** argv) {
   return args;
 }
 
-// An integer option from `low` to `high` (every option is an int in the library: never truncated).
-long long integer(const Arguments& args, const std::string& key, long long fallback, long long low,
-                  long long high = std::numeric_limits<int>::max()) {
-  if (!args.has(key)) return fallback;
-  std::string text = args.get(key);
-  char* end = nullptr;
-  errno = 0;
-  long long value = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end || errno == ERANGE || value < low || value > high)
-    throw starflow::Error(key + ": expected an integer from " + std::to_string(low) + " to " + std::to_string(high) +
+// Every integer option's range: what the library takes, bounded where a larger value is a typo
+// that would run for hours or allocate without end (never wrapped, truncated or clamped).
+struct Bounds {
+  long long low, high;
+};
+const std::map<std::string, Bounds> kIntegers = {
+    {"--num-images", {1, 1 << 20}}, {"--block-size", {1, 1 << 20}}, {"--max-iter", {1, 1 << 20}},
+    {"--threads", {1, 1024}},       {"--repeat", {1, 10000}},        {"--frames", {1, 1 << 16}},
+    {"--window", {1, 1 << 16}},     {"--context", {1, 1 << 16}}};
+
+// `text` as a decimal integer from `low` to `high`, strictly: digits and an optional leading '-' only.
+template <typename T>
+T parse_integer(const std::string& text, const std::string& name, T low, T high) {
+  T value{};
+  const char* end = text.data() + text.size();
+  auto [at, error] = std::from_chars(text.data(), end, value);
+  if (text.empty() || error != std::errc() || at != end || value < low || value > high)
+    throw starflow::Error(name + ": expected an integer from " + std::to_string(low) + " to " + std::to_string(high) +
                           ", got '" + text + "'");
   return value;
+}
+
+// An integer option (kIntegers' range), or `fallback` when it is not given.
+long long integer(const Arguments& args, const std::string& key, long long fallback) {
+  if (!args.has(key)) return fallback;
+  const Bounds& range = kIntegers.at(key);
+  return parse_integer(args.get(key), key, range.low, range.high);
 }
 
 // --seed: 0 to 2**64-1, sf_tensor_noise's range (Python's `starflow generate` also takes larger
 // seeds; those are refused here, not wrapped).
 uint64_t parse_seed(const Arguments& args) {
-  std::string text = args.get("--seed", "0");
-  bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c); });
-  errno = 0;
-  unsigned long long value = digits ? std::strtoull(text.c_str(), nullptr, 10) : 0;
-  if (!digits || errno == ERANGE)
-    throw starflow::Error("--seed: expected an integer from 0 to 2**64-1 (18446744073709551615), got '" + text + "'");
-  return value;
+  return parse_integer<uint64_t>(args.get("--seed", "0"), "--seed", 0, std::numeric_limits<uint64_t>::max());
 }
 
-double number(const Arguments& args, const std::string& key) {
-  std::string text = args.get(key);
-  char* end = nullptr;
-  double value = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end) throw starflow::Error(key + ": expected a number, got '" + text + "'");
+// A number option: a finite decimal number within float32's range (the sampler computes in float32).
+double number(const std::string& text, const std::string& name) {
+  double value = 0;
+  const char* end = text.data() + text.size();
+  auto [at, error] = std::from_chars(text.data(), end, value);
+  if (text.empty() || error != std::errc() || at != end || !std::isfinite(value) || std::fabs(value) > FLT_MAX)
+    throw starflow::Error(name + ": expected a finite number within float32's range (magnitude at most " +
+                          "3.40282347e+38), got '" + text + "'");
   return value;
 }
 
@@ -193,14 +210,14 @@ starflow::Tensor encode_tokens(starflow::Pipeline& pipeline, const Arguments& ar
   return starflow::Tensor(out);
 }
 
-// --out's folder takes a new file (the Python output checks test-create one), before any work.
-void check_writable(const std::string& out) {
-  std::filesystem::path path(out), parent = path.parent_path().empty() ? "." : path.parent_path();
-  std::string probe = (parent / ("." + path.filename().string() + "." + std::to_string(::getpid()) + ".probe")).string();
-  int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) throw starflow::Error("--out " + out + ": cannot write in " + parent.string() + " (" + std::strerror(errno) + ")");
-  ::close(fd);
-  ::unlink(probe.c_str());
+// An output path, before any work: its folder exists and takes a new file, and it is absent or a
+// regular file (`folder`: a folder); `flag` names it in the error.
+void check_output(const std::string& flag, const std::string& path, bool folder = false) {
+  sf_status* status = sf_output_check(path.c_str(), folder);
+  if (!status) return;
+  std::string message = sf_status_message(status);
+  sf_status_free(status);
+  throw starflow::Error(flag + " " + message);
 }
 
 void write_stats(const starflow::Pipeline& pipeline, const Arguments& args) {
@@ -282,7 +299,7 @@ void save_png(starflow::Tensor& picture, const std::string& path) {
 starflow::Config make_config(const Arguments& args) {
   starflow::Config config;
   if (args.has("--precision")) config.precision(args.get("--precision"));
-  config.threads(static_cast<int>(integer(args, "--threads", 0, 1)));
+  config.threads(static_cast<int>(integer(args, "--threads", 0)));
   if (args.has("--onnxruntime")) config.onnxruntime_library(args.get("--onnxruntime"));
   for (const std::string& spec : args.providers) {
     std::string name = spec.substr(0, spec.find(':'));
@@ -313,7 +330,7 @@ int likelihood(const Arguments& args) {
                           "--max-iter", "--threshold", "--stats", "--repeat", "--init", "--shallow-jacobi", "--sampler",
                           "--stop", "--frames", "--window", "--context"})
     if (args.has(key)) throw starflow::Error(std::string(key) + " applies to sampling, not to --likelihood");
-  for (const char* flag : {"--no-denoise", "--no-warm-start"})
+  for (const char* flag : {"--no-denoise", "--no-warm-start", "--check-finite", "--no-check-finite"})
     if (args.flags.count(flag)) throw starflow::Error(std::string(flag) + " applies to sampling, not to --likelihood");
   if (!args.has("--artifacts")) throw starflow::Error("missing --artifacts (see --help)");
   if (args.has("--likelihood") && args.has("--likelihood-latents"))
@@ -332,7 +349,7 @@ int likelihood(const Arguments& args) {
   if (!args.prompts.empty() && (x.shape().empty() || static_cast<int64_t>(args.prompts.size()) != x.shape()[0]))
     throw starflow::Error("--prompt: give one per sample (" + std::to_string(x.shape().empty() ? 0 : x.shape()[0]) +
                           " in " + input + "), got " + std::to_string(args.prompts.size()));
-  if (args.has("--out")) check_writable(out);
+  if (args.has("--out")) check_output("--out", out);
 
   starflow::Config config = make_config(args);
   starflow::Pipeline pipeline(args.get("--artifacts"), &config);
@@ -411,6 +428,8 @@ int tokenize(const Arguments& args) {
   auto file = [&](const char* key) { return std::filesystem::weakly_canonical(std::filesystem::absolute(args.get(key))); };
   if (args.has("--mask-out") && file("--mask-out") == file("--out"))  // one file: the mask would replace the ids
     throw starflow::Error("--mask-out: '" + args.get("--mask-out") + "' is --out's file; name another");
+  for (const char* key : {"--out", "--mask-out"})
+    if (args.has(key)) check_output(key, args.get(key));
   starflow::Pipeline pipeline(args.get("--artifacts"));
   auto [ids, mask] = pipeline.tokenize(args.prompts);
   ids.save(args.get("--out"));
@@ -420,54 +439,65 @@ int tokenize(const Arguments& args) {
   return 0;
 }
 
-// PNGs written as starflow.core.outputs writes a folder: into a hidden sibling folder first, so a
-// failure leaves nothing in `out`; place_folder then renames it into place or, when `out` exists,
-// moves its files in (same-named ones replaced). `picture(i)` is the i-th file's name and picture.
-std::filesystem::path stage_pngs(const std::string& out, int64_t count,
-                                 const std::function<std::pair<std::string, starflow::Tensor>(int64_t)>& picture) {
-  namespace fs = std::filesystem;
-  fs::path target = fs::path(out).has_filename() ? fs::path(out) : fs::path(out).parent_path();  // "frames/"
-  std::string pattern = (target.parent_path() / ("." + target.filename().string() + ".XXXXXX")).string();
-  if (!::mkdtemp(pattern.data()))
-    throw starflow::Error("--out " + out + ": cannot create a folder beside it (" + std::strerror(errno) + ")");
-  fs::path staged(pattern);
+// PNGs written as starflow.core.outputs writes a folder: into a hidden sibling folder first
+// (sf_output_stage_folder), so a failure (a full disk) leaves nothing in `out`; it is moved into
+// place whole by sf_output_place_folder. `picture(i)` is the i-th file's name and picture.
+void write_pngs(const std::string& out, int64_t count,
+                const std::function<std::pair<std::string, starflow::Tensor>(int64_t)>& picture) {
+  char staged[PATH_MAX];
+  starflow::check(sf_output_stage_folder(out.c_str(), staged, sizeof staged));
   try {
     for (int64_t i = 0; i < count; ++i) {
       auto [name, image] = picture(i);
-      save_png(image, (staged / name).string());
+      save_png(image, (std::filesystem::path(staged) / name).string());
     }
-  } catch (...) {
+  } catch (const std::exception& err) {
     std::error_code ignored;
-    fs::remove_all(staged, ignored);
-    throw;
+    std::filesystem::remove_all(staged, ignored);
+    std::string reason = err.what();  // the hidden folder's name means nothing to the caller
+    for (std::size_t at; (at = reason.find(staged)) != std::string::npos;)
+      reason.replace(at, std::strlen(staged), out);
+    throw starflow::Error("--out " + out + ": nothing was written (" + reason + ")");
   }
-  return staged;
+  starflow::check(sf_output_place_folder(staged, out.c_str()));
 }
 
-void place_folder(const std::filesystem::path& staged, const std::string& out) {
-  namespace fs = std::filesystem;
-  std::error_code error;
-  if (fs::is_directory(out, error)) {
-    for (const fs::directory_entry& file : fs::directory_iterator(staged))  // before any file moves
-      if (fs::is_directory(fs::path(out) / file.path().filename(), error)) {
-        fs::remove_all(staged, error);
-        throw starflow::Error("--out " + out + ": " + file.path().filename().string() + " is a folder in the way");
-      }
-    for (const fs::directory_entry& file : fs::directory_iterator(staged)) {
-      fs::rename(file.path(), fs::path(out) / file.path().filename(), error);
-      if (error) break;
-    }
-    if (!error) fs::remove(staged, error);
-  } else {
-    const mode_t mask = ::umask(0);  // mkdtemp's folder is 0700; a plain mkdir's is 0777 less the umask
-    ::umask(mask);
-    fs::permissions(staged, static_cast<fs::perms>(0777 & ~mask), error);
-    if (!error) fs::rename(staged, fs::path(out).has_filename() ? fs::path(out) : fs::path(out).parent_path(), error);
+// --shallow-jacobi BLOCK_SIZE,MAX_ITER,THRESHOLD[,INIT], each part checked as its own flag's.
+struct JacobiSpec {
+  int block_size, max_iter;
+  double threshold;
+  std::string init;
+};
+
+JacobiSpec shallow_jacobi(const std::string& spec) {
+  std::vector<std::string> parts;
+  for (std::size_t at = 0;;) {
+    std::size_t comma = spec.find(',', at);
+    parts.push_back(spec.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
+    if (comma == std::string::npos) break;
+    at = comma + 1;
   }
-  if (error) {
-    std::error_code ignored;
-    fs::remove_all(staged, ignored);
-    throw starflow::Error("--out " + out + ": cannot put the folder in place (" + error.message() + ")");
+  if (parts.size() < 3 || parts.size() > 4)
+    throw starflow::Error("--shallow-jacobi: expected BLOCK_SIZE,MAX_ITER,THRESHOLD[,INIT], got '" + spec + "'");
+  const Bounds &block = kIntegers.at("--block-size"), &iterations = kIntegers.at("--max-iter");
+  return {static_cast<int>(parse_integer(parts[0], "--shallow-jacobi block size", block.low, block.high)),
+          static_cast<int>(parse_integer(parts[1], "--shallow-jacobi max_iter", iterations.low, iterations.high)),
+          number(parts[2], "--shallow-jacobi threshold"), parts.size() == 4 ? parts[3] : "noise"};
+}
+
+// The images asked for fit in memory (their noise, latents and pictures, float32), checked before
+// any list is built or noise drawn: the cost of a refusal does not grow with the count.
+void check_memory(const Arguments& args, const nlohmann::json& info, long long per_prompt, long long frames) {
+  const double images = static_cast<double>(args.prompts.size()) * static_cast<double>(per_prompt);
+  const double each = 3.0 * 4.0 * static_cast<double>(frames) * info["channels"].get<double>() *
+                      info["train"][0].get<double>() * info["train"][1].get<double>();
+  const double needed = images * each, memory = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) *
+                                                static_cast<double>(::sysconf(_SC_PAGE_SIZE));
+  if (needed > memory) {
+    char text[160];
+    std::snprintf(text, sizeof text, "%.0f images need about %.1f GiB, more than this machine's %.1f GiB", images,
+                  needed / (1 << 30), memory / (1 << 30));
+    throw starflow::Error("--num-images " + std::to_string(per_prompt) + ": " + text);
   }
 }
 
@@ -495,45 +525,42 @@ int run(const Arguments& args) {
   if (!prompt_mode && !ends_with(out, ".npy"))
     throw starflow::Error("--out: latent mode writes a .npy file, got '" + out + "'");
   std::string kind = prompt_mode ? output_kind(out) : "npy";
-  long long frames = integer(args, "--frames", 0, 1);  // 0: images (or --noise's clips)
+  if (args.has("--latents-out") && !ends_with(args.get("--latents-out"), ".npy"))
+    throw starflow::Error("--latents-out: writes a .npy file, got '" + args.get("--latents-out") + "'");
+  if (args.flags.count("--check-finite") && args.flags.count("--no-check-finite"))
+    throw starflow::Error("pass --check-finite or --no-check-finite, not both");
+  long long frames = integer(args, "--frames", 0);  // 0: images (or --noise's clips)
   const char* clip_outs = "--out: clips are written to a .npy (N, T, H, W, C) array or a folder (one PNG per frame)";
   if (frames && kind == "png") throw starflow::Error(std::string(clip_outs) + ", got '" + out + "'");
+  // every option and output path, before the export loads
   uint64_t seed = parse_seed(args);
-  // the integer options, before the export loads
-  const long long block_size = integer(args, "--block-size", 0, 1), max_iter = integer(args, "--max-iter", 0, 1);
-  const long long window = integer(args, "--window", 0, 1), context = integer(args, "--context", 0, 1);
+  const long long block_size = integer(args, "--block-size", 0), max_iter = integer(args, "--max-iter", 0);
+  const long long window = integer(args, "--window", 0), context = integer(args, "--context", 0);
+  const long long per_prompt = integer(args, "--num-images", 1), repeat = integer(args, "--repeat", 1);
+  std::optional<double> guidance, threshold;
+  if (args.has("--guidance")) guidance = number(args.get("--guidance"), "--guidance");
+  if (args.has("--threshold")) threshold = number(args.get("--threshold"), "--threshold");
+  std::optional<JacobiSpec> shallow;
+  if (args.has("--shallow-jacobi")) shallow = shallow_jacobi(args.get("--shallow-jacobi"));
+  check_output("--out", out, kind == "dir");
+  for (const char* key : {"--latents-out", "--stats"})
+    if (args.has(key)) check_output(key, args.get(key));
 
   starflow::Config config = make_config(args);
   starflow::Pipeline pipeline(args.get("--artifacts"), &config);
   starflow::Sampling sampling(pipeline, args.get("--sampler", "official"));
-  if (args.has("--guidance")) sampling.guidance(number(args, "--guidance"));
+  if (guidance) sampling.guidance(*guidance);
   if (args.has("--method")) sampling.method(args.get("--method"));
   if (args.has("--stop")) sampling.stop(args.get("--stop"));
   if (args.has("--block-size")) sampling.block_size(static_cast<int>(block_size));
   if (args.has("--max-iter")) sampling.max_iter(static_cast<int>(max_iter));
-  if (args.has("--threshold")) sampling.threshold(number(args, "--threshold"));
+  if (threshold) sampling.threshold(*threshold);
   if (args.has("--init")) sampling.init(args.get("--init"));
   if (args.has("--window"))
     sampling.window(static_cast<int>(window), static_cast<int>(context));
   if (args.flags.count("--no-warm-start")) sampling.warm_start(false);
-  if (args.has("--shallow-jacobi")) {
-    std::string spec = args.get("--shallow-jacobi");
-    std::vector<std::string> parts;
-    for (std::size_t at = 0;;) {
-      std::size_t comma = spec.find(',', at);
-      parts.push_back(spec.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
-      if (comma == std::string::npos) break;
-      at = comma + 1;
-    }
-    if (parts.size() < 3 || parts.size() > 4)
-      throw starflow::Error("--shallow-jacobi: expected BLOCK_SIZE,MAX_ITER,THRESHOLD[,INIT], got '" + spec + "'");
-    Arguments one;
-    one.values = {{"--shallow-jacobi block size", parts[0]}, {"--shallow-jacobi max_iter", parts[1]},
-                  {"--shallow-jacobi threshold", parts[2]}};
-    sampling.shallow_jacobi(static_cast<int>(integer(one, "--shallow-jacobi block size", 0, 1)),
-                            static_cast<int>(integer(one, "--shallow-jacobi max_iter", 0, 1)),
-                            number(one, "--shallow-jacobi threshold"), parts.size() == 4 ? parts[3] : "noise");
-  }
+  if (shallow) sampling.shallow_jacobi(shallow->block_size, shallow->max_iter, shallow->threshold, shallow->init);
+  if (args.flags.count("--no-check-finite")) sampling.check_finite(false);
 
   if (!prompt_mode) {
     starflow::Tensor noise = starflow::Tensor::load(args.get("--noise"));
@@ -545,7 +572,7 @@ int run(const Arguments& args) {
       uncond = encode_tokens(pipeline, args, "--uncond-token-ids", "--uncond-attention-mask");
     starflow::Tensor latent;
     double seconds = 0;
-    for (long long i = 0, n = integer(args, "--repeat", 1, 1); i < n; ++i) {
+    for (long long i = 0; i < repeat; ++i) {
       auto began = std::chrono::steady_clock::now();
       latent = pipeline.sample(sampling, noise, text, uncond);
       seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
@@ -574,7 +601,7 @@ int run(const Arguments& args) {
     throw starflow::Error("frames: " + std::to_string(frames) + " frames is outside this export's range " +
                           video["frames"]["min"].dump() + " .. " + video["frames"]["max"].dump() +
                           " (re-export with max_frames to cover it)");
-  long long per_prompt = integer(args, "--num-images", 1, 1);
+  check_memory(args, info, per_prompt, std::max<long long>(frames, 1));  // before the list of prompts is built
   std::vector<std::string> prompts;
   for (const std::string& p : args.prompts)
     for (long long i = 0; i < per_prompt; ++i) prompts.push_back(p);
@@ -597,45 +624,33 @@ int run(const Arguments& args) {
   std::string where = out;
   std::vector<int64_t> shape = owned_images.shape();
   const int64_t h = shape[shape.size() - 3], w = shape[shape.size() - 2];
-  // Every output is made before any is put in place, so a failure leaves none: a folder's PNGs are
-  // staged first, then the latents, then the images; a failure after the latents removes them.
-  std::filesystem::path staged;
-  if (kind == "dir" && clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
-    const int64_t T = shape[1];
-    staged = stage_pngs(out, count * T, [&](int64_t i) {
-      char name[64];
-      std::snprintf(name, sizeof name, "clip%03lld_frame%04lld.png", static_cast<long long>(i / T),
-                    static_cast<long long>(i % T));
-      return std::make_pair(std::string(name), mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w)));
-    });
-    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count * T) + " PNGs)";
-  } else if (kind == "dir") {
-    staged = stage_pngs(out, count, [&](int64_t i) {
-      char number[24];
-      std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
-      return std::make_pair(number + slug(prompts[i]) + ".png", mosaic(owned_images, i, 1, 1, 0, image_scale(h, w)));
-    });
-    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
-  }
-  try {
-    if (owned_latents) owned_latents.save(args.get("--latents-out"));
-  } catch (...) {
-    std::error_code ignored;
-    if (!staged.empty()) std::filesystem::remove_all(staged, ignored);
-    throw;
-  }
+  // the latents first, then the images: a failure after the latents removes them
+  if (owned_latents) owned_latents.save(args.get("--latents-out"));
   try {
     if (kind == "npy") {
       owned_images.save(out);
     } else if (kind == "png") {
       starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1, image_scale(h, w));
       save_png(grid, out);
+    } else if (clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
+      const int64_t T = shape[1];
+      write_pngs(out, count * T, [&](int64_t i) {
+        char name[64];
+        std::snprintf(name, sizeof name, "clip%03lld_frame%04lld.png", static_cast<long long>(i / T),
+                      static_cast<long long>(i % T));
+        return std::make_pair(std::string(name), mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w)));
+      });
+      where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count * T) + " PNGs)";
     } else {
-      place_folder(staged, out);
+      write_pngs(out, count, [&](int64_t i) {
+        char number[24];
+        std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
+        return std::make_pair(number + slug(prompts[i]) + ".png", mosaic(owned_images, i, 1, 1, 0, image_scale(h, w)));
+      });
+      where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
     }
   } catch (...) {
     std::error_code ignored;
-    if (!staged.empty()) std::filesystem::remove_all(staged, ignored);
     if (owned_latents) std::filesystem::remove(args.get("--latents-out"), ignored);
     throw;
   }
