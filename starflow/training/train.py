@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -179,7 +180,13 @@ def train(options: TrainOptions) -> Path:
     else:
         import torch.multiprocessing as mp
 
-        mp.spawn(_spawned, args=(options, _free_port()), nprocs=options.nproc, join=True)
+        try:
+            mp.spawn(_spawned, args=(options, _free_port()), nprocs=options.nproc, join=True)
+        except mp.ProcessRaisedException as err:  # a worker's traceback, as text
+            found = re.search(rf"^{StarflowError.__module__}\.StarflowError: (.*)$", str(err), re.MULTILINE)
+            if found is None:
+                raise
+            raise StarflowError(found[1]) from None  # a full disk while saving, say: its one line
     return Path(options.out) / "model.safetensors"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,23 @@ def test_a_full_disk_while_saving_is_one_error_and_leaves_no_partial(
         train(options(tiny_config, tmp_path / "run", steps=2, checkpoint_every=1))
     assert sorted(p.name for p in final.parent.iterdir()) == ["step_0000001", "step_0000001.tmp"]
     assert list(victim.iterdir()) == []
+
+
+def test_a_workers_error_is_its_one_line(tiny_config: Path, tmp_path: Path, monkeypatch) -> None:
+    """With --nproc N a worker's StarflowError (a full disk while saving) reaches the parent as a
+    traceback in text; the user sees its one line."""
+    import torch.multiprocessing as mp
+
+    def failing(*args, **kwargs):
+        try:
+            raise StarflowError("checkpoint x: full")
+        except StarflowError:  # what torch's spawn reports: the worker's traceback as text
+            trace = traceback.format_exc()
+        raise mp.ProcessRaisedException(f"\n\n-- Process 1 terminated with this error:\n{trace}", 1, 7)
+
+    monkeypatch.setattr(mp, "spawn", failing)
+    with pytest.raises(StarflowError, match="^checkpoint x: full$"):
+        train(options(tiny_config, tmp_path, nproc=2))
 
 
 def test_activation_checkpointing_changes_nothing(
