@@ -427,7 +427,7 @@ def test_engine_writes_that_fail_are_one_line(export_copy, monkeypatch):
     assert result.stderr.splitlines()[-1].endswith(
         "block2.step.fp32.engine: cannot write (Read-only file system)"
     )
-    assert not list(export_copy.glob("*.engine")) and not list(export_copy.glob(".*.tmp"))
+    assert not list(export_copy.glob("*.engine")) and not list(export_copy.glob(".*.partial-*"))
 
 
 # ---- 10. the export cache ------------------------------------------------------------------------------
