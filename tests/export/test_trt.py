@@ -261,7 +261,7 @@ def test_engines_for_every_graph_at_fp32_and_fp16(built):
     step = manifest.engine("block2.step.fp16")
     assert [p.name for p in step.profiles] == ["grid 8x8", "grid 8x12"]
     assert step.profiles[1].dims["chunk"] == Range(1, 16, 96)
-    assert not list(directory.glob(".*.tmp")), "temporary files left behind"
+    assert not list(directory.glob(".*.partial-*")), "temporary files left behind"
 
 
 @pytest.mark.slow
