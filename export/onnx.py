@@ -44,7 +44,7 @@ from starflow.core.config import StarFlowConfig
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import DEFAULT_FPS
 from starflow.core.sampler import LATER_CHUNK_FACTOR, JacobiSettings, Progress, SampleOptions
-from starflow.core.sampling_presets import check_preset_name
+from starflow.core.sampling_presets import check_presets
 from starflow.export.components import ComponentEntries, Components
 from starflow.export.defaults import (
     DEFAULT_MAX_BATCH,
@@ -90,9 +90,7 @@ class ExportOptions:
     fps: float | None = None  # video models: the frame rate samples are shown at (DEFAULT_FPS)
 
     def check(self) -> None:
-        for name, preset in self.sampling_presets.items():
-            check_preset_name(name, "sampling_presets")
-            preset.check()
+        check_presets(self.sampling_presets, "sampling_presets")
         if self.opset not in SUPPORTED_OPSETS:
             raise StarflowError(
                 f"opset {self.opset}: unsupported; choose "

@@ -38,6 +38,9 @@ Count = Annotated[int, Field(strict=True, ge=1)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
+MAX_SEED = 2**64 - 1
+
+
 class GenerateRequest(BaseModel):
     """Images (or clips, with `frames`) of `prompts`: unset sampling settings are the model's."""
 
@@ -46,7 +49,10 @@ class GenerateRequest(BaseModel):
     # what to generate
     prompts: list[str] = Field(description='One entry per prompt; "" is the unconditional one.')
     num_images: Count = Field(DEFAULT_NUM_IMAGES, description="Images (clips) per prompt.")
-    seed: Annotated[int, Field(strict=True, ge=0)] = Field(DEFAULT_SEED, description="Seed of the noise.")
+    # libstarflow's noise takes a uint64 seed; numpy's takes any, but the two must agree
+    seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = Field(
+        DEFAULT_SEED, description="Seed of the noise (0 to 2**64-1)."
+    )
     size: tuple[Count, Count] | None = Field(None, description='Image [H, W] in pixels, or "HxW".')
     aspect_ratio: str | None = Field(None, description=f"A bucket W:H, one of {', '.join(ASPECT_RATIOS)}.")
     frames: Count | None = Field(None, description="Clips of this many frames (a video model).")

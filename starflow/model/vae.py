@@ -7,7 +7,6 @@ have no VAE (their samples already are images in [-1, 1]). diffusers is an expor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,10 @@ import torch
 from torch import Tensor
 
 from starflow.core import outputs
+from starflow.core.bounded import read_json
 from starflow.core.errors import StarflowError
+
+MAX_VAE_CONFIG_BYTES = 1 << 20  # a diffusers config.json is about 1 KB
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -35,10 +37,10 @@ def load_vae(directory: str | Path) -> AutoencoderKL:
             f"VAE directory {directory}: no config.json; expected a diffusers AutoencoderKL saved with "
             "save_pretrained (for a whole pipeline, pass its vae/ folder)"
         )
-    try:
-        name = json.loads(config.read_text()).get("_class_name", "AutoencoderKL")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise StarflowError(f"VAE directory {directory}: config.json is not a JSON object ({err})") from None
+    document = read_json(config, MAX_VAE_CONFIG_BYTES, "VAE config")
+    if not isinstance(document, dict):
+        raise StarflowError(f"VAE config {config}: not a JSON object")
+    name = document.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
         raise StarflowError(f"VAE directory {directory}: holds a {name}, expected an AutoencoderKL (SD-VAE)")
     try:

@@ -35,6 +35,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from starflow.core.atomic import PARTIAL, atomic_file, remove_stale, replace_folder, staged_folder
+from starflow.core.bounded import read_json
 from starflow.core.checks import check_count
 from starflow.core.errors import StarflowError
 from starflow.core.generation import counted, rate
@@ -56,6 +57,7 @@ from starflow.serving.worker import ModelWorker
 SHARD_SIZE = 16  # prompts per shard: one sampler call of the digits export
 FORMATS = {False: ("png", "npy"), True: ("gif", "npy")}  # images, clips; the first is the default
 MAX_PROMPT_CHARS = Limits().max_prompt_chars  # what a server takes in one prompt
+MAX_RECORD_BYTES = 1 << 20  # the run's record: its parameters, a few hundred bytes
 RECORD, INDEX, LOCK = "bulk.json", "index.jsonl", ".bulk.lock"
 INTERRUPTED = "interrupted: the shards marked done stay done; the same command goes on from there"
 
@@ -188,10 +190,9 @@ class BulkRun:
             if any(not PARTIAL.fullmatch(entry.name) and entry.name != LOCK for entry in out.iterdir()):
                 raise StarflowError(f"out {out}: not empty and holds no {RECORD}; give a new or empty folder")
             return
-        try:
-            earlier = json.loads(record.read_text())
-        except (OSError, ValueError) as err:
-            raise StarflowError(f"out {record}: not a bulk run's record ({err})") from None
+        earlier = read_json(record, MAX_RECORD_BYTES, "out")
+        if not isinstance(earlier, dict):
+            raise StarflowError(f"out {record}: not a bulk run's record (not a JSON object)")
         differ = [
             f"{name} {earlier.get(name)!r} there, {value!r} now"
             for name, value in self.params.items()

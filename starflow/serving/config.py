@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from starflow.core.config import read_yaml
+from starflow.core.bounded import read_yaml
 from starflow.core.errors import StarflowError
 from starflow.core.outputs import save_text
 from starflow.serving.types import DEFAULT_TIMEOUT_S, Limits

@@ -38,6 +38,10 @@ def test_json_schema_names_every_field() -> None:
         ({"num_images": 0}, "num_images: input should be greater than or equal to 1, got 0"),
         ({"num_images": True}, "num_images: input should be a valid integer, got True"),
         ({"seed": -1}, "seed: input should be greater than or equal to 0, got -1"),
+        (
+            {"seed": 2**64},
+            "seed: input should be less than or equal to 18446744073709551615, got 18446744073709551616",
+        ),
         ({"size": "0x8"}, "size: expected HxW in image pixels (for example 256x384), got '0x8'"),
         ({"aspect_ratio": "5:1"}, "aspect_ratio: '5:1' unknown; choose one of 1:1"),
         ({"size": "8x8", "aspect_ratio": "1:1"}, "give aspect_ratio or size, not both"),

@@ -22,6 +22,7 @@ from starflow.core.config import load_config
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import check_presets, load_presets, presets_to_json
+from starflow.export.onnx import ExportOptions
 from starflow.model.checkpoint import CONFIG_METADATA_KEY, read_state_dict
 from starflow.model.label_encoder import CLASSES_METADATA_KEY, load_label_encoder
 
@@ -69,11 +70,30 @@ def label_table(tmp_path: Path, document: bytes) -> str:
     return f"label encoder {path}"
 
 
+def vae_config(tmp_path: Path, document: bytes) -> str:
+    from starflow.model.vae import load_vae
+
+    (tmp_path / "config.json").write_bytes(document)
+    load_vae(tmp_path)
+    return f"VAE config {tmp_path}"
+
+
+def bulk_record(tmp_path: Path, document: bytes) -> str:
+    from starflow.core.request import GenerateRequest
+    from starflow.serving.bulk import RECORD, BulkRun
+
+    (tmp_path / RECORD).write_bytes(document)
+    BulkRun(tmp_path, GenerateRequest(prompts=[""]), [], "png", {}).check_record()
+    return f"out {tmp_path}"
+
+
 READERS: dict[str, Callable[[Path, bytes], str]] = {
     "manifest.json": manifest_json,
     "sampling presets": sampling_presets,
     "checkpoint config": checkpoint_config,
     "label table": label_table,
+    "VAE config": vae_config,
+    "bulk run record": bulk_record,
 }
 
 
@@ -86,7 +106,7 @@ def test_hostile_json_is_refused_naming_the_file(tmp_path, reader, case):
     with pytest.raises(StarflowError) as err:
         READERS[reader](tmp_path, document)
     assert "\n" not in str(err.value)
-    assert str(err.value).startswith(str(tmp_path)) or str(err.value).startswith(("checkpoint", "label"))
+    assert str(err.value).startswith((str(tmp_path), "checkpoint", "label", "VAE config", "out"))
     assert re.search(message, str(err.value)), str(err.value)
 
 
@@ -161,6 +181,8 @@ def test_an_export_of_such_presets_is_refused_before_writing(demo_export, tmp_pa
     bad = {"fast": SampleOptions(jacobi=JacobiSettings(threshold=math.inf))}
     with pytest.raises(StarflowError, match="preset 'fast': at jacobi/threshold: inf is not a finite"):
         check_presets(bad, "sampling_presets")
+    with pytest.raises(StarflowError, match="^sampling_presets: preset 'fast': at jacobi/threshold"):
+        ExportOptions(sampling_presets=bad).check()  # what export_onnx checks before any tracing
     with pytest.raises(StarflowError, match=f"{MANIFEST_NAME}: at sampling_presets/fast/jacobi/threshold"):
         dataclasses.replace(manifest, sampling_presets=bad).write(tmp_path)
     assert not list(tmp_path.iterdir())
