@@ -3,7 +3,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint format clean cpp cpp-asan cpp-tsan
+.PHONY: venv demo test lint format clean cpp cpp-asan cpp-tsan cpp-fuzz
 
 venv: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/starflow demo
 
-test: venv cpp cpp-asan
+test: venv cpp cpp-asan cpp-fuzz
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python scripts/check_layers.py && $(BIN)/pytest -q --durations=25
 
 cpp: venv
@@ -24,6 +24,11 @@ cpp: venv
 
 cpp-asan: venv
 	scripts/build_cpp.sh build/cpp-asan -DSTARFLOW_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+
+# libFuzzer (clang; ASan + UBSan) on libstarflow's manifest.json and .npy readers, STARFLOW_FUZZ_SECONDS
+# a target (default 25; scripts/fuzz_cpp.sh documents a longer run)
+cpp-fuzz: venv
+	scripts/fuzz_cpp.sh build/cpp-fuzz $${STARFLOW_FUZZ_SECONDS:-25}
 
 # ThreadSanitizer: concurrent pipelines in threads (not part of `make test`: docs/benchmarks.md
 # has its last result)

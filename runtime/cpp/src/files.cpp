@@ -96,10 +96,11 @@ RegularFile::RegularFile(const std::string& path) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd_ < 0) throw Error("cannot read " + quoted(path) + ": " + std::strerror(errno));
   struct stat info {};
-  if (::fstat(fd_, &info) != 0 || !S_ISREG(info.st_mode)) {
-    const std::string kind = S_ISREG(info.st_mode) ? "unreadable" : kind_of(info.st_mode);
+  const bool stated = ::fstat(fd_, &info) == 0;
+  if (!stated || !S_ISREG(info.st_mode)) {
+    const std::string why = stated ? "it is " + kind_of(info.st_mode) + ", not a regular file" : std::strerror(errno);
     ::close(fd_);
-    throw Error("cannot read " + quoted(path) + ": it is " + kind + ", not a regular file");
+    throw Error("cannot read " + quoted(path) + ": " + why);
   }
   ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) & ~O_NONBLOCK);
   size_ = static_cast<std::size_t>(info.st_size);

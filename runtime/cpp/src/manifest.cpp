@@ -406,8 +406,9 @@ Manifest parse_manifest(const std::string& bytes, const std::string& directory,
   if (m.text_dim == 0 && m.text_component) r.fail("text.component", "needs text.dim");
   if (m.text_component) {  // what is read has its sha256 (the Python reader refuses the same)
     const TextComponent& c = *m.text_component;
-    for (auto [key, name] : {std::pair{"tokenizer", std::optional(c.tokenizer)}, {"sentencepiece", c.sentencepiece}})
-      if (name && std::none_of(m.files.begin(), m.files.end(), [&](const FileEntry& f) { return f.file == *name; }))
+    for (const auto& [key, name] : {std::pair{"tokenizer", std::optional(c.tokenizer)}, {"sentencepiece", c.sentencepiece}})
+      if (const auto& wanted = name;  // a structured binding: not captured by a C++17 lambda
+          wanted && std::none_of(m.files.begin(), m.files.end(), [&](const FileEntry& f) { return f.file == *wanted; }))
         r.fail(std::string("text.component.") + key,
                "names '" + *name + "', which files does not list (every file read has its sha256 there)");
     if (c.kind == "label-table" && c.sentencepiece)

@@ -77,7 +77,7 @@ std::size_t count(const Shape& shape) {
   return n;
 }
 
-Tensor::Tensor(DType dtype_, Shape shape_) : dtype(dtype_), shape(std::move(shape_)) {
+std::size_t Tensor::bytes_for(DType dtype, const Shape& shape) {
   std::size_t n = itemsize(dtype);
   for (int64_t d : shape) {
     if (d < 0) throw Error("tensor shape " + shape_text(shape) + " has a negative dimension");
@@ -85,7 +85,11 @@ Tensor::Tensor(DType dtype_, Shape shape_) : dtype(dtype_), shape(std::move(shap
       throw Error("tensor shape " + shape_text(shape) + " is too large (over 64 GiB)");
     n *= static_cast<std::size_t>(d);
   }
-  bytes.assign(n, 0);
+  return n;
+}
+
+Tensor::Tensor(DType dtype_, Shape shape_) : dtype(dtype_), shape(std::move(shape_)) {
+  bytes.assign(bytes_for(dtype, shape), 0);
 }
 
 float* Tensor::f32() { return reinterpret_cast<float*>(bytes.data()); }
@@ -121,6 +125,7 @@ Tensor parse_npy(const std::string& data, const std::string& path) {
   else if (descr == "'<i8'") dtype = DType::i64;
   else throw Error(path + ": dtype " + descr + " is not supported; expected float32 ('<f4'), float16 or int64");
   if (fortran != "False") throw Error(path + ": Fortran-ordered arrays are not supported; save a C-ordered copy");
+  if (shape_field.size() < 2 || shape_field.front() != '(') throw Error(path + ": malformed .npy shape " + shape_field);
   Shape shape;
   std::string inner = shape_field.substr(1, shape_field.size() - 2);
   std::stringstream items(inner);
@@ -132,11 +137,12 @@ Tensor parse_npy(const std::string& data, const std::string& path) {
       throw Error(path + ": malformed .npy shape " + shape_field);
     }
   }
-  Tensor tensor(dtype, shape);
-  if (data.size() - offset - length != tensor.bytes.size())
+  const std::size_t needed = Tensor::bytes_for(dtype, shape);  // checked before any memory is taken
+  if (data.size() - offset - length != needed)
     throw Error(path + ": holds " + std::to_string(data.size() - offset - length) + " data bytes; shape " +
-                shape_text(shape) + " needs " + std::to_string(tensor.bytes.size()));
-  std::memcpy(tensor.bytes.data(), data.data() + offset + length, tensor.bytes.size());
+                shape_text(shape) + " needs " + std::to_string(needed));
+  Tensor tensor(dtype, shape);
+  if (needed) std::memcpy(tensor.bytes.data(), data.data() + offset + length, needed);  // empty: no buffer at all
   return tensor;
 }
 

@@ -33,6 +33,7 @@ struct Tensor {
 
   Tensor() = default;
   Tensor(DType dtype, Shape shape);  // zero-filled; refuses negative dims and absurd sizes
+  static std::size_t bytes_for(DType dtype, const Shape& shape);  // what it holds, or the refusal
   std::size_t size() const { return count(shape); }
   float* f32();
   const float* f32() const;

@@ -168,6 +168,35 @@ int main(int argc, char** argv) {
                "latent: expected a float32 (B, 1, H, W) batch");
   expect_error("save into a missing folder", sf_tensor_save_npy(latent, "/nonexistent/out.npy"), "cannot write");
 
+  // Issue 29: token ids and masks in range, float32 settings, non-finite pixels, output targets.
+  if (ids && mask) {
+    auto* id = static_cast<int64_t*>(sf_tensor_data(ids));
+    auto* on = static_cast<int64_t*>(sf_tensor_data(mask));
+    const int64_t kept = id[0];
+    id[0] = -1;  // ONNX Gather would wrap it to the last row: another token's embedding
+    expect_error("negative token id", sf_pipeline_encode_tokens(pipeline, ids, mask, &unused),
+                 "input_ids: -1 at (0, 0) is outside this text encoder's vocabulary [0, ");
+    id[0] = kept;
+    on[0] = 2;
+    expect_error("mask not 0 or 1", sf_pipeline_encode_tokens(pipeline, ids, mask, &unused),
+                 "attention_mask: 2 at (0, 0) is not 0 or 1");
+    on[0] = 1;
+  }
+  expect_error("guidance past float32", sf_sampling_set_guidance(sampling, 1e39),
+               "guidance: must be a finite number >= 0 within float32's range, got 1e+39");
+  expect_error("threshold past float32", sf_sampling_set_threshold(sampling, 1e39), "within float32's range");
+  expect_ok("check finite off", sf_sampling_set_check_finite(sampling, 0));
+  expect_ok("check finite on", sf_sampling_set_check_finite(sampling, 1));
+  expect_error("NaN pixels as a PNG", sf_image_save_png(tensor(SF_FLOAT32, {1, 2, 2, 1}, NAN), 0, "/tmp/never.png"),
+               "4 pixel values that are NaN or inf, which a PNG cannot hold");
+  expect_error("output over a device", sf_output_check("/dev/null", 0), "/dev/null: is a device or other special file");
+  expect_error("output folder missing", sf_output_check("/nonexistent/x.npy", 0), "directory /nonexistent does not exist");
+  expect_error("a file where a folder goes", sf_output_check(argv[0], 1), "is a file; expected a new name or a folder");
+  expect_error("save over a device", sf_tensor_save_npy(latent, "/dev/null"), "is a device or other special file");
+  char staged[8];
+  expect_error("staging name too long", sf_output_stage_folder("/tmp/starflow-api-test", staged, sizeof staged),
+               "capacity 8 is too small");
+
   // Likelihood: a status for every bad input, before any graph runs; a batch over the rows in parts.
   sf_tensor* bits = nullptr;
   expect_error("likelihood NULL latents", sf_pipeline_log_likelihood(pipeline, nullptr, text, &bits),

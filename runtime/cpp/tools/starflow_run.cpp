@@ -7,12 +7,11 @@
 // Tokenize mode: --tokenize --prompt P ... -> --out ids.npy [--mask-out M.npy]
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <cfloat>
 #include <charconv>
 #include <climits>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -25,8 +24,6 @@
 #include <string>
 #include <vector>
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -104,7 +101,16 @@ Running:
   --provider NAME[:k=v,...] an ONNX Runtime execution provider (CUDA, TensorRT, ...; built, not run)
   --stats FILE.json        per-block iterations, calls and seconds of the last sample call
   --repeat N               sample N times (latent mode), print each run's seconds (benchmarks)
+  --no-check-finite        keep samples holding NaN or inf (default --check-finite: refused, nothing
+                           written, as `starflow generate`; a PNG never holds them)
   --help
+
+Every option is checked before the export is read: integers strictly (digits only) within their
+range (--num-images, --block-size, --max-iter 1 .. 1048576; --threads 1 .. 1024; --repeat 1 .. 10000;
+--frames, --window, --context 1 .. 65536; --seed 0 .. 2**64-1), numbers finite within float32's
+range, and every output path (its folder exists and takes a file; the path is absent or a regular
+file, never a symbolic link or a device). Outputs are written as libstarflow writes every file
+(starflow.h: a hidden partial beside it, flushed, renamed; a folder of PNGs moved in whole).
 )";
 
 struct Arguments {
@@ -158,13 +164,14 @@ const std::map<std::string, Bounds> kIntegers = {
 
 // `text` as a decimal integer from `low` to `high`, strictly: digits and an optional leading '-' only.
 template <typename T>
-T parse_integer(const std::string& text, const std::string& name, T low, T high) {
+T parse_integer(const std::string& text, const std::string& name, T low, T high, const std::string& range = "") {
   T value{};
   const char* end = text.data() + text.size();
   auto [at, error] = std::from_chars(text.data(), end, value);
   if (text.empty() || error != std::errc() || at != end || value < low || value > high)
-    throw starflow::Error(name + ": expected an integer from " + std::to_string(low) + " to " + std::to_string(high) +
-                          ", got '" + text + "'");
+    throw starflow::Error(name + ": expected an integer from " +
+                          (range.empty() ? std::to_string(low) + " to " + std::to_string(high) : range) + ", got '" +
+                          text + "'");
   return value;
 }
 
@@ -178,7 +185,8 @@ long long integer(const Arguments& args, const std::string& key, long long fallb
 // --seed: 0 to 2**64-1, sf_tensor_noise's range (Python's `starflow generate` also takes larger
 // seeds; those are refused here, not wrapped).
 uint64_t parse_seed(const Arguments& args) {
-  return parse_integer<uint64_t>(args.get("--seed", "0"), "--seed", 0, std::numeric_limits<uint64_t>::max());
+  return parse_integer<uint64_t>(args.get("--seed", "0"), "--seed", 0, std::numeric_limits<uint64_t>::max(),
+                                 "0 to 2**64-1 (18446744073709551615)");
 }
 
 // A number option: a finite decimal number within float32's range (the sampler computes in float32).
