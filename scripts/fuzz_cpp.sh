@@ -18,7 +18,7 @@ if [[ $# -lt 1 ]]; then
 fi
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
-BUILD_DIR="$1"
+BUILD_DIR="$(mkdir -p "$1" && cd "$1" && pwd)"  # absolute: the fuzzers run from inside it
 SECONDS_PER_TARGET="${2:-25}"
 JOBS="${STARFLOW_FUZZ_JOBS:-1}"
 VENV_PY="$REPO_ROOT/.venv/bin/python"
@@ -72,11 +72,16 @@ for name, array in arrays.items():
 PY
 
 # --- 4. run ----------------------------------------------------------------------------------------
+# one job runs in this process (its exit status is the verdict); more write fuzz-N.log files, kept
+# in the build folder
+parallel=()
+[[ $JOBS -gt 1 ]] && parallel=(-jobs="$JOBS" -workers="$JOBS")
 for target in manifest npy; do
   log "fuzz_$target: $SECONDS_PER_TARGET s, $JOBS job(s)"
-  "$BUILD_DIR/fuzz_$target" -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 \
-    -jobs="$JOBS" -workers="$JOBS" -print_final_stats=1 -artifact_prefix="$BUILD_DIR/findings/" \
-    "$BUILD_DIR/corpus/$target" "$SEEDS/$target" 2>&1 | tail -n 15 ||
-    die "fuzz_$target found a crash, hang or sanitizer report: see $BUILD_DIR/findings/"
+  (cd "$BUILD_DIR" && "./fuzz_$target" -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 \
+    "${parallel[@]}" -print_final_stats=1 -artifact_prefix="$BUILD_DIR/findings/" \
+    "$BUILD_DIR/corpus/$target" "$SEEDS/$target") > "$BUILD_DIR/fuzz_$target.log" 2>&1 ||
+    { tail -n 40 "$BUILD_DIR/fuzz_$target.log"; die "fuzz_$target found a crash, hang or sanitizer report: see $BUILD_DIR/findings/"; }
+  grep -E "^(Done|stat::)" "$BUILD_DIR/fuzz_$target.log"
 done
 log "done: no crash, hang or sanitizer report"
