@@ -340,17 +340,17 @@ def _onnx_registry(opset: int) -> tuple[Any, dict]:
 
 
 def trace_block(
-    module: BlockMethod,
+    module: nn.Module,
     args: tuple[torch.Tensor, ...],
     spec: GraphSpec,
     opset: int,
     parts: tuple[GraphSpec, ...] = (),
 ) -> list[onnx.ModelProto]:
-    """`module` traced once to ATen ops (a vjp graph's backward included) over fake inputs and fake
-    weights by make_fx, then translated op by op into ONNX by torch.onnx's translator, with the
-    block's weights as inputs named as the block names them: the graph, not yet its weights. One
-    graph per `parts` (each some of `spec`'s inputs and outputs, and what computes them), or
-    `spec`'s own.
+    """`module` (a block's method, or a component) traced once to ATen ops (a vjp graph's backward
+    included) over fake inputs and fake weights by make_fx, then translated op by op into ONNX by
+    torch.onnx's translator, with the module's weights as inputs named as the block (or the
+    component) names them: the graph, not yet its weights. One graph per `parts` (each some of
+    `spec`'s inputs and outputs, and what computes them), or `spec`'s own.
 
     torch.onnx.export traces three times (torch.export, its decompositions, then the translation);
     one make_fx trace measured 3-6 s a block graph of the digits model against 6-14 s, and 11 s
@@ -589,7 +589,8 @@ def _write_initializers(
 
 
 def weight_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """The bytes of what a graph of `module` holds as initializers: parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in named_tensors(module).values())
 
 
 def export_module(
