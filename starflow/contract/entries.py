@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from starflow.core.bounded import open_regular
 from starflow.core.errors import StarflowError
 
 frozen = dataclasses.dataclass(frozen=True)
@@ -42,8 +43,9 @@ Precision = Literal["fp32", "fp16"]
 
 
 def sha256(path: Path) -> str:
+    """The hex sha256 of regular file `path` (a FIFO is refused, not waited on)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, str(path)) as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()

@@ -60,7 +60,7 @@ from starflow.contract.entries import (
     sha256,
 )
 from starflow.core.atomic import atomic_path
-from starflow.core.bounded import check_values, parse_json, read_bytes
+from starflow.core.bounded import parse_json, read_bytes
 from starflow.core.errors import StarflowError
 from starflow.core.sampler import JacobiSettings, SampleOptions
 from starflow.core.sampling_presets import OFFICIAL, check_presets, choose
@@ -386,8 +386,10 @@ class Manifest(Contract):
         hashed: dict[str, str] = {}  # a block's graphs share one weights file: hashed once
         for owner, entry in owned + [(f"file {f.file}", f) for f in self.files]:
             path = inside(directory, entry.file)
-            if not path.is_file():
+            if not path.exists():
                 raise StarflowError(f"{owner}: file {path} is missing")
+            if not path.is_file():  # a FIFO would block the read: refused, as sha256 does
+                raise StarflowError(f"{owner}: file {path} is not a regular file")
             if entry.file not in hashed:
                 hashed[entry.file] = sha256(path)
             if hashed[entry.file] != entry.sha256:
@@ -400,11 +402,12 @@ class Manifest(Contract):
 
     def write(self, directory: Path) -> Manifest:
         """Write manifest.json, then record.json with its sha256 (each atomically, each checked
-        against its schema first); returns what was written, digest filled in."""
+        first against its schema and, as the bytes to be written, against the reading limits: a
+        file starflow writes is one it reads); returns what was written, digest filled in."""
         data = self.to_dict()
         check_schema(data, str(directory / MANIFEST_NAME))
-        check_values(data, str(directory / MANIFEST_NAME))
         text = (json.dumps(data, indent=2) + "\n").encode()
+        parse_json(text, str(directory / MANIFEST_NAME))  # as it will be read: escapes count
         manifest = dataclasses.replace(self, digest=hashlib.sha256(text).hexdigest())
         _write(directory / MANIFEST_NAME, text)
         return manifest.write_record(directory)
@@ -416,8 +419,9 @@ class Manifest(Contract):
         record = Record(SCHEMA_VERSION, self.digest, self.validation, self.engines)
         data = RECORD.dump_python(record, mode="json")
         check_schema(data, str(directory / RECORD_NAME), RECORD_NAME)
-        check_values(data, str(directory / RECORD_NAME))
-        _write(directory / RECORD_NAME, (json.dumps(data, indent=2) + "\n").encode())
+        text = (json.dumps(data, indent=2) + "\n").encode()
+        parse_json(text, str(directory / RECORD_NAME))
+        _write(directory / RECORD_NAME, text)
         return self
 
     def summary(self) -> str:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import yaml
@@ -93,6 +95,11 @@ def parse_json(data: bytes | str, source: str, max_string: int = MAX_STRING_CHAR
         raise StarflowError(f"{source}: not valid JSON ({err})") from None
     if out_of_range or not _utf8(json.dumps(document, ensure_ascii=False)):  # then find which
         check_values(document, source)
+    if out_of_range:  # a value a later duplicate key replaced: libstarflow reads every literal
+        raise StarflowError(
+            f"{source}: {out_of_range[0]} is out of range (an integer within int64, any other "
+            "number finite and within float32's range)"
+        )
     return document
 
 
@@ -159,11 +166,26 @@ def read_json(path: Path, max_bytes: int, what: str = "") -> Any:
     return parse_json(read_bytes(path, max_bytes, what), f"{what} {path}".strip())
 
 
+def open_regular(path: Path, source: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, else a one-line error naming `source`.
+    Opened without waiting (O_NONBLOCK: a FIFO without a writer would block open() for good),
+    checked on the open file (no race with a rename), then made blocking for the reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StarflowError(f"{source}: is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(path: Path, max_bytes: int, what: str = "") -> bytes:
-    """At most `max_bytes` of `path`, or a one-line error naming it."""
+    """At most `max_bytes` of regular file `path`, or a one-line error naming it."""
     source = f"{what} {path}".strip()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, source) as f:
             data = f.read(max_bytes + 1)
     except OSError as err:
         raise StarflowError(f"{source}: cannot read ({err.strerror or err})") from None

@@ -271,13 +271,17 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def lacks(checkpoint: Path) -> str:
-    """What a checkpoint folder lacks ("" when complete): its state file, DCP's .metadata, or a
-    shard its state lists (missing, or not the size it was saved with). The .metadata's content
-    is the restricted unpickler's to judge (`read_checkpoint_metadata`), which refuses a bad one."""
+    """What a checkpoint folder lacks ("" when complete): its state file (or a readable one),
+    DCP's .metadata, or a shard its state lists (missing, or not the size it was saved with). The
+    .metadata's content is the restricted unpickler's to judge (`read_checkpoint_metadata`)."""
     for name in (STATE_FILE, ".metadata"):
         if not (checkpoint / name).is_file():
             return f"no {name}"
-    for name, size in read_state(checkpoint).get("files", {}).items():
+    try:
+        files = read_state(checkpoint).get("files", {})
+    except StarflowError as err:  # truncated by a copy cut short, say: the folder is incomplete
+        return f"unreadable {STATE_FILE} ({err})"
+    for name, size in files.items():
         file = checkpoint / name
         if not file.is_file() or file.stat().st_size != size:
             return f"{name} missing or not its saved {size} bytes"

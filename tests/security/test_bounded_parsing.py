@@ -4,11 +4,15 @@ naming the file and what is wrong (before: RecursionError, ValueError, or accept
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
-from collections.abc import Callable
+import shutil
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -186,3 +190,62 @@ def test_an_export_of_such_presets_is_refused_before_writing(demo_export, tmp_pa
     with pytest.raises(StarflowError, match=f"{MANIFEST_NAME}: at sampling_presets/fast/jacobi/threshold"):
         dataclasses.replace(manifest, sampling_presets=bad).write(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_out_of_range_number_under_a_duplicate_key_is_refused(tmp_path):
+    """The later value wins in the parsed document, so only the literal names it (as libstarflow
+    refuses it on reading)."""
+    path = tmp_path / "presets.json"
+    path.write_bytes(b'{"a": 1e400, "a": 1}')
+    with pytest.raises(StarflowError, match=f"^{path}: 1e400 is out of range"):
+        load_presets(path)
+
+
+def test_a_manifest_starflow_would_refuse_to_read_is_refused_at_write(demo_export, tmp_path):
+    """A string within the limit as characters but not as written: json.dumps escapes each
+    non-ASCII character to 6 (\\u00e9); what is written is checked as the reader will read it."""
+    manifest = Manifest.load(demo_export, verify_files=False)
+    version = "\u00e9" * 20_000
+    changed = dataclasses.replace(manifest, producer=dataclasses.replace(manifest.producer, version=version))
+    with pytest.raises(StarflowError, match=f"^{tmp_path / MANIFEST_NAME}: a string of 120000 characters"):
+        changed.write(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# ---- files that are not regular files ---------------------------------------------------------------------
+@contextlib.contextmanager
+def hang_guard(seconds: int = 10) -> Iterator[None]:
+    """A read that blocks (a FIFO without a writer) fails the test after `seconds` instead of
+    hanging the suite."""
+
+    def hung(*_: object) -> None:
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_as_presets_file_is_refused_without_waiting(tmp_path):
+    path = tmp_path / "presets.json"
+    os.mkfifo(path)
+    with (
+        hang_guard(),
+        pytest.raises(StarflowError, match=f"^sampling presets {path}: is not a regular file$"),
+    ):
+        load_presets(path)
+
+
+def test_a_fifo_as_graph_file_is_refused_without_waiting(demo_export, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(demo_export, export)
+    manifest = Manifest.load(export, verify_files=False)
+    graph = manifest.graphs[0]
+    (export / graph.file).unlink()
+    os.mkfifo(export / graph.file)
+    with hang_guard(), pytest.raises(StarflowError, match=f"^graph {graph.name}: .*is not a regular file$"):
+        manifest.verify_files(export)

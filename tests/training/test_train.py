@@ -18,7 +18,7 @@ from starflow import load_model
 from starflow.cli.main import app
 from starflow.core.errors import StarflowError
 from starflow.training.data import LatentShards, image_folder_dataset
-from starflow.training.train import TrainOptions, checkpoints, consolidate, train
+from starflow.training.train import TrainOptions, checkpoints, consolidate, latest_checkpoint, train
 
 TINY = dict(
     channel_size=1, img_size=8, patch_size=1, channels=32, layers_per_block=[1, 1], head_dim=32,
@@ -101,6 +101,22 @@ def test_resume_skips_an_incomplete_checkpoint_and_a_torn_log_line(
     before, after = load_file(single_run / "model.safetensors"), load_file(run / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert losses(run) == losses(single_run)
+
+
+def test_resume_skips_a_checkpoint_whose_state_file_is_truncated(single_run: Path, tmp_path: Path) -> None:
+    """A truncated starflow.json (a copy cut short) makes that checkpoint incomplete, not the
+    run's end: resume takes the one before with a warning, and the pruning after a save (which
+    lists the complete checkpoints) goes on."""
+    run = tmp_path / "run"
+    shutil.copytree(single_run / "checkpoints", run / "checkpoints")
+    state = run / "checkpoints" / "step_0000004" / "starflow.json"
+    state.write_bytes(state.read_bytes()[:20])
+    assert [c.name for c in checkpoints(run)] == ["step_0000002"]
+    with pytest.warns(
+        UserWarning,
+        match=r"step_0000004: incomplete \(unreadable starflow.json \(.*resuming from step_0000002",
+    ):
+        assert latest_checkpoint(run).name == "step_0000002"
 
 
 def test_a_full_disk_while_saving_is_one_error_and_leaves_no_partial(
