@@ -8,9 +8,9 @@ The rules, for every file and folder starflow writes:
   (mkstemp/mkdtemp: O_CREAT|O_EXCL|O_NOFOLLOW, so a planted name or link is never written
   through, and two writers, threads or processes, never share one), flushed to disk (fsync),
   then renamed over NAME; on failure it is removed.
-- a partial whose process was killed is removed by the next run that writes there
-  (`remove_stale`): only when it was made on this host and pid namespace and its pid is gone,
-  so the partial of a live concurrent writer is never touched.
+- a partial whose process was killed is removed by the next write of that name (`remove_stale`,
+  called by every writer here): only when it was made on this host and pid namespace and its
+  pid is gone, so the partial of a live concurrent writer is never touched.
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def _alive(pid: int) -> bool:
 def remove_stale(directory: Path, name: str | None = None) -> None:
     """Remove the partials in `directory` (of `name`, or of any name) whose process is gone."""
     host = _host()
+    prefix = "." if name is None else f".{name}.partial-"  # every write calls this: a cheap test first
     try:
-        entries = list(os.scandir(directory))
+        entries = [e for e in os.scandir(directory) if e.name.startswith(prefix)]
     except OSError:
         return  # nothing to clean where nothing can be listed; the write itself reports the place
     for entry in entries:
@@ -141,6 +142,7 @@ def atomic_file(path: str | Path, what: str | None = None) -> Iterator[BinaryIO]
     """A new binary file that replaces `path` once the block succeeds; removed if it fails."""
     path = Path(path)
     check_target(path, what)
+    remove_stale(path.parent, path.name)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=partial_prefix(path))
     tmp = Path(name)
     try:
@@ -161,6 +163,7 @@ def atomic_path(path: str | Path, what: str | None = None) -> Iterator[Path]:
     name exists already (empty, ours alone); whatever the block leaves there replaces `path`."""
     path = Path(path)
     check_target(path, what)
+    remove_stale(path.parent, path.name)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=partial_prefix(path))
     os.close(fd)
     tmp = Path(name)
@@ -195,7 +198,9 @@ def staged_folder(path: Path, what: str | None = None) -> Iterator[Path]:
 
 def replace_folder(staged: Path, path: Path, what: str | None = None) -> None:
     """Move the finished `staged` folder to `path` whole, its files flushed first; a folder already
-    at `path` is moved aside and removed after (a reader sees the old folder or the new one)."""
+    at `path` is moved aside into a partial and removed after. Two renames, not one exchange: a
+    reader sees the old folder, no folder (between them), or the new one, never a mix; a kill
+    between them leaves the old folder only inside that partial, which the next run deletes."""
     check_target(path, what, folder=True)
     for file in staged.iterdir():
         fsync_path(file)

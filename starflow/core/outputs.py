@@ -31,7 +31,7 @@ from starflow.core.atomic import (
     check_target,
     fsync_path,
     partial_folder,
-    remove_stale,
+    partial_prefix,
 )
 from starflow.core.errors import StarflowError
 
@@ -65,8 +65,7 @@ def from_unit_images(images: np.ndarray) -> np.ndarray:
 def output_kind(path: Path) -> str:
     """'png' (grid), 'npy' or 'dir' (one PNG per image); the place must be writable, checked
     before any work by creating (and removing) a temporary file there, and a file output absent
-    or a regular file (`check_target`: not a symlink or a device). The partials of earlier writes
-    there whose process was killed are removed."""
+    or a regular file (`check_target`: not a symlink or a device)."""
     return _destination_kind(
         path, SUFFIXES, "a .png (grid), a .npy (N, H, W, C) array, or a folder (one PNG per image)"
     )
@@ -96,7 +95,6 @@ def _destination_kind(path: Path, suffixes: tuple[str, ...], expected: str) -> s
         check_output_file(path, f"out {path}")
     else:
         check_writable(path.parent, f"out {path}")
-    remove_stale(path.parent, path.name)
     return path.suffix[1:] if path.suffix else "dir"
 
 
@@ -112,7 +110,8 @@ def check_writable(directory: Path, what: str) -> None:
     if not directory.is_dir():
         raise StarflowError(f"{what}: directory {directory} does not exist")
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".starflow-probe-"):
+        # named as a partial: one a killed process leaves is removed like any other
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=partial_prefix(directory / "starflow-probe")):
             pass
     except OSError as err:
         raise StarflowError(f"{what}: cannot write in {directory} ({err.strerror or err})") from None
@@ -269,7 +268,7 @@ def _mp4(iio: ModuleType, target: Path | str, frames: Iterator[np.ndarray], fps:
     """H.264 in an MP4 container, to a file or (target "<bytes>") returned as bytes."""
     return iio.imwrite(
         target, frames, is_batch=True, plugin="FFMPEG", extension=".mp4", fps=fps, codec="libx264",
-        pixelformat="yuv420p", macro_block_size=1, output_params=["-f", "mp4"],  # a tmp file ends in .tmp
+        pixelformat="yuv420p", macro_block_size=1, output_params=["-f", "mp4"],  # no suffix on a partial
     )  # fmt: skip
 
 

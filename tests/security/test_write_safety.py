@@ -178,7 +178,7 @@ WRITER = textwrap.dedent(
 
 def test_a_killed_writers_partials_go_and_a_live_ones_stay(tmp_path: Path) -> None:
     """An export's staging folder and an atomic write's temporary file, of a killed process and
-    of a live one: the next export and the next output check remove the first two only."""
+    of a live one: the next export and the next write of that file remove the first two only."""
     from starflow.export.onnx import staging_directory
 
     def writer(mode: str) -> subprocess.Popen:
@@ -197,9 +197,48 @@ def test_a_killed_writers_partials_go_and_a_live_ones_stay(tmp_path: Path) -> No
         alive = {p.name for p in tmp_path.iterdir()} - dead
         assert len(alive) == 2, alive
         with staging_directory(tmp_path / "artifacts"):
-            outputs.output_kind(tmp_path / "grid.png")
+            outputs.save_text(tmp_path / "grid.png", "")
             left = {p.name for p in tmp_path.iterdir()}
         assert left & dead == set() and alive <= left
     finally:
         live.kill()
         live.wait()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_a_dead_writers_partial_beside_a_target_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    from starflow.core.atomic import PARTIAL, partial_prefix
+
+    target = tmp_path / "report.txt"
+    live = tmp_path / (partial_prefix(target) + "live0001")  # this process's: never removed
+    dead = tmp_path / partial_prefix(target).replace(f"-{os.getpid()}-", f"-{dead_pid()}-")
+    dead = dead.with_name(dead.name + "dead0001")
+    for partial in (live, dead):
+        assert PARTIAL.fullmatch(partial.name)
+        partial.write_text("half")
+    outputs.save_text(target, "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, target.name])
+
+
+def test_the_writability_probe_is_named_as_a_partial(tmp_path: Path, monkeypatch) -> None:
+    """A probe left by a killed process is then removed by the next run like any partial (a bulk
+    run's check that its folder is empty would otherwise fail on it)."""
+    from starflow.core.atomic import PARTIAL
+
+    made = []
+    named_temporary_file = outputs.tempfile.NamedTemporaryFile
+
+    def recording(*args, **kwargs):
+        probe = named_temporary_file(*args, **kwargs)
+        made.append(Path(probe.name).name)
+        return probe
+
+    monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", recording)
+    outputs.check_writable(tmp_path, "out")
+    assert len(made) == 1 and PARTIAL.fullmatch(made[0]), made
