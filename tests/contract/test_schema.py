@@ -21,8 +21,9 @@ def test_the_schema_version_is_written_once() -> None:
     """The schemas carry the Python constant; libstarflow reads it from the schema file, not a literal."""
     assert schema(MANIFEST_NAME)["properties"]["schema_version"]["const"] == SCHEMA_VERSION
     assert schema(RECORD_NAME)["properties"]["schema_version"]["const"] == SCHEMA_VERSION
-    cmake = (ROOT / "runtime" / "cpp" / "CMakeLists.txt").read_text()
-    assert "properties schema_version const" in cmake
+    cmake = ROOT / "runtime" / "cpp" / "cmake" / "StarflowSchemaVersion.cmake"  # both projects include it
+    assert "properties schema_version const" in cmake.read_text()
+    assert cmake.name in (ROOT / "runtime" / "cpp" / "CMakeLists.txt").read_text()
     header = (ROOT / "runtime" / "cpp" / "src" / "manifest.hpp").read_text()
     assert re.search(r"kSchemaVersion = STARFLOW_SCHEMA_VERSION;", header)
 
