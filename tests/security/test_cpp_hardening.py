@@ -144,7 +144,10 @@ LOADER_CASES = [
         "fifo-as-record", "record.json beside it", "record.json beside it", lambda d: _fifo(d, RECORD_NAME)
     ),
     LoaderCase(
-        "fifo-as-graph", "is missing", "a FIFO, not a regular file", lambda d: _fifo(d, _graph_file(d))
+        "fifo-as-graph",
+        "is missing",
+        "a device or other special file, not a regular file",
+        lambda d: _fifo(d, _graph_file(d)),
     ),
     LoaderCase(
         "blocks-name-each-others-graphs",
@@ -221,6 +224,33 @@ def test_token_ids_outside_the_vocabulary_and_masks_not_0_or_1_are_refused(
     args += ["--token-ids", tmp_path / "ids.npy", "--attention-mask", tmp_path / "mask.npy", "--threads", "1"]
     assert_one_line_error(starflow_run(build, *args, "--out", tmp_path / "out.npy"), phrase)
     assert not (tmp_path / "out.npy").exists()
+
+
+@BUILDS
+@pytest.mark.parametrize("bad_id", [2**63 - 1, 2**31, -1])
+def test_a_tokenizer_id_outside_int32_is_refused_naming_the_token(demo_export, tmp_path, build, bad_id):
+    """tokenizer.json's ids size the vocabulary (the largest id + 1): an id of 2**63 - 1 would overflow
+    that sum (UBSan's report, or a vocabulary of nothing), a negative one means nothing; refused."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(demo_export, export)
+    tokenizer = json.loads((export / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["3"] = bad_id
+    (export / "tokenizer.json").write_text(json.dumps(tokenizer))
+    data = (export / "tokenizer.json").read_bytes()
+    _edit_fields(
+        export,
+        lambda manifest: manifest["files"][0].update(
+            sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)
+        ),
+    )
+    args = ["--tokenize", "--artifacts", export, "--prompt", "3", "--out", tmp_path / "ids.npy"]
+    result = starflow_run(build, *args, timeout=30)
+    assert_one_line_error(
+        result, f"tokenizer.json: token '3' has id {bad_id}; expected an id from 0 to 2147483647"
+    )
+    assert not (tmp_path / "ids.npy").exists()
 
 
 # ---- strict options, checked before the export is read --------------------------------------------------
@@ -316,7 +346,7 @@ def _special_files(tmp_path: Path) -> None:
         ),
         (
             ("--noise", "n.npy", "--out", "fifo.npy"),
-            "--out {tmp}/fifo.npy: is a FIFO; expected a new name or a regular file",
+            "--out {tmp}/fifo.npy: is a device or other special file; expected a new name or a regular file",
         ),
         (
             ("--prompt", "3", "--out", "grid.png", "--stats", "link.npy"),
@@ -358,7 +388,7 @@ def test_a_special_file_at_the_target_is_refused_not_replaced(demo_export, tmp_p
         targets.append("full.npy")
     args = ["--artifacts", demo_export, "--prompt", "3", "--threads", "1", "--seed", "1"]
     for target in targets:
-        kind = {"link.npy": "a symbolic link", "fifo.npy": "a FIFO", "full.npy": "a device"}[target]
+        kind = "a symbolic link" if target == "link.npy" else "a device or other special file"
         assert_one_line_error(starflow_run(build, *args, "--out", tmp_path / target), f"is {kind}")
     assert (tmp_path / "victim.npy").read_bytes() == b"keep"
     assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo.npy").st_mode)
@@ -458,3 +488,73 @@ def test_a_folder_of_pngs_on_a_full_disk_is_whole_or_nothing(demo_export, tmp_pa
         assert_one_line_error(result, f"--out {disk / 'digits'}: nothing was written (")
         assert "No space left on device" in result.stderr and ".partial-" not in result.stderr
         assert list(disk.iterdir()) == []
+
+
+def test_a_folder_reached_through_a_link_is_written_into(demo_export, tmp_path):
+    """As the Python writer: only a link as the target itself is refused; `--out results` may be a
+    link to a folder on a bigger disk, and the PNGs go into that folder."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "results").symlink_to(tmp_path / "disk")
+    args = ["--artifacts", demo_export, "--prompt", "3", "--threads", "1", "--no-denoise", "--max-iter", "1"]
+    result = starflow_run(BUILD, *args, "--out", tmp_path / "results")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "results").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["0000-3.png"]
+
+
+def test_a_folder_of_pngs_that_fails_keeps_the_latents_file_that_was_there(demo_export, tmp_path):
+    """The PNGs are made (staged) before --latents-out is written: when a picture cannot be written
+    (NaN pixels here), the user's existing latents file is left as it was, not replaced or removed."""
+    (tmp_path / "latents.npy").write_bytes(b"keep")
+    args = [
+        "--artifacts",
+        demo_export,
+        "--prompt",
+        "3",
+        "--guidance",
+        "1e38",
+        "--max-iter",
+        "2",
+        "--threads",
+        "1",
+    ]
+    args += ["--no-denoise", "--no-check-finite", "--latents-out", tmp_path / "latents.npy"]
+    result = starflow_run(BUILD, *args, "--out", tmp_path / "digits")
+    assert_one_line_error(result, "pixel values that are NaN or inf, which a PNG cannot hold")
+    assert (tmp_path / "latents.npy").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.npy"]
+
+
+def test_writers_racing_to_create_one_folder_all_land_in_it(tmp_path):
+    """8 threads stage a folder for one new path and place it at once: the first rename makes the
+    folder, the others find it made (ENOTEMPTY) and move their files in, as the Python writer does."""
+    library = ctypes.CDLL(str(built(BUILD) / "libstarflow.so"))
+    library.sf_output_stage_folder.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+    library.sf_output_stage_folder.restype = ctypes.c_void_p
+    library.sf_output_place_folder.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    library.sf_output_place_folder.restype = ctypes.c_void_p
+    library.sf_status_message.restype = ctypes.c_char_p
+    library.sf_status_message.argtypes = [ctypes.c_void_p]
+    out = str(tmp_path / "out").encode()
+    staged = []
+    for i in range(8):
+        name = ctypes.create_string_buffer(4096)
+        assert library.sf_output_stage_folder(out, name, 4096) is None
+        (Path(name.value.decode()) / f"{i}.png").write_bytes(b"png")
+        staged.append(name.value)
+    start, errors = threading.Barrier(len(staged)), []
+
+    def place(folder: bytes) -> None:
+        start.wait()
+        status = library.sf_output_place_folder(folder, out)
+        if status:
+            errors.append(library.sf_status_message(status).decode())
+
+    threads = [threading.Thread(target=place, args=(folder,)) for folder in staged]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{i}.png" for i in range(8))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

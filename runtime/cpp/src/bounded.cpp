@@ -28,7 +28,7 @@ class BoundedBuilder : public DomBuilder {
   bool end_array() { return --depth_, DomBuilder::end_array(); }
   bool key(std::string& value) { return check_string(value), DomBuilder::key(value); }
   bool string(std::string& value) { return check_string(value), DomBuilder::string(value); }
-  bool number_unsigned(std::uint64_t value) {  // only past int64 (smaller ones are number_integer)
+  bool number_unsigned(std::uint64_t value) {  // every non-negative integer (negative ones: number_integer)
     if (value > static_cast<std::uint64_t>(INT64_MAX)) fail(std::to_string(value) + " is an integer outside int64");
     return DomBuilder::number_unsigned(value);
   }

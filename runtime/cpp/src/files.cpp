@@ -12,7 +12,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "tensor.hpp"
@@ -22,15 +24,34 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string quoted(const std::string& path) { return "'" + path + "'"; }
-
-// What a non-regular file is, for messages (st_mode of lstat).
+// What a non-regular file is, for messages (st_mode of lstat), in starflow.core.atomic.check_target's words.
 std::string kind_of(mode_t mode) {
   if (S_ISLNK(mode)) return "a symbolic link";
   if (S_ISDIR(mode)) return "a directory";
   if (S_ISREG(mode)) return "a file";
-  if (S_ISFIFO(mode)) return "a FIFO";
-  return "a device or other special file";
+  return "a device or other special file";  // a FIFO, a socket, a character or block device
+}
+
+// The folders of stage_folder not yet placed: this process's alone, so a file in one is written in place.
+std::mutex staging_lock;
+std::set<fs::path> staging;
+
+bool is_staged(const fs::path& folder) {
+  std::lock_guard<std::mutex> hold(staging_lock);
+  return staging.count(folder) > 0;
+}
+
+// `data` to `fd` and on disk; the reason it failed ("" when it did not). `fd` is closed.
+std::string write_and_close(int fd, const std::string& data) {
+  std::string reason;
+  for (std::size_t done = 0; done < data.size() && reason.empty();) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno != EINTR) reason = std::strerror(errno);
+    if (n > 0) done += static_cast<std::size_t>(n);
+  }
+  if (reason.empty() && ::fsync(fd) != 0) reason = std::strerror(errno);
+  if (::close(fd) != 0 && reason.empty()) reason = std::strerror(errno);
+  return reason;
 }
 
 // This host and pid namespace, hashed as starflow.core.atomic._host hashes them: a pid means
@@ -82,6 +103,13 @@ void remove_stale(const fs::path& directory, const std::string& name) {
   }
 }
 
+// A folder's target: check_target's, where a link to a folder is also a folder to write into
+// (`--out results` on a bigger disk), as the Python writer takes it.
+void check_folder_target(const fs::path& target, const std::string& what) {
+  std::error_code error;
+  if (!fs::is_directory(target, error)) check_target(target.string(), what, true);
+}
+
 void fsync_folder(const fs::path& folder) {
   int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return;
@@ -90,6 +118,8 @@ void fsync_folder(const fs::path& folder) {
 }
 
 }  // namespace
+
+std::string quoted(const std::string& text) { return "'" + text + "'"; }
 
 RegularFile::RegularFile(const std::string& path) {
   // O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one
@@ -141,7 +171,8 @@ void check_output(const std::string& path, const std::string& what, bool folder)
   const fs::path parent = folder_of(target);
   std::error_code error;
   if (!fs::is_directory(parent, error)) throw Error(what + ": directory " + parent.string() + " does not exist");
-  check_target(target.string(), what, folder);
+  if (folder) check_folder_target(target, what);
+  else check_target(target.string(), what);
   const fs::path probe = partial_name(target);  // a partial's name: a killed run's probe is swept like one
   int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) throw Error(what + ": cannot write in " + parent.string() + " (" + std::strerror(errno) + ")");
@@ -152,6 +183,14 @@ void check_output(const std::string& path, const std::string& what, bool folder)
 void write_atomically(const std::string& path, const std::string& data) {
   const fs::path target(path);
   const std::string what = "cannot write " + quoted(path);
+  if (is_staged(folder_of(target))) {  // a new file in our own staged folder: no one else writes there
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+    if (fd < 0) throw Error(what + ": " + std::strerror(errno));
+    const std::string reason = write_and_close(fd, data);
+    if (reason.empty()) return;
+    ::unlink(path.c_str());
+    throw Error(what + ": " + reason);
+  }
   check_target(path, what);
   remove_stale(folder_of(target), target.filename().string());
   fs::path temporary;
@@ -162,14 +201,7 @@ void write_atomically(const std::string& path, const std::string& data) {
     if (fd < 0 && errno != EEXIST) throw Error(what + ": " + std::strerror(errno));
   }
   if (fd < 0) throw Error(what + ": no free temporary name beside it");
-  std::string reason;
-  for (std::size_t done = 0; done < data.size() && reason.empty();) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno != EINTR) reason = std::strerror(errno);
-    if (n > 0) done += static_cast<std::size_t>(n);
-  }
-  if (reason.empty() && ::fsync(fd) != 0) reason = std::strerror(errno);
-  if (::close(fd) != 0 && reason.empty()) reason = std::strerror(errno);
+  std::string reason = write_and_close(fd, data);
   if (reason.empty()) {
     try {
       check_target(path, what);  // again: the place may have changed meanwhile
@@ -188,50 +220,55 @@ void write_atomically(const std::string& path, const std::string& data) {
 
 std::string stage_folder(const std::string& path, const std::string& what) {
   const fs::path target = fs::path(path).has_filename() ? fs::path(path) : fs::path(path).parent_path();
-  check_target(target.string(), what, true);
+  check_folder_target(target, what);
   remove_stale(folder_of(target), target.filename().string());
   for (int attempt = 0; attempt < 100; ++attempt) {
     const fs::path staged = partial_name(target);
-    if (::mkdir(staged.c_str(), 0777) == 0) return staged.string();  // 0777 less the umask, as mkdir
+    if (::mkdir(staged.c_str(), 0777) == 0) {  // 0777 less the umask, as mkdir
+      std::lock_guard<std::mutex> hold(staging_lock);
+      staging.insert(staged);
+      return staged.string();
+    }
     if (errno != EEXIST) throw Error(what + ": cannot create a folder beside it (" + std::strerror(errno) + ")");
   }
   throw Error(what + ": no free folder name beside it");
 }
 
 void place_folder(const std::string& staged, const std::string& path, const std::string& what) {
+  {
+    std::lock_guard<std::mutex> hold(staging_lock);
+    staging.erase(fs::path(staged));
+  }
   const fs::path target = fs::path(path).has_filename() ? fs::path(path) : fs::path(path).parent_path();
   std::vector<fs::path> files;
   std::error_code error;
   for (const fs::directory_entry& file : fs::directory_iterator(staged, error)) files.push_back(file.path());
   std::size_t moved = 0;
   std::string reason = error ? error.message() : "";
+  bool into = false;  // the files moved into a folder there, one by one
   try {
-    if (reason.empty() && fs::is_directory(target, error)) {
+    into = reason.empty() && fs::is_directory(target, error);
+    if (reason.empty() && !into) {
+      check_target(target.string(), what, true);
+      fsync_folder(staged);  // its files were fsynced as write_atomically wrote them
+      if (std::rename(staged.c_str(), target.c_str()) == 0) moved = files.size();
+      else if (errno == ENOTEMPTY || errno == EEXIST) into = true;  // another writer has just made the folder
+      else reason = std::strerror(errno);
+    }
+    if (into) {
       for (const fs::path& file : files) check_target((target / file.filename()).string(), what + "/" + file.filename().string());
-      for (const fs::path& file : files) {  // on disk before they are moved in
-        RegularFile written(file.string());
-        ::fsync(written.fd());
-      }
       for (; moved < files.size(); ++moved)
         if (std::rename(files[moved].c_str(), (target / files[moved].filename()).c_str()) != 0) {
           reason = std::strerror(errno);
           break;
         }
-    } else if (reason.empty()) {
-      check_target(target.string(), what, true);
-      for (const fs::path& file : files) {
-        RegularFile written(file.string());
-        ::fsync(written.fd());
-      }
-      if (std::rename(staged.c_str(), target.c_str()) != 0) reason = std::strerror(errno);
-      else moved = files.size();
     }
   } catch (const Error&) {
     fs::remove_all(staged, error);
     throw;
   }
   fs::remove_all(staged, error);
-  fsync_folder(folder_of(target));
+  fsync_folder(into ? target : folder_of(target));
   if (reason.empty()) return;
   if (moved == 0) throw Error(what + ": cannot put the folder in place (" + reason + "); nothing was written");
   throw Error(what + ": " + std::to_string(moved) + " of " + std::to_string(files.size()) +

@@ -11,6 +11,9 @@
 
 namespace starflow::native {
 
+// `text` in single quotes, as messages show a path or a token.
+std::string quoted(const std::string& text);
+
 // An open, readable descriptor of `path`, a regular file (symbolic links followed), closed with the object.
 class RegularFile {
  public:
@@ -29,20 +32,25 @@ class RegularFile {
 // `path`'s bytes (a regular file of at most `limit` bytes).
 std::string read_file(const std::string& path, std::size_t limit);
 
-// `path` absent or a regular file (`folder`: absent or a folder), else an Error naming `what`.
+// `path` absent or a regular file (`folder`: absent or a folder, not a link to one), else an Error
+// naming `what` (a FIFO or a device: "is a device or other special file", as the Python writer says).
 void check_target(const std::string& path, const std::string& what, bool folder = false);
-// check_target, and `path`'s folder exists and takes a new file (one is created and removed).
+// check_target, and `path`'s folder exists and takes a new file (one is created and removed); a
+// `folder` may also be a link to a folder (`--out results` on a bigger disk): its files go in there.
 void check_output(const std::string& path, const std::string& what, bool folder = false);
 // `data` into a new hidden sibling of `path` (".NAME.partial-PID-HOST-RANDOM", O_CREAT|O_EXCL|
 // O_NOFOLLOW, the permissions a plain open gives), fsynced, renamed over `path`, its folder fsynced;
-// the sibling removed on any failure.
+// the sibling removed on any failure. Inside a folder of stage_folder's not yet placed (ours alone),
+// `path` is a new file there: created (O_CREAT|O_EXCL|O_NOFOLLOW) and fsynced, with no sweep or
+// rename per file (place_folder makes the folder whole at once).
 void write_atomically(const std::string& path, const std::string& data);
 // A new hidden folder beside `path` (named as write_atomically's partials) to build a folder of
 // outputs in, after removing `path`'s partials whose process is gone.
 std::string stage_folder(const std::string& path, const std::string& what);
-// The finished `staged` folder to `path`: renamed into place whole, or, when `path` is a folder, its
-// files moved in (same-named regular files replaced; anything else at a name refused before any
-// file moves). `staged` is removed in every case; errors say what `path` holds.
+// The finished `staged` folder to `path`: renamed into place whole when `path` does not exist; when
+// it is a folder (or a link to one, or another writer made it meanwhile), its files are moved in one
+// by one (same-named regular files replaced; anything else at a name refused before any file moves).
+// `staged` is removed in every case; errors say what `path` holds.
 void place_folder(const std::string& staged, const std::string& path, const std::string& what);
 
 }  // namespace starflow::native

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <thread>
 
+#include "files.hpp"
+
 namespace starflow::native {
 namespace {
 
@@ -19,8 +21,6 @@ std::string directory_of_this_library() {
   auto slash = path.rfind('/');
   return slash == std::string::npos ? "." : path.substr(0, slash);
 }
-
-std::string quoted(const std::string& text) { return "'" + text + "'"; }
 
 ONNXTensorElementDataType element_type(DType dtype) {
   switch (dtype) {

@@ -2,6 +2,7 @@
 #include "pipeline.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -23,17 +24,26 @@ Sequence as_sequence(const Tensor& t) {
   return s;
 }
 
-constexpr std::size_t kMaxTokenizerBytes = 256u << 20;  // mT5's and UMT5's tokenizer.json are ~20 MB
+// A token's id in tokenizer.json (`path`): 0 .. INT32_MAX, as the tokenizers library keeps them (u32,
+// and an encoder's ids are int32 or int64), so the vocabulary's size never overflows.
+int64_t token_id(const json& id, const std::string& token, const std::string& path) {
+  const int64_t value = id.get<int64_t>();
+  if (value < 0 || value > INT32_MAX)
+    throw Error(path + ": token " + quoted(token) + " has id " + std::to_string(value) + "; expected an id from 0 to " +
+                std::to_string(INT32_MAX));
+  return value;
+}
 
-// The ids a tokenizer.json gives, [0, size): its model's vocabulary (an object of ids, or Unigram's
-// list of pieces) and its added tokens.
-int64_t vocabulary_size(const json& tokenizer) {
+// The ids a tokenizer.json (`path`) gives, [0, size): its model's vocabulary (an object of ids, or
+// Unigram's list of pieces) and its added tokens.
+int64_t vocabulary_size(const json& tokenizer, const std::string& path) {
   const json& vocab = tokenizer.at("model").at("vocab");
   int64_t size = vocab.is_array() ? static_cast<int64_t>(vocab.size()) : 0;
   if (vocab.is_object())
-    for (const auto& [token, id] : vocab.items()) size = std::max(size, id.get<int64_t>() + 1);
+    for (const auto& [token, id] : vocab.items()) size = std::max(size, token_id(id, token, path) + 1);
   if (tokenizer.contains("added_tokens"))
-    for (const json& added : tokenizer.at("added_tokens")) size = std::max(size, added.at("id").get<int64_t>() + 1);
+    for (const json& added : tokenizer.at("added_tokens"))
+      size = std::max(size, token_id(added.at("id"), added.value("content", ""), path) + 1);
   return size;
 }
 
@@ -291,24 +301,24 @@ Pipeline::Pipeline(const std::string& directory, const LoadSettings& settings)
        {manifest_.text_component ? std::optional(manifest_.text_component->graph) : std::nullopt,
         manifest_.denoise_graph, manifest_.decoder_graph})
     if (graph) components_[*graph] = open(manifest_.graph(*graph));
-  if (manifest_.text_component) {  // tokenizer.json: the ids the text encoder takes, and a label table's
-    std::string path = manifest_.path(manifest_.text_component->tokenizer);
+  if (manifest_.text_component) {  // tokenizer.json, read once: the ids the text encoder takes, a label table's
+    const TextComponent& c = *manifest_.text_component;
+    std::string path = manifest_.path(c.tokenizer);
     json tokenizer = parse_json(read_file(path, kMaxTokenizerBytes), path, kMaxTokenizerBytes);
     try {
-      vocabulary_size_ = vocabulary_size(tokenizer);
-      if (manifest_.text_component->kind == "label-table")
+      vocabulary_size_ = vocabulary_size(tokenizer, path);
+      if (c.kind == "label-table")
         for (const auto& [token, id] : tokenizer.at("model").at("vocab").items()) vocabulary_[token] = id.get<int64_t>();
     } catch (const json::exception& err) {
       throw Error("text encoder: cannot read the vocabulary in " + path + ": " + err.what());
     }
-  }
-  if (manifest_.text_component && manifest_.text_component->sentencepiece) {
-    const TextComponent& c = *manifest_.text_component;
-    try {
-      tokenizer_ = std::make_unique<Tokenizer>(manifest_.path(*c.sentencepiece), manifest_.path(c.tokenizer),
-                                               c.token_length, c.pad_id);
-    } catch (const Error& err) {  // prompts only: token ids and embeddings still work
-      tokenizer_refused_ = err.what();
+    if (c.sentencepiece) {
+      try {
+        tokenizer_ = std::make_unique<Tokenizer>(manifest_.path(*c.sentencepiece), path, tokenizer, c.token_length,
+                                                 c.pad_id);
+      } catch (const Error& err) {  // prompts only: token ids and embeddings still work
+        tokenizer_refused_ = err.what();
+      }
     }
   }
 }

@@ -19,8 +19,6 @@ namespace {
 
 constexpr std::size_t kMaxTensorBytes = std::size_t{1} << 36;  // 64 GiB: past that a shape is a typo
 
-std::string quoted(const std::string& path) { return "'" + path + "'"; }
-
 }  // namespace
 
 namespace {

@@ -8,13 +8,10 @@
 #include <openssl/evp.h>
 #include <sentencepiece_processor.h>
 
-#include "bounded.hpp"
-
 namespace starflow::native {
 namespace {
 
 using json = nlohmann::json;
-constexpr std::size_t kMaxFileBytes = 256u << 20;  // mT5's and UMT5's tokenizer.json are ~20 MB
 
 // UTF-8 as Python's str.encode writes it (no overlong forms, no surrogates, at most U+10FFFF): the
 // only prompts the Python runtime can be given, and what the SentencePiece model reads.
@@ -84,18 +81,17 @@ bool prepends_to_every_word(const json& p) {
 
 }  // namespace
 
-Tokenizer::Tokenizer(const std::string& model_path, const std::string& tokenizer_path, int64_t length,
-                     int64_t pad_id)
+Tokenizer::Tokenizer(const std::string& model_path, const std::string& tokenizer_path, const json& doc,
+                     int64_t length, int64_t pad_id)
     : model_(std::make_unique<sentencepiece::SentencePieceProcessor>()),
       model_path_(model_path),
       length_(length),
       pad_id_(pad_id) {
-  auto status = model_->LoadFromSerializedProto(read_file(model_path, kMaxFileBytes));
+  auto status = model_->LoadFromSerializedProto(read_file(model_path, kMaxTokenizerBytes));
   if (!status.ok()) throw Error(model_path + ": not a SentencePiece model (" + status.ToString() + ")");
   const std::string refused = "; libstarflow tokenizes with a SentencePiece model arranged as T5's only "
                               "(pass token ids instead: sf_pipeline_encode_tokens, starflow-run --token-ids)";
   auto fail = [&](const std::string& what) { throw Error(tokenizer_path + ": " + what + refused); };
-  json doc = parse_json(read_file(tokenizer_path, kMaxFileBytes), tokenizer_path, kMaxFileBytes);
   try {
     // the vocabulary: the model's pieces, ids and scores, then added tokens only (T5's sentinels)
     const json& model = doc.at("model");

@@ -19,11 +19,14 @@
 // add the template's tokens, pad to token_length on its padding side (mask 0 there).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 #include "tensor.hpp"
 
@@ -33,10 +36,14 @@ class SentencePieceProcessor;
 
 namespace starflow::native {
 
+constexpr std::size_t kMaxTokenizerBytes = 256u << 20;  // tokenizer.json, spiece.model: mT5's and UMT5's are ~20 MB
+
 class Tokenizer {
  public:
+  // `document`: tokenizer.json as the Pipeline read it (parse_json, at most kMaxTokenizerBytes).
   // Errors name the file: unreadable, not a SentencePiece model, or not arranged as above.
-  Tokenizer(const std::string& model_path, const std::string& tokenizer_path, int64_t length, int64_t pad_id);
+  Tokenizer(const std::string& model_path, const std::string& tokenizer_path, const nlohmann::json& document,
+            int64_t length, int64_t pad_id);
   ~Tokenizer();
   // (input_ids, attention_mask), int64 (B, length). Refuses a prompt that is not valid UTF-8.
   std::pair<Tensor, Tensor> encode(const std::vector<std::string>& prompts) const;

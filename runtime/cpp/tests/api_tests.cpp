@@ -185,8 +185,6 @@ int main(int argc, char** argv) {
   expect_error("guidance past float32", sf_sampling_set_guidance(sampling, 1e39),
                "guidance: must be a finite number >= 0 within float32's range, got 1e+39");
   expect_error("threshold past float32", sf_sampling_set_threshold(sampling, 1e39), "within float32's range");
-  expect_ok("check finite off", sf_sampling_set_check_finite(sampling, 0));
-  expect_ok("check finite on", sf_sampling_set_check_finite(sampling, 1));
   expect_error("NaN pixels as a PNG", sf_image_save_png(tensor(SF_FLOAT32, {1, 2, 2, 1}, NAN), 0, "/tmp/never.png"),
                "4 pixel values that are NaN or inf, which a PNG cannot hold");
   expect_error("output over a device", sf_output_check("/dev/null", 0), "/dev/null: is a device or other special file");

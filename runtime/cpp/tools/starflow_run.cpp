@@ -110,7 +110,9 @@ range (--num-images, --block-size, --max-iter 1 .. 1048576; --threads 1 .. 1024;
 --frames, --window, --context 1 .. 65536; --seed 0 .. 2**64-1), numbers finite within float32's
 range, and every output path (its folder exists and takes a file; the path is absent or a regular
 file, never a symbolic link or a device). Outputs are written as libstarflow writes every file
-(starflow.h: a hidden partial beside it, flushed, renamed; a folder of PNGs moved in whole).
+(starflow.h: a hidden partial beside it, flushed, renamed); a folder of PNGs is made in a hidden
+folder beside it, then renamed into place whole when --out does not exist, or its files moved one
+by one into an existing --out folder.
 )";
 
 struct Arguments {
@@ -448,10 +450,11 @@ int tokenize(const Arguments& args) {
 }
 
 // PNGs written as starflow.core.outputs writes a folder: into a hidden sibling folder first
-// (sf_output_stage_folder), so a failure (a full disk) leaves nothing in `out`; it is moved into
-// place whole by sf_output_place_folder. `picture(i)` is the i-th file's name and picture.
-void write_pngs(const std::string& out, int64_t count,
-                const std::function<std::pair<std::string, starflow::Tensor>(int64_t)>& picture) {
+// (sf_output_stage_folder), so a failure (a full disk) leaves nothing in `out`; the caller places it
+// (sf_output_place_folder: renamed whole when `out` does not exist, else its files moved into `out`
+// one by one). `picture(i)` is the i-th file's name and picture; returns the staged folder.
+std::string stage_pngs(const std::string& out, int64_t count,
+                       const std::function<std::pair<std::string, starflow::Tensor>(int64_t)>& picture) {
   char staged[PATH_MAX];
   starflow::check(sf_output_stage_folder(out.c_str(), staged, sizeof staged));
   try {
@@ -467,7 +470,7 @@ void write_pngs(const std::string& out, int64_t count,
       reason.replace(at, std::strlen(staged), out);
     throw starflow::Error("--out " + out + ": nothing was written (" + reason + ")");
   }
-  starflow::check(sf_output_place_folder(staged, out.c_str()));
+  return staged;
 }
 
 // --shallow-jacobi BLOCK_SIZE,MAX_ITER,THRESHOLD[,INIT], each part checked as its own flag's.
@@ -632,34 +635,48 @@ int run(const Arguments& args) {
   std::string where = out;
   std::vector<int64_t> shape = owned_images.shape();
   const int64_t h = shape[shape.size() - 3], w = shape[shape.size() - 2];
-  // the latents first, then the images: a failure after the latents removes them
-  if (owned_latents) owned_latents.save(args.get("--latents-out"));
+  // A folder's PNGs are made (staged) first, then the latents written, then the images put in place:
+  // the likeliest failures (a full disk, NaN pixels) come before any file the user has is touched.
+  // A failure after the latents removes them only when this run created them.
+  std::string staged;
+  if (kind == "dir" && clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
+    const int64_t T = shape[1];
+    staged = stage_pngs(out, count * T, [&](int64_t i) {
+      char name[64];
+      std::snprintf(name, sizeof name, "clip%03lld_frame%04lld.png", static_cast<long long>(i / T),
+                    static_cast<long long>(i % T));
+      return std::make_pair(std::string(name), mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w)));
+    });
+    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count * T) + " PNGs)";
+  } else if (kind == "dir") {
+    staged = stage_pngs(out, count, [&](int64_t i) {
+      char number[24];
+      std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
+      return std::make_pair(number + slug(prompts[i]) + ".png", mosaic(owned_images, i, 1, 1, 0, image_scale(h, w)));
+    });
+    where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
+  }
+  const std::string latents_out = args.get("--latents-out");
+  std::error_code ignored;
+  const bool latents_there = owned_latents && std::filesystem::symlink_status(latents_out, ignored).type() !=
+                                                  std::filesystem::file_type::not_found;
+  try {
+    if (owned_latents) owned_latents.save(latents_out);
+  } catch (...) {
+    if (!staged.empty()) std::filesystem::remove_all(staged, ignored);
+    throw;
+  }
   try {
     if (kind == "npy") {
       owned_images.save(out);
     } else if (kind == "png") {
       starflow::Tensor grid = mosaic(owned_images, 0, count, std::min<long long>(per_prompt, 8), 1, image_scale(h, w));
       save_png(grid, out);
-    } else if (clips) {  // one PNG per clip and frame, as starflow.core.outputs.write_video names them
-      const int64_t T = shape[1];
-      write_pngs(out, count * T, [&](int64_t i) {
-        char name[64];
-        std::snprintf(name, sizeof name, "clip%03lld_frame%04lld.png", static_cast<long long>(i / T),
-                      static_cast<long long>(i % T));
-        return std::make_pair(std::string(name), mosaic(owned_images, i, 1, 1, 0, frame_scale(h, w)));
-      });
-      where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count * T) + " PNGs)";
     } else {
-      write_pngs(out, count, [&](int64_t i) {
-        char number[24];
-        std::snprintf(number, sizeof number, "%04lld-", static_cast<long long>(i));
-        return std::make_pair(number + slug(prompts[i]) + ".png", mosaic(owned_images, i, 1, 1, 0, image_scale(h, w)));
-      });
-      where = out + (ends_with(out, "/") ? "" : "/") + " (" + std::to_string(count) + (count == 1 ? " PNG)" : " PNGs)");
+      starflow::check(sf_output_place_folder(staged.c_str(), out.c_str()));
     }
   } catch (...) {
-    std::error_code ignored;
-    if (owned_latents) std::filesystem::remove(args.get("--latents-out"), ignored);
+    if (owned_latents && !latents_there) std::filesystem::remove(latents_out, ignored);
     throw;
   }
   write_stats(pipeline, args);
