@@ -70,14 +70,17 @@ SF_API sf_status* sf_image_save_png(const sf_tensor* images, size_t index, const
  * this host left are removed by the next write of that name. Files are read (exports, .npy inputs)
  * only when they are regular files: a FIFO or a device gets a status, never a hang. */
 /* Whether `path` can take an output, before any work: its folder exists and takes a new file, and
- * `path` is absent or a regular file (`folder` non-zero: absent or a folder). */
+ * `path` is absent or a regular file (`folder` non-zero: absent, a folder or a link to a folder). */
 SF_API sf_status* sf_output_check(const char* path, int folder);
 /* A new hidden folder beside `path` (named as the partials above; `path`'s stale ones are removed
- * first) to write a folder of outputs in; its path goes to `staged` (`capacity` bytes with the NUL). */
+ * first) to write a folder of outputs in; its path goes to `staged` (`capacity` bytes with the NUL).
+ * Until it is placed, the writers above create each file there in place (exclusively, flushed to
+ * disk): the folder is this process's alone, and placing it makes it whole at once. */
 SF_API sf_status* sf_output_stage_folder(const char* path, char* staged, size_t capacity);
-/* The finished `staged` folder to `path`: renamed into place whole, or when `path` is a folder, its
- * files moved in (same-named regular files replaced; anything else at a name is refused before any
- * file moves). `staged` is gone afterwards, whatever happened; the status says what `path` holds. */
+/* The finished `staged` folder to `path`: renamed into place whole when `path` does not exist, or
+ * when it is a folder (a link to one, or one another writer has just made) its files moved in one
+ * by one (same-named regular files replaced; anything else at a name is refused before any file
+ * moves). `staged` is gone afterwards, whatever happened; the status says what `path` holds. */
 SF_API sf_status* sf_output_place_folder(const char* staged, const char* path);
 
 /* ---- how to load: precision, threads, the ONNX Runtime library, execution providers ------------ */
