@@ -145,7 +145,7 @@ LOADER_CASES = [
     ),
     LoaderCase(
         "fifo-as-graph",
-        "is missing",
+        "is not a regular file",
         "a device or other special file, not a regular file",
         lambda d: _fifo(d, _graph_file(d)),
     ),
