@@ -38,22 +38,8 @@ log() { echo "[build_cpp] $*"; }
 die() { echo "[build_cpp] error: $*" >&2; exit 1; }
 
 # --- 1. system packages --------------------------------------------------------
-SYS_PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libsentencepiece-dev pkg-config curl ca-certificates)
-missing=()
-for p in "${SYS_PKGS[@]}"; do
-  if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
-    missing+=("$p")
-  fi
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  if [[ $(id -u) -ne 0 ]]; then
-    die "missing system packages: ${missing[*]} (run: sudo apt-get install -y ${missing[*]})"
-  fi
-  log "installing system packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update
-  apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+source "$REPO_ROOT/scripts/system_packages.sh"
+install_missing_packages cmake ninja-build g++ nlohmann-json3-dev libssl-dev libsentencepiece-dev pkg-config curl ca-certificates
 
 # --- 2. ONNX Runtime C headers (Debian 13 libonnxruntime-dev .deb) --------------
 sha_ok() { [[ -f "$1" ]] && echo "$ORT_DEB_SHA256  $1" | sha256sum -c --status -; }

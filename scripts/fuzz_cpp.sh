@@ -27,18 +27,8 @@ log() { echo "[fuzz_cpp] $*"; }
 die() { echo "[fuzz_cpp] error: $*" >&2; exit 1; }
 
 # --- 1. clang and its libFuzzer runtime (Debian's clang, libclang-rt-*-dev) -----------------------
-SYS_PKGS=(clang libclang-rt-14-dev cmake ninja-build nlohmann-json3-dev libssl-dev)
-missing=()
-for p in "${SYS_PKGS[@]}"; do
-  dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  [[ $(id -u) -eq 0 ]] || die "missing system packages: ${missing[*]} (run: sudo apt-get install -y ${missing[*]})"
-  log "installing system packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update
-  apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+source "$REPO_ROOT/scripts/system_packages.sh"
+install_missing_packages clang libclang-rt-14-dev cmake ninja-build nlohmann-json3-dev libssl-dev
 
 # --- 2. build --------------------------------------------------------------------------------------
 cmake -S runtime/cpp/fuzz -B "$BUILD_DIR" -G Ninja -DCMAKE_CXX_COMPILER=clang++ >/dev/null
