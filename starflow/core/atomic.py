@@ -69,7 +69,7 @@ def check_target(path: str | Path, what: str | None = None, folder: bool = False
     raise StarflowError(f"{what}: is {kind}; expected {expected} (writing replaces what is there)")
 
 
-def _host() -> str:
+def host_tag() -> str:
     """This host and pid namespace, hashed: a pid means something only within both."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")
@@ -80,7 +80,7 @@ def _host() -> str:
 
 def partial_prefix(path: Path) -> str:
     """The name prefix of this process's partials of `path` (a random part completes it)."""
-    return f".{path.name}.partial-{os.getpid()}-{_host()}-"
+    return f".{path.name}.partial-{os.getpid()}-{host_tag()}-"
 
 
 def _alive(pid: int) -> bool:
@@ -95,7 +95,7 @@ def _alive(pid: int) -> bool:
 
 def remove_stale(directory: Path, name: str | None = None) -> None:
     """Remove the partials in `directory` (of `name`, or of any name) whose process is gone."""
-    host = _host()
+    host = host_tag()
     prefix = "." if name is None else f".{name}.partial-"  # every write calls this: a cheap test first
     try:
         entries = [e for e in os.scandir(directory) if e.name.startswith(prefix)]

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import stat
 import subprocess
 import threading
@@ -30,9 +29,11 @@ import numpy as np
 import pytest
 
 from starflow.contract.manifest import MANIFEST_NAME, RECORD_NAME
+from starflow.core.atomic import host_tag
 from starflow.core.errors import StarflowError
 from starflow.runtime import Generator, Pipeline
 from tests.runtime.cpp.test_libstarflow import ASAN_BUILD, BUILD, built
+from tests.security.test_write_safety import dead_pid
 
 BUILDS = pytest.mark.parametrize("build", [BUILD, ASAN_BUILD], ids=["release", "asan-ubsan"])
 DEEP = 100_000  # far past the depth limit (64): deep enough to overflow a recursive reader's stack
@@ -365,16 +366,20 @@ def test_every_output_path_is_checked_before_the_export_is_read(tmp_path, args, 
 
 
 # ---- the writer -------------------------------------------------------------------------------------------
-def _host() -> str:
-    """starflow.core.atomic's host tag: partials of this host and pid namespace carry it."""
-    namespace = os.readlink("/proc/self/ns/pid")
-    return hashlib.sha256(f"{socket.gethostname()}:{namespace}".encode()).hexdigest()[:8]
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
+def _libstarflow() -> ctypes.CDLL:
+    """The release build's library, declaring the C calls these tests make."""
+    library, p = ctypes.CDLL(str(built(BUILD) / "libstarflow.so")), ctypes.c_void_p
+    for name, args in {
+        "sf_tensor_create": [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, p],
+        "sf_tensor_data": [p],
+        "sf_tensor_save_npy": [p, ctypes.c_char_p],
+        "sf_output_stage_folder": [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t],
+        "sf_output_place_folder": [ctypes.c_char_p, ctypes.c_char_p],
+    }.items():
+        getattr(library, name).restype, getattr(library, name).argtypes = p, args
+    library.sf_tensor_free.argtypes = [p]
+    library.sf_status_message.restype, library.sf_status_message.argtypes = ctypes.c_char_p, [p]
+    return library
 
 
 @BUILDS
@@ -398,11 +403,11 @@ def test_a_special_file_at_the_target_is_refused_not_replaced(demo_export, tmp_p
 def test_stale_partials_of_dead_processes_are_removed_live_ones_kept(demo_export, tmp_path):
     """A killed run leaves `.NAME.partial-PID-HOST-RANDOM`; the next write of NAME removes it when
     PID is gone (on this host), and keeps a live process's (named as the Python writer names them)."""
-    host = _host()
-    dead = tmp_path / f".x.npy.partial-{_dead_pid()}-{host}-deadbeef"
+    host = host_tag()
+    dead = tmp_path / f".x.npy.partial-{dead_pid()}-{host}-deadbeef"
     live = tmp_path / f".x.npy.partial-{os.getpid()}-{host}-alive123"
-    other_host = tmp_path / f".x.npy.partial-{_dead_pid()}-00000000-elsewher"
-    folder = tmp_path / f".digits.partial-{_dead_pid()}-{host}-folder12"
+    other_host = tmp_path / f".x.npy.partial-{dead_pid()}-00000000-elsewher"
+    folder = tmp_path / f".digits.partial-{dead_pid()}-{host}-folder12"
     for path in (dead, live, other_host):
         path.write_bytes(b"partial")
     folder.mkdir()
@@ -419,21 +424,7 @@ def test_stale_partials_of_dead_processes_are_removed_live_ones_kept(demo_export
 def test_threads_saving_to_one_path_never_collide(tmp_path):
     """sf_tensor_save_npy from 8 threads at once to one path: each write is whole (the file is one
     of the tensors, never a mix) and no partial is left."""
-    library = ctypes.CDLL(str(built(BUILD) / "libstarflow.so"))
-    library.sf_tensor_create.argtypes = [
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_int64),
-        ctypes.c_size_t,
-        ctypes.c_void_p,
-    ]
-    library.sf_tensor_create.restype = ctypes.c_void_p
-    library.sf_tensor_data.restype = ctypes.c_void_p
-    library.sf_tensor_data.argtypes = [ctypes.c_void_p]
-    library.sf_tensor_free.argtypes = [ctypes.c_void_p]
-    library.sf_tensor_save_npy.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    library.sf_tensor_save_npy.restype = ctypes.c_void_p
-    library.sf_status_message.restype = ctypes.c_char_p
-    library.sf_status_message.argtypes = [ctypes.c_void_p]
+    library = _libstarflow()
     n = 1 << 16
     shape = (ctypes.c_int64 * 1)(n)
     tensors = []
@@ -528,13 +519,7 @@ def test_a_folder_of_pngs_that_fails_keeps_the_latents_file_that_was_there(demo_
 def test_writers_racing_to_create_one_folder_all_land_in_it(tmp_path):
     """8 threads stage a folder for one new path and place it at once: the first rename makes the
     folder, the others find it made (ENOTEMPTY) and move their files in, as the Python writer does."""
-    library = ctypes.CDLL(str(built(BUILD) / "libstarflow.so"))
-    library.sf_output_stage_folder.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
-    library.sf_output_stage_folder.restype = ctypes.c_void_p
-    library.sf_output_place_folder.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    library.sf_output_place_folder.restype = ctypes.c_void_p
-    library.sf_status_message.restype = ctypes.c_char_p
-    library.sf_status_message.argtypes = [ctypes.c_void_p]
+    library = _libstarflow()
     out = str(tmp_path / "out").encode()
     staged = []
     for i in range(8):
