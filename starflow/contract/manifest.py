@@ -404,12 +404,8 @@ class Manifest(Contract):
         """Write manifest.json, then record.json with its sha256 (each atomically, each checked
         first against its schema and, as the bytes to be written, against the reading limits: a
         file starflow writes is one it reads); returns what was written, digest filled in."""
-        data = self.to_dict()
-        check_schema(data, str(directory / MANIFEST_NAME))
-        text = (json.dumps(data, indent=2) + "\n").encode()
-        parse_json(text, str(directory / MANIFEST_NAME))  # as it will be read: escapes count
+        text = _write_json(directory / MANIFEST_NAME, self.to_dict())
         manifest = dataclasses.replace(self, digest=hashlib.sha256(text).hexdigest())
-        _write(directory / MANIFEST_NAME, text)
         return manifest.write_record(directory)
 
     def write_record(self, directory: Path) -> Manifest:
@@ -417,11 +413,7 @@ class Manifest(Contract):
         if not self.digest:
             raise StarflowError(f"{directory}: a record needs the digest of a written manifest.json")
         record = Record(SCHEMA_VERSION, self.digest, self.validation, self.engines)
-        data = RECORD.dump_python(record, mode="json")
-        check_schema(data, str(directory / RECORD_NAME), RECORD_NAME)
-        text = (json.dumps(data, indent=2) + "\n").encode()
-        parse_json(text, str(directory / RECORD_NAME))
-        _write(directory / RECORD_NAME, text)
+        _write_json(directory / RECORD_NAME, RECORD.dump_python(record, mode="json"), RECORD_NAME)
         return self
 
     def summary(self) -> str:
@@ -554,12 +546,19 @@ def check_schema(data: Any, source: str, name: str = MANIFEST_NAME) -> None:
         raise StarflowError(f"{source}: {name} does not match its schema at {where}: {err.message}") from None
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write_json(path: Path, data: Any, name: str = MANIFEST_NAME) -> bytes:
+    """`data` written to `path` as JSON, checked first against `name`'s schema and, as the bytes
+    to be written, against the reading limits (escapes count): a file starflow writes is one it
+    reads. Returns the bytes."""
+    check_schema(data, str(path), name)
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    parse_json(text, str(path))
     try:
         with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
+            tmp.write_bytes(text)
     except OSError as err:
         raise StarflowError(f"{path}: cannot write ({err.strerror or err})") from None
+    return text
 
 
 def _check_version(data: Any, source: str) -> None:

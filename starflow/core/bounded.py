@@ -39,6 +39,9 @@ MAX_YAML_ALIASES = 64  # official configs use none; an alias bomb uses thousands
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal
 _LONG_NUMBER = re.compile(rf"[-+.0-9eE]{{{MAX_NUMBER_DIGITS + 1},}}")  # long enough to be over
+# where a lone surrogate could come from: an escape of one, or one in text given as a str (a
+# superset: a pair, or an escaped backslash before "ud8..", only costs a walk of the values)
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 _NESTING = np.zeros(256, np.int32)  # byte -> change of depth
 _NESTING[list(b"[{")], _NESTING[list(b"]}")] = 1, -1
 
@@ -93,7 +96,7 @@ def parse_json(data: bytes | str, source: str, max_string: int = MAX_STRING_CHAR
         )
     except json.JSONDecodeError as err:
         raise StarflowError(f"{source}: not valid JSON ({err})") from None
-    if out_of_range or not _utf8(json.dumps(document, ensure_ascii=False)):  # then find which
+    if out_of_range or _MAYBE_SURROGATE.search(text):  # then find which value
         check_values(document, source)
     if out_of_range:  # a value a later duplicate key replaced: libstarflow reads every literal
         raise StarflowError(
